@@ -55,7 +55,8 @@ DEFAULT_RETRY_ON: tuple[RetryOn, ...] = (
 )
 """
 What is retried by default: timeouts (a 408, and a 409: a lock timeout, as the official SDKs
-retry it), connection errors, 5xx (overload included) and 429, unless the provider said
+retry it), connection errors (a 499 included: a request a gateway, or Gemini, cancelled on
+the way), 5xx (overload included) and 429, unless the provider said
 ``x-should-retry: false``.
 
 Never retried by default: 400 / context window / content policy (the same request

@@ -9,16 +9,23 @@ on the wire is turned into a `ProviderError` subclass here, and only here:
 =========================================  ======================================
 what happened                              raised
 =========================================  ======================================
-400 (body says context length)             `ContextWindowExceededError`
+a 4xx whose body says the context is too   `ContextWindowExceededError`
+small (the APIs' wording, vLLM's,
+llama.cpp's, TGI's 422)
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
 401, 403, 402 (billing: out of credit)     `AuthenticationError`
 400 saying the account is out of credit    `AuthenticationError`
 or disabled (Anthropic: "Your credit
 balance is too low ...", "This
-organization has been disabled.")
-404, or a 400 naming an unknown model      `ModelNotFoundError`
-("Invalid model name", as from LiteLLM),
+organization has been disabled."), or
+the key or its region refused (Gemini:
+"API key not valid ...", "User location
+is not supported ...")
+404, 410 (a retired model), or a 400       `ModelNotFoundError`
+naming an unknown model
+("Invalid model name", as from LiteLLM;
+OpenRouter's "is not a valid model ID"),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)
 408, 409 (a lock timeout: retried, as the  `ProviderTimeoutError`
@@ -29,13 +36,15 @@ official SDKs retry it)
 500-599                                    `ServerError`
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
-proxy refusing the tunnel
+proxy refusing the tunnel; a 499 (the
+request cancelled on the way: a gateway's,
+Gemini's ``CANCELLED``)
 a 2xx body holding an ``error`` and no     the class its ``type`` or ``code``
 answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
 ``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
                                            status; else `ServerError`)
-408, 409, 429 or 5xx whose body was cut    that status's error (its headers'
-short                                      ``Retry-After`` kept)
+408, 409, 429, 499 or 5xx whose body was   that status's error (its headers'
+cut short                                  ``Retry-After`` kept)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -639,9 +648,10 @@ class HTTPProvider(Provider):
         """
         POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
 
-        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
-        (default: the provider's own total timeout, or its read timeout, an
-        `aiohttp.ClientTimeout`'s ``sock_read``, when shorter or the only one);
+        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks,
+        and so does the provider's own total timeout, or its read timeout (an
+        `aiohttp.ClientTimeout`'s ``sock_read``), whichever is shortest: the provider's
+        timeout applies to a stream as to `complete` (its error then names it);
         ``total_timeout`` the whole stream.
         Errors before the first byte are raised here, mapped as for `complete`; later
         ones (a stall, an ``error`` event, a cut connection) by the stream's
@@ -655,11 +665,7 @@ class HTTPProvider(Provider):
         from ._streaming import open_http_stream
 
         return await open_http_stream(
-            self,
-            request,
-            decoder,
-            idle_timeout=self._idle_default if idle_timeout is None else idle_timeout,
-            total_timeout=total_timeout,
+            self, request, decoder, idle_timeout=idle_timeout, total_timeout=total_timeout
         )
 
     def _exact_timeout(self, total: float) -> aiohttp.ClientTimeout:
