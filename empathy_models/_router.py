@@ -527,7 +527,7 @@ class AdaptiveModelRouter:
         if rng is not None and seed is not None:
             raise ConfigurationError("pass rng or seed, not both")
         if refresh_interval is not None:
-            positive_number("refresh_interval", refresh_interval)
+            refresh_interval = positive_number("refresh_interval", refresh_interval)
         self.registry = registry
         self.policy = policy if policy is not None else RoutingPolicy()
         if not isinstance(self.policy, RoutingPolicy):
@@ -889,7 +889,7 @@ class AdaptiveModelRouter:
             what is missing.
         """
         check_names(workflow, stage)
-        positive_number("days", days)
+        days = positive_number("days", days)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         shown = stage if stage is not None else "all"

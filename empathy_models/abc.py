@@ -246,7 +246,7 @@ class TelemetryBackend(AsyncResource):
         record matches.
         """
         self._check_open()
-        check(_limit, "limit", limit)
+        limit = check(_limit, "limit", limit)
         check_aware("since", since)
         check_aware("until", until)
         check(_flag, "samples_only", samples_only)
@@ -1565,9 +1565,12 @@ class CompletionRequest:
     extra_body: Mapping[str, Any] | None = field(default=None, converter=to_extra_body)
 
     def __attrs_post_init__(self) -> None:
-        check_options(
+        top_p, seed = check_options(
             tools=self.tools, tool_choice=self.tool_choice, top_p=self.top_p, seed=self.seed
         )
+        if top_p is not self.top_p or seed is not self.seed:  # numpy's numbers: plain ones
+            object.__setattr__(self, "top_p", top_p)
+            object.__setattr__(self, "seed", seed)
         messages, system = split_system(self.messages, self.system)
         if len(messages) != len(self.messages):
             # system messages become the system prompt (no provider gets a system role)

@@ -24,7 +24,16 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor, trusted_evolver
-from ._validators import failure, instance_of, integer, number, optional_str, shown, text
+from ._validators import (
+    failure,
+    instance_of,
+    integer,
+    number,
+    optional_str,
+    plain_number,
+    shown,
+    text,
+)
 from .exceptions import RecordValidationError
 from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
@@ -254,14 +263,27 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
-def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any, Any]) -> None:
-    # only what to_dict/from_dict and every backend give back unchanged
+def _json_scalars(
+    instance: object, attribute: attrs.Attribute[Any], value: Mapping[Any, Any]
+) -> None:
+    # only what to_dict/from_dict and every backend give back unchanged; a number of
+    # another type (numpy's, a Decimal, an int subclass) is kept as the plain one
+    plain: dict[str, JSONScalar] | None = None
     for key, item in value.items():
         if not isinstance(key, str):
             raise _fail(attribute.name, dict(value), f"keys must be strings ({shown(key)} is not)")
-        if item is None or isinstance(item, str | int):  # bool is an int
+        cls = item.__class__
+        if item is None or cls is str or cls is int or cls is bool:
             continue
-        if isinstance(item, float) and math.isfinite(item):
+        if cls is float and math.isfinite(item):
+            continue
+        if isinstance(item, str):
+            continue
+        number = plain_number(item)
+        if number is not None and (number.__class__ is int or math.isfinite(number)):
+            if plain is None:
+                plain = dict(value)
+            plain[key] = number
             continue
         raise _fail(
             attribute.name,
@@ -269,6 +291,8 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
             f"values must be JSON scalars: str, int, finite float, bool or None "
             f"({shown(key)} holds {shown(item)})",
         )
+    if plain is not None and instance is not None:
+        object.__setattr__(instance, attribute.name, MappingProxyType(plain))
 
 
 def _constraint_name(name: object) -> str:
