@@ -333,6 +333,22 @@ def test_an_unexpandable_home_is_one_error_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+async def test_an_infinite_provider_timeout_is_no_timeout(
+    project: Path, server: FakeLLMServer
+) -> None:
+    # ``timeout = inf`` is accepted (an infinite timeout is no timeout), but every call
+    # without a timeout of its own failed: OverflowError: cannot convert float infinity
+    write_config(project, server)
+    with (project / "empathy.toml").open("a") as file:
+        file.write("timeout = inf\n")  # the last table's: [providers.house]
+    context = ExecutionContext(tier="cheap", timeout=None)
+    async with EmpathyLLMExecutor.from_config(router=False) as executor:
+        assert (await executor.run("hello", context)).model == "house-small"
+        async with executor.stream("hello", context) as stream:
+            assert (await stream.get_final_response()).model == "house-small"
+    assert server.requests("house-small") == 2
+
+
 def test_providers_are_built_as_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEAM_GATEWAY_KEY", "gw-secret")
     path = tmp_path / "empathy.toml"

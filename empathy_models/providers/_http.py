@@ -196,9 +196,9 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
 
     if isinstance(value, aiohttp.ClientTimeout):
         return value
-    if value is None:
-        return aiohttp.ClientTimeout(total=None)
-    return aiohttp.ClientTimeout(total=float(check(_timeout, "timeout", value)))
+    seconds = None if value is None else float(check(_timeout, "timeout", value))
+    # aiohttp cannot time an infinity (it rounds the end up to an int): no timeout
+    return aiohttp.ClientTimeout(total=None if seconds == math.inf else seconds)
 
 
 _AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})
