@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from .._validators import failure, integer, number, plain_number, shown
+from .._validators import failure, integer, number, plain_number, shown, text_flaw
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -159,6 +159,8 @@ def _opt_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         raise ConfigurationError(
             f"Budget.{attribute.name} must be a non-empty string or None, got {shown(value)}"
         )
+    if (flaw := text_flaw(value)) is not None:  # a lone surrogate: no store can write it
+        raise ConfigurationError(f"Budget.{attribute.name} {flaw}, got {shown(value)}")
 
 
 @frozen(kw_only=True)
