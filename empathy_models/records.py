@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -151,6 +152,7 @@ class ConstraintStatus(enum.StrEnum):
 _fail = failure(RecordValidationError)
 
 _INT_LIMIT: Final = 2**63  # SQLite INTEGER and PostgreSQL BIGINT hold less than this
+_MAX_FLOAT: Final = sys.float_info.max
 _MAX_KEY_LENGTH: Final = 500  # the longest breaker key: `circuit.MAX_KEY_LENGTH` says why
 
 _non_negative = number(
@@ -561,7 +563,13 @@ def _lease_tuple(value: object) -> tuple[tuple[str, float], ...]:
             raise RecordValidationError(
                 f"each lease must be [lease_id, expires_at], got {shown(item)}", path="leases"
             )
-        out.append((str(item[0]), float(item[1])))
+        expires = item[1] if type(item[1]) is float else plain_number(item[1])
+        if expires is None or not 0 <= expires <= _MAX_FLOAT:  # (NaN, an infinity)
+            raise RecordValidationError(
+                f"a lease's expires_at must be a finite number >= 0, got {shown(item)}",
+                path="leases",
+            )
+        out.append((str(item[0]), float(expires)))
     return tuple(out)
 
 
@@ -575,8 +583,32 @@ def _window_tuple(value: object) -> tuple[tuple[int, int, int], ...]:
                 f"each window bucket must be [bucket, calls, failures], got {shown(item)}",
                 path="window",
             )
-        out.append((int(item[0]), int(item[1]), int(item[2])))
+        bucket, calls, failures = item
+        if (
+            type(bucket) is int
+            and type(calls) is int
+            and type(failures) is int
+            and -_INT_LIMIT <= bucket < _INT_LIMIT
+            and 0 <= calls < _INT_LIMIT > failures >= 0
+        ):
+            out.append((bucket, calls, failures))  # (what every store gives back)
+            continue
+        bucket, calls, failures = _integer(bucket), _integer(calls), _integer(failures)
+        if bucket is None or calls is None or calls < 0 or failures is None or failures < 0:
+            raise RecordValidationError(
+                "each window bucket must be [bucket, calls, failures], integers (the "
+                f"counts >= 0), got {shown(item)}",
+                path="window",
+            )
+        out.append((bucket, calls, failures))
     return tuple(out)
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int from -2**63 to 2**63 - 1 (an integer of another type as the
+    plain ``int``), or None when it is none (a float, a bool, a string)."""
+    number = value if type(value) is int else plain_number(value, reals=False)
+    return number if isinstance(number, int) and -_INT_LIMIT <= number < _INT_LIMIT else None
 
 
 def _ts_to_datetime(ts: float | None) -> datetime | None:
