@@ -372,6 +372,28 @@ timeout = 120
 
 
 @pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ('{ "X Team" = "search" }', "header name 'X Team' is not an HTTP token"),
+        ('{ "X(Team)" = "search" }', "header name 'X(Team)' is not an HTTP token"),
+        ('{ "Équipe" = "search" }', "header name 'Équipe' is not an HTTP token"),
+        ('{ "X:Team" = "search" }', "header name 'X:Team' is not an HTTP token"),
+        ('{ "X-Team" = "a\\u0000b" }', "header 'X-Team' must have a one-line string value"),
+        ('{ "X-Team" = "a\\u007fb" }', "header 'X-Team' must have a one-line string value"),
+    ],
+)
+def test_a_header_no_request_can_carry_is_refused_naming_it(
+    tmp_path: Path, headers: str, message: str
+) -> None:
+    # each was taken, and every call then failed: sent, and answered 400 "Invalid
+    # header token", or never built ("Forbidden control character detected")
+    path = tmp_path / "empathy.toml"
+    path.write_text(f'[providers.house]\ntype = "openai"\nheaders = {headers}\n')
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        EmpathyConfig.load(path).build_providers()
+
+
+@pytest.mark.parametrize(
     "where",
     ["base_url_from_env", "api_key_from_env"],
 )
