@@ -28,7 +28,17 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import Spend, check_aware, spend_of
-from ._validators import check, escaped, failure, instance_of, integer, one_of, shown, text
+from ._validators import (
+    check,
+    escaped,
+    failure,
+    instance_of,
+    integer,
+    one_of,
+    plain_number,
+    shown,
+    text,
+)
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -560,16 +570,13 @@ class CircuitStateStore(AsyncResource):
             raise RecordValidationError(
                 "give force() until or for_seconds, not both", path="for_seconds"
             )
-        if (
-            not isinstance(for_seconds, int | float)
-            or isinstance(for_seconds, bool)
-            or not 0 <= for_seconds < math.inf
-        ):
+        seconds = plain_number(for_seconds)  # numpy's numbers too
+        if seconds is None or not 0 <= seconds < math.inf:
             raise RecordValidationError(
                 f"for_seconds must be a finite number of seconds >= 0, got {shown(for_seconds)}",
                 path="for_seconds",
             )
-        return None, float(for_seconds)
+        return None, float(seconds)
 
     @staticmethod
     def checked_reason(reason: object) -> str | None:

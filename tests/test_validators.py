@@ -18,6 +18,7 @@ from empathy_models import (
     AdaptiveModelRouter,
     BreakerPolicy,
     CircuitBreaker,
+    CircuitState,
     ConfigurationError,
     ExecutionContext,
     FallbackPolicy,
@@ -28,7 +29,7 @@ from empathy_models import (
     RoutingPolicy,
     telemetry_from_url,
 )
-from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
 from empathy_models.exceptions import RecordValidationError
 from empathy_models.limits import Budget, RateLimit
 from empathy_models.records import ModelPerformance
@@ -355,3 +356,15 @@ async def test_arguments_of_other_number_types_are_used_as_plain_numbers() -> No
     async with MemoryTelemetryBackend() as telemetry:
         await telemetry.record(_record())
         assert len(await telemetry.recent(limit=OtherInt(5))) == 1  # type: ignore[arg-type]
+
+
+async def test_a_forced_open_span_and_a_key_ttl_of_other_number_types_are_taken() -> None:
+    # both refused before: "key_ttl must be a number of seconds above 0 or None, got
+    # OtherInt(3600)", "for_seconds must be a finite number of seconds >= 0"
+    spans: list[tuple[Any, float]] = [(OtherInt(60), 60.0), (Decimal("0.5"), 0.5)]
+    async with MemoryStateStore(key_ttl=OtherInt(3600)) as store:  # type: ignore[arg-type]
+        for span, seconds in spans:
+            forced = await store.force("k", CircuitState.FORCED_OPEN, for_seconds=span)
+            assert forced.open_until_ts is not None and forced.opened_at_ts is not None
+            assert forced.open_until_ts - forced.opened_at_ts == pytest.approx(seconds)
+            await store.reset("k")
