@@ -368,3 +368,16 @@ async def test_a_forced_open_span_and_a_key_ttl_of_other_number_types_are_taken(
             assert forced.open_until_ts is not None and forced.opened_at_ts is not None
             assert forced.open_until_ts - forced.opened_at_ts == pytest.approx(seconds)
             await store.reset("k")
+
+
+def test_a_router_seeded_with_another_integer_type_draws_as_with_the_plain_one() -> None:
+    # random.Random refuses numpy's int64: the router raised a bare TypeError ("The
+    # only supported seed types are: None, int, float, str, bytes, and bytearray")
+    decide: list[Any] = [
+        AdaptiveModelRouter(seed=seed).get_best_model  # type: ignore[arg-type]
+        for seed in (7, OtherInt(7))
+    ]
+    plain, other = ([d("wf", "s").model for _ in range(20)] for d in decide)
+    assert other == plain
+    with pytest.raises(ConfigurationError, match=r"seed must be an integer or None, got \["):
+        AdaptiveModelRouter(seed=[7])  # type: ignore[arg-type]
