@@ -736,8 +736,13 @@ class CircuitBreakerState:
                 raise TypeError(f"CircuitBreakerState has no changeable field {name!r}")
             if attribute.converter is not None:
                 value = changes[name] = attribute.converter(value)  # type: ignore[operator]
-            if attribute.validator is not None:
-                attribute.validator(self, attribute, value)
+            # no instance: a validator given one sets the plain number it found on it
+            # (`_validators.number`), which is the copy's to hold, not this state's
+            if (
+                attribute.validator is not None
+                and (plain := attribute.validator(None, attribute, value)) is not None
+            ):
+                changes[name] = plain
         return _trusted_state_evolve(self, **changes)
 
 

@@ -422,3 +422,11 @@ def test_with_fields_converts_and_validates_only_what_changes() -> None:
         state.with_fields(key="other")
     with pytest.raises(TypeError, match="nope"):
         state.with_fields(nope=1)
+
+
+def test_with_fields_keeps_numbers_of_other_types_plain_and_leaves_the_original() -> None:
+    state = CircuitBreakerState(key="k", generation=2, opened_at_ts=5.0)
+    new = state.with_fields(generation=OtherInt(3), opened_at_ts=Fraction(15, 2))
+    assert (new.generation, new.opened_at_ts) == (3, 7.5)
+    assert type(new.generation) is int and type(new.opened_at_ts) is float
+    assert (state.generation, state.opened_at_ts) == (2, 5.0)  # the original untouched
