@@ -205,9 +205,9 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
 
     if isinstance(value, aiohttp.ClientTimeout):
         return value
-    if value is None:
-        return aiohttp.ClientTimeout(total=None)
-    return aiohttp.ClientTimeout(total=float(check(_timeout, "timeout", value)))
+    seconds = None if value is None else float(check(_timeout, "timeout", value))
+    # aiohttp cannot time an infinity (it rounds the end up to an int): no timeout
+    return aiohttp.ClientTimeout(total=None if seconds == math.inf else seconds)
 
 
 _AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})
@@ -257,6 +257,13 @@ def user_agent() -> str:
     return f"empathy-models/{__version__}"
 
 
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (RFC 9110's token)."""
+
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What no header value holds: a control character other than a tab (a line break too)."""
+
+
 def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str | _Secret], ...]:
     if headers is None:
         return ()
@@ -264,10 +271,15 @@ def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str |
         raise ConfigurationError(f"headers must be a mapping of strings, got {shown(headers)}")
     out: list[tuple[str, str | _Secret]] = []
     for name, value in headers.items():
-        if not isinstance(name, str) or not name.strip() or any(c in name for c in ":\r\n"):
+        if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"header names must be non-empty strings, got {shown(name)}")
+        if _TOKEN.fullmatch(name.strip()) is None:  # no request could carry it
+            raise ConfigurationError(
+                f"header name {shown(name)} is not an HTTP token (letters, digits and "
+                "!#$%&'*+-.^_`|~ only)"
+            )
         secret = _looks_secret(name)
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
+        if not isinstance(value, str) or _CONTROL.search(value) is not None:
             given = "<secret>" if secret else shown(value)
             raise ConfigurationError(
                 f"header {shown(name)} must have a one-line string value, got {given}"
