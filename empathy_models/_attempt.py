@@ -940,13 +940,11 @@ def _all_failed(run: _Run) -> Exception:
     if not run.errors:  # pragma: no cover - every route adds an error or answers
         return ConfigurationError("no route could be tried")
     ctx = run.context
-    error = AllRoutesFailedError(
+    return _group(
+        run,
         f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
         f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); {_last_error(run)}",
-        run.errors,
     )
-    error.request_id = run.request_id
-    return error
 
 
 def _deadline_passed(run: _Run) -> AllRoutesFailedError:
@@ -955,13 +953,23 @@ def _deadline_passed(run: _Run) -> AllRoutesFailedError:
     says what the run was doing then last: a call, or a wait for a store or a slot).
     """
     ctx = run.context
-    error = AllRoutesFailedError(
+    return _group(
+        run,
         f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
         f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}; "
         f"{_last_error(run)}",
-        run.errors,
     )
+
+
+def _group(run: _Run, message: str) -> AllRoutesFailedError:
+    """
+    The run's `AllRoutesFailedError`: its errors, its ``request_id`` and its number of
+    attempts (what its message and OpenTelemetry span count: some errors were none, as
+    a limit's refusal or a deadline that ran out before a call).
+    """
+    error = AllRoutesFailedError(message, run.errors)
     error.request_id = run.request_id
+    error._attempts = len(run.attempts)
     return error
 
 
