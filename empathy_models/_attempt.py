@@ -259,7 +259,7 @@ class Attempts:
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
         if best is None:  # the next route the budget does not cover, if any
-            return _outside(self, refused, error, routes)
+            return _outside(self, refused, error, routes, overflowed)
         cheaper = best[1]
         here = routes.index(refused)
         later = [m for m in routes[here + 1 :] if m is not cheaper]
@@ -992,17 +992,24 @@ def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
 
 
 def _outside(
-    attempts: Attempts, refused: ModelInfo, error: BudgetExceededError, routes: list[ModelInfo]
+    attempts: Attempts,
+    refused: ModelInfo,
+    error: BudgetExceededError,
+    routes: list[ModelInfo],
+    overflowed: int,
 ) -> bool:
     """
     Whether a route after ``refused`` is one the budget that refused it does not cover
-    (a budget of one provider or model): the walk goes on to it as after a failure.
+    (a budget of one provider or model), and the walk would try (its context window is
+    larger than ``overflowed``, the largest that overflowed in the run): the walk goes on
+    to it as after a failure.
     """
     limiter = attempts.ex._limiter
     assert limiter is not None
     context = attempts.run.context
     return any(
-        all(key != error.budget for _, key in limiter.covers(context, later))
+        later.context_window > overflowed
+        and all(key != error.budget for _, key in limiter.covers(context, later))
         for later in routes[routes.index(refused) + 1 :]
     )
 

@@ -366,6 +366,31 @@ async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
     assert server.requests("gpt-mid") == 0
 
 
+async def test_a_spent_provider_budget_is_raised_when_the_routes_outside_it_overflowed(
+    server: FakeLLMServer,
+) -> None:
+    # gpt-cheap's window overflowed; claude-other, wide enough, is refused by the spent
+    # anthropic budget; gpt-dear is outside that budget but no wider than gpt-cheap, so
+    # it is not tried: the run fails on the budget, whose refusal the error holds
+    registry = ModelRegistry(
+        models=[
+            *(m for m in REGISTRY.models if m.provider == "openai"),
+            attrs.evolve(REGISTRY.get("claude-other"), context_window=200_000),
+        ],
+        price_version="windows-2",
+    )
+    server.script("gpt-cheap", ["context_length"])
+    spent = Budget(limit_usd=0.0, scope="provider", value="anthropic")
+    async with make(server, registry=registry, budgets=[spent]) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("a long prompt", CTX)
+    assert [type(e).__name__ for e in caught.value.exceptions] == [
+        "ContextWindowExceededError",
+        "BudgetExceededError",
+    ]
+    assert server.requests("claude-other") == 0 and server.requests("gpt-dear") == 0
+
+
 @pytest.mark.parametrize(
     "spent",
     [
