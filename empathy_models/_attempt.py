@@ -236,7 +236,8 @@ class Attempts:
         request (`_needs_of`).  The budgets covering it judge it when it is admitted.
 
         Returns:
-            False when no candidate fits and no later route is outside the budget.
+            False when no candidate fits and no later route is outside the budget.  The
+            log and the run's decision say where the refusal sends the run.
         """
         ex, run = self.ex, self.run
         limiter = ex._limiter
@@ -259,18 +260,16 @@ class Attempts:
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
         if best is None:  # the next route the budget does not cover, if any
-            return _outside(self, refused, error, routes, overflowed)
+            outside = _outside(self, refused, error, routes, overflowed)
+            if outside is None:
+                return False
+            _noted(run, refused, error, f"on to {outside.id}, which it does not cover")
+            return True
         cheaper = best[1]
         here = routes.index(refused)
         later = [m for m in routes[here + 1 :] if m is not cheaper]
         routes[:] = [*routes[: here + 1], cheaper, *later]
-        note = (
-            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
-            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
-        )
-        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
-        if run.decision is not None:
-            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
+        _noted(run, refused, error, f"{cheaper.id} instead")
         return True
 
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
@@ -997,21 +996,33 @@ def _outside(
     error: BudgetExceededError,
     routes: list[ModelInfo],
     overflowed: int,
-) -> bool:
+) -> ModelInfo | None:
     """
-    Whether a route after ``refused`` is one the budget that refused it does not cover
-    (a budget of one provider or model), and the walk would try (its context window is
-    larger than ``overflowed``, the largest that overflowed in the run): the walk goes on
-    to it as after a failure.
+    The first route after ``refused`` that the budget that refused it does not cover (a
+    budget of one provider or model), and the walk would try (its context window is
+    larger than ``overflowed``, the largest that overflowed in the run), if any: the
+    walk goes on as after a failure.
     """
     limiter = attempts.ex._limiter
     assert limiter is not None
     context = attempts.run.context
-    return any(
-        later.context_window > overflowed
-        and all(key != error.budget for _, key in limiter.covers(context, later))
-        for later in routes[routes.index(refused) + 1 :]
+    for later in routes[routes.index(refused) + 1 :]:
+        if later.context_window > overflowed and all(
+            key != error.budget for _, key in limiter.covers(context, later)
+        ):
+            return later
+    return None
+
+
+def _noted(run: _Run, refused: ModelInfo, error: BudgetExceededError, then: str) -> None:
+    """Log, and add to the run's decision, where a budget's refusal of ``refused`` sends it."""
+    note = (
+        f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
+        f"${error.needed_usd:.6f} {refused.id} may cost: {then}"
     )
+    logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
+    if run.decision is not None:
+        run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
 
 
 def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:

@@ -948,6 +948,41 @@ async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     assert "gpt-cheap instead" in response.routing_decision.reason
 
 
+async def test_the_routing_decision_says_why_a_model_outside_a_spent_budget_answered(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models import AdaptiveModelRouter, RoutingPolicy
+
+    # the router picks gpt-cheap, the cheaper of the capable tier; the spent openai budget
+    # refuses it and no cheaper model is left: claude-other, the next route, which that
+    # budget does not cover, answers, and the decision says why
+    registry = ModelRegistry(
+        models=[
+            attrs.evolve(REGISTRY.get("gpt-cheap"), tier="capable"),
+            attrs.evolve(REGISTRY.get("claude-other"), tier="capable"),
+        ],
+        price_version="limits-test-4",
+    )
+    telemetry = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0, warmup_share=0.0)
+    router = AdaptiveModelRouter(registry, telemetry, policy=policy, refresh_interval=None)
+    spent = Budget(limit_usd=0.0, scope="provider", value="openai")
+    async with (
+        router,
+        make(
+            server, registry=registry, telemetry_store=telemetry, router=router, budgets=[spent]
+        ) as executor,
+    ):
+        ctx = ExecutionContext(tier="capable", max_tokens=1000, min_success_rate=0.0)
+        response = await executor.run("hello", ctx)
+    assert response.model == "claude-other"
+    assert response.routing_decision is not None
+    assert response.routing_decision.model == "gpt-cheap"
+    assert "budget 'provider=openai/day'" in response.routing_decision.reason
+    assert "on to claude-other" in response.routing_decision.reason
+    assert server.requests("gpt-cheap") == 0
+
+
 async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_it(
     server: FakeLLMServer,
 ) -> None:
