@@ -237,7 +237,8 @@ class Attempts:
         request (`_needs_of`).  The budgets covering it judge it when it is admitted.
 
         Returns:
-            False when no candidate fits and no later route is outside the budget.
+            False when no candidate fits and no later route is outside the budget.  The
+            log and the run's decision say where the refusal sends the run.
         """
         ex, run = self.ex, self.run
         limiter = ex._limiter
@@ -260,18 +261,16 @@ class Attempts:
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
         if best is None:  # the next route the budget does not cover, if any
-            return _outside(self, refused, error, routes)
+            outside = _outside(self, refused, error, routes, overflowed)
+            if outside is None:
+                return False
+            _noted(run, refused, error, f"on to {outside.id}, which it does not cover")
+            return True
         cheaper = best[1]
         here = routes.index(refused)
         later = [m for m in routes[here + 1 :] if m is not cheaper]
         routes[:] = [*routes[: here + 1], cheaper, *later]
-        note = (
-            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
-            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
-        )
-        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
-        if run.decision is not None:
-            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
+        _noted(run, refused, error, f"{cheaper.id} instead")
         return True
 
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
@@ -944,13 +943,11 @@ def _all_failed(run: _Run) -> Exception:
     if not run.errors:  # pragma: no cover - every route adds an error or answers
         return ConfigurationError("no route could be tried")
     ctx = run.context
-    error = AllRoutesFailedError(
+    return _group(
+        run,
         f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
         f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); {_last_error(run)}",
-        run.errors,
     )
-    error.request_id = run.request_id
-    return error
 
 
 def _deadline_passed(run: _Run) -> AllRoutesFailedError:
@@ -959,13 +956,23 @@ def _deadline_passed(run: _Run) -> AllRoutesFailedError:
     says what the run was doing then last: a call, or a wait for a store or a slot).
     """
     ctx = run.context
-    error = AllRoutesFailedError(
+    return _group(
+        run,
         f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
         f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}; "
         f"{_last_error(run)}",
-        run.errors,
     )
+
+
+def _group(run: _Run, message: str) -> AllRoutesFailedError:
+    """
+    The run's `AllRoutesFailedError`: its errors, its ``request_id`` and its number of
+    attempts (what its message and OpenTelemetry span count: some errors were none, as
+    a limit's refusal or a deadline that ran out before a call).
+    """
+    error = AllRoutesFailedError(message, run.errors)
     error.request_id = run.request_id
+    error._attempts = len(run.attempts)
     return error
 
 
@@ -988,19 +995,38 @@ def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
 
 
 def _outside(
-    attempts: Attempts, refused: ModelInfo, error: BudgetExceededError, routes: list[ModelInfo]
-) -> bool:
+    attempts: Attempts,
+    refused: ModelInfo,
+    error: BudgetExceededError,
+    routes: list[ModelInfo],
+    overflowed: int,
+) -> ModelInfo | None:
     """
-    Whether a route after ``refused`` is one the budget that refused it does not cover
-    (a budget of one provider or model): the walk goes on to it as after a failure.
+    The first route after ``refused`` that the budget that refused it does not cover (a
+    budget of one provider or model), and the walk would try (its context window is
+    larger than ``overflowed``, the largest that overflowed in the run), if any: the
+    walk goes on as after a failure.
     """
     limiter = attempts.ex._limiter
     assert limiter is not None
     context = attempts.run.context
-    return any(
-        all(key != error.budget for _, key in limiter.covers(context, later))
-        for later in routes[routes.index(refused) + 1 :]
+    for later in routes[routes.index(refused) + 1 :]:
+        if later.context_window > overflowed and all(
+            key != error.budget for _, key in limiter.covers(context, later)
+        ):
+            return later
+    return None
+
+
+def _noted(run: _Run, refused: ModelInfo, error: BudgetExceededError, then: str) -> None:
+    """Log, and add to the run's decision, where a budget's refusal of ``refused`` sends it."""
+    note = (
+        f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
+        f"${error.needed_usd:.6f} {refused.id} may cost: {then}"
     )
+    logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
+    if run.decision is not None:
+        run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
 
 
 def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:

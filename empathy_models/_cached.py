@@ -167,23 +167,23 @@ async def lookup(
     system: str | None,
     options: Mapping[str, Any],
     start: float,
+    stored: bytes | None = None,
 ) -> LLMResponse | None:
     """
     The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None (a
-    miss, or no answer from the store within its time: see the module docstring).  An
-    answer stored ``ctx.cache_ttl`` seconds ago or longer (by the executor's wall
+    miss, or no answer from the store within its time: see the module docstring).
+    An answer stored ``ctx.cache_ttl`` seconds ago or longer (by the executor's wall
     clock) is a miss, however long the run that stored it had it kept; so is one
     stored more than `empathy_models.circuit.CLOCK_STEP` (a second) ahead of that
     clock (it stepped back since: the answer's age is not known).
-    ``start``: when the run started (the executor's clock; its deadline counts from it).
+    ``start``: when the run started (the executor's clock; its deadline counts from it);
+    ``stored``: what a run of this executor stored under ``key`` just now (`Flight`).
     """
     assert ctx.cache_ttl is not None
-    deadline_at = None if ctx.deadline is None else start + ctx.deadline
-    entry = await _read(executor, key, deadline_at)
+    entry = await _entry_for(executor, key, ctx, start, stored)
     if entry is None:
         return None
-    content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
-    data = extra
+    content, model, provider, tier, input_tokens, output_tokens, saved, data = entry
     stored_at = data.get("at")
     age = None if stored_at is None else executor._wall_clock() - stored_at
     if age is None or not -CLOCK_STEP <= age < ctx.cache_ttl:
@@ -240,23 +240,39 @@ async def lookup(
     return response
 
 
+async def _entry_for(
+    executor: EmpathyLLMExecutor,
+    key: str,
+    ctx: ExecutionContext,
+    start: float,
+    stored: bytes | None,
+) -> _Entry | None:
+    """The entry `lookup` answers from: ``stored`` (see `Flight`), else the cache's."""
+    if stored is not None:
+        return _entry_of(executor, key, stored)
+    return await _read(executor, key, None if ctx.deadline is None else start + ctx.deadline)
+
+
 class Flight:
     """
     A run of one executor asking a model for a request it missed in the cache, which
     later runs of the same request (its cache key) wait for instead of asking too
-    (`_inflight.InFlight.flights`): they read its answer from the cache once it ends.
-    ``deadline_at`` is the leading run's (the executor's clock; ``None``: none).  The
-    leading run holds it as a context manager around its call: leaving it, however the
-    call ended, wakes the runs that wait.
+    (`_inflight.InFlight.flights`): they are answered with what it stored once it ends
+    (``value``, the entry `store` kept, or wrote behind, or would have written to a
+    cache store it skips while degraded: the runs that waited do not depend on the
+    store).  ``deadline_at`` is the leading run's (the executor's clock; ``None``:
+    none).  The leading run holds it as a context manager around its call: leaving it,
+    however the call ended, wakes the runs that wait.
     """
 
-    __slots__ = ("deadline_at", "ended", "flights", "key")
+    __slots__ = ("deadline_at", "ended", "flights", "key", "value")
 
     def __init__(self, flights: dict[str, Any], key: str, deadline_at: float | None) -> None:
         self.flights = flights
         self.key = key
         self.deadline_at = deadline_at
         self.ended = asyncio.Event()
+        self.value: bytes | None = None  # the entry stored for ``key`` meanwhile
 
     def __enter__(self) -> None:
         return None
@@ -269,36 +285,36 @@ class Flight:
 
 async def follow(
     executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
-) -> tuple[Flight | None, bool]:
+) -> tuple[Flight | None, Flight | None]:
     """
-    For a run that missed ``key`` in the cache: ``(flight, waited)``.
+    For a run that missed ``key`` in the cache: ``(led, followed)``.
 
     When a run of this executor is asking a model for the same request already and will
     end no later than this run's deadline (its own deadline is not later, or this run
-    has none), wait for it to end (``waited``: the caller reads the cache again, where
-    the answer is when that run kept one; an answer `store` leaves out, a failure or a
-    cancellation leave nothing there, and the caller asks a model itself).  A run whose
+    has none), wait for it to end (``followed``: its `Flight`, whose ``value`` is the
+    answer when that run kept one; an answer `store` leaves out, a failure or a
+    cancellation leave none, and the caller asks a model itself).  A run whose
     deadline passes while it waits goes on as a run whose time ran out.  When there is
-    no such run, this one leads: ``flight`` is registered under ``key`` until the
-    caller leaves it (see `Flight`).
+    no such run, this one leads: ``led`` is registered under ``key`` until the caller
+    leaves it (see `Flight`).
     """
     flights = executor._inflight.flights
     flight = flights.get(key)
     if flight is None:
         flight = flights[key] = Flight(flights, key, deadline_at)
-        return flight, False
+        return flight, None
     leader_at = flight.deadline_at
     if deadline_at is None:
         await flight.ended.wait()
     elif leader_at is None or leader_at > deadline_at:
-        return None, False  # it may outlast this run: ask a model alongside it
+        return None, None  # it may outlast this run: ask a model alongside it
     else:
         try:
             async with asyncio.timeout(max(deadline_at - executor._clock(), 0.0)):
                 await flight.ended.wait()
         except TimeoutError:
             pass
-    return None, True
+    return None, flight
 
 
 async def read_or_lead(
@@ -313,11 +329,11 @@ async def read_or_lead(
 ) -> tuple[LLMResponse | None, str | None, Flight | None]:
     """
     What a run with ``ctx.cache_ttl`` finds in the cache before asking a model:
-    ``(hit, key, flight)``.  ``hit``: the answer (recorded as a hit), read at once or
+    ``(hit, key, flight)``.  ``hit``: the answer (recorded as a hit), read at once or,
     once the run of this executor asking a model for the same request has ended
-    (`follow`); ``key``: the request's cache key, under which the run stores its answer
-    (`store`), ``None`` for a request that is not cached; ``flight``: when this run
-    leads, the `Flight` it holds around its call (see `Flight`).
+    (`follow`), the one it stored; ``key``: the request's cache key, under which the
+    run stores its answer (`store`), ``None`` for a request that is not cached;
+    ``flight``: when this run leads, the `Flight` it holds around its call.
     """
     key = cache_key_of(ctx, task_type, messages, system, options)
     if key is None:
@@ -325,10 +341,13 @@ async def read_or_lead(
     hit = await lookup(executor, key, ctx, task_type, messages, system, options, start)
     if hit is not None:
         return hit, key, None
-    flight, waited = await follow(executor, key, deadline_at)
-    if waited:
-        hit = await lookup(executor, key, ctx, task_type, messages, system, options, start)
-    return hit, key, flight
+    led, followed = await follow(executor, key, deadline_at)
+    if followed is not None:
+        # its answer as stored (the cache is read again when it kept none)
+        hit = await lookup(
+            executor, key, ctx, task_type, messages, system, options, start, followed.value
+        )
+    return hit, key, led
 
 
 async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None) -> bytes | None:
@@ -430,6 +449,11 @@ async def _read(
         return None
     if raw is None:
         return None
+    return _entry_of(executor, key, raw)
+
+
+def _entry_of(executor: EmpathyLLMExecutor, key: str, raw: bytes) -> _Entry | None:
+    """The entry ``raw`` holds, decoded once per stored value (see `_Memo`), or None."""
     cache = executor._cache
     assert cache is not None
     memo: _Memo | None = cache._decoded
@@ -608,7 +632,8 @@ async def store(
     behind (see the module docstring; an in-process cache at once).  Failures are
     logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`),
     or one whose text its ``response_format`` could not parse (``parse_error``, with no
-    tool called), is not kept: the same request asks the model again.
+    tool called), is not kept: the same request asks the model again.  A kept one goes
+    to the runs waiting for ``key``'s answer too (`Flight`), whatever the store does.
     """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
@@ -637,6 +662,9 @@ async def store(
     value = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8", "surrogatepass"
     )
+    flight = executor._inflight.flights.get(key)
+    if flight is not None:  # the runs waiting for this request's answer get it as stored
+        flight.value = value
     if type(cache) is not MemoryResponseCache:
         if executor._cache_outage.skip():
             executor.cache_skipped += 1

@@ -377,17 +377,20 @@ def _run_error_attributes(exc: BaseException) -> _Attrs:
 
     Returns:
         ``error.type`` (the class name) and, for `AllRoutesFailedError`, the number of
-        attempts (the limits' refusals it holds were no attempt), each error's class and
-        the run's ``request_id``.
+        attempts its message gives (the limits' refusals and a deadline that ran out
+        before a call, which it holds, were no attempt), each error's class and the
+        run's ``request_id``.
     """
     from .exceptions import AllRoutesFailedError, BudgetExceededError
     from .limits import LocalRateLimitError
 
     attributes: _Attrs = {_ERROR_TYPE: type(exc).__name__}
     if isinstance(exc, AllRoutesFailedError):
-        refused = (BudgetExceededError, LocalRateLimitError)
-        attempts = [e for e in exc.exceptions if not isinstance(e, refused)]
-        attributes["empathy_models.attempts"] = len(attempts)
+        attempts = exc._attempts
+        if attempts is None:  # not a run's: its errors but the limits' refusals
+            refused = (BudgetExceededError, LocalRateLimitError)
+            attempts = sum(not isinstance(e, refused) for e in exc.exceptions)
+        attributes["empathy_models.attempts"] = attempts
         attributes["empathy_models.errors"] = [type(e).__name__ for e in exc.exceptions]
         if exc.request_id is not None:
             attributes["empathy_models.request_id"] = exc.request_id

@@ -547,6 +547,9 @@ class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
     """
 
     request_id: str | None = None
+    # the run's number of attempts (its message's), for its OpenTelemetry span: None
+    # when not raised by a run
+    _attempts: int | None = None
 
     def derive(self, excs: Sequence[Exception]) -> AllRoutesFailedError:  # type: ignore[override]
         derived = AllRoutesFailedError(self.message, excs)

@@ -3,7 +3,8 @@ Identical requests in flight at the same time in one executor: the first that mi
 cache asks a model, the others wait for it and are answered from the cache, each
 recorded as a hit; what the first leaves out of the cache (a failure, an answer the
 cache does not keep, a cancellation) sends the others to a model themselves.  Real HTTP
-against FakeLLMServer; memory and SQLite caches (the latter written behind).
+against FakeLLMServer; memory and SQLite caches (the latter written behind), and a Redis
+cache whose server is down.
 """
 
 from __future__ import annotations
@@ -111,3 +112,18 @@ async def test_a_run_with_an_earlier_deadline_does_not_wait_for_a_later_one(
         await first
     assert not hasty.cached and patient.cached and unbounded.cached
     assert server.requests() == 2
+
+
+async def test_a_burst_makes_one_call_while_the_cache_store_is_down(
+    server: FakeLLMServer,
+) -> None:
+    # nothing listens where the Redis cache is: every read fails, the store is skipped
+    # and nothing is written; the copies are answered with the first one's answer all the
+    # same (before, each made a call of its own once it had waited for the first)
+    pytest.importorskip("empathy_models_redis")
+    async with http_executor(server, REGISTRY, cache="redis://127.0.0.1:1/0") as executor:
+        answers = await asyncio.gather(*(executor.run("What is GCRA?", CTX) for _ in range(5)))
+        assert executor.cache_errors >= 1
+    assert server.requests() == 1
+    assert sorted(a.cached for a in answers) == [False] + [True] * 4
+    assert {a.content for a in answers} == {"The answer."}

@@ -378,6 +378,31 @@ async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
     assert server.requests("gpt-mid") == 0
 
 
+async def test_a_spent_provider_budget_is_raised_when_the_routes_outside_it_overflowed(
+    server: FakeLLMServer,
+) -> None:
+    # gpt-cheap's window overflowed; claude-other, wide enough, is refused by the spent
+    # anthropic budget; gpt-dear is outside that budget but no wider than gpt-cheap, so
+    # it is not tried: the run fails on the budget, whose refusal the error holds
+    registry = ModelRegistry(
+        models=[
+            *(m for m in REGISTRY.models if m.provider == "openai"),
+            attrs.evolve(REGISTRY.get("claude-other"), context_window=200_000),
+        ],
+        price_version="windows-2",
+    )
+    server.script("gpt-cheap", ["context_length"])
+    spent = Budget(limit_usd=0.0, scope="provider", value="anthropic")
+    async with make(server, registry=registry, budgets=[spent]) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("a long prompt", CTX)
+    assert [type(e).__name__ for e in caught.value.exceptions] == [
+        "ContextWindowExceededError",
+        "BudgetExceededError",
+    ]
+    assert server.requests("claude-other") == 0 and server.requests("gpt-dear") == 0
+
+
 @pytest.mark.parametrize(
     "spent",
     [
@@ -933,6 +958,41 @@ async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     assert response.routing_decision.model == "gpt-dear"
     assert "budget 'global/day'" in response.routing_decision.reason
     assert "gpt-cheap instead" in response.routing_decision.reason
+
+
+async def test_the_routing_decision_says_why_a_model_outside_a_spent_budget_answered(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models import AdaptiveModelRouter, RoutingPolicy
+
+    # the router picks gpt-cheap, the cheaper of the capable tier; the spent openai budget
+    # refuses it and no cheaper model is left: claude-other, the next route, which that
+    # budget does not cover, answers, and the decision says why
+    registry = ModelRegistry(
+        models=[
+            attrs.evolve(REGISTRY.get("gpt-cheap"), tier="capable"),
+            attrs.evolve(REGISTRY.get("claude-other"), tier="capable"),
+        ],
+        price_version="limits-test-4",
+    )
+    telemetry = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0, warmup_share=0.0)
+    router = AdaptiveModelRouter(registry, telemetry, policy=policy, refresh_interval=None)
+    spent = Budget(limit_usd=0.0, scope="provider", value="openai")
+    async with (
+        router,
+        make(
+            server, registry=registry, telemetry_store=telemetry, router=router, budgets=[spent]
+        ) as executor,
+    ):
+        ctx = ExecutionContext(tier="capable", max_tokens=1000, min_success_rate=0.0)
+        response = await executor.run("hello", ctx)
+    assert response.model == "claude-other"
+    assert response.routing_decision is not None
+    assert response.routing_decision.model == "gpt-cheap"
+    assert "budget 'provider=openai/day'" in response.routing_decision.reason
+    assert "on to claude-other" in response.routing_decision.reason
+    assert server.requests("gpt-cheap") == 0
 
 
 async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_it(

@@ -53,6 +53,7 @@ from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, FakeReply
+from empathy_models.testing.clock import FakeClock
 
 KEY = "sk-ant-test-key-0123456789"
 
@@ -394,6 +395,33 @@ async def test_a_failed_runs_span_counts_attempts_not_refusals_and_names_the_req
     assert run.attributes["empathy_models.errors"] == ("ServerError", "BudgetExceededError")
     assert run.attributes["empathy_models.attempts"] == 1
     assert run.attributes["empathy_models.request_id"] == caught.value.request_id
+
+
+async def test_a_failed_runs_span_counts_the_attempts_its_error_names(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # claude-fake-haiku answers 503; the wait before its retry oversleeps the deadline (a
+    # stalled event loop), so the retry is never made: one attempt, as the error says,
+    # and its error about the deadline was none
+    clock = FakeClock()
+
+    async def oversleep(delay: float) -> None:
+        clock.advance(delay + 5.0)
+        await asyncio.sleep(0)
+
+    server.script("claude-fake-haiku", [503])
+    retry = RetryPolicy(max_attempts=2, base_delay=0.5, jitter=False)
+    async with make(server, otel, retry=retry, clock=clock, sleep=oversleep) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run(PROMPT, attrs.evolve(CTX, model="claude-fake-haiku", deadline=2.0))
+    assert "after 1 attempt(s)" in str(caught.value)
+    run = otel.span("run support/answer")
+    assert run.attributes is not None
+    assert run.attributes["empathy_models.errors"] == ("ServerError", "ProviderTimeoutError")
+    assert run.attributes["empathy_models.attempts"] == 1
+    assert [s.name for s in otel.spans() if s.name.startswith("chat ")] == [
+        "chat claude-fake-haiku"
+    ]
 
 
 async def test_a_breaker_trip_is_an_event_and_moves_the_state_gauge(
