@@ -857,8 +857,9 @@ class AdaptiveModelRouter:
         without a stage, and workflow ``""`` those without a workflow) up a tier.
 
         Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
-        (read from the backend at start, then live), forgotten once all of them are
-        older than the evidence window (`RoutingPolicy.window_days`).  With fewer than
+        (read from the backend at start, then live; none from before the evidence
+        window's start, `RoutingPolicy.window_days`), forgotten once all of them are
+        older than that start.  With fewer than
         `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly above
         `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.
