@@ -283,11 +283,15 @@ def _judge_timing(
             f"{label} p95 >= {_fmt_ms(p95_lower)} (95% lower bound) > max {_fmt_ms(limit)}"
         )
         return REJECTED
-    if p95_upper is not None and p95_upper <= limit:
+    if p95_upper is None:  # one call (``latency_min_samples=1``): a p50, no p95 bound
+        reasons.append(
+            f"{label} p95: {n:.0f} {counted[:-1] if n == 1 else counted}, need 2 for a bound"
+        )
+        return UNPROVEN
+    if p95_upper <= limit:
         return ELIGIBLE
     reasons.append(
-        f"{label} p95 upper bound {_fmt_ms(p95_upper or 0.0)} not yet proven <= max "
-        f"{_fmt_ms(limit)}"
+        f"{label} p95 upper bound {_fmt_ms(p95_upper)} not yet proven <= max {_fmt_ms(limit)}"
     )
     return UNPROVEN
 
