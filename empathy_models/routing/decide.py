@@ -118,8 +118,43 @@ Pick = tuple[int, str | None, str]
 """A selection: (candidate index, exploration kind or ``None``, why)."""
 
 
-def _fmt_ms(v: float) -> str:
-    return f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms"
+SHORT_FROM: Final = 1e9
+"""Amounts and times of this size or more show in short scientific form (``1e+300``)."""
+
+
+def _ms(v: float) -> str:
+    # milliseconds: whole from 10 ms, two decimals below, two significant digits under
+    # 0.01 ms
+    if v >= SHORT_FROM:
+        return f"{v:.4g}"
+    if v >= 10:
+        return f"{v:.0f}"
+    return f"{v:.2f}" if v >= 0.01 or v <= 0.0 else f"{v:.2g}"
+
+
+def _usd(v: float) -> str:
+    # dollars: six decimals, or as many as show an amount too small for them with two
+    # significant digits (up to 12, then short scientific, as from SHORT_FROM on)
+    if v >= SHORT_FROM:
+        return f"{v:.4g}"
+    if 0.0 < v < 1e-5:
+        digits = 1 - math.floor(math.log10(v))
+        return f"{v:.{digits}f}" if digits <= 12 else f"{v:.2g}"
+    return f"{v:.6f}"
+
+
+def _over(value: float, limit: float, fmt: Callable[[float], str]) -> tuple[str, str]:
+    """
+    ``value`` and the ``limit`` it exceeds as a reason shows them: ``fmt``'s, or, when
+    those read alike (``500 ms > max 500 ms``), with the fewest significant digits
+    that tell them apart.
+    """
+    shown, most = fmt(value), fmt(limit)
+    digits = 4
+    while shown == most and digits <= 17:
+        shown, most = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        digits += 1
+    return shown, most
 
 
 @frozen(slots=True)
@@ -276,12 +311,12 @@ def _judge_timing(
         reasons.append(f"{label}: {n:.0f} {counted}, need {need:g}")
         return UNPROVEN
     if p50 is not None and p50 > limit:
-        reasons.append(f"{label} p50 {_fmt_ms(p50)} > max {_fmt_ms(limit)}")
+        shown, most = _over(p50, limit, _ms)
+        reasons.append(f"{label} p50 {shown} ms > max {most} ms")
         return REJECTED
     if p95_lower is not None and p95_lower > limit:
-        reasons.append(
-            f"{label} p95 >= {_fmt_ms(p95_lower)} (95% lower bound) > max {_fmt_ms(limit)}"
-        )
+        shown, most = _over(p95_lower, limit, _ms)
+        reasons.append(f"{label} p95 >= {shown} ms (95% lower bound) > max {most} ms")
         return REJECTED
     if p95_upper is None:  # one call (``latency_min_samples=1``): a p50, no p95 bound
         reasons.append(
@@ -290,9 +325,8 @@ def _judge_timing(
         return UNPROVEN
     if p95_upper <= limit:
         return ELIGIBLE
-    reasons.append(
-        f"{label} p95 upper bound {_fmt_ms(p95_upper)} not yet proven <= max {_fmt_ms(limit)}"
-    )
+    shown, most = _over(p95_upper, limit, _ms)
+    reasons.append(f"{label} p95 upper bound {shown} ms not yet proven <= max {most} ms")
     return UNPROVEN
 
 
@@ -1061,7 +1095,8 @@ def _row(
             status = ELIGIBLE
         else:
             status = REJECTED
-            reasons += (f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}",)
+            over, most = _over(cost, max_cost, _usd)
+            reasons += (f"expected cost ${over} ({basis}) > max ${most}",)
     if blocked:
         reasons = (CIRCUIT_OPEN, *reasons)
     shown = parts.maps.get(status)
