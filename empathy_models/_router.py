@@ -90,6 +90,7 @@ __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommen
 logger = logging.getLogger("empathy_models.router")
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
+_CLOSED: Final = "AdaptiveModelRouter was used after aclose()"
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
 _T = TypeVar("_T")
 WINDOW_STEPS: Final = 168
@@ -418,6 +419,8 @@ async def _start(router: AdaptiveModelRouter) -> None:
                 "reported to this process"
             )
             return
+        if router._closed:
+            return  # closed while its store was opening: start() says so
         await router.refresh()
         if not router._closed:
             await _seed_rings(router)
@@ -609,7 +612,7 @@ class AdaptiveModelRouter:
                 loop.
         """
         if self._closed:
-            raise NotOpenError("AdaptiveModelRouter was used after aclose()")
+            raise NotOpenError(_CLOSED)
         if self._started and elsewhere(self._loop):  # its task and store are bound to it
             raise other_loop_error("AdaptiveModelRouter")
         async with self._start_lock:
@@ -668,7 +671,12 @@ class AdaptiveModelRouter:
             ``True`` on success; ``False`` without a store, or on a backend error, which is
             logged as a warning and counted in `refresh_errors` (the evidence is kept,
             but for what fell out of the window, which goes as on success).
+
+        Raises:
+            NotOpenError: after `aclose`, or started in another event loop.
         """
+        if self._closed:
+            raise NotOpenError(_CLOSED)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         store = self._store
@@ -888,9 +896,14 @@ class AdaptiveModelRouter:
             The stats, always, also without telemetry: ``telemetry`` is ``"none"`` without a
             store or when the store has never received a record, with a ``message`` saying
             what is missing.
+
+        Raises:
+            NotOpenError: after `aclose`, or started in another event loop.
         """
         check_names(workflow, stage)
         positive_number("days", days)
+        if self._closed:
+            raise NotOpenError(_CLOSED)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         shown = stage if stage is not None else "all"

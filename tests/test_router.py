@@ -812,6 +812,23 @@ async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) ->
         await router.start()
 
 
+async def test_a_closed_router_refuses_to_read_its_store(clock: FakeClock, tmp_path: Path) -> None:
+    # as start() does: after aclose(), refresh() and get_routing_stats() raise
+    # NotOpenError naming the router, whether the store is borrowed (it read on) or
+    # owned (closed with it: a refresh logged a store failure and counted it)
+    store = CountingBackend()
+    owned = make(clock, telemetry_store=f"sqlite:///{tmp_path / 'calls.db'}")
+    for router in (make(clock, telemetry_store=store, refresh_interval=None), owned):
+        async with router:
+            pass
+        calls = store.evidence_calls
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+            await router.refresh()
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+            await router.get_routing_stats(WF)
+        assert store.evidence_calls == calls and router.refresh_errors == 0
+
+
 class GatedBackend(MemoryTelemetryBackend):
     """
     A store whose evidence reads (``gate_evidence``) or recent-call reads from the
