@@ -321,3 +321,41 @@ async def test_a_cost_too_large_to_add_up_counts_alike_live_and_after_a_restart(
             for router in (live, restarted):
                 with pytest.raises(NoModelMeetsConstraintsError, match="expected cost"):
                     router.get_best_model("docs", "write", max_cost=1.0, **ask)
+
+
+def test_calls_recorded_at_a_cost_no_factor_holds_are_not_costed_at_list_price() -> None:
+    # a local model at $0.001 per million tokens whose one-token calls were recorded at
+    # $1e300 each: what they cost over their list price (5e308) is past a float, and
+    # that must not make the model as cheap as its list price (within $1)
+    local = ModelInfo(
+        id="local",
+        provider="ollama",
+        tier="cheap",
+        input_price_per_mtok=0.001,
+        output_price_per_mtok=0.001,
+        context_window=8192,
+        max_output_tokens=8192,
+    )
+    registry = ModelRegistry(models=[local], price_version="local-1")
+    router = AdaptiveModelRouter(registry)
+    now = datetime.now(UTC)
+    for i in range(30):
+        router.record_outcome(
+            LLMCallRecord(
+                provider="ollama",
+                model="local",
+                outcome=Outcome.SUCCESS,
+                workflow="docs",
+                stage="write",
+                timestamp=now - timedelta(seconds=i),
+                latency_ms=100.0,
+                input_tokens=1,
+                output_tokens=1,
+                cost_usd=1e300,
+            )
+        )
+    ask: dict[str, Any] = {"candidates": ["local"], "input_tokens": 1}
+    (row,) = router.get_best_model("docs", "write", **ask).candidates
+    assert row.expected_cost_usd is not None and row.expected_cost_usd >= 1e290
+    with pytest.raises(NoModelMeetsConstraintsError, match="expected cost"):
+        router.get_best_model("docs", "write", max_cost=1.0, **ask)

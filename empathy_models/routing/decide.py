@@ -363,7 +363,9 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
     apart) or failed attempts were billed (a stream cut off, a malformed answer), and it
     carries any price change since the calls were recorded.  1 when the arm has no
     successful call, no price, or no recorded cost (records that were never priced).
-    O(1): the summary's sums.
+    Too large for a float (costs recorded at 1e300 for calls that list at a billionth
+    of a dollar), as large as keeps the prices finite (`MOST_PRICE`).  O(1): the
+    summary's sums.
     """
     cost = summary.mean_cost
     mean_in = summary.mean_input_tokens
@@ -379,6 +381,10 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
     if not listed > 0.0:
         return 1.0
     factor = cost * summary.samples / listed
+    if factor == math.inf:
+        # recorded at more than a float holds times the list price: as much as keeps
+        # the scaled prices within MOST_PRICE (never their list price)
+        return min(MOST_PRICE, MOST_PRICE / max(facts.input_price, facts.output_price))
     if not 0.0 < factor < math.inf or abs(factor - 1.0) <= _SAME_PRICE:
         return 1.0  # recorded at the list price, but for rounding
     return factor
@@ -386,6 +392,12 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
 
 _SAME_PRICE: Final = 1e-9
 """A cost factor this close to 1 is 1: the calls were recorded at the list price."""
+
+MOST_PRICE: Final = 1e300
+"""
+The most a token is costed at once scaled by a `cost_factor` too large for a float (calls
+recorded at absurd costs): a finite price, so no call's cost is NaN, however few tokens.
+"""
 
 
 def _cost_terms(
