@@ -429,6 +429,9 @@ def _cost_terms(
         out, basis = float(cap), "worst_case"
     elif out is not None and cap is not None and out > cap:
         out = float(cap)  # the call's output stops at max_tokens, however long the mean
+    free = out is None and in_price == 0.0 and out_price == 0.0
+    if free:  # a free model's call costs nothing, whatever it writes: its worst case
+        out, basis = 0.0, "worst_case"
     slope: float | None = in_price if out is not None else None
     const = out * out_price if out is not None else 0.0
     const_ni: float | None = None
@@ -438,6 +441,8 @@ def _cost_terms(
         const_ni, basis_ni = mean_in * in_price * r_in + const * r_out, basis
     elif summary.mean_cost is not None:
         const_ni, basis_ni = summary.mean_cost, "observed"
+    elif free:
+        const_ni, basis_ni = 0.0, basis
     # (a prior-costed verdict's const_ni is the observed mean cost, or None: without a
     # success there is no mean of input tokens)
     return (slope, const, basis if out is not None else None, const_ni, basis_ni, prior_price)
