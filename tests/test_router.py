@@ -329,6 +329,28 @@ def test_reasons_never_show_an_amount_or_a_time_as_if_within_the_limit_it_exceed
     assert "expected cost $1e+12 (estimate) > max $0.500000" in slow, slow
 
 
+def test_a_candidate_without_a_cost_estimate_is_told_what_is_missing(clock: FakeClock) -> None:
+    # an untried model in a stage without evidence: its cost needs the call's size, and
+    # the reason names the part the call left out, not one it gave
+    router = make(clock)
+
+    def reason(**sizes: Any) -> str:
+        d = router.get_best_model(
+            WF, "fresh", candidates=["mini"], max_cost=1.0, on_no_match="mini", **sizes
+        )
+        (row,) = d.candidates
+        assert row.constraints["max_cost"] is ConstraintStatus.UNPROVEN
+        return next(r for r in row.reasons if r.startswith("cost:"))
+
+    assert (
+        reason(input_tokens=100) == "cost: no estimate (no observations, and max_tokens not given)"
+    )
+    assert reason(max_tokens=100) == (
+        "cost: no estimate (no observations, and input_tokens not given)"
+    )
+    assert reason() == "cost: no estimate (no observations, and input_tokens/max_tokens not given)"
+
+
 def test_a_model_missing_from_the_registry_has_no_cost_and_never_meets_max_cost(
     clock: FakeClock,
 ) -> None:

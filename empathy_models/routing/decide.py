@@ -1106,6 +1106,10 @@ def _row(
                 if v.facts is None
                 else "cost: no estimate (strict mode needs input_tokens and max_tokens)"
                 if cons.strict_cost
+                else "cost: no estimate (no observations, and max_tokens not given)"
+                if with_input
+                else "cost: no estimate (no observations, and input_tokens not given)"
+                if cons.max_tokens is not None
                 else "cost: no estimate (no observations, and input_tokens/max_tokens not given)",
             )
         elif cost <= max_cost:
