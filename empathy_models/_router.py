@@ -90,6 +90,7 @@ __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommen
 logger = logging.getLogger("empathy_models.router")
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
+_CLOSED: Final = "AdaptiveModelRouter was used after aclose()"
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
 _T = TypeVar("_T")
 WINDOW_STEPS: Final = 168
@@ -418,6 +419,8 @@ async def _start(router: AdaptiveModelRouter) -> None:
                 "reported to this process"
             )
             return
+        if router._closed:
+            return  # closed while its store was opening: start() says so
         await router.refresh()
         if not router._closed:
             await _seed_rings(router)
@@ -614,7 +617,7 @@ class AdaptiveModelRouter:
                 loop.
         """
         if self._closed:
-            raise NotOpenError("AdaptiveModelRouter was used after aclose()")
+            raise NotOpenError(_CLOSED)
         if self._started and elsewhere(self._loop):  # its task and store are bound to it
             raise other_loop_error("AdaptiveModelRouter")
         async with self._start_lock:
@@ -673,7 +676,12 @@ class AdaptiveModelRouter:
             ``True`` on success; ``False`` without a store, or on a backend error, which is
             logged as a warning and counted in `refresh_errors` (the evidence is kept,
             but for what fell out of the window, which goes as on success).
+
+        Raises:
+            NotOpenError: after `aclose`, or started in another event loop.
         """
+        if self._closed:
+            raise NotOpenError(_CLOSED)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         store = self._store
@@ -862,8 +870,9 @@ class AdaptiveModelRouter:
         without a stage, and workflow ``""`` those without a workflow) up a tier.
 
         Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
-        (read from the backend at start, then live), forgotten once all of them are
-        older than the evidence window (`RoutingPolicy.window_days`).  With fewer than
+        (read from the backend at start, then live; none from before the evidence
+        window's start, `RoutingPolicy.window_days`), forgotten once all of them are
+        older than that start.  With fewer than
         `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly above
         `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.
@@ -892,9 +901,14 @@ class AdaptiveModelRouter:
             The stats, always, also without telemetry: ``telemetry`` is ``"none"`` without a
             store or when the store has never received a record, with a ``message`` saying
             what is missing.
+
+        Raises:
+            NotOpenError: after `aclose`, or started in another event loop.
         """
         check_names(workflow, stage)
         days = positive_number("days", days)
+        if self._closed:
+            raise NotOpenError(_CLOSED)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         shown = stage if stage is not None else "all"

@@ -854,6 +854,38 @@ def test_routing_upgrades_judges_calls_without_a_workflow_or_stage_on_their_own(
     ]
 
 
+def test_routing_upgrades_judges_every_stage_past_a_thousand(home: Path, tmp_path: Path) -> None:
+    # a router seeds the tier advice of 1,000 stages at start (seed_stage_limit); the
+    # command judges every stage it lists, so none may read "Insufficient data (0 calls)"
+    # beside calls it counted (a tenant per stage: 1,001 of them, 10 failed calls each)
+    path = tmp_path / "tenants.db"
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    records = [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            tier=ModelTier.CHEAP,
+            outcome=Outcome.FAILURE,
+            workflow="svc",
+            stage=f"tenant-{t:04d}",
+            latency_ms=50.0,
+            timestamp=start + timedelta(milliseconds=t * 10 + i),
+        )
+        for t in range(1001)
+        for i in range(10)
+    ]
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}?on_full=wait") as telemetry:
+            await telemetry.record_many(records)
+
+    anyio.run(fill)
+    data = json.loads(ok(cli(home, "routing", "upgrades", "--db", str(path), "--json")))
+    windows = {r["stage"]: (r["window"], r["should_upgrade"]) for r in data["stages"]}
+    assert len(windows) == 1001
+    assert set(windows.values()) == {(10, True)}, windows["tenant-1000"]
+
+
 def test_routing_stats_count_the_calls_without_a_workflow_or_stage(
     home: Path, unnamed_db: Path
 ) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from empathy_models import (
@@ -22,6 +24,7 @@ from empathy_models import (
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
+    NoModelMeetsConstraintsError,
     Outcome,
     RoutingPolicy,
 )
@@ -220,6 +223,29 @@ def test_the_router_costs_a_long_prompt_at_the_long_rates(calls_in: int) -> None
     (row,) = decision.candidates
     assert row.constraints["max_cost"] is ConstraintStatus.REJECTED
     assert decision.constraints_met is False
+
+
+def test_a_long_prompt_too_costly_for_a_float_is_never_within_a_cost_limit() -> None:
+    # sonnet-long's calls recorded at $1e300 too (a valid cost): a prompt of 1e14
+    # tokens costs more than a float holds at its standard rates; at its long rates that
+    # must not become "not a number", which met every max_cost (beside a row saying
+    # "expected cost $nan > max") and made the cheapest pick a coin toss
+    router = _router(10_000)
+    for _ in range(30):
+        router.record_outcome(attrs.evolve(_record(LONG, 10_000, 1_000), cost_usd=1e300))
+    ask: dict[str, Any] = {
+        "candidates": ["sonnet-long", "flat"],
+        "min_success_rate": 0.0,
+        "input_tokens": 10**14,
+    }
+    flat = (10**14 * 4.0 + 1_000 * 15.0) / 1e6
+    for max_cost in (None, 1e9):
+        decision = router.get_best_model("w", "s", max_cost=max_cost, **ask)
+        costs = {row.model: row.expected_cost_usd for row in decision.candidates}
+        assert costs == {"sonnet-long": math.inf, "flat": pytest.approx(flat)}
+        assert decision.model == "flat" and decision.constraints_met
+    with pytest.raises(NoModelMeetsConstraintsError, match="sonnet-long: expected cost"):
+        router.get_best_model("w", "s", max_cost=1e9, **{**ask, "candidates": ["sonnet-long"]})
 
 
 async def test_what_if_prices_the_prompt_size_asked_about_at_its_own_rates() -> None:

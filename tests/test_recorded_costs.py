@@ -298,3 +298,64 @@ async def test_calls_recorded_without_a_cost_are_costed_at_list_price() -> None:
         await router.refresh()
         decision = router.get_best_model("docs", "write", candidates=["claude-cached"])
     assert decision.candidates[0].expected_cost_usd == pytest.approx(CLAUDE.cost(20_000, 300))
+
+
+async def test_a_cost_too_large_to_add_up_counts_alike_live_and_after_a_restart() -> None:
+    # a recorded cost counts for at most 1e300 in the store's evidence (1.7e308 is a
+    # valid number; two would overflow a sum): the outcomes reported live count alike,
+    # so a router learning live judges the model as one started over the store, which
+    # holds it far over max_cost (live, the sums overflowed and the model was costed at
+    # its list price, within $1)
+    records = _stage(calls=50, ok=lambda i: True, out=lambda ok: 300, info=CLAUDE)
+    absurd = [attrs.evolve(r, cost_usd=1.7e308) for r in records]
+    ask: dict[str, Any] = {"candidates": ["claude-cached"], "input_tokens": 20_000}
+    live = AdaptiveModelRouter(REGISTRY)
+    for record in absurd:
+        live.record_outcome(record)
+    async with telemetry_from_url("memory://") as store:
+        await store.record_many(absurd)
+        async with AdaptiveModelRouter(REGISTRY, store, refresh_interval=None) as restarted:
+            after = restarted.get_best_model("docs", "write", **ask).candidates[0]
+            seen = live.get_best_model("docs", "write", **ask).candidates[0]
+            assert seen.expected_cost_usd == pytest.approx(after.expected_cost_usd, rel=1e-9)
+            for router in (live, restarted):
+                with pytest.raises(NoModelMeetsConstraintsError, match="expected cost"):
+                    router.get_best_model("docs", "write", max_cost=1.0, **ask)
+
+
+def test_calls_recorded_at_a_cost_no_factor_holds_are_not_costed_at_list_price() -> None:
+    # a local model at $0.001 per million tokens whose one-token calls were recorded at
+    # $1e300 each: what they cost over their list price (5e308) is past a float, and
+    # that must not make the model as cheap as its list price (within $1)
+    local = ModelInfo(
+        id="local",
+        provider="ollama",
+        tier="cheap",
+        input_price_per_mtok=0.001,
+        output_price_per_mtok=0.001,
+        context_window=8192,
+        max_output_tokens=8192,
+    )
+    registry = ModelRegistry(models=[local], price_version="local-1")
+    router = AdaptiveModelRouter(registry)
+    now = datetime.now(UTC)
+    for i in range(30):
+        router.record_outcome(
+            LLMCallRecord(
+                provider="ollama",
+                model="local",
+                outcome=Outcome.SUCCESS,
+                workflow="docs",
+                stage="write",
+                timestamp=now - timedelta(seconds=i),
+                latency_ms=100.0,
+                input_tokens=1,
+                output_tokens=1,
+                cost_usd=1e300,
+            )
+        )
+    ask: dict[str, Any] = {"candidates": ["local"], "input_tokens": 1}
+    (row,) = router.get_best_model("docs", "write", **ask).candidates
+    assert row.expected_cost_usd is not None and row.expected_cost_usd >= 1e290
+    with pytest.raises(NoModelMeetsConstraintsError, match="expected cost"):
+        router.get_best_model("docs", "write", max_cost=1.0, **ask)

@@ -302,6 +302,55 @@ def test_models_missing_from_the_registry_are_excluded(clock: FakeClock) -> None
     assert by_model(d)["ghost"].reasons[0] == "not in the model registry"  # type: ignore[attr-defined]
 
 
+def test_reasons_never_show_an_amount_or_a_time_as_if_within_the_limit_it_exceeds(
+    clock: FakeClock,
+) -> None:
+    # amounts too small for six decimals, values that round to their limit, and values
+    # too large to print in full: each reason shows the two numbers apart, as compared
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "mini", 30, latency_ms=500.4)
+    feed(router, clock, "small", 30, latency_ms=1e300)
+
+    def said(model: str, **limits: Any) -> str:
+        d = router.get_best_model(WF, ST, candidates=[model], on_no_match="relax", **limits)
+        return " | ".join(by_model(d)[model].reasons)  # type: ignore[attr-defined]
+
+    # a fresh stage, one output token: nano costs $0.0000004, over a $0.0000002 limit
+    fresh = router.get_best_model(
+        WF, "fresh", candidates=["nano"], input_tokens=0, max_tokens=1, max_cost=2e-7,
+        on_no_match="relax",
+    )  # fmt: skip
+    cost = " | ".join(fresh.candidates[0].reasons)
+    assert "expected cost $0.00000040 (worst_case) > max $0.00000020" in cost, cost
+    assert "latency p50 500.4 ms > max 500 ms" in said("mini", max_latency_ms=500.0)
+    assert "> max 0.001 ms" in said("mini", max_latency_ms=0.001)
+    slow = said("small", max_latency_ms=1000.0, max_cost=0.5, input_tokens=10**18)
+    assert "latency p50 1e+300 ms > max 1000 ms" in slow, slow
+    assert "expected cost $1e+12 (estimate) > max $0.500000" in slow, slow
+
+
+def test_a_candidate_without_a_cost_estimate_is_told_what_is_missing(clock: FakeClock) -> None:
+    # an untried model in a stage without evidence: its cost needs the call's size, and
+    # the reason names the part the call left out, not one it gave
+    router = make(clock)
+
+    def reason(**sizes: Any) -> str:
+        d = router.get_best_model(
+            WF, "fresh", candidates=["mini"], max_cost=1.0, on_no_match="mini", **sizes
+        )
+        (row,) = d.candidates
+        assert row.constraints["max_cost"] is ConstraintStatus.UNPROVEN
+        return next(r for r in row.reasons if r.startswith("cost:"))
+
+    assert (
+        reason(input_tokens=100) == "cost: no estimate (no observations, and max_tokens not given)"
+    )
+    assert reason(max_tokens=100) == (
+        "cost: no estimate (no observations, and input_tokens not given)"
+    )
+    assert reason() == "cost: no estimate (no observations, and input_tokens/max_tokens not given)"
+
+
 def test_a_model_missing_from_the_registry_has_no_cost_and_never_meets_max_cost(
     clock: FakeClock,
 ) -> None:
@@ -783,6 +832,23 @@ async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) ->
     await router.aclose()  # idempotent
     with pytest.raises(NotOpenError, match="after aclose"):
         await router.start()
+
+
+async def test_a_closed_router_refuses_to_read_its_store(clock: FakeClock, tmp_path: Path) -> None:
+    # as start() does: after aclose(), refresh() and get_routing_stats() raise
+    # NotOpenError naming the router, whether the store is borrowed (it read on) or
+    # owned (closed with it: a refresh logged a store failure and counted it)
+    store = CountingBackend()
+    owned = make(clock, telemetry_store=f"sqlite:///{tmp_path / 'calls.db'}")
+    for router in (make(clock, telemetry_store=store, refresh_interval=None), owned):
+        async with router:
+            pass
+        calls = store.evidence_calls
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+            await router.refresh()
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+            await router.get_routing_stats(WF)
+        assert store.evidence_calls == calls and router.refresh_errors == 0
 
 
 class GatedBackend(MemoryTelemetryBackend):

@@ -139,6 +139,25 @@ def test_a_router_without_a_store_lets_go_of_a_window_it_has_passed() -> None:
     assert [c.sample_size for c in decision.candidates] == [0, 0]
 
 
+def test_a_router_without_a_store_advises_on_no_outcome_it_ignored_as_too_old(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # outcomes from before the evidence window are not taken (a warning says so): the
+    # tier advice must not count them either, as if they were the stage's recent calls
+    clock = FakeClock()
+    router = AdaptiveModelRouter(ModelRegistry.default(), seed=1, clock=clock)
+    router.record_outcome(record(clock, "now", MODELS[0]))  # moves the window to now
+    old = FakeClock(clock() - 8 * DAY)
+    with caplog.at_level("WARNING", "empathy_models.router"):
+        for _ in range(20):
+            old.advance(1.0)
+            router.record_outcome(record(old, "stale", MODELS[0], ok=False))
+    assert "ignored an outcome" in caplog.text
+    advice = router.recommend_tier_upgrade(WF, "stale")
+    assert advice.window == 0 and not advice.should_upgrade, advice.reason
+    assert router.recommend_tier_upgrade(WF, None).window == 1  # the one in the window
+
+
 def test_an_arm_dropped_and_begun_again_is_judged_on_its_new_evidence() -> None:
     # the same number of outcomes before and after: the new arm's version equals the
     # one the cached verdict was judged at, and it must be judged all the same

@@ -152,6 +152,28 @@ def test_no_model_fast_enough_raises_or_relaxes_the_ttft_first() -> None:
     assert relaxed.model == "slow" and relaxed.relaxed == ("max_ttft_ms",)
 
 
+def test_one_measured_call_is_not_said_to_bound_the_p95_at_zero() -> None:
+    # latency_min_samples=1 judges from one call: its p50 can rule a model out, but one
+    # call gives no p95 bound; the reason must say so, not "p95 upper bound 0.00 ms not
+    # yet proven <= max 5000 ms" (as if 0 ms were over the limit)
+    clock = FakeClock()
+    router = AdaptiveModelRouter(
+        REGISTRY, clock=clock, seed=1, policy=RoutingPolicy(latency_min_samples=1)
+    )
+    clock.advance(1.0)
+    router.record_outcome(rec(clock, "fast", 0))
+    decision = router.get_best_model(
+        WF, ST, candidates=["fast"], max_latency_ms=5000.0, max_ttft_ms=500.0, on_no_match="relax"
+    )
+    (fast,) = decision.candidates
+    assert fast.constraints["max_latency_ms"] is ConstraintStatus.UNPROVEN
+    assert fast.constraints["max_ttft_ms"] is ConstraintStatus.UNPROVEN
+    said = reasons(decision, "fast")
+    assert "0.00 ms" not in said, said
+    assert "latency p95: 1 measured successful call, need 2 for a bound" in said
+    assert "time to first token p95: 1 streamed successful call, need 2 for a bound" in said
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "100", True])
 def test_bad_limits_are_configuration_errors(bad: object) -> None:
     router = AdaptiveModelRouter(REGISTRY, seed=1)

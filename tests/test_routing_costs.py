@@ -185,3 +185,20 @@ def test_a_model_whose_cost_rose_past_max_cost_is_no_longer_eligible() -> None:
     assert (decision.model, decision.reason) == ("m0", "the only eligible model")
     (m1,) = [row for row in decision.candidates if row.model == "m1"]
     assert m1.constraints["max_cost"] is ConstraintStatus.REJECTED
+
+
+def test_a_free_model_never_measured_is_within_any_cost_limit() -> None:
+    # a local model at $0 per million tokens costs nothing whatever it writes: before
+    # any call of it, and whether or not the call gives its size, it meets max_cost=0
+    # (it was refused: "cost: no estimate (no observations, and input_tokens/max_tokens
+    # not given)", input_tokens given)
+    registry = _registry([(0.0, 0.0), (1.0, 10.0)])
+    router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
+    for input_tokens in (100, None):
+        decision = router.get_best_model(
+            "w", "fresh", candidates=["m0", "m1"], max_cost=0.0, input_tokens=input_tokens
+        )
+        assert decision.model == "m0" and decision.expected_cost_usd == 0.0
+        free, paid = decision.candidates
+        assert free.constraints["max_cost"] is ConstraintStatus.ELIGIBLE
+        assert paid.constraints["max_cost"] is ConstraintStatus.UNPROVEN  # no estimate

@@ -851,7 +851,9 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
     """`AdaptiveModelRouter.recommend_tier_upgrade` for every stage seen in the window."""
     url = db_url(args.db)
     registry = _registry(args)
-    policy = RoutingPolicy(window_days=args.days)
+    # every stage's recent calls read at start, not the policy's first 1,000: each
+    # stage listed is judged on its own calls
+    policy = RoutingPolicy(window_days=args.days, seed_stage_limit=sys.maxsize)
 
     async def body() -> tuple[list[dict[str, Any]], Ahead]:
         async with telemetry_from_url(url, **read_only(url)) as backend:

@@ -109,7 +109,7 @@ def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
         )
         if status is not None and status.value != "eligible"
     ]
-    if cons.max_cost is not None and (cost is None or cost > cons.max_cost):
+    if cons.max_cost is not None and (cost is None or not cost <= cons.max_cost):
         unmet.append("max_cost")
     return unmet
 

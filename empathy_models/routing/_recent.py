@@ -63,8 +63,12 @@ class RecentWindows:
         return (record.model, tier, record.outcome.is_failure)
 
     def add(self, record: LLMCallRecord, ts: float) -> None:
-        """Add one sample outcome timestamped ``ts`` to its stage's and workflow's windows."""
-        if self.cutoff is not None and ts < self.cutoff:
+        """
+        Add one sample outcome timestamped ``ts`` to its stage's and workflow's windows,
+        unless it is before ``cutoff`` or the evidence window's start (``floor``: the
+        router takes no such outcome as evidence either).
+        """
+        if ts < self.floor or (self.cutoff is not None and ts < self.cutoff):
             return
         workflow = record.workflow or ""
         stage = record.stage or ""

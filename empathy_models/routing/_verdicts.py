@@ -496,7 +496,9 @@ def _long_costs(ctx: Context, costs: list[float | None], input_tokens: int) -> l
         if cost is None or slope is None or facts is None or not input_tokens > facts.long_from:
             continue
         input_cost = input_tokens * slope
-        out[i] = input_cost * facts.long_input_ratio + (cost - input_cost) * facts.long_output_ratio
+        long = input_cost * facts.long_input_ratio + (cost - input_cost) * facts.long_output_ratio
+        # (NaN only from a prompt whose cost is past a float: inf - inf)
+        out[i] = long if long == long else math.inf
     return out
 
 
@@ -520,7 +522,7 @@ def _within(group: list[int], costs: list[float | None], max_cost: float) -> lis
         top = None
     if top is not None and top <= max_cost:  # False for NaN, which may hide a larger cost
         return group[:]
-    return [i for i in group if (c := costs[i]) is not None and not c > max_cost]
+    return [i for i in group if (c := costs[i]) is not None and c <= max_cost]  # never NaN
 
 
 def _prior_within(prior: float, verdict: Verdict) -> float:

@@ -118,8 +118,43 @@ Pick = tuple[int, str | None, str]
 """A selection: (candidate index, exploration kind or ``None``, why)."""
 
 
-def _fmt_ms(v: float) -> str:
-    return f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms"
+SHORT_FROM: Final = 1e9
+"""Amounts and times of this size or more show in short scientific form (``1e+300``)."""
+
+
+def _ms(v: float) -> str:
+    # milliseconds: whole from 10 ms, two decimals below, two significant digits under
+    # 0.01 ms
+    if v >= SHORT_FROM:
+        return f"{v:.4g}"
+    if v >= 10:
+        return f"{v:.0f}"
+    return f"{v:.2f}" if v >= 0.01 or v <= 0.0 else f"{v:.2g}"
+
+
+def _usd(v: float) -> str:
+    # dollars: six decimals, or as many as show an amount too small for them with two
+    # significant digits (up to 12, then short scientific, as from SHORT_FROM on)
+    if v >= SHORT_FROM:
+        return f"{v:.4g}"
+    if 0.0 < v < 1e-5:
+        digits = 1 - math.floor(math.log10(v))
+        return f"{v:.{digits}f}" if digits <= 12 else f"{v:.2g}"
+    return f"{v:.6f}"
+
+
+def _over(value: float, limit: float, fmt: Callable[[float], str]) -> tuple[str, str]:
+    """
+    ``value`` and the ``limit`` it exceeds as a reason shows them: ``fmt``'s, or, when
+    those read alike (``500 ms > max 500 ms``), with the fewest significant digits
+    that tell them apart.
+    """
+    shown, most = fmt(value), fmt(limit)
+    digits = 4
+    while shown == most and digits <= 17:
+        shown, most = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        digits += 1
+    return shown, most
 
 
 @frozen(slots=True)
@@ -276,19 +311,22 @@ def _judge_timing(
         reasons.append(f"{label}: {n:.0f} {counted}, need {need:g}")
         return UNPROVEN
     if p50 is not None and p50 > limit:
-        reasons.append(f"{label} p50 {_fmt_ms(p50)} > max {_fmt_ms(limit)}")
+        shown, most = _over(p50, limit, _ms)
+        reasons.append(f"{label} p50 {shown} ms > max {most} ms")
         return REJECTED
     if p95_lower is not None and p95_lower > limit:
-        reasons.append(
-            f"{label} p95 >= {_fmt_ms(p95_lower)} (95% lower bound) > max {_fmt_ms(limit)}"
-        )
+        shown, most = _over(p95_lower, limit, _ms)
+        reasons.append(f"{label} p95 >= {shown} ms (95% lower bound) > max {most} ms")
         return REJECTED
-    if p95_upper is not None and p95_upper <= limit:
+    if p95_upper is None:  # one call (``latency_min_samples=1``): a p50, no p95 bound
+        reasons.append(
+            f"{label} p95: {n:.0f} {counted[:-1] if n == 1 else counted}, need 2 for a bound"
+        )
+        return UNPROVEN
+    if p95_upper <= limit:
         return ELIGIBLE
-    reasons.append(
-        f"{label} p95 upper bound {_fmt_ms(p95_upper or 0.0)} not yet proven <= max "
-        f"{_fmt_ms(limit)}"
-    )
+    shown, most = _over(p95_upper, limit, _ms)
+    reasons.append(f"{label} p95 upper bound {shown} ms not yet proven <= max {most} ms")
     return UNPROVEN
 
 
@@ -325,7 +363,9 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
     apart) or failed attempts were billed (a stream cut off, a malformed answer), and it
     carries any price change since the calls were recorded.  1 when the arm has no
     successful call, no price, or no recorded cost (records that were never priced).
-    O(1): the summary's sums.
+    Too large for a float (costs recorded at 1e300 for calls that list at a billionth
+    of a dollar), as large as keeps the prices finite (`MOST_PRICE`).  O(1): the
+    summary's sums.
     """
     cost = summary.mean_cost
     mean_in = summary.mean_input_tokens
@@ -341,6 +381,10 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
     if not listed > 0.0:
         return 1.0
     factor = cost * summary.samples / listed
+    if factor == math.inf:
+        # recorded at more than a float holds times the list price: as much as keeps
+        # the scaled prices within MOST_PRICE (never their list price)
+        return min(MOST_PRICE, MOST_PRICE / max(facts.input_price, facts.output_price))
     if not 0.0 < factor < math.inf or abs(factor - 1.0) <= _SAME_PRICE:
         return 1.0  # recorded at the list price, but for rounding
     return factor
@@ -348,6 +392,12 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
 
 _SAME_PRICE: Final = 1e-9
 """A cost factor this close to 1 is 1: the calls were recorded at the list price."""
+
+MOST_PRICE: Final = 1e300
+"""
+The most a token is costed at once scaled by a `cost_factor` too large for a float (calls
+recorded at absurd costs): a finite price, so no call's cost is NaN, however few tokens.
+"""
 
 
 def _cost_terms(
@@ -379,6 +429,9 @@ def _cost_terms(
         out, basis = float(cap), "worst_case"
     elif out is not None and cap is not None and out > cap:
         out = float(cap)  # the call's output stops at max_tokens, however long the mean
+    free = out is None and in_price == 0.0 and out_price == 0.0
+    if free:  # a free model's call costs nothing, whatever it writes: its worst case
+        out, basis = 0.0, "worst_case"
     slope: float | None = in_price if out is not None else None
     const = out * out_price if out is not None else 0.0
     const_ni: float | None = None
@@ -388,6 +441,8 @@ def _cost_terms(
         const_ni, basis_ni = mean_in * in_price * r_in + const * r_out, basis
     elif summary.mean_cost is not None:
         const_ni, basis_ni = summary.mean_cost, "observed"
+    elif free:
+        const_ni, basis_ni = 0.0, basis
     # (a prior-costed verdict's const_ni is the observed mean cost, or None: without a
     # success there is no mean of input tokens)
     return (slope, const, basis if out is not None else None, const_ni, basis_ni, prior_price)
@@ -1051,13 +1106,18 @@ def _row(
                 if v.facts is None
                 else "cost: no estimate (strict mode needs input_tokens and max_tokens)"
                 if cons.strict_cost
+                else "cost: no estimate (no observations, and max_tokens not given)"
+                if with_input
+                else "cost: no estimate (no observations, and input_tokens not given)"
+                if cons.max_tokens is not None
                 else "cost: no estimate (no observations, and input_tokens/max_tokens not given)",
             )
         elif cost <= max_cost:
             status = ELIGIBLE
         else:
             status = REJECTED
-            reasons += (f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}",)
+            over, most = _over(cost, max_cost, _usd)
+            reasons += (f"expected cost ${over} ({basis}) > max ${most}",)
     if blocked:
         reasons = (CIRCUIT_OPEN, *reasons)
     shown = parts.maps.get(status)

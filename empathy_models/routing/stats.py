@@ -14,6 +14,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
 
+from .._stats import AVERAGE_CAP
 from ..evidence import ROW_FIELDS, log_ms
 from ..records import wilson_bounds
 
@@ -98,9 +99,12 @@ def add_outcome(
     cost_usd: float,
     ttft_ms: float | None = None,
 ) -> None:
-    """Add one sample outcome to ``v`` with `empathy_models.evidence.rollup`'s arithmetic."""
+    """
+    Add one sample outcome to ``v`` with `empathy_models.evidence.rollup`'s arithmetic
+    (the cost counting for at most ``AVERAGE_CAP``, as in the store's buckets).
+    """
     v[SAMPLES] += 1
-    v[COST_SUM] += cost_usd
+    v[COST_SUM] += cost_usd if cost_usd < AVERAGE_CAP else AVERAGE_CAP
     if not success:
         return
     v[SUCCESSES] += 1
