@@ -585,6 +585,65 @@ async def test_an_openai_answer_without_content_or_a_finish_reason_is_malformed(
             await provider.complete(request("m"))
 
 
+async def test_an_anthropic_text_block_opened_with_text_keeps_it_as_the_sdk_does() -> None:
+    """
+    A ``content_block_start`` whose text block already holds text (a proxy's shape; the
+    API opens it empty) starts the answer: the stream dropped it, giving " world" where
+    the ``anthropic`` SDK's final message, and the whole answer, read "Hello world".
+    """
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    usage = {"input_tokens": 25, "output_tokens": 3}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
+    message |= {"content": [], "stop_reason": None, "stop_sequence": None}
+    whole = message | {"content": [{"type": "text", "text": "Hello world"}]}
+    whole |= {"stop_reason": "end_turn", "usage": usage}
+    events = [
+        event("message_start", {"message": message | {"usage": usage | {"output_tokens": 1}}}),
+        event("ping", {}),
+        event(
+            "content_block_start", {"index": 0, "content_block": {"type": "text", "text": "Hello"}}
+        ),
+        event(
+            "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": " world"}}
+        ),
+        event("content_block_stop", {"index": 0}),
+        event(
+            "message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}
+        ),
+        event("message_stop", {}),
+    ]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(whole)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        async with AnthropicProvider(api_key=KEY, base_url=url) as provider:
+            answered = await provider.complete(request("m"))
+            stream = await provider.stream(request("m"))
+            deltas = [delta async for delta in stream]
+            streamed = stream.completion()
+        async with (
+            anthropic.AsyncAnthropic(api_key=KEY, base_url=url, max_retries=0) as client,
+            client.messages.stream(
+                model="m", max_tokens=10, messages=[{"role": "user", "content": "Hi"}]
+            ) as sdk_stream,
+        ):
+            final = await sdk_stream.get_final_message()
+    assert [block.text for block in final.content if block.type == "text"] == ["Hello world"]
+    assert deltas == ["Hello", " world"]
+    assert streamed.content == answered.content == "Hello world"
+    assert (streamed.output_tokens, streamed.stop_reason) == (3, "end_turn")
+
+
 @pytest.mark.parametrize(
     ("api", "error"), [("openai", ServerError), ("anthropic", OverloadedError)]
 )

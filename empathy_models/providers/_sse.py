@@ -12,7 +12,8 @@ is bounded: a line (beyond a ``data: `` prefix) or an event longer than
 adds before ``data: [DONE]``, and an ``{"error": ...}`` object sent mid-stream).
 `AnthropicStreamDecoder` reads the Messages events (``message_start``,
 ``content_block_start`` / ``content_block_delta`` / ``content_block_stop``,
-``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream).  Both return
+``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream; a text block
+opened with text, not empty, starts with that text, as the SDK reads it).  Both return
 the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
 ``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``;
 a server tool's block, ``server_tool_use`` or ``mcp_tool_use``, is no call: its input
@@ -745,11 +746,19 @@ class AnthropicStreamDecoder(StreamDecoder):
     def _block_start(self, body: dict[str, Any], out: list[str | ToolCallDelta]) -> None:
         """
         ``content_block_start``: a ``tool_use`` block starts a call, a server tool's
-        block is remembered (its input pieces are dropped), any other carries nothing.
+        block is remembered (its input pieces are dropped), a text block opened with
+        text already (a proxy's shape; the API opens it empty) gives that text as a
+        delta, as the official SDK keeps it; any other carries nothing.
         """
         block = body.get("content_block")
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind in _SERVER_TOOL_BLOCKS:
+        if isinstance(block, dict) and kind == "text":
+            text = block.get("text")
+            if text:
+                if not isinstance(text, str):
+                    raise self._invalid("a text block's text must be a string")
+                out.append(text)
+        elif kind in _SERVER_TOOL_BLOCKS:
             index = body.get("index")
             if not _index(index):
                 raise self._invalid("content_block_start.index must be an integer")
