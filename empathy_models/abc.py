@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
 
 import anyio
-import attrs
 from attrs import field, frozen
 
 from . import circuit
@@ -1878,6 +1877,5 @@ class _CompletedStream(CompletionStream):
         return self._ended_at
 
     def completion(self) -> Completion:
-        if not self._pieces:
-            return self._completion
-        return attrs.evolve(self._completion, content="", output_tokens=0, tool_calls=())
+        # the whole answer has arrived (and is billed whole), whatever pieces are taken
+        return self._completion

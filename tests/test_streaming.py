@@ -46,6 +46,7 @@ from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
 from ._cli import run_cli
+from ._fakes import WEATHER
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -648,6 +649,37 @@ async def test_a_provider_that_cannot_stream_gives_its_whole_answer_as_one_delta
         response = await stream.get_final_response()
     assert len(deltas) == 1 and deltas[0] == response.content != ""
     assert response.ttft_ms is not None
+
+
+async def test_a_stream_left_before_a_non_streaming_providers_tool_call_keeps_its_usage(
+    telemetry: MemoryTelemetryBackend,
+) -> None:
+    """
+    A provider that cannot stream has its whole answer (text, then a tool call) before
+    the first delta, and bills it whole: a caller leaving after the text recorded the
+    attempt with 0 output tokens and the prompt's cost alone.
+    """
+    from empathy_models.testing import FakeProvider, FakeReply
+
+    provider = FakeProvider(name="openai", seed=3)
+    reply = FakeReply(content="Let me look.", tool_calls=[{"name": "get_weather", "arguments": {}}])
+    provider.script("gpt-fake-mini", [reply, reply])
+    context = ExecutionContext(workflow="chat", stage="answer", model="gpt-fake-mini")
+    executor = EmpathyLLMExecutor([provider], registry=REGISTRY, telemetry_store=telemetry)
+    async with executor:
+        answered = await executor.run("Weather?", context, tools=[WEATHER])
+        async with executor.stream("Weather?", context, tools=[WEATHER]) as stream:
+            async for event in stream.events():
+                assert event == "Let me look."
+                break
+    whole, left = await records_of(telemetry)
+    assert (whole.outcome, left.outcome) == (Outcome.SUCCESS, Outcome.CANCELLED)
+    assert answered.output_tokens > 0 and answered.tool_calls
+    assert (left.input_tokens, left.output_tokens, left.cost_usd) == (
+        whole.input_tokens,
+        whole.output_tokens,
+        whole.cost_usd,
+    )
 
 
 async def test_models_that_cannot_stream_are_left_out_of_a_stream(
