@@ -1835,8 +1835,9 @@ class CompletionStream(abc.ABC):
         True when `completion`'s output tokens are an estimate, not the provider's (it
         reported none, or, before the end, fewer than the estimate); the attempt's
         record is flagged then.  The HTTP providers estimate a quarter of the UTF-8
-        bytes of the text and tool-call pieces, rounded up, and at least one token per
-        piece, as the executor estimates a prompt.  This default: False.
+        bytes of the text and tool-call pieces (and of the reasoning streamed with no
+        delta), rounded up, and at least one token per piece, as the executor
+        estimates a prompt.  This default: False.
         """
         return False
 

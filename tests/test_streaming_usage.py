@@ -351,6 +351,98 @@ async def test_a_tool_calls_streamed_pieces_are_estimated_by_their_size(
     assert record.metadata[OUTPUT_ESTIMATED] is True
 
 
+THOUGHTS = [f"step {i:02}: weigh the evidence once more before answering. " * 2 for i in range(20)]
+
+
+def _reasoning_then_cut(api: str) -> bytes:
+    """
+    A reasoning model's stream (Anthropic's thinking block, an OpenAI-compatible
+    server's ``reasoning_content`` as DeepSeek and vLLM send it), then one text delta,
+    then the body ends without the end marker.
+    """
+    if api == "openai":
+        pieces = [chunk({"role": "assistant", "reasoning_content": t}) for t in THOUGHTS]
+        return b"".join([*pieces, chunk({"content": "Yes"})])
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+    usage = {"input_tokens": 12, "output_tokens": 1}
+    return b"".join(
+        [
+            event("message_start", {"message": message | {"usage": usage}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "thinking"}}),
+            *(
+                event(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": t}},
+                )
+                for t in THOUGHTS
+            ),
+            event(
+                "content_block_delta",
+                {"index": 0, "delta": {"type": "signature_delta", "signature": "EqQB"}},
+            ),
+            event("content_block_stop", {"index": 0}),
+            event(
+                "content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}
+            ),
+            event(
+                "content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": "Yes"}}
+            ),
+        ]
+    )
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+async def test_a_reasoning_stream_cut_short_estimates_the_reasoning_it_carried_as_output(
+    telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore, api: str
+) -> None:
+    """
+    The model's reasoning is output it is billed for, streamed before the answer's
+    first delta: a stream cut short after a long reasoning recorded, and charged, the
+    one delta's estimate (1 output token) as if the model had written nothing more.
+    """
+    body = _reasoning_then_cut(api)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    model = "gpt-usage" if api == "openai" else "claude-usage"
+    async with serving("/{tail:.*}", handler) as url:
+        provider = (
+            OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")
+            if api == "openai"
+            else AnthropicProvider(api_key=KEY, base_url=url)
+        )
+        executor = EmpathyLLMExecutor(
+            [provider],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        )
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("Is it?", context(model)) as stream:
+                    async for _ in stream:
+                        pass
+    assert caught.value.partial_text == "Yes"
+    output = output_estimate([*THOUGHTS, "Yes"])
+    assert output > 100
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE
+    assert record.output_tokens == caught.value.output_tokens == output
+    assert record.metadata[OUTPUT_ESTIMATED] is True
+    assert await spent(quota) >= INFO[model].cost(record.input_tokens, output) * (1 - 1e-6)
+
+
 async def test_an_http_error_before_the_stream_opens_records_no_tokens(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:

@@ -43,6 +43,7 @@ from ._wire import (
     json_text,
     openai_cached_tokens,
     shown_count,
+    utf8_size,
     whole_count,
 )
 
@@ -243,7 +244,12 @@ class StreamDecoder:
     / ``output_tokens`` (None until reported), the prompt-cache and web-search counts
     (``cache_write_tokens``, ``cache_write_1h_tokens``, ``cache_read_tokens``,
     ``web_search_requests``, ``cached_input_tokens``: 0 until reported),
-    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen).
+    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen),
+    and the output the model wrote that the stream carries but yields no delta for
+    (``unseen_bytes``, its UTF-8 bytes, in ``unseen_pieces`` pieces): its reasoning
+    (Anthropic's ``thinking_delta``, an OpenAI-compatible server's ``reasoning_content``
+    or ``reasoning``), a refusal's text, a server tool's input, which the provider bills
+    as output tokens and the estimate of a stream that does not finish counts.
     """
 
     __slots__ = (
@@ -269,6 +275,8 @@ class StreamDecoder:
         "response_id",
         "response_model",
         "stop_reason",
+        "unseen_bytes",
+        "unseen_pieces",
         "web_search_requests",
     )
 
@@ -298,6 +306,8 @@ class StreamDecoder:
         self.response_model: object = None  # the model id the stream reported, as sent
         self.finished = False
         self.error: ProviderError | None = None
+        self.unseen_bytes = 0
+        self.unseen_pieces = 0
         self._queue: deque[tuple[str, str]] = deque()  # events framed, not yet decoded
         self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
         self._started = False  # a delta was decoded: decode eagerly from then on
@@ -468,6 +478,12 @@ class StreamDecoder:
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         raise NotImplementedError
 
+    def _unseen(self, text: object) -> None:
+        """Count ``text``, output the model wrote that yields no delta (`unseen_bytes`)."""
+        if isinstance(text, str) and text:
+            self.unseen_bytes += utf8_size(text)
+            self.unseen_pieces += 1
+
     def _failure(self, exc: Exception) -> ProviderError:
         """
         The error for what `_event` raised: its own `ProviderError`, or, for a slip on a
@@ -594,6 +610,9 @@ class OpenAIStreamDecoder(StreamDecoder):
                         out.append(content)
                     elif delta.get("refusal"):
                         self.stop_reason = "refusal"
+                        self._unseen(delta["refusal"])
+                    else:  # reasoning (vLLM, DeepSeek: reasoning_content; OpenRouter: reasoning)
+                        self._unseen(delta.get("reasoning_content") or delta.get("reasoning"))
                     calls = delta.get("tool_calls")
                     if calls:
                         self._openai_calls(calls, out)
@@ -693,8 +712,13 @@ class AnthropicStreamDecoder(StreamDecoder):
                         "input_json_delta needs partial_json (a string) and the index of a "
                         "tool_use or server tool block started before it"
                     )
-                if partial and block in self._slots:  # a server tool's input is dropped
-                    out.append(self._call_piece(block, None, None, partial))
+                if block in self._slots:
+                    if partial:
+                        out.append(self._call_piece(block, None, None, partial))
+                else:  # a server tool's input: no call, but output all the same
+                    self._unseen(partial)
+            elif isinstance(delta, dict) and delta.get("type") == "thinking_delta":
+                self._unseen(delta.get("thinking"))
         elif kind == "content_block_start":
             self._block_start(body, out)
         elif kind == "message_start":

@@ -506,12 +506,16 @@ class HTTPCompletionStream(CompletionStream):
         """
         The output tokens of the pieces so far by their size
         (`estimated_output_tokens`: a quarter of the UTF-8 bytes of the text and of the
-        tool calls' names and arguments, rounded up, and at least one per piece).
+        tool calls' names and arguments, rounded up, and at least one per piece), the
+        output the stream carried without a delta (a reasoning model's reasoning, a
+        refusal, a server tool's input: the decoder's ``unseen_bytes``) included.
         """
-        deltas = self._deltas
-        if not deltas:
+        decoder = self._decoder
+        pieces = self._deltas + decoder.unseen_pieces
+        if not pieces:
             return 0
-        return estimated_output_tokens(self._tool_bytes + sum(map(utf8_size, self._parts)), deltas)
+        size = self._tool_bytes + decoder.unseen_bytes + sum(map(utf8_size, self._parts))
+        return estimated_output_tokens(size, pieces)
 
     def completion(self) -> Completion:
         decoder = self._decoder
