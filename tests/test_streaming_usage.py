@@ -515,6 +515,65 @@ async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
 
 
+async def test_an_anthropic_message_delta_zeroing_the_prompts_counts_keeps_message_starts(
+    telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
+) -> None:
+    """
+    Anthropic-compatible servers (SGLang, gateways translating OpenAI streams) send the
+    prompt's counts in ``message_start`` and 0 for them in ``message_delta``: the 0
+    replaced the real count, so the finished stream recorded the request's estimate of
+    the prompt (flagged), no cache reads, and charged the prompt's worst case, where
+    the same answer unstreamed recorded what the server reported.
+    """
+    usage = {"input_tokens": 25, "cache_read_input_tokens": 4000, "output_tokens": 3}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-usage"}
+    message |= {"content": [], "stop_reason": None, "stop_sequence": None}
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    text = {"type": "text_delta", "text": "Hello there"}
+    zeroed = {"input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 3}
+    events = [
+        event("message_start", {"message": message | {"usage": usage | {"output_tokens": 1}}}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        event("content_block_delta", {"index": 0, "delta": text}),
+        event("content_block_stop", {"index": 0}),
+        event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": zeroed}),
+        event("message_stop", {}),
+    ]
+    whole = message | {"content": [{"type": "text", "text": "Hello there"}], "usage": usage}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(whole | {"stop_reason": "end_turn"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=url)],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        )
+        async with executor:
+            answered = await executor.run(PROMPT, context("claude-usage"))
+            async with executor.stream(PROMPT, context("claude-usage")) as stream:
+                streamed = await stream.get_final_response()
+    assert (streamed.input_tokens, streamed.output_tokens) == (25, 3)
+    assert streamed.cost_usd == answered.cost_usd > INFO["claude-usage"].cost(25, 3)
+    run_record, stream_record = sorted(await telemetry.recent(limit=10), key=lambda r: r.timestamp)
+    assert stream_record.input_tokens == run_record.input_tokens == 25
+    assert stream_record.metadata == run_record.metadata
+    assert stream_record.metadata["empathy_models.cache_read_tokens"] == 4000
+    assert math.isclose(await spent(quota), 2 * answered.cost_usd, rel_tol=1e-6)
+
+
 async def test_a_later_openai_usage_chunk_leaving_a_count_out_keeps_the_earlier_one(
     telemetry: MemoryTelemetryBackend,
 ) -> None:

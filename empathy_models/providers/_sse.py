@@ -64,6 +64,9 @@ _SLIPS: Final = (KeyError, IndexError, TypeError, ValueError, AttributeError, Re
 _SERVER_TOOL_BLOCKS: Final = frozenset({"server_tool_use", "mcp_tool_use"})
 """Anthropic's blocks of a tool the API runs itself: input deltas follow, no call does."""
 
+_CACHE_WRITES: Final = frozenset({"cache_write_tokens", "cache_write_1h_tokens"})
+"""The two shares of an Anthropic cache write (5-minute and 1-hour), reported together."""
+
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
 
@@ -739,31 +742,42 @@ class AnthropicStreamDecoder(StreamDecoder):
                 self.stop_reason = delta["stop_reason"]
             usage = body.get("usage")
             if isinstance(usage, dict):
-                # message_delta's counts are cumulative
+                # message_delta's counts are cumulative, the prompt's never below
+                # message_start's: a 0 for them is a count the server gave only there
+                # (SGLang and gateways send ``input_tokens: 0``), which it keeps
                 output = self._tokens(usage, "output_tokens")
                 if output is not None:
                     self.output_tokens = output
                 given = self._tokens(usage, "input_tokens")
-                if given is not None:
+                if given:
                     self.input_tokens = given
-                self._extras(usage)
+                self._extras(usage, later=True)
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
             raise self._stream_error(body.get("error"))
         # content_block_stop and new event types carry nothing to keep
 
-    def _extras(self, usage: dict[str, Any]) -> None:
+    def _extras(self, usage: dict[str, Any], *, later: bool = False) -> None:
         """
         The cache and web-search counts ``usage`` reports (cumulative: they replace).
         A cache write's count without its split by TTL (``message_delta`` sends none:
-        ``message_start`` does) keeps the 1-hour share reported before it.
+        ``message_start`` does) keeps the 1-hour share reported before it.  ``later``
+        (``message_delta``): a count of 0 keeps the one reported before it (a cache
+        write's split goes with its total).
         """
         found = anthropic_usage_extras(usage, lambda data, key, _: self._tokens(data, key), "")
         if "cache_write_tokens" in found and not isinstance(usage.get("cache_creation"), dict):
             written = found["cache_write_tokens"]  # all of it, with no split given
             hour = min(self.cache_write_1h_tokens, written)
             found["cache_write_tokens"], found["cache_write_1h_tokens"] = written - hour, hour
+        if later:
+            written = found.get("cache_write_tokens", 0) + found.get("cache_write_1h_tokens", 0)
+            found = {
+                name: value
+                for name, value in found.items()
+                if value or (written and name in _CACHE_WRITES)
+            }
         for name, value in found.items():
             setattr(self, name, value)
 
