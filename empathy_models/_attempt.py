@@ -914,10 +914,14 @@ def _timeout_error(
     """
     A stream's timeout restated with the limit that ran out: the run's deadline, which
     bounds the whole stream, or else the per-attempt timeout, which bounds each wait for
-    data (the only other limit the stream was given).  A server's own timeout (an HTTP
-    408 answer) is kept as it is.
+    data (the only other limit the stream was given; a provider says it ran out with a
+    `ProviderTimeoutError`, `Provider.stream`).  A server's own timeout (an HTTP 408
+    answer) is kept as it is, as is a provider's own that is no `ProviderTimeoutError`
+    (its client's, as `run` keeps it).
     """
     if not isinstance(error, TimeoutError) or getattr(error, "status", None) is not None:
+        return error
+    if not by_deadline and not isinstance(error, ProviderTimeoutError):
         return error
     if by_deadline:
         why = "the run's deadline passed (it bounds the whole stream)"

@@ -1735,7 +1735,8 @@ class Provider(abc.ABC):
         Send one request and return its answer as a `CompletionStream` of text deltas.
 
         The default, for providers that cannot stream, calls `complete` (bounded by the
-        smaller timeout) and yields its whole content as one delta.
+        smaller timeout) and yields its whole content as one delta; a timeout of the
+        provider's own (its client's) is raised as it is, as `complete` raises it.
 
         Args:
             request: the request.
@@ -1751,12 +1752,13 @@ class Provider(abc.ABC):
         from .exceptions import ProviderTimeoutError
 
         limits = [t for t in (idle_timeout, total_timeout) if t is not None]
+        timer = asyncio.timeout(min(limits) if limits else None)
         try:
-            async with asyncio.timeout(min(limits) if limits else None):
+            async with timer:
                 completion = await self.complete(request)
         except TimeoutError as exc:
-            if isinstance(exc, ProviderTimeoutError):
-                raise
+            if isinstance(exc, ProviderTimeoutError) or not timer.expired():
+                raise  # the provider's own
             raise ProviderTimeoutError(
                 f"{self.name}: no answer within {min(limits):.3f}s [model {request.model}]",
                 provider=self.name,

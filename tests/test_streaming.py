@@ -828,6 +828,45 @@ async def test_a_stream_whose_batch_is_empty_fails_instead_of_hanging() -> None:
         assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.FAILURE]
 
 
+class _TimingOutProvider(Provider):
+    """A provider that cannot stream, whose own client times out at once."""
+
+    name = "own"
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
+        raise TimeoutError("the upstream read timed out after 2s")
+
+
+@pytest.mark.parametrize("limit", [None, 30.0])
+async def test_a_non_streaming_providers_own_timeout_fails_the_stream_as_it_fails_a_run(
+    limit: float | None,
+) -> None:
+    """
+    Streaming a provider that cannot stream bounds its call by the stream's timeouts:
+    its own client's timeout was restated as theirs ("no data for 30.000s (the
+    per-attempt timeout...)", after no time at all) or, with no timeout, crashed in the
+    message (``min()`` of nothing: a ValueError in the stream's error where `run` has
+    the provider's timeout).
+    """
+    context = ExecutionContext(workflow="chat", stage="answer", timeout=limit)
+    executor = EmpathyLLMExecutor(
+        [_TimingOutProvider()],
+        registry=OWN_REGISTRY,
+        telemetry_store="null://",
+        retry=RetryPolicy.none(),
+    )
+    async with executor:
+        with pytest.raises(AllRoutesFailedError) as ran:
+            await executor.run("hi", context)
+        with pytest.raises(AllRoutesFailedError) as streamed:
+            async with executor.stream("hi", context):
+                pass
+    (run_error,) = ran.value.exceptions
+    (stream_error,) = streamed.value.exceptions
+    assert isinstance(run_error, TimeoutError) and isinstance(stream_error, TimeoutError)
+    assert str(stream_error) == str(run_error) == "the upstream read timed out after 2s"
+
+
 @pytest.mark.parametrize("reader", ["whole", "left early"])
 async def test_a_stream_whose_completion_fails_is_recorded_and_frees_its_slot(
     reader: str, caplog: pytest.LogCaptureFixture
