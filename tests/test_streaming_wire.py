@@ -18,9 +18,16 @@ import openai
 import pytest
 from aiohttp import web
 
-from empathy_models import Message, ProviderError
+from empathy_models import (
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    Message,
+    ProviderError,
+    RetryPolicy,
+)
 from empathy_models.abc import CompletionRequest
 from empathy_models.exceptions import (
+    InvalidRequestError,
     InvalidResponseError,
     OverloadedError,
     ProviderTimeoutError,
@@ -33,6 +40,7 @@ from empathy_models.providers._sse import (
     SSEDecoder,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from tests._fakes import CHEAP_ONLY
 from tests._serving import serving
 
 KEY = "test-key-0123"
@@ -453,6 +461,69 @@ async def test_a_providers_stream_matches_its_whole_answer(api: str) -> None:
         whole.output_tokens,
     )
     assert streamed.stop_reason == whole.stop_reason
+
+
+MISTRAL_422 = {
+    "object": "error",
+    "message": {
+        "detail": [
+            {
+                "type": "extra_forbidden",
+                "loc": ["body", "stream_options", "include_usage"],
+                "msg": "Extra inputs are not permitted",
+                "input": True,
+            }
+        ]
+    },
+    "type": "invalid_request_error",
+    "param": None,
+    "code": None,
+}
+
+
+async def test_a_server_refusing_stream_options_streams_when_extra_body_sends_none() -> None:
+    """
+    Mistral's API (and Azure AI Foundry's Mistral models) refuse ``stream_options`` with
+    a 422, and send the usage in their last chunk unasked: ``extra_body`` could not
+    stop the provider from sending the field (its ``None`` was replaced by
+    ``{"include_usage": true}``), so no stream from them could open.
+    """
+    usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-fake-mini"}
+    chunks = [
+        chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Bon"}}]},
+        chunk | {"choices": [{"index": 0, "delta": {"content": "jour"}}]},
+        chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        sent.append(body)
+        if "stream_options" in body:
+            return web.json_response(MISTRAL_422, status=422)
+        return await _openai_answer({}, chunks)(request)
+
+    async with serving("/v1/chat/completions", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+        )
+        context = ExecutionContext(workflow="chat", stage="answer", model="gpt-fake-mini")
+        async with executor:
+            with pytest.raises(InvalidRequestError, match="422"):  # the field sent: refused
+                async with executor.stream("Salut", context):
+                    pass
+            async with executor.stream(
+                "Salut", context, extra_body={"stream_options": None}
+            ) as stream:
+                response = await stream.get_final_response()
+    assert [body.get("stream_options") for body in sent] == [{"include_usage": True}, None]
+    assert "stream_options" not in sent[1] and sent[1]["stream"] is True
+    assert response.content == "Bonjour"
+    assert (response.input_tokens, response.output_tokens) == (7, 2)
 
 
 # OpenAI-format answers with no content and no call: (message, streamed delta, finish)

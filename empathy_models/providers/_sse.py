@@ -574,8 +574,13 @@ class OpenAIStreamDecoder(StreamDecoder):
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
         payload["stream"] = True
-        # the usage chunk asked for, beside any other option extra_body gave
-        options = payload.get("stream_options")
+        # the usage chunk asked for, beside any other option extra_body gave; its
+        # ``"stream_options": None`` sends none, for a server that refuses the field
+        # (Mistral's API answers 422; it sends the usage in its last chunk unasked)
+        options = payload.get("stream_options", {})
+        if options is None:
+            del payload["stream_options"]
+            return payload
         given = options if isinstance(options, dict) else {}
         payload["stream_options"] = {**given, "include_usage": True}
         return payload
