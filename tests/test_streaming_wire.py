@@ -6,6 +6,7 @@ fake, and the providers' `stream` over real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -461,6 +462,42 @@ async def test_a_providers_stream_matches_its_whole_answer(api: str) -> None:
         whole.output_tokens,
     )
     assert streamed.stop_reason == whole.stop_reason
+
+
+async def test_a_streams_rate_limit_reset_counts_from_when_its_headers_came() -> None:
+    """
+    ``x-ratelimit-reset-requests: 2s`` counts from the response's headers: a stream's
+    completion said 2 s however long after them it was read (the answer streamed for a
+    while, its reset long past), so every worker was pushed back by as long again.
+    """
+    exhausted = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return f"data: {json.dumps(chunk | {'choices': [choice]})}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = {"Content-Type": "text/event-stream", **exhausted}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        await response.write(event({"content": "Hel"}))
+        await asyncio.sleep(0.2)  # the model writes on
+        await response.write(event({"content": "lo"}, "stop") + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        stream = await provider.stream(request("m"))
+        opened = stream.completion().rate_limit_reset
+        assert [delta async for delta in stream] == ["Hel", "lo"]
+        ended = stream.completion().rate_limit_reset
+    assert opened is not None and ended is not None
+    assert ended < opened <= 2.0
 
 
 MISTRAL_422 = {
