@@ -41,6 +41,7 @@ from .exceptions import (
 )
 from .limits.guard import DeadlineRanOut, Hold, Limiter, LocalRateLimitError
 from .outcomes import retry_after_of
+from .providers._wire import is_own_timeout
 from .records import LLMCallRecord, Outcome, Ticket
 
 if TYPE_CHECKING:
@@ -915,9 +916,11 @@ def _timeout_error(
     A stream's timeout restated with the limit that ran out: the run's deadline, which
     bounds the whole stream, or else the per-attempt timeout, which bounds each wait for
     data (the only other limit the stream was given; a provider says it ran out with a
-    `ProviderTimeoutError`, `Provider.stream`).  A server's own timeout (an HTTP 408
-    answer) is kept as it is, as is a provider's own that is no `ProviderTimeoutError`
-    (its client's, as `run` keeps it).
+    `ProviderTimeoutError`, `Provider.stream`), unless the provider's own timeout was
+    shorter (an HTTP provider's, marked `is_own_timeout`: its error names it).  A
+    server's own timeout (an HTTP 408 answer) and the provider's are kept as they are,
+    as is a provider's own that is no `ProviderTimeoutError` (its client's, as `run`
+    keeps it).
     """
     if not isinstance(error, TimeoutError) or getattr(error, "status", None) is not None:
         return error
@@ -925,6 +928,8 @@ def _timeout_error(
         return error
     if by_deadline:
         why = "the run's deadline passed (it bounds the whole stream)"
+    elif is_own_timeout(error):
+        return error  # the provider's own timeout, shorter than ours: it names it
     elif per_attempt is not None:
         why = f"no data for {per_attempt:.3f}s (the per-attempt timeout, an idle timeout)"
     else:

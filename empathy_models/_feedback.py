@@ -28,6 +28,7 @@ from ._propensity import routing_propensity
 from ._request_options import structured_result
 from ._run import _describe, _plain_non_negative, _Run, _status_of
 from ._settled import Expired, Settler
+from ._validators import plain_number
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
@@ -121,21 +122,30 @@ record metadata key of each."""
 def _extras(completion: Completion | None) -> dict[str, int]:
     """
     ``completion``'s counts beyond input and output tokens (`_EXTRAS`) that are not 0,
-    by field name; one that is no count (see `_is_count`) is left out.
+    by field name; one that is no count (see `_count`) is left out.
     """
     if completion is None:
         return {}
     found = {}
     for name, _ in _EXTRAS:
         value = getattr(completion, name, 0)
-        if value and _is_count(value):
-            found[name] = value
+        if value and (count := _count(value)):
+            found[name] = count
     return found
 
 
 def _is_count(value: object) -> bool:
     """Whether ``value`` can be a token count: an int from 0 to 2**63 - 1 (what records hold)."""
     return type(value) is int and 0 <= value < _INT_LIMIT
+
+
+def _count(value: object) -> int | None:
+    """
+    ``value`` as a token count (`_is_count`): an integer of another type (a provider
+    counting with numpy) as the plain ``int``; None when it is none.
+    """
+    count = value if type(value) is int else plain_number(value, reals=False)
+    return count if isinstance(count, int) and 0 <= count < _INT_LIMIT else None
 
 
 def _shown(value: object) -> str:
@@ -148,12 +158,13 @@ def _shown(value: object) -> str:
 def _usage(info: ModelInfo, completion: Completion, *, quiet: bool = False) -> tuple[int, int]:
     """
     ``completion``'s token counts as its record and response hold them: one that is no
-    count (see `_is_count`) is 0, the usage unknown, and logged unless ``quiet``.  The
+    count (see `_count`) is 0, the usage unknown, and logged unless ``quiet``.  The
     HTTP providers refuse such an answer as malformed; another `Provider` may still hand
     one back, and its call must keep its record.
     """
     given = (completion.input_tokens, completion.output_tokens)
-    if not quiet:
+    counts = (_count(given[0]), _count(given[1]))
+    if not quiet and None in counts:
         logger.warning(
             "%s/%s reported token counts a record cannot hold (input %s, output %s); "
             "any that is not an integer from 0 to 2**63 - 1 is recorded as 0",
@@ -162,7 +173,7 @@ def _usage(info: ModelInfo, completion: Completion, *, quiet: bool = False) -> t
             _shown(given[0]),
             _shown(given[1]),
         )
-    return (given[0] if _is_count(given[0]) else 0, given[1] if _is_count(given[1]) else 0)
+    return (counts[0] or 0, counts[1] or 0)
 
 
 def _spent(

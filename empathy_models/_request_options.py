@@ -105,7 +105,9 @@ def run_options(
             seed=seed,
             extra_body=to_extra_body(extra_body),
         )
-        check_options(tools=options["tools"], tool_choice=tool_choice, top_p=top_p, seed=seed)
+        options["top_p"], options["seed"] = check_options(
+            tools=options["tools"], tool_choice=tool_choice, top_p=top_p, seed=seed
+        )
     except RecordValidationError as exc:
         raise ConfigurationError(str(exc)) from None
     if isinstance(extra_body := options["extra_body"], Mapping):

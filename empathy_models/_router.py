@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 
 from ._fast import gc_paused
 from ._loops import close_at_home, dropped, elsewhere, other_loop_error, running_loop
-from ._validators import shown
+from ._validators import plain_number, shown
 from .abc import TelemetryBackend
 from .evidence import EvidenceBatch, rollup
 from .exceptions import ConfigurationError, NotOpenError
@@ -526,8 +526,13 @@ class AdaptiveModelRouter:
             )
         if rng is not None and seed is not None:
             raise ConfigurationError("pass rng or seed, not both")
+        given: object = seed  # what random.Random takes; any other integer (numpy's) as an int
+        if given is not None and not isinstance(given, int | float | str | bytes | bytearray):
+            if (plain := plain_number(given, reals=False)) is None:
+                raise ConfigurationError(f"seed must be an integer or None, got {shown(given)}")
+            seed = int(plain)
         if refresh_interval is not None:
-            positive_number("refresh_interval", refresh_interval)
+            refresh_interval = positive_number("refresh_interval", refresh_interval)
         self.registry = registry
         self.policy = policy if policy is not None else RoutingPolicy()
         if not isinstance(self.policy, RoutingPolicy):
@@ -889,7 +894,7 @@ class AdaptiveModelRouter:
             what is missing.
         """
         check_names(workflow, stage)
-        positive_number("days", days)
+        days = positive_number("days", days)
         if elsewhere(self._loop):
             raise other_loop_error("AdaptiveModelRouter")
         shown = stage if stage is not None else "all"

@@ -17,6 +17,10 @@ Numbers: exact ``int`` and ``float`` values inside the bounds pass on one compar
 anything else is explained in a fixed order: not a number (``bool`` is not one), not
 finite or below ``low`` (NaN included), above ``high``; an infinity given a message of
 its own (``finite_why``) is told apart after the range check (so NaN is out of range).
+A number of another type is taken as the plain ``int`` or ``float`` it stands for
+(`plain_number`: an integer of any kind, numpy's included, as an ``int``; any other
+real number, ``Decimal`` included, as a ``float``), checked as that, and stored so: the
+validator sets the field to it (and returns it, which `check` passes on).
 
 A leaf: imports only the error tree and `_urls` (for `masked_keys`; stdlib only).
 """
@@ -24,8 +28,11 @@ A leaf: imports only the error tree and `_urls` (for `masked_keys`; stdlib only)
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import sys
 from collections.abc import Callable, Collection
+from decimal import Decimal
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 from ._urls import masked_keys
@@ -45,6 +52,7 @@ __all__ = [
     "number",
     "one_of",
     "optional_str",
+    "plain_number",
     "shown",
     "text",
     "text_flaw",
@@ -66,8 +74,9 @@ class Named(Protocol):
     def name(self) -> str: ...
 
 
-Validator = Callable[[object, Named, Any], None]
-"""An attrs validator: ``(instance, attribute, value)``, raising when ``value`` is bad."""
+Validator = Callable[[object, Named, Any], Any]
+"""An attrs validator: ``(instance, attribute, value)``, raising when ``value`` is bad
+(`number` and `integer` return the plain number a value of another type stands for)."""
 
 Failure = Callable[[str, object, str], Exception]
 """``(field name, value, why)`` -> the error to raise."""
@@ -177,13 +186,14 @@ def check(validator: Validator, name: str, value: T) -> T:
     Run ``validator`` on a plain argument called ``name``.
 
     Returns:
-        ``value``, unchanged.
+        ``value``, or the plain ``int`` or ``float`` it stands for (`plain_number`)
+        when it is a number of another type (a `number` or `integer` validator).
 
     Raises:
         Whatever the validator raises for a bad value.
     """
-    validator(None, _Name(name), value)
-    return value
+    plain = validator(None, _Name(name), value)
+    return value if plain is None else plain
 
 
 class _Name:
@@ -193,8 +203,36 @@ class _Name:
         self.name = name
 
 
-def _is_kind(value: object, kinds: type | tuple[type, ...]) -> bool:
-    return not isinstance(value, bool) and isinstance(value, kinds)
+def plain_number(value: object, *, reals: bool = True) -> int | float | None:
+    """
+    The plain ``int`` or ``float`` ``value`` stands for, or None when it is no number.
+
+    An integer of any kind (an ``int`` subclass, an ``IntEnum`` member, numpy's
+    ``int64``: whatever has ``__index__``) is the ``int`` of the same value; with
+    ``reals``, any other real number (a ``float`` subclass, numpy's ``float32``,
+    ``Fraction``, ``Decimal``) is the nearest ``float`` (an infinity past the largest,
+    NaN for a signalling NaN).  A ``bool`` (numpy's too) is no number.
+    """
+    cls = value.__class__
+    if cls is int:
+        return value  # type: ignore[return-value]
+    if cls is float:
+        return value if reals else None  # type: ignore[return-value]
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]  # an exact int (3.10+)
+    except Exception:  # whatever a broken __index__ raises: no integer
+        pass
+    if not reals or not isinstance(value, numbers.Real | Decimal):
+        return None
+    real: Any = value
+    try:
+        return float(real)
+    except OverflowError:  # a Fraction past the largest float
+        return math.inf if real > 0 else -math.inf
+    except ValueError:  # Decimal's signalling NaN
+        return math.nan
 
 
 def _fits_float(value: int) -> bool:
@@ -210,26 +248,35 @@ def _explainer(
     finite: bool,
     high: float | None,
     messages: tuple[str, str, str, str],
-) -> Callable[[str, object], None]:
-    """The slow path of `number` and `integer`: raise the first rule ``value`` breaks."""
+) -> Callable[[object, str, object], int | float]:
+    """
+    The slow path of `number` and `integer`: raise the first rule ``value`` breaks;
+    else the plain number it stands for, set on ``instance`` (when given) in its place.
+    """
     type_why, why, finite_why, high_why = messages
     # an infinity with a message of its own is told apart only once it is in range
     finite_first = finite and finite_why == why
     floats = isinstance(kinds, tuple) and float in kinds  # a number, used as a float
 
-    def explain(name: str, value: Any) -> None:
-        if not _is_kind(value, kinds):
+    def explain(instance: object, name: str, value: object) -> int | float:
+        plain = plain_number(value, reals=floats)
+        if plain is None:
             raise fail(name, value, type_why)
-        if floats and isinstance(value, int) and not _fits_float(value):  # no float holds it
+        if floats and isinstance(plain, int) and not _fits_float(plain):  # no float holds it
             raise fail(name, value, finite_why if finite else why)
-        if finite_first and not math.isfinite(value):
+        if finite_first and not math.isfinite(plain):
             raise fail(name, value, why)
-        if low is not None and not (value > low if low_open else value >= low):
+        if low is not None and not (plain > low if low_open else plain >= low):
             raise fail(name, value, why)
-        if finite and not math.isfinite(value):
+        if finite and not math.isfinite(plain):
             raise fail(name, value, finite_why)
-        if high is not None and value > high:
+        if high is not None and plain > high:
             raise fail(name, value, high_why)
+        if instance is not None and plain is not value:
+            # a frozen attrs value keeps the plain number (what its converter would do,
+            # without a converter's call on every exact value)
+            object.__setattr__(instance, name, plain)
+        return plain
 
     return explain
 
@@ -248,7 +295,8 @@ def number(
     high_why: str | None = None,
 ) -> Validator:
     """
-    A validator of a real number (``int`` or ``float``, never ``bool``).
+    A validator of a real number (``int`` or ``float``, never ``bool``; a number of
+    another type is stored as the plain one it stands for, `plain_number`).
 
     Args:
         fail: how the error reads (`failure`).
@@ -281,21 +329,21 @@ def number(
     hi_int = min(hi, _MAX_FLOAT)  # an int no float holds is refused (`_explainer`)
     if optional:
 
-        def check_optional(_: object, attribute: Named, value: Any) -> None:
+        def check_optional(instance: object, attribute: Named, value: Any) -> int | float | None:
             if value is None:
-                return
+                return None
             cls = value.__class__
             if (cls is float and lo <= value <= hi) or (cls is int and lo <= value <= hi_int):
-                return
-            explain(attribute.name, value)
+                return None
+            return explain(instance, attribute.name, value)
 
         return check_optional
 
-    def check_number(_: object, attribute: Named, value: Any) -> None:
+    def check_number(instance: object, attribute: Named, value: Any) -> int | float | None:
         cls = value.__class__
         if (cls is float and lo <= value <= hi) or (cls is int and lo <= value <= hi_int):
-            return
-        explain(attribute.name, value)
+            return None
+        return explain(instance, attribute.name, value)
 
     return check_number
 
@@ -311,7 +359,8 @@ def integer(
     high_why: str | None = None,
 ) -> Validator:
     """
-    A validator of an ``int`` (never ``bool``) between ``low`` and ``high`` inclusive.
+    A validator of an ``int`` (never ``bool``) between ``low`` and ``high`` inclusive
+    (an integer of another type, numpy's ``int64`` say, stored as the plain ``int``).
 
     Args:
         fail: how the error reads (`failure`).
@@ -332,19 +381,19 @@ def integer(
     hi = math.inf if high is None else high
     if optional:
 
-        def check_optional(_: object, attribute: Named, value: Any) -> None:
+        def check_optional(instance: object, attribute: Named, value: Any) -> int | float | None:
             if value is None:
-                return
+                return None
             if value.__class__ is int and lo <= value <= hi:
-                return
-            explain(attribute.name, value)
+                return None
+            return explain(instance, attribute.name, value)
 
         return check_optional
 
-    def check_integer(_: object, attribute: Named, value: Any) -> None:
+    def check_integer(instance: object, attribute: Named, value: Any) -> int | float | None:
         if value.__class__ is int and lo <= value <= hi:
-            return
-        explain(attribute.name, value)
+            return None
+        return explain(instance, attribute.name, value)
 
     return check_integer
 

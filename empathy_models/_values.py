@@ -15,7 +15,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
-from ._validators import failure, instance_of, integer, number, shown, text_flaw
+from ._validators import failure, instance_of, integer, number, plain_number, shown, text_flaw
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -29,6 +29,7 @@ __all__ = ["AttemptSummary", "ExecutionContext", "FallbackPolicy", "LLMResponse"
 
 _ctx_fail = failure(ConfigurationError, owner="ExecutionContext")
 _INT64: Final = 2**63
+_SCALARS: Final = frozenset({str, int, float, bool})
 _fb_fail = failure(ConfigurationError, owner="FallbackPolicy")
 
 
@@ -102,11 +103,15 @@ def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
             raise ConfigurationError(
                 f"ExecutionContext.metadata keys must be strings, got {shown(key)}"
             )
-        if item is not None and not isinstance(item, str | int | float | bool):
-            raise ConfigurationError(
-                f"ExecutionContext.metadata[{shown(key)}] must be a str, int, float, bool or None, "
-                f"got {type(item).__name__}"
-            )
+        if item is not None and item.__class__ not in _SCALARS and not isinstance(item, str):
+            # a number of another type (numpy's, a Decimal, an int or float subclass) is
+            # recorded as the plain one
+            if (number := plain_number(item)) is None:
+                raise ConfigurationError(
+                    f"ExecutionContext.metadata[{shown(key)}] must be a str, int, float, bool "
+                    f"or None, got {shown(item)}"
+                )
+            item = number
         flaw = text_flaw(key) or (text_flaw(item) if isinstance(item, str) else None)
         if isinstance(item, float) and not math.isfinite(item):
             flaw = "must be a finite number"

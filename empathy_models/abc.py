@@ -27,7 +27,17 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import Spend, check_aware, spend_of
-from ._validators import check, escaped, failure, instance_of, integer, one_of, shown, text
+from ._validators import (
+    check,
+    escaped,
+    failure,
+    instance_of,
+    integer,
+    one_of,
+    plain_number,
+    shown,
+    text,
+)
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -245,7 +255,7 @@ class TelemetryBackend(AsyncResource):
         record matches.
         """
         self._check_open()
-        check(_limit, "limit", limit)
+        limit = check(_limit, "limit", limit)
         check_aware("since", since)
         check_aware("until", until)
         check(_flag, "samples_only", samples_only)
@@ -559,16 +569,13 @@ class CircuitStateStore(AsyncResource):
             raise RecordValidationError(
                 "give force() until or for_seconds, not both", path="for_seconds"
             )
-        if (
-            not isinstance(for_seconds, int | float)
-            or isinstance(for_seconds, bool)
-            or not 0 <= for_seconds < math.inf
-        ):
+        seconds = plain_number(for_seconds)  # numpy's numbers too
+        if seconds is None or not 0 <= seconds < math.inf:
             raise RecordValidationError(
                 f"for_seconds must be a finite number of seconds >= 0, got {shown(for_seconds)}",
                 path="for_seconds",
             )
-        return None, float(for_seconds)
+        return None, float(seconds)
 
     @staticmethod
     def checked_reason(reason: object) -> str | None:
@@ -1564,9 +1571,12 @@ class CompletionRequest:
     extra_body: Mapping[str, Any] | None = field(default=None, converter=to_extra_body)
 
     def __attrs_post_init__(self) -> None:
-        check_options(
+        top_p, seed = check_options(
             tools=self.tools, tool_choice=self.tool_choice, top_p=self.top_p, seed=self.seed
         )
+        if top_p is not self.top_p or seed is not self.seed:  # numpy's numbers: plain ones
+            object.__setattr__(self, "top_p", top_p)
+            object.__setattr__(self, "seed", seed)
         messages, system = split_system(self.messages, self.system)
         if len(messages) != len(self.messages):
             # system messages become the system prompt (no provider gets a system role)

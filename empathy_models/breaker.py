@@ -233,24 +233,29 @@ def _check_durations(
     store_retry_interval: float,
     store_timeout: float | None,
     provider_open_models: int | None,
-) -> None:
+) -> tuple[float, float | None, int | None]:
     """
     Check the breaker's durations and its provider rule.
+
+    Returns:
+        ``store_retry_interval``, ``store_timeout`` and ``provider_open_models``, a
+        number of another type (numpy's) as the plain one it stands for (the caller
+        takes the other two as floats).
 
     Raises:
         ConfigurationError: A negative or non-finite duration, a zero flush interval or
             store timeout, or a ``provider_open_models`` that is not an integer >= 1.
     """
-    for name, value in (
-        ("local_view_ttl", local_view_ttl),
-        ("flush_interval", flush_interval),
-        ("store_retry_interval", store_retry_interval),
-    ):
-        check(_duration, name, value)
-    if flush_interval == 0:
+    check(_duration, "local_view_ttl", local_view_ttl)
+    flush = check(_duration, "flush_interval", flush_interval)
+    store_retry_interval = check(_duration, "store_retry_interval", store_retry_interval)
+    if flush == 0:
         raise ConfigurationError("CircuitBreaker.flush_interval must be > 0, got 0")
-    check(_store_timeout, "store_timeout", store_timeout)
-    check(_provider_open_models, "provider_open_models", provider_open_models)
+    return (
+        store_retry_interval,
+        check(_store_timeout, "store_timeout", store_timeout),
+        check(_provider_open_models, "provider_open_models", provider_open_models),
+    )
 
 
 def _checked_policy(policy: BreakerPolicy | None) -> BreakerPolicy:
@@ -304,7 +309,7 @@ def _view_of(views: dict[str, View], key: str) -> View | None:
 
 def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> float | None:
     """``retry_after`` capped at the policy's ``max_retry_after_open`` (NaN: None)."""
-    check(_retry_after, "retry_after", retry_after)
+    retry_after = check(_retry_after, "retry_after", retry_after)
     if math.isnan(retry_after) or retry_after < 0:
         return None
     cap = policy.max_retry_after_open
@@ -485,7 +490,9 @@ class CircuitBreaker(AsyncResource):
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         durations = (local_view_ttl, flush_interval, store_retry_interval, store_timeout)
-        _check_durations(*durations, provider_open_models)
+        store_retry_interval, store_timeout, provider_open_models = _check_durations(
+            *durations, provider_open_models
+        )
         self.policy = _checked_policy(policy)
         self._store, self._owns_store = _store_of(store, clock)
         self.per_model = bool(per_model)

@@ -332,7 +332,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
     ):
         raise ConfigurationError(f"{where}: [providers.{name}] headers must be a table of strings")
     timeout = table.get("timeout")
-    check(_timeout, f"{where}: [providers.{name}] timeout", timeout)
+    timeout = check(_timeout, f"{where}: [providers.{name}] timeout", timeout)
     return ProviderConfig(
         name=name,
         kind=kind,

@@ -693,8 +693,13 @@ def check_options(
     tool_choice: object,
     top_p: object,
     seed: object,
-) -> None:
-    """Raise `RecordValidationError` for a bad ``tool_choice``, ``top_p`` or ``seed``."""
+) -> tuple[object, object]:
+    """
+    Raise `RecordValidationError` for a bad ``tool_choice``, ``top_p`` or ``seed``.
+
+    Returns:
+        ``top_p`` and ``seed``, numbers of other types (numpy's) as the plain ones.
+    """
     if tool_choice is not None:
         names = [tool.name for tool in tools]
         if not isinstance(tool_choice, str) or (
@@ -706,5 +711,4 @@ def check_options(
             )
         if tool_choice != "none" and not tools:
             raise _fail(f"tool_choice={shown(tool_choice)} needs tools", "tool_choice")
-    check(_top_p, "top_p", top_p)
-    check(_seed, "seed", seed)
+    return check(_top_p, "top_p", top_p), check(_seed, "seed", seed)

@@ -14,11 +14,11 @@ bad input a `ValueError`)::
     ├── SourceFileError (OSError)                a file count_lines_of_code cannot count
     ├── ProviderError                            anything a model provider answered or failed to
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline; 408 / 409
-    │   ├── ProviderConnectionError (ConnectionError)
+    │   ├── ProviderConnectionError (ConnectionError)  also a 499: cancelled on the way
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, no credit, account disabled
     │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
-    │   ├── ModelNotFoundError (LookupError)     404 / unknown model / 403 model_not_found
+    │   ├── ModelNotFoundError (LookupError)     404 / 410 / unknown model / 403 model_not_found
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
     │   │   └── ContentPolicyError               refused by the provider's policy
@@ -154,6 +154,8 @@ class ProviderError(EmpathyModelsError):
         self.should_retry = should_retry
 
     def __reduce__(self) -> tuple[object, ...]:
+        # the instance's attributes go too: what a subclass or the providers set on it
+        # (`StreamInterruptedError.error`, a tool call's ``raw_arguments``)
         return (
             _rebuild_provider_error,
             (
@@ -165,7 +167,7 @@ class ProviderError(EmpathyModelsError):
                 self.retry_after,
                 self.should_retry,
             ),
-            self.__dict__,
+            dict(self.__dict__),
         )
 
 
@@ -196,7 +198,10 @@ class ProviderTimeoutError(ProviderError, TimeoutError):
 
 
 class ProviderConnectionError(ProviderError, ConnectionError):
-    """The connection could not be made or broke before an answer."""
+    """
+    The connection could not be made or broke before an answer, or the request was
+    cancelled on the way (HTTP 499: a gateway's, or Gemini's ``CANCELLED``).
+    """
 
 
 class RateLimitedError(ProviderError):
@@ -207,7 +212,9 @@ class AuthenticationError(ProviderError, PermissionError):
     """
     HTTP 401, 402 or 403, or an account out of credit or disabled (OpenAI's 429
     ``insufficient_quota``; Anthropic's 400 "Your credit balance is too low ..." and
-    "This organization has been disabled."): the key or the account cannot be used.
+    "This organization has been disabled."), or a key or its region refused with a
+    400 (Gemini's "API key not valid ...", "API key expired ...", "User location is not
+    supported for the API use."): the key or the account cannot be used.
     """
 
 
@@ -223,8 +230,9 @@ class MissingAPIKeyError(AuthenticationError, ConfigurationError):
 
 class ModelNotFoundError(ProviderError, LookupError):
     """
-    HTTP 404, an unknown model id, or a 403 ``model_not_found`` (OpenAI: the project
-    may not use this model): one model is out of reach, not the provider.
+    HTTP 404, a 410 Gone (a model past its end of life), an unknown model id, or a 403
+    ``model_not_found`` (OpenAI: the project may not use this model): one model is out
+    of reach, not the provider.
     """
 
 
@@ -322,7 +330,7 @@ class StreamInterruptedError(ProviderError):
                 self.ttft_ms,
                 self.request_id,
             ),
-            self.__dict__,
+            dict(self.__dict__),  # ``error`` among them, as `ProviderError.__reduce__`
         )
 
 

@@ -48,7 +48,7 @@ def classify_error(exc: BaseException, override: OutcomeClassifier | None = None
     cancellation -> ``cancelled``; `CircuitOpenError` -> ``rejected``; a
     `ConfigurationError` (such as `MissingAPIKeyError`) or `NotOpenError` (a provider
     without an open session): the request was never sent -> ``not_sent``; 429 ->
-    ``rate_limited``; 401/403/404 -> ``fatal``; 400, context window and content policy
+    ``rate_limited``; 401/403/404/410 -> ``fatal``; 400, context window and content policy
     -> ``ignored``; timeouts, connection errors, 5xx, overload, invalid responses and
     anything else -> ``failure``.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -24,7 +25,16 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor, trusted_evolver
-from ._validators import failure, instance_of, integer, number, optional_str, shown, text
+from ._validators import (
+    failure,
+    instance_of,
+    integer,
+    number,
+    optional_str,
+    plain_number,
+    shown,
+    text,
+)
 from .exceptions import RecordValidationError
 from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
@@ -142,6 +152,7 @@ class ConstraintStatus(enum.StrEnum):
 _fail = failure(RecordValidationError)
 
 _INT_LIMIT: Final = 2**63  # SQLite INTEGER and PostgreSQL BIGINT hold less than this
+_MAX_FLOAT: Final = sys.float_info.max
 _MAX_KEY_LENGTH: Final = 500  # the longest breaker key: `circuit.MAX_KEY_LENGTH` says why
 
 _non_negative = number(
@@ -254,14 +265,27 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
-def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any, Any]) -> None:
-    # only what to_dict/from_dict and every backend give back unchanged
+def _json_scalars(
+    instance: object, attribute: attrs.Attribute[Any], value: Mapping[Any, Any]
+) -> None:
+    # only what to_dict/from_dict and every backend give back unchanged; a number of
+    # another type (numpy's, a Decimal, an int subclass) is kept as the plain one
+    plain: dict[str, JSONScalar] | None = None
     for key, item in value.items():
         if not isinstance(key, str):
             raise _fail(attribute.name, dict(value), f"keys must be strings ({shown(key)} is not)")
-        if item is None or isinstance(item, str | int):  # bool is an int
+        cls = item.__class__
+        if item is None or cls is str or cls is int or cls is bool:
             continue
-        if isinstance(item, float) and math.isfinite(item):
+        if cls is float and math.isfinite(item):
+            continue
+        if isinstance(item, str):
+            continue
+        number = plain_number(item)
+        if number is not None and (number.__class__ is int or math.isfinite(number)):
+            if plain is None:
+                plain = dict(value)
+            plain[key] = number
             continue
         raise _fail(
             attribute.name,
@@ -269,6 +293,8 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
             f"values must be JSON scalars: str, int, finite float, bool or None "
             f"({shown(key)} holds {shown(item)})",
         )
+    if plain is not None and instance is not None:
+        object.__setattr__(instance, attribute.name, MappingProxyType(plain))
 
 
 def _constraint_name(name: object) -> str:
@@ -537,7 +563,13 @@ def _lease_tuple(value: object) -> tuple[tuple[str, float], ...]:
             raise RecordValidationError(
                 f"each lease must be [lease_id, expires_at], got {shown(item)}", path="leases"
             )
-        out.append((str(item[0]), float(item[1])))
+        expires = item[1] if type(item[1]) is float else plain_number(item[1])
+        if expires is None or not 0 <= expires <= _MAX_FLOAT:  # (NaN, an infinity)
+            raise RecordValidationError(
+                f"a lease's expires_at must be a finite number >= 0, got {shown(item)}",
+                path="leases",
+            )
+        out.append((str(item[0]), float(expires)))
     return tuple(out)
 
 
@@ -551,8 +583,32 @@ def _window_tuple(value: object) -> tuple[tuple[int, int, int], ...]:
                 f"each window bucket must be [bucket, calls, failures], got {shown(item)}",
                 path="window",
             )
-        out.append((int(item[0]), int(item[1]), int(item[2])))
+        bucket, calls, failures = item
+        if (
+            type(bucket) is int
+            and type(calls) is int
+            and type(failures) is int
+            and -_INT_LIMIT <= bucket < _INT_LIMIT
+            and 0 <= calls < _INT_LIMIT > failures >= 0
+        ):
+            out.append((bucket, calls, failures))  # (what every store gives back)
+            continue
+        bucket, calls, failures = _integer(bucket), _integer(calls), _integer(failures)
+        if bucket is None or calls is None or calls < 0 or failures is None or failures < 0:
+            raise RecordValidationError(
+                "each window bucket must be [bucket, calls, failures], integers (the "
+                f"counts >= 0), got {shown(item)}",
+                path="window",
+            )
+        out.append((bucket, calls, failures))
     return tuple(out)
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int from -2**63 to 2**63 - 1 (an integer of another type as the
+    plain ``int``), or None when it is none (a float, a bool, a string)."""
+    number = value if type(value) is int else plain_number(value, reals=False)
+    return number if isinstance(number, int) and -_INT_LIMIT <= number < _INT_LIMIT else None
 
 
 def _ts_to_datetime(ts: float | None) -> datetime | None:
@@ -680,8 +736,13 @@ class CircuitBreakerState:
                 raise TypeError(f"CircuitBreakerState has no changeable field {name!r}")
             if attribute.converter is not None:
                 value = changes[name] = attribute.converter(value)  # type: ignore[operator]
-            if attribute.validator is not None:
-                attribute.validator(self, attribute, value)
+            # no instance: a validator given one sets the plain number it found on it
+            # (`_validators.number`), which is the copy's to hold, not this state's
+            if (
+                attribute.validator is not None
+                and (plain := attribute.validator(None, attribute, value)) is not None
+            ):
+                changes[name] = plain
         return _trusted_state_evolve(self, **changes)
 
 

@@ -45,7 +45,7 @@ from typing import Any, Final, Self, cast
 import attrs
 from attrs import field, frozen
 
-from ._validators import check, failure, integer, number, shown, text, text_flaw
+from ._validators import check, failure, integer, number, plain_number, shown, text, text_flaw
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import _INT_LIMIT, _MAX_KEY_LENGTH, ModelTier
 
@@ -231,14 +231,16 @@ def _long_context(instance: ModelInfo, attribute: Any, value: object) -> None:
 
 
 def _to_float(value: object) -> object:
-    # ints are accepted for prices and stored as floats; anything else (an int no float
-    # holds included) is left for the validator to reject with a message naming the field
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            return value
-    return value
+    # numbers are accepted for prices and stored as floats (an integer of any kind, a
+    # Decimal); anything else (an int no float holds included) is left for the
+    # validator to reject with a message naming the field
+    plain = plain_number(value)
+    if plain is None or plain.__class__ is float:
+        return value if plain is None else plain
+    try:
+        return float(plain)
+    except OverflowError:
+        return value
 
 
 def _to_tier(value: object) -> ModelTier:
@@ -398,8 +400,8 @@ class ModelInfo:
             and 0 <= input_tokens < _INT_LIMIT
             and 0 <= output_tokens < _INT_LIMIT
         ):
-            _check_tokens("input_tokens", input_tokens)
-            _check_tokens("output_tokens", output_tokens)
+            input_tokens = _check_tokens("input_tokens", input_tokens)
+            output_tokens = _check_tokens("output_tokens", output_tokens)
         threshold = self.long_context_threshold
         if threshold is not None and input_tokens > threshold:
             return self._cost_with_extras(input_tokens, output_tokens, (0, 0, 0), 0, 0)
@@ -417,16 +419,15 @@ class ModelInfo:
         cached_input_tokens: int,
     ) -> float:
         """`cost` of a call that also used the prompt cache or searched the web."""
-        for name, value in zip(
-            ("cache_write_tokens", "cache_write_1h_tokens", "cache_read_tokens"),
-            cache,
-            strict=True,
-        ):
-            _check_tokens(name, value)
-        _check_tokens("web_search_requests", web_search_requests)
-        _check_tokens("cached_input_tokens", cached_input_tokens)
-        _check_tokens("input_tokens", input_tokens)
-        _check_tokens("output_tokens", output_tokens)
+        cache = (
+            _check_tokens("cache_write_tokens", cache[0]),
+            _check_tokens("cache_write_1h_tokens", cache[1]),
+            _check_tokens("cache_read_tokens", cache[2]),
+        )
+        web_search_requests = _check_tokens("web_search_requests", web_search_requests)
+        cached_input_tokens = _check_tokens("cached_input_tokens", cached_input_tokens)
+        input_tokens = _check_tokens("input_tokens", input_tokens)
+        output_tokens = _check_tokens("output_tokens", output_tokens)
         cached = min(cached_input_tokens, input_tokens)
         prompt = input_tokens + sum(cache)
         in_price, out_price = self.prices_for(prompt)

@@ -31,7 +31,16 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from ._validators import check, failure, instance_of, integer, number, one_of, shown
+from ._validators import (
+    check,
+    failure,
+    instance_of,
+    integer,
+    number,
+    one_of,
+    plain_number,
+    shown,
+)
 from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
@@ -55,7 +64,8 @@ DEFAULT_RETRY_ON: tuple[RetryOn, ...] = (
 )
 """
 What is retried by default: timeouts (a 408, and a 409: a lock timeout, as the official SDKs
-retry it), connection errors, 5xx (overload included) and 429, unless the provider said
+retry it), connection errors (a 499 included: a request a gateway, or Gemini, cancelled on
+the way), 5xx (overload included) and 429, unless the provider said
 ``x-should-retry: false``.
 
 Never retried by default: 400 / context window / content policy (the same request
@@ -68,12 +78,13 @@ def _seconds(value: object) -> object:
     # durations accept float | timedelta; anything else is left to the validator
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # no float holds it: the validator refuses it as it is
-            return value
-    return value
+    plain = plain_number(value)  # an integer of any kind, a Decimal: a plain number
+    if plain is None or plain.__class__ is float:
+        return value if plain is None else plain
+    try:
+        return float(plain)
+    except OverflowError:  # no float holds it: the validator refuses it as it is
+        return value
 
 
 def _seconds_opt(value: object) -> object:
@@ -198,7 +209,7 @@ class RetryPolicy:
         Raises:
             ConfigurationError: ``attempt < 1``.
         """
-        check(_attempt_arg, "attempt", attempt)
+        attempt = check(_attempt_arg, "attempt", attempt)
         if self.base_delay == 0.0 or self.max_delay == 0.0:
             return 0.0
         # compared in log space, each term apart, so that neither a huge attempt number
@@ -243,7 +254,7 @@ class RetryPolicy:
             low = delay / 2.0 if self.jitter_mode == "equal" else 0.0
             delay = source.uniform(low, delay)
         if retry_after is not None:
-            check(_retry_after_arg, "retry_after", retry_after)
+            retry_after = check(_retry_after_arg, "retry_after", retry_after)
             if retry_after > self.retry_after_limit:
                 return None
             delay = max(delay, float(retry_after))

@@ -25,7 +25,7 @@ from cattrs.errors import (
     IterableValidationError,
 )
 
-from ._validators import shown
+from ._validators import plain_number, shown
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -60,8 +60,8 @@ def parse_datetime(value: object) -> datetime:
     """
     if isinstance(value, datetime):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, str) and (seconds := plain_number(value)) is not None:
+        return datetime.fromtimestamp(seconds, UTC)  # numpy's numbers too
     if not isinstance(value, str):
         raise ValueError(f"expected an ISO-8601 string, got {shown(value)}")
     text = value.strip()
@@ -138,17 +138,22 @@ converter.register_structure_hook_factory(_is_homogeneous_tuple, _homogeneous_tu
 
 
 def _structure_int(value: object, _: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    # a number of another type (numpy's, a Decimal) as the plain one; a whole float too
+    number = value if value.__class__ is int else plain_number(value)
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    if not isinstance(number, int):
         raise ValueError(f"expected an integer, got {shown(value)}")
-    return value
+    return number
 
 
 def _structure_float(value: object, _: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if value.__class__ is float:
+        return value
+    number = plain_number(value)  # numpy's numbers, a Decimal: the plain one
+    if number is None:
         raise ValueError(f"expected a number, got {shown(value)}")
-    return float(value)
+    return float(number)
 
 
 def _structure_str(value: object, _: object) -> str:
@@ -174,10 +179,16 @@ def _structure_json_mapping(value: object, _: object) -> Mapping[str, JSONScalar
         raise ValueError(f"expected a mapping, got {shown(value)}")
     out: dict[str, JSONScalar] = {}
     for k, v in value.items():
-        if not isinstance(v, str | int | float | bool) and v is not None:
-            raise ValueError(f"metadata[{shown(k)}] must be a JSON scalar, got {shown(v)}")
+        if v is not None and v.__class__ not in _SCALARS and not isinstance(v, str):
+            # a number of another type (numpy's, a Decimal) as the plain one
+            if (number := plain_number(v)) is None:
+                raise ValueError(f"metadata[{shown(k)}] must be a JSON scalar, got {shown(v)}")
+            v = number
         out[str(k)] = v
     return out
+
+
+_SCALARS: Final = frozenset({str, int, float, bool})
 
 
 _JSON_MAPPING = Mapping[str, JSONScalar]
@@ -254,7 +265,8 @@ def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
             f"cannot build {cls.__name__} from {type(data).__name__}: expected a mapping"
         )
     version = data.get("v", SCHEMA_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    number = version if version.__class__ is int else plain_number(version, reals=False)
+    if not isinstance(number, int) or number < 1:  # (numpy's int64 is an integer too)
         raise RecordValidationError(
             f"{cls.__name__}: schema version 'v' must be a positive integer, got {shown(version)}",
             path="v",

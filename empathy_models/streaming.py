@@ -22,7 +22,8 @@ What happens, in order:
    usage so far; the attempt is recorded as a failure (the breaker and the router hear
    it) with its ``ttft_ms``.  Nothing is retried or sent to another model.
 3. **Timeouts**: ``context.timeout`` bounds the wait for the first byte and every gap
-   between chunks (an idle timeout, not a limit on a long answer); ``context.deadline``
+   between chunks (an idle timeout, not a limit on a long answer), and so does an HTTP
+   provider's own ``timeout`` when shorter (its error names it); ``context.deadline``
    bounds the whole stream, the caller's reading included: a read past it raises
    `StreamInterruptedError` even when the pieces had arrived.
 4. **Leaving early** (``break``, an exception, a cancelled task): the HTTP response is

@@ -481,7 +481,7 @@ class SyncExecutor:
                 ``self.executor.run(...)`` there instead.
             Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
-        check(_timeout, "timeout", timeout)
+        timeout = check(_timeout, "timeout", timeout)
         executor = self._open()
         if self._hooks_pending:
             self._hooks_pending = not install_exit_hooks_from_caller()

@@ -73,12 +73,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from attrs import evolve
 
 from ._stats import AVERAGE_CAP
-from ._validators import check, failure, integer, number, shown, text, text_flaw
+from ._validators import check, failure, integer, number, plain_number, shown, text, text_flaw
 from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
@@ -272,6 +272,17 @@ def _check_positive_int(what: str, value: object) -> int:
     return check(_positive_int, what, cast(int, value))
 
 
+class _Checked(NamedTuple):
+    """`simulate_policy`'s numbers, checked: plain ints and floats (None: not given)."""
+
+    requests: int
+    replicates: int
+    input_tokens: int | None
+    max_tokens: int | None
+    seed: int
+    min_success_rate: float | None
+
+
 def _check_simulation(
     evidence: StageEvidence,
     registry: object,
@@ -281,33 +292,36 @@ def _check_simulation(
     min_success_rate: object,
     tokens: tuple[object, object],
     seed: object,
-) -> list[str]:
+) -> tuple[list[str], _Checked]:
     """
     Check `simulate_policy`'s arguments, in the order they are listed there.
 
     Returns:
-        The candidates, without repeats (default: the models seen in the window).
+        The candidates, without repeats (default: the models seen in the window), and
+        the numbers (of other types, numpy's, as the plain ones they stand for).
 
     Raises:
         ConfigurationError: an argument is invalid, or there is nothing to evaluate.
     """
     if not isinstance(registry, ModelRegistry):
         raise ConfigurationError(f"registry must be a ModelRegistry, got {shown(registry)}")
+    requests = _check_positive_int("requests", requests)
     try:
         # the replay's clock runs one second per request from the window's end
-        evidence.until + timedelta(seconds=_check_positive_int("requests", requests) + 1)
+        evidence.until + timedelta(seconds=requests + 1)
     except OverflowError:
         raise ConfigurationError(
             f"requests={requests}: the simulation runs one request a second from the "
             f"window's end ({evidence.until.isoformat()}) and would pass the year 9999; "
             "pass an earlier now or fewer requests"
         ) from None
-    if _check_positive_int("replicates", replicates) < 2:
+    replicates = _check_positive_int("replicates", replicates)
+    if replicates < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
     # all three are used before the router sees the question (the draws, their seeds)
-    check(_seed, "seed", seed)
-    check(_tokens, "input_tokens", tokens[0])
-    check(_tokens, "max_tokens", tokens[1])
+    input_tokens = cast(int | None, check(_tokens, "input_tokens", tokens[0]))
+    max_tokens = cast(int | None, check(_tokens, "max_tokens", tokens[1]))
+    seed = check(_seed, "seed", seed)
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
@@ -315,11 +329,8 @@ def _check_simulation(
         raise ConfigurationError(
             f"candidate model ids must be non-empty strings, got {shown(names)}"
         )
-    if min_success_rate is not None and (
-        isinstance(min_success_rate, bool)
-        or not isinstance(min_success_rate, int | float)
-        or not 0.0 <= min_success_rate <= 1.0
-    ):
+    rate = None if min_success_rate is None else plain_number(min_success_rate)
+    if min_success_rate is not None and (rate is None or not 0.0 <= rate <= 1.0):
         raise ConfigurationError(
             f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
         )
@@ -329,7 +340,7 @@ def _check_simulation(
             f"{evidence.since.isoformat()} to {evidence.until.isoformat()} (days="
             f"{evidence.days:g} before now), and no candidates given: nothing to evaluate"
         )
-    return names
+    return names, _Checked(requests, replicates, input_tokens, max_tokens, cast(int, seed), rate)
 
 
 async def simulate_policy(
@@ -374,9 +385,10 @@ async def simulate_policy(
     """
     registry = ModelRegistry.default() if registry is None else registry
     tokens = (input_tokens, max_tokens)
-    names = _check_simulation(
+    names, checked = _check_simulation(
         evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
     )
+    requests, replicates, input_tokens, max_tokens, seed, min_success_rate = checked
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
     pooled = _pooled(evidence)
@@ -767,7 +779,7 @@ async def evaluate_policy(
     Raises:
         ConfigurationError: invalid arguments, or ``evidence`` of another stage.
     """
-    check(_ipw_limit, "ipw_limit", ipw_limit)
+    ipw_limit = check(_ipw_limit, "ipw_limit", ipw_limit)
     registry = ModelRegistry.default() if registry is None else registry
     if evidence is None:
         evidence = await load_stage_evidence(

@@ -1,6 +1,7 @@
 """
-Models, a tool, executors over a `FakeLLMServer`, a non-waiting sleep and a breaker
-double shared by the executor's tests.
+Models, a tool, executors over a `FakeLLMServer`, a non-waiting sleep, a breaker
+double shared by the executor's tests, and numbers of other types (numpy's, without
+numpy).
 """
 
 from __future__ import annotations
@@ -186,3 +187,23 @@ class HintBreaker:
         if key in self.broken:
             raise RuntimeError(f"hint for {key} failed")
         return key not in self.open
+
+
+class OtherInt:
+    """An integer that is no ``int``, as numpy's ``int64`` is: it has ``__index__``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"OtherInt({self.value})"
+
+
+class ShownFloat(float):
+    """A float shown its own way, as numpy 2 shows its float64 (``np.float64(0.5)``)."""
+
+    def __repr__(self) -> str:
+        return f"ShownFloat({float(self)})"

@@ -333,6 +333,22 @@ def test_an_unexpandable_home_is_one_error_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+async def test_an_infinite_provider_timeout_is_no_timeout(
+    project: Path, server: FakeLLMServer
+) -> None:
+    # ``timeout = inf`` is accepted (an infinite timeout is no timeout), but every call
+    # without a timeout of its own failed: OverflowError: cannot convert float infinity
+    write_config(project, server)
+    with (project / "empathy.toml").open("a") as file:
+        file.write("timeout = inf\n")  # the last table's: [providers.house]
+    context = ExecutionContext(tier="cheap", timeout=None)
+    async with EmpathyLLMExecutor.from_config(router=False) as executor:
+        assert (await executor.run("hello", context)).model == "house-small"
+        async with executor.stream("hello", context) as stream:
+            assert (await stream.get_final_response()).model == "house-small"
+    assert server.requests("house-small") == 2
+
+
 def test_providers_are_built_as_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEAM_GATEWAY_KEY", "gw-secret")
     path = tmp_path / "empathy.toml"
@@ -353,6 +369,28 @@ timeout = 120
         True,
     )
     assert "gw-secret" not in repr(EmpathyConfig.load(path))
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ('{ "X Team" = "search" }', "header name 'X Team' is not an HTTP token"),
+        ('{ "X(Team)" = "search" }', "header name 'X(Team)' is not an HTTP token"),
+        ('{ "Équipe" = "search" }', "header name 'Équipe' is not an HTTP token"),
+        ('{ "X:Team" = "search" }', "header name 'X:Team' is not an HTTP token"),
+        ('{ "X-Team" = "a\\u0000b" }', "header 'X-Team' must have a one-line string value"),
+        ('{ "X-Team" = "a\\u007fb" }', "header 'X-Team' must have a one-line string value"),
+    ],
+)
+def test_a_header_no_request_can_carry_is_refused_naming_it(
+    tmp_path: Path, headers: str, message: str
+) -> None:
+    # each was taken, and every call then failed: sent, and answered 400 "Invalid
+    # header token", or never built ("Forbidden control character detected")
+    path = tmp_path / "empathy.toml"
+    path.write_text(f'[providers.house]\ntype = "openai"\nheaders = {headers}\n')
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        EmpathyConfig.load(path).build_providers()
 
 
 @pytest.mark.parametrize(

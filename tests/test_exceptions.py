@@ -140,6 +140,31 @@ def test_provider_errors_survive_pickling(error: ProviderError) -> None:
     )
 
 
+def test_a_stream_interrupted_error_keeps_its_error_when_pickled() -> None:
+    # its ``error`` (the cause the README tells callers to read) came back None, and
+    # what the cause itself carried (a tool call's raw arguments) was lost with it
+    cause = InvalidResponseError("arguments are not JSON", provider="p", model="m", status=200)
+    cause.raw_arguments = '{"city": '  # type: ignore[attr-defined]  # as the reader sets it
+    err = StreamInterruptedError(
+        "the stream failed after 2 delta(s)",
+        provider="p",
+        model="m",
+        partial_text="hel",
+        input_tokens=3,
+        output_tokens=1,
+        ttft_ms=12.5,
+        request_id="run-1",
+        error=cause,
+    )
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is StreamInterruptedError and str(back) == str(err)
+    assert (back.partial_text, back.input_tokens, back.output_tokens) == ("hel", 3, 1)
+    assert (back.ttft_ms, back.request_id) == (12.5, "run-1")
+    assert type(back.error) is InvalidResponseError and str(back.error) == str(cause)
+    assert back.error.status == 200
+    assert back.error.raw_arguments == '{"city": '  # type: ignore[attr-defined]
+
+
 def test_circuit_open_error_message_attributes_and_pickling() -> None:
     err = CircuitOpenError(
         "anthropic:m",

@@ -118,6 +118,18 @@ def test_budget_and_rate_limit_values_are_checked() -> None:
     assert RateLimit(tpm=90_000).token_burst == 90_000
 
 
+@pytest.mark.parametrize("field", ["name", "value"])
+def test_a_budget_name_or_value_no_store_can_hold_is_refused_naming_it(field: str) -> None:
+    # a lone surrogate, which UTF-8 cannot encode: the budget was taken, and every run
+    # with a SQLite or Redis quota store then failed with a bare UnicodeEncodeError
+    options: dict[str, Any] = {"limit_usd": 1, "scope": "workflow", field: "team\udce9"}
+    with pytest.raises(ConfigurationError) as caught:
+        Budget(**options)
+    assert str(caught.value) == (
+        f"Budget.{field} must be valid text (it holds a lone surrogate), got 'team\\udce9'"
+    )
+
+
 def test_budget_keys_name_the_scope_value_and_window() -> None:
     assert Budget(limit_usd=1).key_for(None) == "global/day"
     per_user = Budget(limit_usd=1, scope="user_id", window="hour")

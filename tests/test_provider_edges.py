@@ -9,6 +9,7 @@ streamed or not), which `FakeLLMServer` cannot be made to send.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import gzip
 import json
@@ -42,7 +43,7 @@ from empathy_models import (
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.cli import main as cli_main
-from empathy_models.exceptions import InvalidResponseError, ServerError
+from empathy_models.exceptions import InvalidRequestError, InvalidResponseError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 
 from ._serving import cutting_short
@@ -546,6 +547,55 @@ async def test_the_cap_is_configurable(raw: RawServer) -> None:
                 await provider.complete(REQUEST)
         until = (await b.get_status("anthropic")).open_until_ts
         assert until is not None and until <= time.time() + 30 and until >= before + 29
+
+
+async def test_a_long_error_message_of_dotted_words_is_quoted_at_once(raw: RawServer) -> None:
+    # a 400 whose message is 180 KB of "a.a.a...": looking in it for a URL's password to
+    # mask took time growing with the square of its length (over a minute here, with
+    # the event loop blocked all along); the client runs in a thread, for the guard
+    message = "a." * 90_000
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    raw.reply = Reply(
+        status=400, headers={"content-type": "application/json"}, body=json.dumps(error).encode()
+    )
+
+    def call() -> str:
+        async def failed() -> str:
+            with pytest.raises(InvalidRequestError) as info:
+                await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+            return str(info.value)
+
+        return asyncio.run(failed())
+
+    with anyio.fail_after(30):
+        shown = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+    assert "invalid_request_error: a.a.a." in shown and len(shown) < 400
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        "Mon, 1 Jan 2030 00:00:00 +99999999999999999999",  # an offset no clock holds
+        "Mon, 1 Jan 99999999999999999999 00:00:00 GMT",  # a year
+        "Mon, 99999999999999999999 Jan 2030 00:00:00 GMT",  # a day
+        "Mon, 1 Jan 2030 99999999999999999999:00:00 GMT",  # an hour
+    ],
+)
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_after_date_past_any_clock_is_no_hint(
+    raw: RawServer, retry_after: str, status: int
+) -> None:
+    # an HTTP date whose numbers overflow: read as no hint, as any unreadable value is
+    # (the error used to be the parser's OverflowError: not a provider error, not retried)
+    raw.reply = Reply(
+        status=status,
+        headers={"retry-after": retry_after, "content-type": "application/json"},
+        body=b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}',
+    )
+    with pytest.raises((RateLimitedError, ServerError)) as info:
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+    assert info.value.status == status and info.value.retry_after is None
+    assert RetryPolicy().is_retryable(info.value)
 
 
 @pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])

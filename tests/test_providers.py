@@ -651,6 +651,40 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
     assert secret not in repr(exc.__cause__.request_info)
 
 
+async def test_an_unparsable_streamed_answer_leaves_no_key_in_the_error_chain(wire: str) -> None:
+    """
+    The same for a stream: the aiohttp error is the context of the one raised (chained
+    with ``from None``, but kept as ``__context__``), and held the request's headers.
+    """
+
+    async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    secret = "sk-live-0123456789abcdef"
+    gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
+    try:
+        port = gateway.sockets[0].getsockname()[1]
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=secret, base_url=f"http://127.0.0.1:{port}/v1") as provider:
+            with pytest.raises(InvalidResponseError) as info:
+                await provider.stream(req())
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+    chained: list[BaseException] = []
+    item: BaseException | None = info.value
+    while item is not None:
+        chained.append(item)
+        item = item.__cause__ or item.__context__
+    assert any(isinstance(e, aiohttp.ClientResponseError) for e in chained)
+    for e in chained:
+        assert secret not in repr(e) and secret not in str(e)
+        assert secret not in repr(getattr(e, "request_info", None))
+
+
 @pytest.mark.parametrize(
     "head",
     [

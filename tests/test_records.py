@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
+from fractions import Fraction
 from typing import Any
 
 import attrs
@@ -21,6 +22,8 @@ from empathy_models.records import (
     Ticket,
     wilson_interval,
 )
+
+from ._fakes import OtherInt
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -307,12 +310,28 @@ def test_circuit_state_presents_times_as_utc_datetimes() -> None:
         ({"key": "k", "leases": "id"}, "leases"),
         ({"key": "k", "window": [(1, 2)]}, "window"),
         ({"key": "k", "opened_at_ts": -5.0}, "opened_at_ts"),
+        # these were taken: a lease that never expires (NaN), one given as text, a
+        # bucket's count below 0, a fractional one cut to an int, a flag as a count
+        ({"key": "k", "leases": [("id", math.nan)]}, "leases"),
+        ({"key": "k", "leases": [("id", -1.0)]}, "leases"),
+        ({"key": "k", "leases": [("id", "soon")]}, "leases"),
+        ({"key": "k", "window": [(1, -5, 0)]}, "window"),
+        ({"key": "k", "window": [(1.5, 2, 0)]}, "window"),
+        ({"key": "k", "window": [(1, True, 0)]}, "window"),
     ],
 )
 def test_circuit_state_invariants(fields: dict[str, Any], path: str) -> None:
     with pytest.raises(RecordValidationError) as info:
         CircuitBreakerState(**fields)
     assert info.value.path == path
+
+
+def test_circuit_state_numbers_of_other_types_are_kept_plain() -> None:
+    state = CircuitBreakerState(
+        key="k", window=[(OtherInt(9), OtherInt(4), 1)], leases=[("id", Fraction(5, 2))]
+    )
+    assert state.window == ((9, 4, 1),) and type(state.window[0][0]) is int
+    assert state.leases == (("id", 2.5),)
 
 
 def test_outcome_report_checks_retry_after_and_converts_the_outcome() -> None:
@@ -403,3 +422,11 @@ def test_with_fields_converts_and_validates_only_what_changes() -> None:
         state.with_fields(key="other")
     with pytest.raises(TypeError, match="nope"):
         state.with_fields(nope=1)
+
+
+def test_with_fields_keeps_numbers_of_other_types_plain_and_leaves_the_original() -> None:
+    state = CircuitBreakerState(key="k", generation=2, opened_at_ts=5.0)
+    new = state.with_fields(generation=OtherInt(3), opened_at_ts=Fraction(15, 2))
+    assert (new.generation, new.opened_at_ts) == (3, 7.5)
+    assert type(new.generation) is int and type(new.opened_at_ts) is float
+    assert (state.generation, state.opened_at_ts) == (2, 5.0)  # the original untouched

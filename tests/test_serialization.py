@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import attrs
@@ -19,6 +21,8 @@ from empathy_models.records import (
     ModelPerformance,
 )
 from empathy_models.serialization import SCHEMA_VERSION, from_dict, parse_datetime, to_dict
+
+from ._fakes import OtherInt
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
 
@@ -172,6 +176,29 @@ def test_parse_datetime_accepts_epoch_seconds_and_datetimes() -> None:
     assert parse_datetime(T0) is T0
     with pytest.raises(ValueError, match="ISO-8601"):
         parse_datetime(["2026"])
+
+
+def test_numbers_of_other_types_read_as_the_plain_numbers() -> None:
+    # what a row of a pandas frame holds: numpy's numbers (an int64 is no int); they
+    # were refused ("expected an integer, got np.int64(7)"), though the constructor
+    # takes them
+    plain = a_call(input_tokens=7, latency_ms=2.5, status_code=200, metadata={"n": 4})
+    given = {
+        **plain.to_dict(),
+        "v": OtherInt(1),
+        "input_tokens": OtherInt(7),
+        "latency_ms": Decimal("2.5"),
+        "status_code": OtherInt(200),
+        "metadata": {"n": OtherInt(4)},
+        "timestamp": OtherInt(int(T0.timestamp())),
+    }
+    record = LLMCallRecord.from_dict(given)
+    assert record == attrs.evolve(plain, timestamp=T0.replace(microsecond=0))
+    assert json.loads(json.dumps(record.to_dict()))["metadata"] == {"n": 4}
+    performance = ModelPerformance.from_dict(
+        {"model": "m", "sample_size": OtherInt(4), "avg_cost_usd": Fraction(1, 4)}
+    )
+    assert performance == ModelPerformance(model="m", sample_size=4, avg_cost_usd=0.25)
 
 
 # --------------------------------------------------------------------------- corrupt input

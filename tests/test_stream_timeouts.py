@@ -462,3 +462,47 @@ async def test_the_providers_own_read_timeout_bounds_a_stream_given_no_idle_time
             async for piece in stream:
                 text += str(piece)
     assert text == "w0 w1"  # what came before the stall
+
+
+@pytest.mark.parametrize(
+    ("behavior", "raised"),
+    [(STALL_BEFORE_FIRST, AllRoutesFailedError), (STALL_AFTER_TWO, StreamInterruptedError)],
+    ids=["before the first delta", "after it"],
+)
+@pytest.mark.parametrize(
+    "own",
+    [0.3, aiohttp.ClientTimeout(total=None, sock_read=0.3)],
+    ids=["a total timeout", "a read timeout"],
+)
+async def test_a_providers_own_timeout_shorter_than_the_runs_bounds_a_stream(
+    server: FakeLLMServer,
+    behavior: StreamBehavior,
+    raised: type[Exception],
+    own: float | aiohttp.ClientTimeout,
+) -> None:
+    # the provider's own timeout applies to a stream as it does to run(): the run's
+    # longer timeout (30 s) used to replace it, so a stalled stream waited the 30 s
+    server.set_behavior(MODEL, ModelBehavior(content=TEXT, stream=behavior))
+    telemetry = MemoryTelemetryBackend()
+    provider = OpenAIProvider(api_key=KEY, base_url=server.openai_base_url, timeout=own)
+    context = ExecutionContext(tier="cheap", timeout=30.0)
+    async with EmpathyLLMExecutor(
+        [provider], registry=REGISTRY, telemetry_store=telemetry, retry=RetryPolicy.none()
+    ) as llm:
+        with anyio.fail_after(10), pytest.raises(raised) as caught:
+            async with llm.stream("hi", context) as stream:
+                async for _ in stream:
+                    pass
+    failure = caught.value
+    error: object
+    if isinstance(failure, AllRoutesFailedError):
+        (error,) = failure.exceptions
+    else:
+        assert isinstance(failure, StreamInterruptedError)
+        error = failure.error
+    assert isinstance(error, ProviderTimeoutError)
+    # the error names the limit that ran out, not the run's timeout
+    assert "no data for 0.300s (the provider's own timeout" in str(error)
+    assert "per-attempt" not in str(failure)
+    (record,) = await telemetry.recent(limit=10)
+    assert (record.error_type, record.outcome) == ("ProviderTimeoutError", Outcome.FAILURE)

@@ -46,7 +46,7 @@ from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
 from ._cli import run_cli
-from ._fakes import WEATHER
+from ._fakes import WEATHER, OtherInt
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -912,3 +912,25 @@ async def test_a_usage_count_no_record_can_hold_keeps_the_record_and_frees_the_s
     assert [(r.outcome, r.input_tokens) for r in records] == [(Outcome.SUCCESS, 0)] * 2
     assert "own/own-model reported token counts a record cannot hold" in caplog.text
     assert "input a 1329-bit integer" in caplog.text
+
+
+async def test_usage_counted_in_integers_of_another_type_is_recorded_and_charged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A provider counting with numpy (an int64 is no int): its tokens count, as ints."""
+    provider = _OwnStreamProvider(input_tokens=OtherInt(30))  # type: ignore[arg-type]
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(workflow="w", stage="s", tier="cheap")
+    caplog.set_level(logging.WARNING, "empathy_models.executor")
+    async with (
+        EmpathyLLMExecutor([provider], registry=OWN_REGISTRY, telemetry_store=telemetry) as ex,
+        ex.stream("Hi", context) as stream,
+    ):
+        response = await stream.get_final_response()
+    # they were recorded as 0 (and the call as free), "a count a record cannot hold"
+    assert (response.input_tokens, response.output_tokens) == (30, 12)
+    assert type(response.input_tokens) is int
+    assert response.cost_usd == OWN_REGISTRY.cost("own-model", 30, 12)
+    [record] = await telemetry.recent(limit=10)
+    assert (record.input_tokens, record.cost_usd) == (30, response.cost_usd)
+    assert "cannot hold" not in caplog.text

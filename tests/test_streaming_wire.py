@@ -673,6 +673,84 @@ async def test_azures_opening_chunk_without_id_or_model_leaves_the_answers_own()
     assert (streamed.response_id, streamed.model) == (whole.response_id, whole.model)
 
 
+async def test_content_sent_as_a_list_of_chunks_is_its_text_streamed_or_not() -> None:
+    """
+    Mistral's reasoning models (Magistral) send ``content`` as a list of chunks, their
+    thinking among them, in the answer and in each delta: the answer is the text
+    chunks' text, the thinking left out, as the reasoning of other servers is.  It was
+    refused as malformed, every time.
+    """
+    usage = {"prompt_tokens": 12, "completion_tokens": 30}
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "2 and 2 make 4"}]}
+    message = {
+        "role": "assistant",
+        "content": [thinking, {"type": "text", "text": "The answer is 4."}],
+    }
+    base = {"id": "cmpl-7", "object": "chat.completion", "created": 1, "model": "magistral"}
+    chunk = base | {"object": "chat.completion.chunk"}
+
+    def delta(content: object, finish: str | None = None) -> dict[str, Any]:
+        return chunk | {
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+        }
+
+    handler = _openai_answer(
+        base
+        | {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        | {"usage": usage},
+        [
+            delta([thinking]),
+            delta([{"type": "text", "text": "The answer"}]),
+            delta(" is 4."),  # a plain string between them, as it also comes
+            delta([], "stop"),
+            chunk | {"choices": [], "usage": usage},
+        ],
+    )
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        whole = await provider.complete(request("magistral"))
+        stream = await provider.stream(request("magistral"))
+        assert [piece async for piece in stream] == ["The answer", " is 4."]
+        streamed = stream.completion()
+    for answer in (whole, streamed):
+        assert (answer.content, answer.stop_reason) == ("The answer is 4.", "stop")
+        assert (answer.input_tokens, answer.output_tokens) == (12, 30)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "text", "text": 4}], ["The answer"], [{"type": "text"}]],
+    ids=["a text that is no string", "a bare string", "no text"],
+)
+async def test_a_list_of_chunks_with_a_malformed_text_is_malformed(content: object) -> None:
+    answer = {
+        "id": "cmpl-1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 1},
+    }
+    handler = _openai_answer(
+        answer,
+        [{"id": "cmpl-1", "choices": [{"index": 0, "delta": {"content": content}}]}],
+    )
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        with pytest.raises(InvalidResponseError, match="content must be"):
+            await provider.complete(request("m"))
+        with pytest.raises(InvalidResponseError, match="content must be"):
+            stream = await provider.stream(request("m"))
+            _ = [piece async for piece in stream]
+
+
 async def test_an_openai_answer_without_content_or_a_finish_reason_is_malformed() -> None:
     """Null content with no call, no refusal and no finish reason says nothing: refused."""
     answer = {

@@ -11,6 +11,7 @@ import math
 import shutil
 import statistics
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from empathy_models.whatif import (
 )
 
 from ._cli import run_cli
+from ._fakes import OtherInt
 from ._whatif_synth import BY_ID, NOW, REGISTRY, ST, WF, history
 
 # --------------------------------------------------------------------------- known truth
@@ -363,6 +365,32 @@ async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error()
     with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
         await sweep_min_success_rate(evidence, [0.9], seed="1", **quick)
     assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
+
+
+async def test_counts_of_another_integer_type_are_taken_as_the_plain_integers() -> None:
+    # numpy's int64 (no int) was refused as no integer
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    plain = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        requests=5,
+        replicates=2,
+        seed=-3,
+        max_tokens=0,
+        min_success_rate=0.75,
+    )
+    other = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        requests=OtherInt(5),  # type: ignore[arg-type]
+        replicates=OtherInt(2),  # type: ignore[arg-type]
+        seed=OtherInt(-3),  # type: ignore[arg-type]
+        max_tokens=OtherInt(0),  # type: ignore[arg-type]
+        min_success_rate=Fraction(3, 4),  # type: ignore[arg-type]
+    )
+    assert other == plain
 
 
 async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:

@@ -28,6 +28,8 @@ from empathy_models.exceptions import (
     AuthenticationError,
     ContextWindowExceededError,
     InvalidRequestError,
+    ModelNotFoundError,
+    ProviderConnectionError,
     ProviderError,
     ServerError,
 )
@@ -217,7 +219,12 @@ async def test_a_stream_error_events_numeric_code_is_its_status(server: Replies)
 @pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(503, ServerError), (502, ServerError), (429, RateLimitedError)],
+    [
+        (503, ServerError),
+        (502, ServerError),
+        (429, RateLimitedError),
+        (499, ProviderConnectionError),
+    ],
 )
 async def test_an_error_status_whose_body_was_cut_short_is_that_statuss_error(
     status: int, expected: type[ProviderError], streamed: bool
@@ -278,6 +285,50 @@ def gemini_error(code: int, message: str, status: str) -> list[dict[str, Any]]:
             ),
             InvalidRequestError,
         ),
+        (
+            # a key Gemini refuses is a 400: the provider's key, not the request, is bad
+            400,
+            gemini_error(
+                400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT"
+            ),
+            AuthenticationError,
+        ),
+        (
+            400,
+            gemini_error(400, "API key expired. Please renew the API key.", "INVALID_ARGUMENT"),
+            AuthenticationError,
+        ),
+        (
+            400,
+            gemini_error(
+                400, "API Key not found. Please pass a valid API key.", "INVALID_ARGUMENT"
+            ),
+            AuthenticationError,
+        ),
+        (
+            # the account's region, not the request: no Gemini request can succeed
+            400,
+            gemini_error(
+                400, "User location is not supported for the API use.", "FAILED_PRECONDITION"
+            ),
+            AuthenticationError,
+        ),
+        (
+            400,
+            gemini_error(
+                400,
+                "Gemini API free tier is not available in your country. Please enable billing "
+                "on your project in Google AI Studio.",
+                "FAILED_PRECONDITION",
+            ),
+            AuthenticationError,
+        ),
+        (
+            # gRPC's CANCELLED: the request was cancelled on the way, not a bad request
+            499,
+            gemini_error(499, "The operation was cancelled.", "CANCELLED"),
+            ProviderConnectionError,
+        ),
     ],
 )
 async def test_geminis_errors_in_a_list_are_read(
@@ -290,3 +341,98 @@ async def test_geminis_errors_in_a_list_are_read(
     error = body[0]["error"]
     # it quoted the list's first 120 characters, JSON-escaped, the message cut
     assert f"{error['status']}: {error['message']}" in str(info.value)
+
+
+async def test_a_499_is_retried_rather_than_ending_the_run(server: Replies) -> None:
+    # a request a gateway or Gemini cancelled on the way (HTTP 499, CANCELLED) says
+    # nothing against the request: it used to be an InvalidRequestError, which ends the
+    # run at once, with no retry and no other route tried
+    cancelled = gemini_error(499, "The operation was cancelled.", "CANCELLED")
+    server.script(cancelled, status=499)
+    server.script(openai_ok("after the cancel"))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.url)],
+        registry=REGISTRY,
+        telemetry_store=NullTelemetryBackend(),
+        retry=RetryPolicy(jitter=False),
+        sleep=sleep,
+    ) as executor:
+        response = await executor.run("hello", ExecutionContext(tier="cheap"))
+    assert response.content == "after the cancel"
+    assert server.requests == 2 and waits == [1.0]
+    [failed, _] = response.attempts
+    assert (failed.error_type, failed.status_code) == ("ProviderConnectionError", 499)
+
+
+# --------------------------------------------------------------------------- self-hosted servers
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (  # llama.cpp's server (llama-server)
+            400,
+            {
+                "error": {
+                    "code": 400,
+                    "message": "request (9412 tokens) exceeds the available context size "
+                    "(8192 tokens), try increasing it",
+                    "type": "exceed_context_size_error",
+                    "n_prompt_tokens": 9412,
+                    "n_ctx": 8192,
+                }
+            },
+        ),
+        (  # Hugging Face text-generation-inference, and Together in its shape
+            422,
+            {
+                "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                "<= 4096. Given: 4000 `inputs` tokens and 1024 `max_new_tokens`",
+                "error_type": "validation",
+            },
+        ),
+    ],
+    ids=["llama.cpp", "text-generation-inference"],
+)
+async def test_a_self_hosted_servers_context_overflow_is_a_context_window_error(
+    server: Replies, status: int, body: dict[str, Any]
+) -> None:
+    # it was an InvalidRequestError: the run ended at once, where a model with a larger
+    # context window would have been tried next
+    server.script(body, status=status)
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ContextWindowExceededError
+    assert info.value.status == status
+
+
+async def test_a_410_gone_is_a_retired_model_not_a_bad_request(server: Replies) -> None:
+    # NVIDIA's API catalog answers a model past its end of life with 410 Gone (RFC 9457
+    # problem details): it was an InvalidRequestError, which ends the run at once, where
+    # a 404 for a retired model moves on to the next route
+    detail = "The model 'vendor/old-model' has reached its end of life and is no longer available."
+    problem = {"type": "about:blank", "title": "Gone", "status": 410, "detail": detail}
+    server.script(problem, status=410, headers={"content-type": "application/problem+json"})
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ModelNotFoundError
+    assert info.value.status == 410 and "end of life" in str(info.value)
+
+
+async def test_openrouters_400_for_a_model_it_does_not_know_is_a_model_not_found(
+    server: Replies,
+) -> None:
+    # OpenRouter answers an unknown model id with a 400 "... is not a valid model ID": it
+    # was an InvalidRequestError, which ends the run at once, where a 404 (or LiteLLM's
+    # 400 "Invalid model name") moves on to the next route
+    error = {"message": "openrouter/no-such-model is not a valid model ID", "code": 400}
+    server.script({"error": error}, status=400)
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ModelNotFoundError
+    assert info.value.status == 400 and "is not a valid model ID" in str(info.value)

@@ -165,7 +165,7 @@ def reset_auth_strategy(
         AuthFileError: the file cannot be moved (it is then left in place), or it is a
             symlink to a missing file.
     """
-    check(_keep_backups, "keep_backups", keep_backups)
+    keep_backups = check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
     if not _lexists(file):
         return None
@@ -268,7 +268,7 @@ def restore_auth_strategy(
         AuthFileError: there is no backup, or it does not hold a valid strategy (naming
             it).
     """
-    check(_keep_backups, "keep_backups", keep_backups)
+    keep_backups = check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
     # checked before the lock too, so that nothing (the directory) is created for a
     # restore that cannot happen; the newest backup only when there is no directory

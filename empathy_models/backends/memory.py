@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import attrs
 
 from .._stats import Spend, aggregate_records, matches, spend_of
-from .._validators import check, failure, integer, number, shown
+from .._validators import check, failure, integer, number, plain_number, shown
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..circuit import (
     CLOCK_STEP,
@@ -417,14 +417,13 @@ class MemoryStateStore(TransactionalStateStore):
     ) -> None:
         if not callable(clock):
             raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
-        if key_ttl is not None and not (
-            isinstance(key_ttl, int | float) and not isinstance(key_ttl, bool) and key_ttl > 0
-        ):
+        ttl = None if key_ttl is None else plain_number(key_ttl)  # numpy's numbers too
+        if key_ttl is not None and not (ttl is not None and ttl > 0):
             raise ConfigurationError(
-                f"key_ttl must be a number of seconds above 0 or None, got {key_ttl!r}"
+                f"key_ttl must be a number of seconds above 0 or None, got {shown(key_ttl)}"
             )
         self._clock = clock
-        self._key_ttl = None if key_ttl is None else float(key_ttl)
+        self._key_ttl = None if ttl is None else float(ttl)
         self._states: dict[str, CircuitBreakerState] = {state.key: state for state in states}
         # successes of the breaker's in-process path not yet folded into `_states`; every
         # operation but that path's two folds them first, so none of them sees a tail

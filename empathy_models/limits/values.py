@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from .._validators import failure, integer, number, shown
+from .._validators import failure, integer, number, plain_number, shown, text_flaw
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -133,12 +133,8 @@ def _window(value: object) -> str | float:
         low = value.strip().lower()
         if low in _WINDOWS:
             return low
-    elif (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and 1 <= value <= MAX_WINDOW  # (False for NaN and for infinities)
-    ):
-        return float(value)
+    elif (seconds := plain_number(value)) is not None and 1 <= seconds <= MAX_WINDOW:
+        return float(seconds)  # (NaN and infinities are out of range)
     raise ConfigurationError(
         "Budget.window must be 'hour', 'day', 'month' or a number of seconds from 1 to "
         f"{MAX_WINDOW:.0f} (100 years: for a budget that never resets), got {shown(value)}"
@@ -163,6 +159,8 @@ def _opt_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         raise ConfigurationError(
             f"Budget.{attribute.name} must be a non-empty string or None, got {shown(value)}"
         )
+    if (flaw := text_flaw(value)) is not None:  # a lone surrogate: no store can write it
+        raise ConfigurationError(f"Budget.{attribute.name} {flaw}, got {shown(value)}")
 
 
 @frozen(kw_only=True)

@@ -9,16 +9,23 @@ on the wire is turned into a `ProviderError` subclass here, and only here:
 =========================================  ======================================
 what happened                              raised
 =========================================  ======================================
-400 (body says context length)             `ContextWindowExceededError`
+a 4xx whose body says the context is too   `ContextWindowExceededError`
+small (the APIs' wording, vLLM's,
+llama.cpp's, TGI's 422)
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
 401, 403, 402 (billing: out of credit)     `AuthenticationError`
 400 saying the account is out of credit    `AuthenticationError`
 or disabled (Anthropic: "Your credit
 balance is too low ...", "This
-organization has been disabled.")
-404, or a 400 naming an unknown model      `ModelNotFoundError`
-("Invalid model name", as from LiteLLM),
+organization has been disabled."), or
+the key or its region refused (Gemini:
+"API key not valid ...", "User location
+is not supported ...")
+404, 410 (a retired model), or a 400       `ModelNotFoundError`
+naming an unknown model
+("Invalid model name", as from LiteLLM;
+OpenRouter's "is not a valid model ID"),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)
 408, 409 (a lock timeout: retried, as the  `ProviderTimeoutError`
@@ -29,13 +36,15 @@ official SDKs retry it)
 500-599                                    `ServerError`
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
-proxy refusing the tunnel
+proxy refusing the tunnel; a 499 (the
+request cancelled on the way: a gateway's,
+Gemini's ``CANCELLED``)
 a 2xx body holding an ``error`` and no     the class its ``type`` or ``code``
 answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
 ``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
                                            status; else `ServerError`)
-408, 409, 429 or 5xx whose body was cut    that status's error (its headers'
-short                                      ``Retry-After`` kept)
+408, 409, 429, 499 or 5xx whose body was   that status's error (its headers'
+cut short                                  ``Retry-After`` kept)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -196,9 +205,9 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
 
     if isinstance(value, aiohttp.ClientTimeout):
         return value
-    if value is None:
-        return aiohttp.ClientTimeout(total=None)
-    return aiohttp.ClientTimeout(total=float(check(_timeout, "timeout", value)))
+    seconds = None if value is None else float(check(_timeout, "timeout", value))
+    # aiohttp cannot time an infinity (it rounds the end up to an int): no timeout
+    return aiohttp.ClientTimeout(total=None if seconds == math.inf else seconds)
 
 
 _AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})
@@ -248,6 +257,13 @@ def user_agent() -> str:
     return f"empathy-models/{__version__}"
 
 
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (RFC 9110's token)."""
+
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""What no header value holds: a control character other than a tab (a line break too)."""
+
+
 def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str | _Secret], ...]:
     if headers is None:
         return ()
@@ -255,10 +271,15 @@ def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str |
         raise ConfigurationError(f"headers must be a mapping of strings, got {shown(headers)}")
     out: list[tuple[str, str | _Secret]] = []
     for name, value in headers.items():
-        if not isinstance(name, str) or not name.strip() or any(c in name for c in ":\r\n"):
+        if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"header names must be non-empty strings, got {shown(name)}")
+        if _TOKEN.fullmatch(name.strip()) is None:  # no request could carry it
+            raise ConfigurationError(
+                f"header name {shown(name)} is not an HTTP token (letters, digits and "
+                "!#$%&'*+-.^_`|~ only)"
+            )
         secret = _looks_secret(name)
-        if not isinstance(value, str) or "\r" in value or "\n" in value:
+        if not isinstance(value, str) or _CONTROL.search(value) is not None:
             given = "<secret>" if secret else shown(value)
             raise ConfigurationError(
                 f"header {shown(name)} must have a one-line string value, got {given}"
@@ -639,9 +660,10 @@ class HTTPProvider(Provider):
         """
         POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
 
-        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
-        (default: the provider's own total timeout, or its read timeout, an
-        `aiohttp.ClientTimeout`'s ``sock_read``, when shorter or the only one);
+        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks,
+        and so does the provider's own total timeout, or its read timeout (an
+        `aiohttp.ClientTimeout`'s ``sock_read``), whichever is shortest: the provider's
+        timeout applies to a stream as to `complete` (its error then names it);
         ``total_timeout`` the whole stream.
         Errors before the first byte are raised here, mapped as for `complete`; later
         ones (a stall, an ``error`` event, a cut connection) by the stream's
@@ -655,11 +677,7 @@ class HTTPProvider(Provider):
         from ._streaming import open_http_stream
 
         return await open_http_stream(
-            self,
-            request,
-            decoder,
-            idle_timeout=self._idle_default if idle_timeout is None else idle_timeout,
-            total_timeout=total_timeout,
+            self, request, decoder, idle_timeout=idle_timeout, total_timeout=total_timeout
         )
 
     def _exact_timeout(self, total: float) -> aiohttp.ClientTimeout:

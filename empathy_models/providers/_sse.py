@@ -43,6 +43,7 @@ from ._wire import (
     json_text,
     openai_cached_tokens,
     shown_count,
+    text_of_chunks,
     utf8_size,
     whole_count,
 )
@@ -614,8 +615,9 @@ class OpenAIStreamDecoder(StreamDecoder):
                     content = delta.get("content")
                     if content:
                         if not isinstance(content, str):
-                            raise self._invalid("chunk.choices[0].delta.content must be a string")
-                        out.append(content)
+                            content = self._chunks_text(content)
+                        if content:
+                            out.append(content)
                     elif delta.get("refusal"):
                         self.stop_reason = "refusal"
                         self._unseen(delta["refusal"])
@@ -642,6 +644,15 @@ class OpenAIStreamDecoder(StreamDecoder):
                 self.cached_input_tokens = openai_cached_tokens(
                     usage, lambda data, key, _: self._tokens(data, key), ""
                 )
+
+    def _chunks_text(self, content: object) -> str:
+        """A delta's ``content`` that is no string: a list of chunks' text (`text_of_chunks`)."""
+        text = text_of_chunks(content) if isinstance(content, list) else None
+        if text is None:
+            raise self._invalid(
+                "chunk.choices[0].delta.content must be a string or a list of content chunks"
+            )
+        return text
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
         """``delta.tool_calls``: the first piece of a call has its id and name."""

@@ -46,9 +46,11 @@ from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
     ResponseReader,
+    _without_request,
     error_from_response,
     error_from_transport,
     estimated_output_tokens,
+    own_timeout,
     parse_ratelimit_reset,
     read_bounded,
     reported_model,
@@ -67,17 +69,30 @@ _EOF_GRACE: Final = 0.05
 
 
 def _timeout_error(
-    provider: str, model: str, idle: float | None, total: float | None, exc: BaseException
+    provider: str,
+    model: str,
+    idle: float | None,
+    total: float | None,
+    exc: BaseException,
+    own_idle: bool = False,
 ) -> ProviderTimeoutError:
+    """
+    The error of a stream's timeout ``exc``; ``own_idle``: the idle timeout is the
+    provider's own (shorter than the one asked for), which the error then names and is
+    marked with (`own_timeout`), unless the total timeout ran out.
+    """
     if isinstance(exc, aiohttp.SocketTimeoutError) and idle is not None:
-        why = f"no data for {idle:.3f}s (idle timeout)"
+        limit = "the provider's own timeout, an idle timeout" if own_idle else "idle timeout"
+        why = f"no data for {idle:.3f}s ({limit})"
     elif total is not None:
         why = f"the stream took longer than {total:.3f}s (total timeout)"
+        own_idle = False
     else:
         why = f"timed out ({type(exc).__name__})"
-    return ProviderTimeoutError(
+    error = ProviderTimeoutError(
         f"{provider}: {why} [model {model}]", provider=provider, model=model
     )
+    return own_timeout(error) if own_idle else error
 
 
 def _stream_headers(provider: HTTPProvider) -> dict[str, str]:
@@ -127,6 +142,18 @@ def _new_client_timeout(
     )
 
 
+def _idle_limit(provider: HTTPProvider, asked: float | None) -> tuple[float | None, bool]:
+    """
+    A stream's idle timeout: the one ``asked`` for, or the provider's own timeout (its
+    total or read timeout, the shorter) when that is shorter or none was asked for, as
+    it bounds `HTTPProvider.complete`; and whether it is the provider's own.
+    """
+    own = provider._idle_default
+    if own is not None and (asked is None or own < asked):
+        return own, True
+    return asked, False
+
+
 async def open_http_stream(
     provider: HTTPProvider,
     request: CompletionRequest,
@@ -135,9 +162,9 @@ async def open_http_stream(
     idle_timeout: float | None,
     total_timeout: float | None,
 ) -> CompletionStream:
-    """POST ``request`` with ``"stream": true`` and return the open stream."""
-    model = request.model
-    name = provider.name
+    """POST ``request`` with ``"stream": true``; the open stream (idle: `_idle_limit`)."""
+    model, name = request.model, provider.name
+    idle_timeout, own_idle = _idle_limit(provider, idle_timeout)
     if not provider.has_api_key:
         raise provider._missing_key(model)
     session = provider._session()
@@ -157,12 +184,12 @@ async def open_http_stream(
             proxy_auth=provider._proxy[1],
         )
     except TimeoutError as exc:
-        raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
+        raise _timeout_error(name, model, idle_timeout, total_timeout, exc, own_idle) from None
     except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
         raise provider._not_built(exc, model) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise error_from_transport(
-            exc, provider=name, model=model, secret=provider._redacted
+        raise error_from_transport(  # its context: aiohttp's error, without the headers
+            _without_request(exc), provider=name, model=model, secret=provider._redacted
         ) from None
     except (ValueError, TypeError) as exc:  # aiohttp refused to build the request
         if isinstance(exc, EmpathyModelsError):
@@ -183,6 +210,7 @@ async def open_http_stream(
             headers=response.headers,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
+            own_idle=own_idle,
         )
     except ProviderError:
         # mapped already, exactly as for a whole response: a 401 (a PermissionError,
@@ -191,11 +219,11 @@ async def open_http_stream(
         raise
     except TimeoutError as exc:
         response.close()
-        raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
+        raise _timeout_error(name, model, idle_timeout, total_timeout, exc, own_idle) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
         raise error_from_transport(  # a whole body cut short keeps its status
-            exc,
+            _without_request(exc),
             provider=name,
             model=model,
             secret=provider._redacted,
@@ -270,6 +298,7 @@ class HTTPCompletionStream(CompletionStream):
         "_marker_at",
         "_model",
         "_opened_at",
+        "_own_idle",
         "_parts",
         "_pending",
         "_provider",
@@ -294,6 +323,7 @@ class HTTPCompletionStream(CompletionStream):
         headers: Mapping[str, str] | None = None,
         idle_timeout: float | None,
         total_timeout: float | None,
+        own_idle: bool = False,
     ) -> None:
         self._response = response
         self._tool_calls: tuple[ToolCall, ...] = ()
@@ -304,6 +334,7 @@ class HTTPCompletionStream(CompletionStream):
         self._request_id = request_id
         self._idle = idle_timeout
         self._total = total_timeout
+        self._own_idle = own_idle  # the idle timeout is the provider's own
         self._pending: deque[str | ToolCallDelta] = deque()
         self._parts: list[str] = []  # the text deltas, one item each
         self._deltas = 0
@@ -362,11 +393,16 @@ class HTTPCompletionStream(CompletionStream):
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, TimeoutError):
                         error: ProviderError = _timeout_error(
-                            self._provider, self._model, self._idle, self._total, exc
+                            self._provider,
+                            self._model,
+                            self._idle,
+                            self._total,
+                            exc,
+                            self._own_idle,
                         )
                     else:
                         error = error_from_transport(
-                            exc,
+                            _without_request(exc),
                             provider=self._provider,
                             model=self._model,
                             secret=self._decoder._secret,

@@ -54,11 +54,14 @@ __all__ = [
     "error_in_answer",
     "error_from_transport",
     "estimated_output_tokens",
+    "is_own_timeout",
     "json_text",
     "masked_url",
     "missing_key",
+    "own_timeout",
     "shown_count",
     "parse_ratelimit_reset",
+    "text_of_chunks",
     "parse_retry_after",
     "read_bounded",
     "said_should_retry",
@@ -75,10 +78,13 @@ The UTF-8 bytes of an answer counted as one output token when the provider repor
 count (`estimated_output_tokens`): about what providers count for English, what the
 executor's estimate of a prompt assumes too (``limits.values.WORST_PER_ESTIMATE``).
 """
-_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
+_URL_PASSWORD: Final = re.compile(r"((?<![A-Za-z0-9+.-])[A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
 """
 The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back),
 up to the last '@' before a space: a password may hold an unencoded '/', '?', '#', '@'.
+The scheme is the whole run of scheme characters before ``://``, tried from its start
+only: tried from each of its letters, a long run (``a.a.a...``) took time growing with
+the square of its length.
 """
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
@@ -88,19 +94,34 @@ _CONTEXT_MARKERS: Final = (
     "context window",
     # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
     "exceeds the maximum number of tokens allowed",
+    # llama.cpp's server: "request (N tokens) exceeds the available context size (M
+    # tokens), try increasing it" (type exceed_context_size_error)
+    "exceeds the available context size",
+    # text-generation-inference (and Together): "`inputs` tokens + `max_new_tokens`
+    # must be <= N. Given: ..." (a 422)
+    "`inputs` tokens + `max_new_tokens` must be <=",
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
 # a 400 that is the account's, not the request's (Anthropic sends these as
-# invalid_request_error): no credit left, or the organization disabled
+# invalid_request_error): no credit left, or the organization disabled; Gemini's key
+# refused (INVALID_ARGUMENT, reason API_KEY_INVALID), or the account's region
+# (FAILED_PRECONDITION), which no request from it can change
 _ACCOUNT_MARKERS: Final = (
     "your credit balance is too low to access the anthropic api",
     "this organization has been disabled",
+    "api key not valid. please pass a valid api key",
+    "api key not found. please pass a valid api key",
+    "api key expired. please renew the api key",
+    "user location is not supported for the api use",
+    "free tier is not available in your country",
 )
 # a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
-# model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
+# model=..."; OpenRouter: "... is not a valid model ID"; OpenAI-compatible servers:
+# "model ... does not exist" / "model_not_found")
 _UNKNOWN_MODEL_MARKERS: Final = (
     "invalid model name",
+    "is not a valid model id",
     "model_not_found",
     "model not found",
     "unknown model",
@@ -212,7 +233,8 @@ def said_should_retry(headers: Mapping[str, str]) -> bool | None:
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """
     Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (delta seconds or
-    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable.
+    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable
+    (a date whose numbers no clock holds included).
     """
     ms = headers.get("retry-after-ms")
     if ms is not None:
@@ -231,7 +253,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: a huge number
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
@@ -388,10 +410,12 @@ def error_from_response(
         cls = AuthenticationError
     elif status == 400 and any(marker in lowered for marker in _ACCOUNT_MARKERS):
         cls = AuthenticationError  # Anthropic's account errors, sent as a 400
-    elif status == 404:
+    elif status in (404, 410):  # 410 Gone: a model past its end of life (NVIDIA's API)
         cls = ModelNotFoundError
     elif status in (408, 409):  # 409: a lock timeout, retried as the official SDKs do
         cls = ProviderTimeoutError
+    elif status == 499:  # cancelled on the way (a gateway; Gemini's CANCELLED): transient
+        cls = ProviderConnectionError
     elif status == 400 and (
         any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
         or ("the model" in lowered and "does not exist" in lowered)
@@ -523,7 +547,7 @@ def error_from_transport(
     `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
     ``status``: the answer's, when it was read before the body failed; a 2xx body cut
     short keeps it (the request was accepted, and is billed: see `InvalidResponseError`);
-    a status that asks for a retry (408, 409, 429, 5xx) whose body was cut short (not by
+    a status that asks for a retry (408, 409, 429, 499, 5xx) whose body was cut short (not by
     a timeout) is the error that status and ``headers``, the answer's, map to
     (`error_from_response`: a 503's `ServerError` with its ``Retry-After``), the body
     said to be cut short.  (Another status's class may depend on the body lost: a 400
@@ -533,7 +557,7 @@ def error_from_transport(
 
     if (
         status is not None
-        and (status in (408, 409, 429) or 500 <= status < 600)
+        and (status in (408, 409, 429, 499) or 500 <= status < 600)
         and isinstance(exc, aiohttp.ClientError)
         and not isinstance(exc, TimeoutError)
     ):
@@ -578,6 +602,25 @@ def error_from_transport(
         provider=provider,
         model=model,
     )
+
+
+_OWN_TIMEOUT: Final = "_empathy_own_timeout"
+"""The attribute marking a `ProviderTimeoutError` as the provider's own timeout's."""
+
+
+def own_timeout(error: ProviderTimeoutError) -> ProviderTimeoutError:
+    """
+    ``error``, marked as raised by the provider's own timeout (shorter than the one
+    its caller gave): its message names that limit, which the executor keeps rather
+    than naming its per-attempt timeout (`is_own_timeout`).
+    """
+    setattr(error, _OWN_TIMEOUT, True)
+    return error
+
+
+def is_own_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a timeout `own_timeout` marked as the provider's own."""
+    return getattr(error, _OWN_TIMEOUT, False) is True
 
 
 def error_from_local(
@@ -810,6 +853,26 @@ class ResponseReader:
         if value > MAX_TOKEN_COUNT:
             self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
+
+
+def text_of_chunks(chunks: list[Any]) -> str | None:
+    """
+    The text of a Chat Completions ``content`` sent as a list of chunks (Mistral's
+    reasoning models: ``[{"type": "thinking", ...}, {"type": "text", "text": "..."}]``,
+    in an answer and in a stream's deltas): its ``text`` chunks' text, joined; the other
+    chunks (the thinking) left out, as other servers' reasoning is.  None when a chunk
+    is no object, or a ``text`` chunk's text no string: a malformed answer.
+    """
+    parts: list[str] = []
+    for chunk in chunks:
+        if not isinstance(chunk, Mapping):
+            return None
+        if chunk.get("type") == "text":
+            text = chunk.get("text")
+            if not isinstance(text, str):
+                return None
+            parts.append(text)
+    return "".join(parts)
 
 
 def whole_count(value: object) -> object:

@@ -12,7 +12,7 @@ from ..exceptions import ConfigurationError
 from ._convert import answer_usage, openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
-from ._wire import ResponseReader, openai_cached_tokens, reported_model
+from ._wire import ResponseReader, openai_cached_tokens, reported_model, text_of_chunks
 
 if TYPE_CHECKING:
     import aiohttp
@@ -27,7 +27,9 @@ class OpenAIProvider(HTTPProvider):
     and ``name`` so records and breaker keys tell them apart).
 
     The completion's ``content`` is the first choice's message content (``""`` when the
-    model refused; ``stop_reason`` is then ``"refusal"``); tokens are
+    model refused; ``stop_reason`` is then ``"refusal"``; content sent as a list of
+    chunks, as Mistral's reasoning models send it, answer and deltas alike, is its
+    ``text`` chunks' text, the thinking left out); tokens are
     ``usage.prompt_tokens`` / ``usage.completion_tokens`` (of the prompt tokens,
     ``usage.prompt_tokens_details.cached_tokens`` came from the prompt cache: the
     completion's ``cached_input_tokens``, priced at the model's cached input price; a
@@ -156,7 +158,14 @@ class OpenAIProvider(HTTPProvider):
                 reader.fail("response.choices[0].message.content is missing")
             content = ""
         elif not isinstance(content, str):
-            reader.fail("response.choices[0].message.content must be a string")
+            # a list of chunks (Mistral's reasoning models): its text chunks
+            text = text_of_chunks(content) if isinstance(content, list) else None
+            if text is None:
+                reader.fail(
+                    "response.choices[0].message.content must be a string or a list of "
+                    "content chunks"
+                )
+            content = text
         usage = answer_usage(self._usage(reader, data), content, tool_calls)
         return Completion(
             content=content,

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
-from .._validators import check, failure, integer, number, shown, text_flaw
+from .._validators import check, failure, integer, number, plain_number, shown, text_flaw
 from ..exceptions import ConfigurationError
 from ._verdicts import Limits
 
@@ -45,17 +45,15 @@ def opt_number(name: str, value: object, *, positive: bool = False) -> float | N
     """``value`` as a float >= 0 (> 0 with ``positive``), or ``None``."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not -_MAX_FLOAT <= value <= _MAX_FLOAT  # NaN, infinities, ints no float holds
-    ):
+    number = plain_number(value)  # numpy's, a Decimal: the plain number
+    if number is None or not -_MAX_FLOAT <= number <= _MAX_FLOAT:
+        # (NaN, infinities, ints no float holds)
         raise ConfigurationError(f"{name} must be a finite number, got {shown(value)}")
-    if value < 0 or (positive and value == 0):
+    if number < 0 or (positive and number == 0):
         raise ConfigurationError(
             f"{name} must be {'> 0' if positive else '>= 0'}, got {shown(value)}"
         )
-    return float(value)
+    return float(number)
 
 
 def positive_number(name: str, value: float) -> float:
@@ -93,14 +91,16 @@ def decision_limits(
         max_latency_ms = opt_number("max_latency_ms", max_latency_ms, positive=True)
     if max_ttft_ms is not None and (type(max_ttft_ms) is not float or not 0.0 < max_ttft_ms < _INF):
         max_ttft_ms = opt_number("max_ttft_ms", max_ttft_ms, positive=True)
-    if min_success_rate is not None and (
-        isinstance(min_success_rate, bool)
-        or not isinstance(min_success_rate, int | float)
-        or not 0.0 <= min_success_rate <= 1.0
-    ):
-        raise ConfigurationError(
-            f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
+    if min_success_rate is not None:
+        # numpy's number, a Decimal: the plain number
+        rate = (
+            min_success_rate if type(min_success_rate) is float else plain_number(min_success_rate)
         )
+        if rate is None or not 0.0 <= rate <= 1.0:
+            raise ConfigurationError(
+                f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
+            )
+        min_success_rate = rate
     if input_tokens is not None and (
         type(input_tokens) is not int or not 0 <= input_tokens <= _MAX_COUNT
     ):

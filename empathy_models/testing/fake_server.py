@@ -163,8 +163,8 @@ class FakeLLMServer(Controls):
         rpm_burst: int | None = None,
     ) -> None:
         super().__init__(behaviors, default, seed)
-        check(_opt_count, "rpm", rpm)
-        check(_opt_count, "rpm_burst", rpm_burst)
+        rpm = check(_opt_count, "rpm", rpm)
+        rpm_burst = check(_opt_count, "rpm_burst", rpm_burst)
         self._rpm = RpmBucket(rpm, rpm_burst)
         self._api_key = api_key
         self._host = host

@@ -42,6 +42,8 @@ _NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_BYTES: Final = 63
+"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
 _URL_OPTIONS: Final = frozenset({"schema", "table_prefix", "connect_timeout"})
 """The DSN query's options taken out before asyncpg reads it: the plugin's own, and
 libpq's ``connect_timeout``, which asyncpg would send to the server as a setting (which
@@ -239,7 +241,9 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
     Refuse, at construction, the pool options `asyncpg.create_pool` would refuse when
     the pool is created (at open or at the first operation, as a ``ValueError`` or
     ``TypeError`` of its own): its sizes, ``max_queries``, the inactive connections'
-    lifetime and ``command_timeout``.
+    lifetime and ``command_timeout``; a connect ``timeout`` that is no time (every
+    connection would time out at once) or not a number (a ``TypeError`` of asyncio's);
+    ``server_settings`` other than a dict of strings.
     """
 
     def refuse(why: str) -> ConfigurationError:
@@ -262,13 +266,20 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
     init = sizes.get("init_size")
     if init is not None and not low_size <= init <= high_size:
         raise refuse(f"init_size ({init}) must be from min_size to max_size")
+    settings = options.get("server_settings")
+    if settings is not None and (
+        not isinstance(settings, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in settings.items())
+    ):
+        raise refuse(f"server_settings must be a dict of str to str, got {shown(settings)}")
     for name, least in (
         ("max_queries", "> 0"),
         ("max_inactive_connection_lifetime", ">= 0"),
         ("command_timeout", "> 0"),
+        ("timeout", "> 0"),  # the connect timeout
     ):
         value = options.get(name)
-        if name not in options or (name == "command_timeout" and value is None):
+        if name not in options or (name.endswith("timeout") and value is None):
             continue  # asyncpg's default, or no time limit
         if (
             isinstance(value, bool)
@@ -303,6 +314,7 @@ class Database:
         pool_options: dict[str, Any],
         create: bool = True,
         empty_when_missing: bool = False,
+        settings: dict[str, str] | None = None,
     ) -> None:
         unknown = sorted(set(pool_options) - pool_option_names())
         if unknown:
@@ -318,6 +330,14 @@ class Database:
         if schema is not None and not _IDENT.match(schema):
             raise ConfigurationError(
                 f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
+            )
+        if schema is not None and len(schema) > _NAME_BYTES:
+            # (an identifier of ASCII letters, digits and _: a byte per character)
+            raise ConfigurationError(
+                f"schema {schema} is too long: PostgreSQL cuts names to {_NAME_BYTES} "
+                "bytes, so every schema named alike up to there would be one; name it by "
+                f"its first {_NAME_BYTES} characters ({schema[:_NAME_BYTES]}), where its "
+                "tables are"
             )
         if not _IDENT.match(table_prefix):
             raise ConfigurationError(
@@ -346,8 +366,15 @@ class Database:
             self.pool_options["timeout"] = connect_timeout  # a keyword ``timeout`` wins
         self.pool_options.update(pool_options)
         _check_pool_sizes(component, self.pool_options)
+        if settings:  # the component's server settings, unless given otherwise
+            given = self.pool_options.get("server_settings") or {}
+            self.pool_options["server_settings"] = {**settings, **given}
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
+        # the pool being created has connected, and its tables are being migrated; a
+        # migration that outlasted the open goes on in this task (see `open`)
+        self._migrating = False
+        self._opening: asyncio.Task[asyncpg.Pool] | None = None
         # the connection kept between statements (see `statement`) and its use count
         self._kept: asyncpg.Connection | None = None
         self._kept_uses = 0
@@ -378,11 +405,29 @@ class Database:
         if it cannot be reached, warn
         and leave it to the first operation (which raises the backend's error until the
         database is back), so a worker starts during an outage and runs degraded, as
-        with Redis.  A schema newer than this code still fails the open.
+        with Redis.  A schema newer than this code still fails the open.  A migration
+        still running then (an upgrade over a large table, or one waiting for another
+        session's lock) is not cut short, which would roll it back for the first
+        operation to run again from the start: it goes on in the background
+        (`_opening`), and operations wait for it.
         """
+        task = asyncio.get_running_loop().create_task(self.pool(migrations))
         try:
-            await asyncio.wait_for(self.pool(migrations), OPEN_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(task), OPEN_TIMEOUT)
         except TimeoutError:
+            task.add_done_callback(_retrieved)
+            if self._migrating:  # the database answered
+                self._opening = task
+                logger.warning(
+                    "PostgreSQL %s %s: still migrating the tables after %g s at open; "
+                    "the migration goes on, and operations wait for it",
+                    self.component,
+                    self.target,
+                    OPEN_TIMEOUT,
+                )
+                return
+            task.cancel()
+            await asyncio.wait([task])
             logger.warning(
                 "PostgreSQL %s %s: no answer within %g s at open; trying again at the "
                 "first operation",
@@ -390,6 +435,10 @@ class Database:
                 self.target,
                 OPEN_TIMEOUT,
             )
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieved)
+            raise
         except SchemaVersionError:
             raise
         except self.error_type as exc:
@@ -422,13 +471,30 @@ class Database:
             if self._pool is None:
                 async with self.errors("connect"):
                     pool = await asyncpg.create_pool(self.dsn, **self.pool_options)
+                self._migrating = True
                 try:
                     await self._migrate(pool, migrations)
                 except BaseException:
                     await pool.close()
                     raise
+                finally:
+                    self._migrating = False
                 self._pool = pool
         return self._pool
+
+    async def absent(self, migrations: Sequence[Migration]) -> bool:
+        """
+        Without ``create``: whether this component's tables are missing from a schema
+        that holds others' (`empty_when_missing`: its reads find nothing), looked up
+        again while they are, so that a store open for long reads the tables another
+        process has made since.  One round trip per read while missing, none after.
+        """
+        pool = await self.pool(migrations)
+        if self.missing:
+            self.missing = await self._check_tables(
+                pool, self.table("schema_version"), len(migrations)
+            )
+        return self.missing
 
     async def connect(self, application_name: str) -> asyncpg.Connection:
         """One connection of its own, outside the pool, opened with the pool's options
@@ -603,7 +669,7 @@ class Database:
         version_table = self.table("schema_version")
         latest = len(migrations)
         if not self.create:
-            await self._check_tables(pool, version_table, latest)
+            self.missing = await self._check_tables(pool, version_table, latest)
             return
         async with (
             self.errors("migrate"),
@@ -644,8 +710,12 @@ class Database:
                     latest,
                 )
 
-    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> None:
-        """Without ``create``: refuse, rather than create, missing or outdated tables."""
+    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> bool:
+        """
+        Without ``create``: refuse, rather than create, missing or outdated tables; true
+        when this component's are missing from a schema that holds others' and
+        `empty_when_missing` lets it read as empty.
+        """
         where = f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'})"
         async with self.errors("check the tables"), self.connection(pool) as conn:
             exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", version_table)
@@ -655,8 +725,7 @@ class Database:
                     f"SELECT version FROM {version_table} WHERE component = $1", self.component
                 )
         if current is None and exists and self.empty_when_missing:
-            self.missing = True  # empathy-models tables, but never this component's
-            return
+            return True  # empathy-models tables, but never this component's
         if current is None:
             raise self.error_type(
                 f"PostgreSQL {self.component} {self.target}: no empathy-models tables {where}: "
@@ -678,9 +747,15 @@ class Database:
                 "writing (e.g. run the application) to migrate them",
                 target=self.target,
             )
+        return False
 
     async def close(self) -> None:
         """Close the pool; past `CLOSE_TIMEOUT` seconds (an unreachable server), terminate it."""
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            # a migration the open left running: cut short (rolled back), its pool closed
+            opening.cancel()
+            await asyncio.wait([opening], timeout=CLOSE_TIMEOUT)
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -701,10 +776,6 @@ class Database:
                 CLOSE_TIMEOUT,
             )
             pool.terminate()
-
-
-_NAME_BYTES: Final = 63
-"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
 
 
 def _check_names(db: Database, templates: Sequence[Sequence[str]]) -> None:

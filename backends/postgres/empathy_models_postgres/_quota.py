@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -50,6 +51,48 @@ _MIGRATIONS: Final = (
 QUOTA_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The schema version of the quota table this code writes."""
 
+_ESCAPE: Final = "\x01"
+"""The character that begins each escape in a stored key (`_stored_key`)."""
+
+_TO_ESCAPE: Final = re.compile("[\x00\x01\ud800-\udfff]")
+"""What a stored key holds escaped: a NUL and a surrogate (which PostgreSQL text cannot
+hold: in a ``str``, a surrogate is always a lone one), and `_ESCAPE` itself."""
+
+_ESCAPED: Final = re.compile("\x01(?:[\x01]|0|u[0-9a-f]{4})")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == _ESCAPE:
+        return _ESCAPE + _ESCAPE
+    return _ESCAPE + ("0" if char == "\x00" else f"u{ord(char):04x}")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group()[1:]
+    if code == _ESCAPE:
+        return _ESCAPE
+    return "\x00" if code == "0" else chr(int(code[1:], 16))
+
+
+def _stored_key(key: str) -> str:
+    """
+    The ``key`` column of ``key``, one to one: the key itself unless it holds what
+    PostgreSQL text cannot (a NUL, a lone surrogate: a budget's name or a user id may)
+    or `_ESCAPE`; each of those is written as `_ESCAPE` and a code (``0`` for a NUL,
+    ``u`` and four hex digits for a surrogate, the escape doubled).  Character by
+    character, so a prefix's stored form begins the stored form of every key that
+    begins with the prefix (`PostgresQuotaStore._scan`).
+    """
+    if key.isascii() and "\x00" not in key and _ESCAPE not in key:
+        return key  # the usual key: as it is, at the cost of three scans of it
+    return _TO_ESCAPE.sub(_escape, key)
+
+
+def _given_key(stored: str) -> str:
+    """The key whose ``key`` column is ``stored`` (`_stored_key` undone)."""
+    return _ESCAPED.sub(_unescape, stored) if _ESCAPE in stored else stored
+
 
 class PostgresQuotaStore(TransactionalQuotaStore):
     """
@@ -57,7 +100,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
 
     One row per key in ``<table_prefix>quota``, found by the key's SHA-256 digest: a
     key holds the names of a budget's scope (a workflow, a user), which may be longer
-    than a btree entry holds (about 2,700 bytes).  A budget's window is dropped a week
+    than a btree entry holds (about 2,700 bytes), and any characters, as in
+    `MemoryQuotaStore`: a NUL or a lone surrogate, which PostgreSQL text cannot hold,
+    is stored escaped (`_stored_key`).  A budget's window is dropped a week
     (`empathy_models.limits.WINDOW_RETENTION`) after it ended, checked once an hour in
     each process, the time being the database's when a budget write's window holds it
     (the callers' clock agrees), else the newest such window's start.  Every operation
@@ -130,20 +175,21 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         self, key: str, fn: Callable[[dict[str, Any] | None, float], tuple[Any, T]]
     ) -> T:
         pool = await self._db.pool(self._migrations)
+        stored = _stored_key(key)
         async with (
             self._db.errors(f"update {shown(key)}"),
             self._db.connection(pool) as conn,
             self._db.transaction(conn),
         ):
             raw, now = await self._db.lock_row(
-                conn, self._table, "data", key, unique=_KEY, match=_MATCH
+                conn, self._table, "data", stored, unique=_KEY, match=_MATCH
             )
             new, result = fn(self._decode(raw), now)
             if new is not None:
                 await conn.execute(
                     f"UPDATE {self._table} SET data = $2::jsonb, "
                     f"updated_at = clock_timestamp() WHERE {_MATCH}",
-                    key,
+                    stored,
                     json.dumps(new, separators=(",", ":")),
                 )
                 if key.startswith("b|") and _sweep_time(new, now) >= self._sweep_at:
@@ -164,32 +210,35 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         return await self._db.clock(self._migrations)
 
     async def _load(self, key: str) -> dict[str, Any] | None:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return None
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {shown(key)}"):
             raw = await self._db.statement(
-                pool, "fetchval", f"SELECT data::text FROM {self._table} WHERE {_MATCH}", key
+                pool,
+                "fetchval",
+                f"SELECT data::text FROM {self._table} WHERE {_MATCH}",
+                _stored_key(key),
             )
         return self._decode(raw)
 
     async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return []
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("scan"):
             rows = await self._db.run(
                 pool,
                 "fetch",
                 f"SELECT key, data::text AS data FROM {self._table} "
                 "WHERE left(key, length($1)) = $1 AND data IS NOT NULL ORDER BY key",
-                prefix,
+                _stored_key(prefix),
             )
         out = []
         for row in rows:
             data = self._decode(row["data"])
             if data is not None:
-                out.append((str(row["key"]), data))
+                out.append((_given_key(row["key"]), data))
         return out
 
     async def _delete(self, keys: Sequence[str]) -> None:
@@ -203,7 +252,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                 f"DELETE FROM {self._table} WHERE {_KEY} = ANY(ARRAY("
                 f"SELECT {text_digest('k')} FROM unnest($1::text[]) AS k)) "
                 "AND key = ANY($1::text[])",
-                list(keys),
+                [_stored_key(key) for key in keys],
             )
 
 

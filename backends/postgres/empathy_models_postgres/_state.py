@@ -104,12 +104,13 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             pool_options={
                 "reset": _keep_session,
                 **pool_options,
-                "server_settings": {
-                    "synchronous_commit": "off",
-                    **(pool_options.get("server_settings") or {}),
-                },
             },
+            # the given server_settings win (checked first, as given)
+            settings={"synchronous_commit": "off"},
             create=create,
+            # read-only, a schema whose breaker table was never made (telemetry only:
+            # breakers shared elsewhere) reads as empty, as a SQLite file does
+            empty_when_missing=True,
         )
         self._table = table = self._db.table("circuit_state")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
@@ -242,6 +243,8 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         return True
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
+        if await self._db.absent(self._migrations):
+            return None
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
             raw = await self._db.statement(
@@ -250,6 +253,8 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         return None if raw is None else self._decoded(key, raw, self._decode_text)
 
     async def _load_all(self) -> list[CircuitBreakerState]:
+        if await self._db.absent(self._migrations):
+            return []
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("read all"):
             rows = await self._db.run(

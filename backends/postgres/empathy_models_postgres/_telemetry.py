@@ -371,6 +371,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             component="telemetry",
             pool_options=pool_options,
             create=create,
+            # read-only, a schema whose telemetry tables were never made (breakers or
+            # budgets only) reads as empty, as a SQLite file does
+            empty_when_missing=True,
         )
         self.batch_size = batch_size
         self._calls = self._db.table("calls")
@@ -570,6 +573,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             "GROUP BY 1, 2, 3 "
             f'ORDER BY coalesce(workflow, \'\') COLLATE "C"{order_stage}, model COLLATE "C"'
         )
+        if await self._db.absent(self._migrations):
+            return []
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("aggregate"):
             rows = await self._db.run(pool, "fetch", query, *args)
@@ -620,6 +625,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         query = (
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"
         )
+        if await self._db.absent(self._migrations):
+            return []
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
@@ -645,6 +652,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             "SELECT coalesce(workflow, '') AS wf, coalesce(stage, '') AS st, model, "
             f"sum(least(cost_usd, {_CAP})) AS cost FROM {self._calls}{where} GROUP BY 1, 2, 3"
         )
+        if await self._db.absent(self._migrations):
+            return {}
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("spend"):
             rows = await self._db.run(pool, "fetch", query, *args)
@@ -671,6 +680,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             clauses.append(f"bucket_start < ${len(args)}")
         # unsorted: EvidenceBatch sorts its buckets only when they are read
         query = f"SELECT {_EVIDENCE_ROW} FROM {self._evidence_table} WHERE {' AND '.join(clauses)}"
+        if await self._db.absent(self._migrations):
+            return EvidenceBatch.from_rows((), 0)
         pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors("evidence"),
@@ -690,6 +701,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         Delete the records older than ``before`` and the evidence buckets that end at or
         before it, in one transaction; return how many records were deleted.
         """
+        if await self._db.absent(self._migrations):
+            return 0
         pool = await self._db.pool(self._migrations)
         # in whole seconds: exact, defined within year 1's first minute, and never the
         # infinity asyncpg sends for the last datetime (whose bucket ends after it)

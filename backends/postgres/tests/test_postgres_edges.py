@@ -97,6 +97,19 @@ async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_deg
         ({"max_inactive_connection_lifetime": -1}, "lifetime must be a number >= 0, got -1"),
         ({"command_timeout": 0}, "command_timeout must be a number > 0, got 0"),
         ({"command_timeout": float("nan")}, "command_timeout must be a number > 0, got nan"),
+        # the connect timeout: every connection failed ("timed out after 0 s"), or the
+        # open with a TypeError of asyncio's ("unsupported operand type(s) for +")
+        ({"timeout": 0}, r"(?<!_)timeout must be a number > 0, got 0"),
+        ({"timeout": -1}, r"(?<!_)timeout must be a number > 0, got -1"),
+        ({"timeout": "5"}, r"(?<!_)timeout must be a number > 0, got '5'"),
+        ({"timeout": float("nan")}, r"(?<!_)timeout must be a number > 0, got nan"),
+        # failed at open (or, for the breaker store, at construction with a TypeError
+        # naming no option: "'str' object is not a mapping")
+        ({"server_settings": "x"}, "server_settings must be a dict of str to str, got 'x'"),
+        (
+            {"server_settings": {"application_name": 5}},
+            r"server_settings must be a dict of str to str, got \{'application_name': 5\}",
+        ),
     ],
 )
 @pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
@@ -224,3 +237,24 @@ async def test_the_longest_table_prefix_said_to_fit_keeps_every_component_workin
         assert (await quota.reserve("b", amount=3, **kw)).usage.held == 3
     async with state_store_from_url(url) as state:
         assert await state.snapshot_all() == []
+
+
+@pytest.mark.parametrize("kind", ["telemetry", "cache", "quota", "state"])
+def test_a_schema_name_postgresql_would_cut_is_refused(kind: str) -> None:
+    # PostgreSQL cuts names to 63 bytes: two tenants' schemas named alike up to there
+    # were one schema, and each read and spent the other's budgets
+    from empathy_models import cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    factory = {
+        "telemetry": telemetry_from_url,
+        "cache": cache_from_url,
+        "quota": quota_store_from_url,
+        "state": state_store_from_url,
+    }[kind]
+    fits = "s" * 63
+    factory(f"postgresql://postgres@127.0.0.1:5432/test?schema={fits}")
+    with pytest.raises(ConfigurationError, match=rf"schema {fits}a is too long: PostgreSQL cuts"):
+        factory(f"postgresql://postgres@127.0.0.1:5432/test?schema={fits}a")
+    with pytest.raises(ConfigurationError, match="is too long"):
+        factory("postgresql://postgres@127.0.0.1:5432/test", schema=fits + "b")

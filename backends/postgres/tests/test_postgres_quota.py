@@ -21,7 +21,7 @@ from empathy_models import (
     RetryPolicy,
 )
 from empathy_models.abc import QuotaStore
-from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends import MemoryTelemetryBackend, state_store_from_url
 from empathy_models.testing import FakeLLMServer, ModelBehavior
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
@@ -179,3 +179,47 @@ async def test_version_1_quota_tables_keep_their_rows_and_take_long_keys_once_mi
         await conn.close()
     assert version == QUOTA_SCHEMA_VERSION == 2
     assert keys == []
+
+
+ODD_KEYS = ["n\x00ul", "caf\udce9", "\udce9", "n\x010ul", "\x01", "plain"]
+"""Keys PostgreSQL text cannot hold as they are (a NUL, a lone surrogate), and keys
+spelled like what such a key could be stored as."""
+
+
+async def test_keys_with_a_nul_or_a_lone_surrogate_are_kept_apart_as_given(
+    postgres_url: str,
+) -> None:
+    # as in MemoryQuotaStore: each key its own window, limit and schedule, read back as
+    # given (a budget's name, a user id: PostgreSQL refused every operation on them)
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 100}
+    rate: dict[str, Any] = {"cost": 1.0, "interval": 3600.0, "burst": 1.0, "max_wait": 0.0}
+    held = {key: n for n, key in enumerate(ODD_KEYS, 1)}
+    async with PostgresQuotaStore(postgres_url) as store:
+        for key, n in held.items():
+            assert (await store.reserve(key, amount=n, **kw)).granted
+            await store.set_limit(key, n)
+            assert (await store.acquire(key, **rate)).granted
+        for key, n in held.items():
+            assert (await store.usage(key, window_start=WS, window_end=WE)).held == n
+            assert not (await store.acquire(key, **rate)).granted
+        assert {u.key: u.held for u in await store.usages()} == held
+        assert await store.limit_overrides() == held
+        assert await store.reset_budget("n\x00ul") == 1
+        await store.set_limit("caf\udce9", None)
+        assert [u.key for u in await store.usages()] == sorted(set(ODD_KEYS) - {"n\x00ul"})
+        assert set(await store.limit_overrides()) == set(ODD_KEYS) - {"caf\udce9"}
+
+
+async def test_read_only_a_quota_table_made_after_the_open_is_read(postgres_url: str) -> None:
+    # a long-running reader opened before any budget was used (its quota table missing
+    # then: read as empty) kept reading nothing once the workers had made it
+    async with state_store_from_url(postgres_url) as store:
+        await store.reset("k")  # empathy-models tables, but no quota table
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "amount": 2, "limit": 10}
+    async with PostgresQuotaStore(postgres_url, create=False) as reader:
+        assert await reader.usages() == []
+        async with PostgresQuotaStore(postgres_url) as worker:
+            await worker.reserve("global/day", **kw)
+            await worker.set_limit("global/day", 10)
+        assert [(u.key, u.held) for u in await reader.usages()] == [("global/day", 2)]
+        assert await reader.limit_overrides() == {"global/day": 10}

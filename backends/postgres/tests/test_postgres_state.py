@@ -11,14 +11,24 @@ import anyio
 import asyncpg
 import attrs
 import pytest
-from empathy_models_postgres import STATE_SCHEMA_VERSION, PostgresCircuitStateStore
+from empathy_models_postgres import (
+    STATE_SCHEMA_VERSION,
+    PostgresCircuitStateStore,
+    PostgresTelemetryBackend,
+)
 from empathy_models_postgres._feed import Rounds
 
 from empathy_models.abc import ChangeFeed
 from empathy_models.backends import state_store_from_url
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import SchemaVersionError, StateStoreError
-from empathy_models.records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport
+from empathy_models.records import (
+    CircuitBreakerState,
+    CircuitState,
+    LLMCallRecord,
+    Outcome,
+    OutcomeReport,
+)
 
 POLICY = BreakerPolicy()
 
@@ -376,3 +386,24 @@ async def test_a_sync_never_takes_a_round_trip_sent_before_it_began(postgres_dsn
         assert asked <= feed.synced_at <= sent[1], "synced as of the later send"
     finally:
         await conn.close()
+
+
+async def test_read_only_a_schema_without_breaker_state_reads_as_empty(
+    postgres_url: str,
+) -> None:
+    # telemetry, but never a breaker, in the schema (breakers shared elsewhere): a
+    # read-only store reads no state, as a SQLite file or the quota store does, rather
+    # than saying the schema holds no empathy-models tables
+    async with PostgresTelemetryBackend(postgres_url) as telemetry:
+        await telemetry.record_many(
+            [LLMCallRecord(provider="p", model="m", outcome=Outcome.SUCCESS, latency_ms=1)]
+        )
+    async with PostgresCircuitStateStore(postgres_url, create=False) as store:
+        assert await store.snapshot_all() == []
+        assert (await store.snapshot("k")).state is CircuitState.CLOSED
+        await store.reset(None)  # nothing to reset
+        # and once a breaker has made the table, a store open for long reads it
+        async with PostgresCircuitStateStore(postgres_url) as writer:
+            await writer.force("k", CircuitState.DISABLED)
+        assert [s.key for s in await store.snapshot_all()] == ["k"]
+        assert (await store.snapshot("k")).state is CircuitState.DISABLED

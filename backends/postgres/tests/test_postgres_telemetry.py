@@ -451,3 +451,57 @@ async def test_version_3_tables_take_long_names_once_migrated(
         assert_same_buckets(buckets, rollup([*first, long_names]), "after the migration")
         found = await backend.recent(stage=long_names.stage)
         assert [r.call_id for r in found] == [long_names.call_id]
+
+
+async def test_read_only_a_schema_without_calls_reads_as_empty(postgres_url: str) -> None:
+    # breakers, but never telemetry, in the schema: a read-only backend reads no calls,
+    # as a SQLite file does, rather than saying the schema holds no empathy-models tables
+    async with state_store_from_url(postgres_url) as store:
+        await store.reset("k")
+    async with PostgresTelemetryBackend(postgres_url, create=False) as backend:
+        assert await backend.aggregate() == []
+        assert await backend.recent() == []
+        assert await backend.spend() == {}
+        assert len(await backend.evidence()) == 0
+        assert await backend.purge(before=T0) == 0
+        # and once calls are recorded, a backend open for long reads them
+        async with PostgresTelemetryBackend(postgres_url) as writer:
+            await writer.record_many(random_records(13, 5))
+        assert len(await backend.recent()) == 5
+        assert len(await backend.evidence()) > 0
+
+
+async def test_a_migration_longer_than_the_open_goes_on_instead_of_starting_over(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an upgrade over a large table, here a migration held up by a reader of the calls:
+    # the open's 2 s bound cut it short, rolled it back and said "no answer", and the
+    # first operation ran it again from the start
+    s = f'"{postgres_schema}"'
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(random_records(12, 20))
+    await execute(postgres_dsn, f"UPDATE {s}.empathy_schema_version SET version = 3")
+    version = f"SELECT version FROM {s}.empathy_schema_version WHERE component = 'telemetry'"
+    reader = await asyncpg.connect(postgres_dsn)
+    backend = PostgresTelemetryBackend(postgres_url)
+    try:
+        async with reader.transaction():
+            # the migration's DROP INDEX waits for the reader's transaction
+            await reader.fetchval(f"SELECT count(*) FROM {s}.empathy_calls")
+            await backend.__aenter__()
+        # the reader is done: the migration ends without any operation asking for it
+        # (its advisory lock, held to its commit, is waited for)
+        with anyio.fail_after(20):
+            async with reader.transaction():
+                await reader.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1))",
+                    f"empathy_models:{postgres_schema}:empathy_",
+                )
+                assert await reader.fetchval(version) == TELEMETRY_SCHEMA_VERSION
+        assert len(await backend.recent(limit=100)) == 20
+    finally:
+        await backend.aclose()
+        await reader.close()
+    said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
+    assert not [m for m in said if "no answer" in m], said
+    assert [m for m in said if "migrating" in m], said
