@@ -357,12 +357,19 @@ THOUGHTS = [f"step {i:02}: weigh the evidence once more before answering. " * 2 
 def _reasoning_then_cut(api: str) -> bytes:
     """
     A reasoning model's stream (Anthropic's thinking block, an OpenAI-compatible
-    server's ``reasoning_content`` as DeepSeek and vLLM send it), then one text delta,
-    then the body ends without the end marker.
+    server's ``reasoning_content`` as DeepSeek and vLLM send it, Mistral's thinking
+    chunks in ``content``), then one text delta, then the body ends without the end
+    marker.
     """
     if api == "openai":
         pieces = [chunk({"role": "assistant", "reasoning_content": t}) for t in THOUGHTS]
         return b"".join([*pieces, chunk({"content": "Yes"})])
+    if api == "mistral":
+        thinking = [
+            [{"type": "thinking", "thinking": [{"type": "text", "text": t}]}] for t in THOUGHTS
+        ]
+        pieces = [chunk({"content": content}) for content in thinking]
+        return b"".join([*pieces, chunk({"content": [{"type": "text", "text": "Yes"}]})])
 
     def event(name: str, data: dict[str, Any]) -> bytes:
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
@@ -395,7 +402,7 @@ def _reasoning_then_cut(api: str) -> bytes:
     )
 
 
-@pytest.mark.parametrize("api", ["anthropic", "openai"])
+@pytest.mark.parametrize("api", ["anthropic", "openai", "mistral"])
 async def test_a_reasoning_stream_cut_short_estimates_the_reasoning_it_carried_as_output(
     telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore, api: str
 ) -> None:
@@ -414,12 +421,12 @@ async def test_a_reasoning_stream_cut_short_estimates_the_reasoning_it_carried_a
         await response.write_eof()
         return response
 
-    model = "gpt-usage" if api == "openai" else "claude-usage"
+    model = "claude-usage" if api == "anthropic" else "gpt-usage"
     async with serving("/{tail:.*}", handler) as url:
         provider = (
-            OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")
-            if api == "openai"
-            else AnthropicProvider(api_key=KEY, base_url=url)
+            AnthropicProvider(api_key=KEY, base_url=url)
+            if api == "anthropic"
+            else OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")
         )
         executor = EmpathyLLMExecutor(
             [provider],

@@ -646,12 +646,19 @@ class OpenAIStreamDecoder(StreamDecoder):
                 )
 
     def _chunks_text(self, content: object) -> str:
-        """A delta's ``content`` that is no string: a list of chunks' text (`text_of_chunks`)."""
-        text = text_of_chunks(content) if isinstance(content, list) else None
-        if text is None:
+        """
+        A delta's ``content`` that is no string: a list of chunks' text
+        (`text_of_chunks`); its ``thinking`` chunks' text (Mistral's reasoning, a list
+        of text chunks) counted as output that yields no delta (`unseen_bytes`).
+        """
+        if not isinstance(content, list) or (text := text_of_chunks(content)) is None:
             raise self._invalid(
                 "chunk.choices[0].delta.content must be a string or a list of content chunks"
             )
+        for chunk in content:  # objects all (`text_of_chunks` read them)
+            if chunk.get("type") == "thinking":
+                thought = chunk.get("thinking")
+                self._unseen(text_of_chunks(thought) if isinstance(thought, list) else thought)
         return text
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
