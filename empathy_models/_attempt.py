@@ -914,11 +914,16 @@ def _timeout_error(
     """
     A stream's timeout restated with the limit that ran out: the run's deadline, which
     bounds the whole stream, or else the per-attempt timeout, which bounds each wait for
-    data, unless the provider's own timeout was shorter (an HTTP provider's, marked
-    `is_own_timeout`: its error names it).  A server's own timeout (an HTTP 408 answer)
-    and the provider's are kept as they are.
+    data (the only other limit the stream was given; a provider says it ran out with a
+    `ProviderTimeoutError`, `Provider.stream`), unless the provider's own timeout was
+    shorter (an HTTP provider's, marked `is_own_timeout`: its error names it).  A
+    server's own timeout (an HTTP 408 answer) and the provider's are kept as they are,
+    as is a provider's own that is no `ProviderTimeoutError` (its client's, as `run`
+    keeps it).
     """
     if not isinstance(error, TimeoutError) or getattr(error, "status", None) is not None:
+        return error
+    if not by_deadline and not isinstance(error, ProviderTimeoutError):
         return error
     if by_deadline:
         why = "the run's deadline passed (it bounds the whole stream)"

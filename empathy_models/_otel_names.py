@@ -56,3 +56,9 @@ provider reported none), and the span attribute saying so.
 """
 _OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
 """The same for the output tokens (an estimate from the answer's size)."""
+_CACHE_WRITES = ("empathy_models.cache_write_tokens", "empathy_models.cache_write_1h_tokens")
+"""The call record's metadata keys of the prompt tokens written to the provider's cache."""
+_CACHE_READ = "empathy_models.cache_read_tokens"
+"""The metadata key of those read from it, counted apart from the input (Anthropic)."""
+_CACHED_INPUT = "empathy_models.cached_input_tokens"
+"""The metadata key of those read from it among the input (OpenAI's ``cached_tokens``)."""

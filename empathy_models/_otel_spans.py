@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from ._otel_names import (
+    _CACHE_READ,
+    _CACHE_WRITES,
+    _CACHED_INPUT,
     _ERROR_TYPE,
     _INPUT_ESTIMATED,
     _KEY,
@@ -554,18 +557,34 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
         record: The attempt's call record.
 
     Returns:
-        The outcome, the tokens counted so far (and which are estimates) and the time
-        to the first chunk.
+        The outcome, the tokens counted so far (and which are estimates; the input with
+        the prompt tokens the provider's cache wrote or read, which the record's
+        metadata holds, as an answered attempt's span has them) and the time to the
+        first chunk.
     """
+    metadata = record.metadata
+    written = sum(_count(metadata, key) for key in _CACHE_WRITES)
+    read = _count(metadata, _CACHE_READ)
     left: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
-        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.input_tokens": record.input_tokens + written + read,
         "gen_ai.usage.output_tokens": record.output_tokens,
     }
+    if written:
+        left["gen_ai.usage.cache_creation.input_tokens"] = written
+    read += _count(metadata, _CACHED_INPUT)
+    if read:
+        left["gen_ai.usage.cache_read.input_tokens"] = read
     if record.ttft_ms is not None:
         left[_TTFC] = record.ttft_ms / 1000.0
     _flag_estimates(left, record)
     return left
+
+
+def _count(metadata: Mapping[str, object], key: str) -> int:
+    """The token count ``metadata`` holds under ``key`` (0 when none)."""
+    value = metadata.get(key)
+    return value if type(value) is int else 0
 
 
 def _failed_attributes(record: LLMCallRecord, error_type: str) -> _Attrs:

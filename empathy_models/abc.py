@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
 
 import anyio
-import attrs
 from attrs import field, frozen
 
 from . import circuit
@@ -1746,7 +1745,8 @@ class Provider(abc.ABC):
         Send one request and return its answer as a `CompletionStream` of text deltas.
 
         The default, for providers that cannot stream, calls `complete` (bounded by the
-        smaller timeout) and yields its whole content as one delta.
+        smaller timeout) and yields its whole content as one delta; a timeout of the
+        provider's own (its client's) is raised as it is, as `complete` raises it.
 
         Args:
             request: the request.
@@ -1762,12 +1762,13 @@ class Provider(abc.ABC):
         from .exceptions import ProviderTimeoutError
 
         limits = [t for t in (idle_timeout, total_timeout) if t is not None]
+        timer = asyncio.timeout(min(limits) if limits else None)
         try:
-            async with asyncio.timeout(min(limits) if limits else None):
+            async with timer:
                 completion = await self.complete(request)
         except TimeoutError as exc:
-            if isinstance(exc, ProviderTimeoutError):
-                raise
+            if isinstance(exc, ProviderTimeoutError) or not timer.expired():
+                raise  # the provider's own
             raise ProviderTimeoutError(
                 f"{self.name}: no answer within {min(limits):.3f}s [model {request.model}]",
                 provider=self.name,
@@ -1846,8 +1847,9 @@ class CompletionStream(abc.ABC):
         True when `completion`'s output tokens are an estimate, not the provider's (it
         reported none, or, before the end, fewer than the estimate); the attempt's
         record is flagged then.  The HTTP providers estimate a quarter of the UTF-8
-        bytes of the text and tool-call pieces, rounded up, and at least one token per
-        piece, as the executor estimates a prompt.  This default: False.
+        bytes of the text and tool-call pieces (and of the reasoning streamed with no
+        delta), rounded up, and at least one token per piece, as the executor
+        estimates a prompt.  This default: False.
         """
         return False
 
@@ -1888,6 +1890,5 @@ class _CompletedStream(CompletionStream):
         return self._ended_at
 
     def completion(self) -> Completion:
-        if not self._pieces:
-            return self._completion
-        return attrs.evolve(self._completion, content="", output_tokens=0, tool_calls=())
+        # the whole answer has arrived (and is billed whole), whatever pieces are taken
+        return self._completion

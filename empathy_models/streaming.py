@@ -65,7 +65,8 @@ The provider slot (``concurrency_per_provider``) is held until the stream ends o
 left, since the connection is in use until then.  Usage: output tokens are estimated
 until the provider reports them (OpenAI-format servers report usage only at the end;
 the executor asks for it with ``stream_options.include_usage``): a quarter of the UTF-8
-bytes of the text and tool-call pieces so far, rounded up, as the prompt is estimated,
+bytes of the text and tool-call pieces so far (and of the reasoning a stream carried
+without a delta, which is billed as output too), rounded up, as the prompt is estimated,
 and at least one token per delta; a record whose output tokens are that estimate (a
 stream that did not finish, or one from a server that ignores ``include_usage``) has
 ``metadata["empathy_models.output_tokens_estimated"] = True``.  Input tokens are the

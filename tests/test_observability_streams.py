@@ -139,6 +139,36 @@ async def test_a_stream_left_early_ends_its_spans_as_cancelled(
     assert attempt.status.status_code is StatusCode.UNSET
 
 
+async def test_a_stream_left_early_counts_its_cached_prompt_in_its_spans_input_tokens(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    """
+    ``gen_ai.usage.input_tokens`` counts the prompt tokens Anthropic wrote to its cache
+    (reported apart from ``input_tokens``), as an answered attempt's span does: the span
+    of a stream left early gave the uncached rest alone (8 of the prompt's 1,333).
+    """
+    manual = "Each ledger field, what it means and how to read it. " * 100
+    cached = {"system": [{"type": "text", "text": manual, "cache_control": {"type": "ephemeral"}}]}
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    telemetry = MemoryTelemetryBackend()
+    pinned = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with (
+        make(server, otel, telemetry_store=telemetry) as executor,
+        executor.stream(PROMPT, pinned, extra_body=cached) as stream,
+    ):
+        async for _ in stream:
+            break
+    (record,) = await telemetry.recent(limit=10)
+    written = record.metadata["empathy_models.cache_write_tokens"]
+    assert isinstance(written, int) and written > record.input_tokens > 0
+    (attempt,) = attempts_of(otel)
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "cancelled"
+    assert attempt.attributes["gen_ai.usage.input_tokens"] == record.input_tokens + written
+    assert attempt.attributes["gen_ai.usage.cache_creation.input_tokens"] == written
+    assert "gen_ai.usage.cache_read.input_tokens" not in attempt.attributes
+
+
 async def test_a_stream_no_route_answers_is_one_failed_run_span(
     server: FakeLLMServer, otel: Otel
 ) -> None:

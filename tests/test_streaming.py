@@ -46,7 +46,7 @@ from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
 from ._cli import run_cli
-from ._fakes import OtherInt
+from ._fakes import WEATHER, OtherInt
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -651,6 +651,37 @@ async def test_a_provider_that_cannot_stream_gives_its_whole_answer_as_one_delta
     assert response.ttft_ms is not None
 
 
+async def test_a_stream_left_before_a_non_streaming_providers_tool_call_keeps_its_usage(
+    telemetry: MemoryTelemetryBackend,
+) -> None:
+    """
+    A provider that cannot stream has its whole answer (text, then a tool call) before
+    the first delta, and bills it whole: a caller leaving after the text recorded the
+    attempt with 0 output tokens and the prompt's cost alone.
+    """
+    from empathy_models.testing import FakeProvider, FakeReply
+
+    provider = FakeProvider(name="openai", seed=3)
+    reply = FakeReply(content="Let me look.", tool_calls=[{"name": "get_weather", "arguments": {}}])
+    provider.script("gpt-fake-mini", [reply, reply])
+    context = ExecutionContext(workflow="chat", stage="answer", model="gpt-fake-mini")
+    executor = EmpathyLLMExecutor([provider], registry=REGISTRY, telemetry_store=telemetry)
+    async with executor:
+        answered = await executor.run("Weather?", context, tools=[WEATHER])
+        async with executor.stream("Weather?", context, tools=[WEATHER]) as stream:
+            async for event in stream.events():
+                assert event == "Let me look."
+                break
+    whole, left = await records_of(telemetry)
+    assert (whole.outcome, left.outcome) == (Outcome.SUCCESS, Outcome.CANCELLED)
+    assert answered.output_tokens > 0 and answered.tool_calls
+    assert (left.input_tokens, left.output_tokens, left.cost_usd) == (
+        whole.input_tokens,
+        whole.output_tokens,
+        whole.cost_usd,
+    )
+
+
 async def test_models_that_cannot_stream_are_left_out_of_a_stream(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
@@ -795,6 +826,45 @@ async def test_a_stream_whose_batch_is_empty_fails_instead_of_hanging() -> None:
                     pass
         assert provider.streams[0].closed
         assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.FAILURE]
+
+
+class _TimingOutProvider(Provider):
+    """A provider that cannot stream, whose own client times out at once."""
+
+    name = "own"
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
+        raise TimeoutError("the upstream read timed out after 2s")
+
+
+@pytest.mark.parametrize("limit", [None, 30.0])
+async def test_a_non_streaming_providers_own_timeout_fails_the_stream_as_it_fails_a_run(
+    limit: float | None,
+) -> None:
+    """
+    Streaming a provider that cannot stream bounds its call by the stream's timeouts:
+    its own client's timeout was restated as theirs ("no data for 30.000s (the
+    per-attempt timeout...)", after no time at all) or, with no timeout, crashed in the
+    message (``min()`` of nothing: a ValueError in the stream's error where `run` has
+    the provider's timeout).
+    """
+    context = ExecutionContext(workflow="chat", stage="answer", timeout=limit)
+    executor = EmpathyLLMExecutor(
+        [_TimingOutProvider()],
+        registry=OWN_REGISTRY,
+        telemetry_store="null://",
+        retry=RetryPolicy.none(),
+    )
+    async with executor:
+        with pytest.raises(AllRoutesFailedError) as ran:
+            await executor.run("hi", context)
+        with pytest.raises(AllRoutesFailedError) as streamed:
+            async with executor.stream("hi", context):
+                pass
+    (run_error,) = ran.value.exceptions
+    (stream_error,) = streamed.value.exceptions
+    assert isinstance(run_error, TimeoutError) and isinstance(stream_error, TimeoutError)
+    assert str(stream_error) == str(run_error) == "the upstream read timed out after 2s"
 
 
 @pytest.mark.parametrize("reader", ["whole", "left early"])

@@ -351,6 +351,105 @@ async def test_a_tool_calls_streamed_pieces_are_estimated_by_their_size(
     assert record.metadata[OUTPUT_ESTIMATED] is True
 
 
+THOUGHTS = [f"step {i:02}: weigh the evidence once more before answering. " * 2 for i in range(20)]
+
+
+def _reasoning_then_cut(api: str) -> bytes:
+    """
+    A reasoning model's stream (Anthropic's thinking block, an OpenAI-compatible
+    server's ``reasoning_content`` as DeepSeek and vLLM send it, Mistral's thinking
+    chunks in ``content``), then one text delta, then the body ends without the end
+    marker.
+    """
+    if api == "openai":
+        pieces = [chunk({"role": "assistant", "reasoning_content": t}) for t in THOUGHTS]
+        return b"".join([*pieces, chunk({"content": "Yes"})])
+    if api == "mistral":
+        thinking = [
+            [{"type": "thinking", "thinking": [{"type": "text", "text": t}]}] for t in THOUGHTS
+        ]
+        pieces = [chunk({"content": content}) for content in thinking]
+        return b"".join([*pieces, chunk({"content": [{"type": "text", "text": "Yes"}]})])
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+    usage = {"input_tokens": 12, "output_tokens": 1}
+    return b"".join(
+        [
+            event("message_start", {"message": message | {"usage": usage}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "thinking"}}),
+            *(
+                event(
+                    "content_block_delta",
+                    {"index": 0, "delta": {"type": "thinking_delta", "thinking": t}},
+                )
+                for t in THOUGHTS
+            ),
+            event(
+                "content_block_delta",
+                {"index": 0, "delta": {"type": "signature_delta", "signature": "EqQB"}},
+            ),
+            event("content_block_stop", {"index": 0}),
+            event(
+                "content_block_start", {"index": 1, "content_block": {"type": "text", "text": ""}}
+            ),
+            event(
+                "content_block_delta", {"index": 1, "delta": {"type": "text_delta", "text": "Yes"}}
+            ),
+        ]
+    )
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai", "mistral"])
+async def test_a_reasoning_stream_cut_short_estimates_the_reasoning_it_carried_as_output(
+    telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore, api: str
+) -> None:
+    """
+    The model's reasoning is output it is billed for, streamed before the answer's
+    first delta: a stream cut short after a long reasoning recorded, and charged, the
+    one delta's estimate (1 output token) as if the model had written nothing more.
+    """
+    body = _reasoning_then_cut(api)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    model = "claude-usage" if api == "anthropic" else "gpt-usage"
+    async with serving("/{tail:.*}", handler) as url:
+        provider = (
+            AnthropicProvider(api_key=KEY, base_url=url)
+            if api == "anthropic"
+            else OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")
+        )
+        executor = EmpathyLLMExecutor(
+            [provider],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        )
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("Is it?", context(model)) as stream:
+                    async for _ in stream:
+                        pass
+    assert caught.value.partial_text == "Yes"
+    output = output_estimate([*THOUGHTS, "Yes"])
+    assert output > 100
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE
+    assert record.output_tokens == caught.value.output_tokens == output
+    assert record.metadata[OUTPUT_ESTIMATED] is True
+    assert await spent(quota) >= INFO[model].cost(record.input_tokens, output) * (1 - 1e-6)
+
+
 async def test_an_http_error_before_the_stream_opens_records_no_tokens(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
@@ -421,6 +520,65 @@ async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
     assert record.outcome is Outcome.CANCELLED
     assert record.input_tokens == fake_count(PROMPT) and ESTIMATED not in record.metadata
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+async def test_an_anthropic_message_delta_zeroing_the_prompts_counts_keeps_message_starts(
+    telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
+) -> None:
+    """
+    Anthropic-compatible servers (SGLang, gateways translating OpenAI streams) send the
+    prompt's counts in ``message_start`` and 0 for them in ``message_delta``: the 0
+    replaced the real count, so the finished stream recorded the request's estimate of
+    the prompt (flagged), no cache reads, and charged the prompt's worst case, where
+    the same answer unstreamed recorded what the server reported.
+    """
+    usage = {"input_tokens": 25, "cache_read_input_tokens": 4000, "output_tokens": 3}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-usage"}
+    message |= {"content": [], "stop_reason": None, "stop_sequence": None}
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    text = {"type": "text_delta", "text": "Hello there"}
+    zeroed = {"input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 3}
+    events = [
+        event("message_start", {"message": message | {"usage": usage | {"output_tokens": 1}}}),
+        event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        event("content_block_delta", {"index": 0, "delta": text}),
+        event("content_block_stop", {"index": 0}),
+        event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": zeroed}),
+        event("message_stop", {}),
+    ]
+    whole = message | {"content": [{"type": "text", "text": "Hello there"}], "usage": usage}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(whole | {"stop_reason": "end_turn"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=url)],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        )
+        async with executor:
+            answered = await executor.run(PROMPT, context("claude-usage"))
+            async with executor.stream(PROMPT, context("claude-usage")) as stream:
+                streamed = await stream.get_final_response()
+    assert (streamed.input_tokens, streamed.output_tokens) == (25, 3)
+    assert streamed.cost_usd == answered.cost_usd > INFO["claude-usage"].cost(25, 3)
+    run_record, stream_record = sorted(await telemetry.recent(limit=10), key=lambda r: r.timestamp)
+    assert stream_record.input_tokens == run_record.input_tokens == 25
+    assert stream_record.metadata == run_record.metadata
+    assert stream_record.metadata["empathy_models.cache_read_tokens"] == 4000
+    assert math.isclose(await spent(quota), 2 * answered.cost_usd, rel_tol=1e-6)
 
 
 async def test_a_later_openai_usage_chunk_leaving_a_count_out_keeps_the_earlier_one(

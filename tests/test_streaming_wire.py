@@ -6,6 +6,7 @@ fake, and the providers' `stream` over real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -18,9 +19,16 @@ import openai
 import pytest
 from aiohttp import web
 
-from empathy_models import Message, ProviderError
+from empathy_models import (
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    Message,
+    ProviderError,
+    RetryPolicy,
+)
 from empathy_models.abc import CompletionRequest
 from empathy_models.exceptions import (
+    InvalidRequestError,
     InvalidResponseError,
     OverloadedError,
     ProviderTimeoutError,
@@ -33,6 +41,7 @@ from empathy_models.providers._sse import (
     SSEDecoder,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from tests._fakes import CHEAP_ONLY
 from tests._serving import serving
 
 KEY = "test-key-0123"
@@ -455,6 +464,105 @@ async def test_a_providers_stream_matches_its_whole_answer(api: str) -> None:
     assert streamed.stop_reason == whole.stop_reason
 
 
+async def test_a_streams_rate_limit_reset_counts_from_when_its_headers_came() -> None:
+    """
+    ``x-ratelimit-reset-requests: 2s`` counts from the response's headers: a stream's
+    completion said 2 s however long after them it was read (the answer streamed for a
+    while, its reset long past), so every worker was pushed back by as long again.
+    """
+    exhausted = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return f"data: {json.dumps(chunk | {'choices': [choice]})}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        headers = {"Content-Type": "text/event-stream", **exhausted}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        await response.write(event({"content": "Hel"}))
+        await asyncio.sleep(0.2)  # the model writes on
+        await response.write(event({"content": "lo"}, "stop") + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        stream = await provider.stream(request("m"))
+        opened = stream.completion().rate_limit_reset
+        assert [delta async for delta in stream] == ["Hel", "lo"]
+        ended = stream.completion().rate_limit_reset
+    assert opened is not None and ended is not None
+    assert ended < opened <= 2.0
+
+
+MISTRAL_422 = {
+    "object": "error",
+    "message": {
+        "detail": [
+            {
+                "type": "extra_forbidden",
+                "loc": ["body", "stream_options", "include_usage"],
+                "msg": "Extra inputs are not permitted",
+                "input": True,
+            }
+        ]
+    },
+    "type": "invalid_request_error",
+    "param": None,
+    "code": None,
+}
+
+
+async def test_a_server_refusing_stream_options_streams_when_extra_body_sends_none() -> None:
+    """
+    Mistral's API (and Azure AI Foundry's Mistral models) refuse ``stream_options`` with
+    a 422, and send the usage in their last chunk unasked: ``extra_body`` could not
+    stop the provider from sending the field (its ``None`` was replaced by
+    ``{"include_usage": true}``), so no stream from them could open.
+    """
+    usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-fake-mini"}
+    chunks = [
+        chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Bon"}}]},
+        chunk | {"choices": [{"index": 0, "delta": {"content": "jour"}}]},
+        chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        sent.append(body)
+        if "stream_options" in body:
+            return web.json_response(MISTRAL_422, status=422)
+        return await _openai_answer({}, chunks)(request)
+
+    async with serving("/v1/chat/completions", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+        )
+        context = ExecutionContext(workflow="chat", stage="answer", model="gpt-fake-mini")
+        async with executor:
+            with pytest.raises(InvalidRequestError, match="422"):  # the field sent: refused
+                async with executor.stream("Salut", context):
+                    pass
+            async with executor.stream(
+                "Salut", context, extra_body={"stream_options": None}
+            ) as stream:
+                response = await stream.get_final_response()
+    assert [body.get("stream_options") for body in sent] == [{"include_usage": True}, None]
+    assert "stream_options" not in sent[1] and sent[1]["stream"] is True
+    assert response.content == "Bonjour"
+    assert (response.input_tokens, response.output_tokens) == (7, 2)
+
+
 # OpenAI-format answers with no content and no call: (message, streamed delta, finish)
 NO_CONTENT = {
     "filtered": ({"role": "assistant", "content": None}, {}, "content_filter"),  # Azure
@@ -661,6 +769,65 @@ async def test_an_openai_answer_without_content_or_a_finish_reason_is_malformed(
     ):
         with pytest.raises(InvalidResponseError, match="content is missing"):
             await provider.complete(request("m"))
+
+
+async def test_an_anthropic_text_block_opened_with_text_keeps_it_as_the_sdk_does() -> None:
+    """
+    A ``content_block_start`` whose text block already holds text (a proxy's shape; the
+    API opens it empty) starts the answer: the stream dropped it, giving " world" where
+    the ``anthropic`` SDK's final message, and the whole answer, read "Hello world".
+    """
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    usage = {"input_tokens": 25, "output_tokens": 3}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
+    message |= {"content": [], "stop_reason": None, "stop_sequence": None}
+    whole = message | {"content": [{"type": "text", "text": "Hello world"}]}
+    whole |= {"stop_reason": "end_turn", "usage": usage}
+    events = [
+        event("message_start", {"message": message | {"usage": usage | {"output_tokens": 1}}}),
+        event("ping", {}),
+        event(
+            "content_block_start", {"index": 0, "content_block": {"type": "text", "text": "Hello"}}
+        ),
+        event(
+            "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": " world"}}
+        ),
+        event("content_block_stop", {"index": 0}),
+        event(
+            "message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}
+        ),
+        event("message_stop", {}),
+    ]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(whole)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        async with AnthropicProvider(api_key=KEY, base_url=url) as provider:
+            answered = await provider.complete(request("m"))
+            stream = await provider.stream(request("m"))
+            deltas = [delta async for delta in stream]
+            streamed = stream.completion()
+        async with (
+            anthropic.AsyncAnthropic(api_key=KEY, base_url=url, max_retries=0) as client,
+            client.messages.stream(
+                model="m", max_tokens=10, messages=[{"role": "user", "content": "Hi"}]
+            ) as sdk_stream,
+        ):
+            final = await sdk_stream.get_final_message()
+    assert [block.text for block in final.content if block.type == "text"] == ["Hello world"]
+    assert deltas == ["Hello", " world"]
+    assert streamed.content == answered.content == "Hello world"
+    assert (streamed.output_tokens, streamed.stop_reason) == (3, "end_turn")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ is bounded: a line (beyond a ``data: `` prefix) or an event longer than
 adds before ``data: [DONE]``, and an ``{"error": ...}`` object sent mid-stream).
 `AnthropicStreamDecoder` reads the Messages events (``message_start``,
 ``content_block_start`` / ``content_block_delta`` / ``content_block_stop``,
-``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream).  Both return
+``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream; a text block
+opened with text, not empty, starts with that text, as the SDK reads it).  Both return
 the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
 ``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``;
 a server tool's block, ``server_tool_use`` or ``mcp_tool_use``, is no call: its input
@@ -43,6 +44,7 @@ from ._wire import (
     openai_cached_tokens,
     shown_count,
     text_of_chunks,
+    utf8_size,
     whole_count,
 )
 
@@ -62,6 +64,9 @@ _SLIPS: Final = (KeyError, IndexError, TypeError, ValueError, AttributeError, Re
 
 _SERVER_TOOL_BLOCKS: Final = frozenset({"server_tool_use", "mcp_tool_use"})
 """Anthropic's blocks of a tool the API runs itself: input deltas follow, no call does."""
+
+_CACHE_WRITES: Final = frozenset({"cache_write_tokens", "cache_write_1h_tokens"})
+"""The two shares of an Anthropic cache write (5-minute and 1-hour), reported together."""
 
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
@@ -243,7 +248,12 @@ class StreamDecoder:
     / ``output_tokens`` (None until reported), the prompt-cache and web-search counts
     (``cache_write_tokens``, ``cache_write_1h_tokens``, ``cache_read_tokens``,
     ``web_search_requests``, ``cached_input_tokens``: 0 until reported),
-    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen).
+    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen),
+    and the output the model wrote that the stream carries but yields no delta for
+    (``unseen_bytes``, its UTF-8 bytes, in ``unseen_pieces`` pieces): its reasoning
+    (Anthropic's ``thinking_delta``, an OpenAI-compatible server's ``reasoning_content``
+    or ``reasoning``), a refusal's text, a server tool's input, which the provider bills
+    as output tokens and the estimate of a stream that does not finish counts.
     """
 
     __slots__ = (
@@ -269,6 +279,8 @@ class StreamDecoder:
         "response_id",
         "response_model",
         "stop_reason",
+        "unseen_bytes",
+        "unseen_pieces",
         "web_search_requests",
     )
 
@@ -298,6 +310,8 @@ class StreamDecoder:
         self.response_model: object = None  # the model id the stream reported, as sent
         self.finished = False
         self.error: ProviderError | None = None
+        self.unseen_bytes = 0
+        self.unseen_pieces = 0
         self._queue: deque[tuple[str, str]] = deque()  # events framed, not yet decoded
         self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
         self._started = False  # a delta was decoded: decode eagerly from then on
@@ -468,6 +482,12 @@ class StreamDecoder:
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         raise NotImplementedError
 
+    def _unseen(self, text: object) -> None:
+        """Count ``text``, output the model wrote that yields no delta (`unseen_bytes`)."""
+        if isinstance(text, str) and text:
+            self.unseen_bytes += utf8_size(text)
+            self.unseen_pieces += 1
+
     def _failure(self, exc: Exception) -> ProviderError:
         """
         The error for what `_event` raised: its own `ProviderError`, or, for a slip on a
@@ -555,8 +575,13 @@ class OpenAIStreamDecoder(StreamDecoder):
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
         payload["stream"] = True
-        # the usage chunk asked for, beside any other option extra_body gave
-        options = payload.get("stream_options")
+        # the usage chunk asked for, beside any other option extra_body gave; its
+        # ``"stream_options": None`` sends none, for a server that refuses the field
+        # (Mistral's API answers 422; it sends the usage in its last chunk unasked)
+        options = payload.get("stream_options", {})
+        if options is None:
+            del payload["stream_options"]
+            return payload
         given = options if isinstance(options, dict) else {}
         payload["stream_options"] = {**given, "include_usage": True}
         return payload
@@ -595,6 +620,9 @@ class OpenAIStreamDecoder(StreamDecoder):
                             out.append(content)
                     elif delta.get("refusal"):
                         self.stop_reason = "refusal"
+                        self._unseen(delta["refusal"])
+                    else:  # reasoning (vLLM, DeepSeek: reasoning_content; OpenRouter: reasoning)
+                        self._unseen(delta.get("reasoning_content") or delta.get("reasoning"))
                     calls = delta.get("tool_calls")
                     if calls:
                         self._openai_calls(calls, out)
@@ -618,12 +646,19 @@ class OpenAIStreamDecoder(StreamDecoder):
                 )
 
     def _chunks_text(self, content: object) -> str:
-        """A delta's ``content`` that is no string: a list of chunks' text (`text_of_chunks`)."""
-        text = text_of_chunks(content) if isinstance(content, list) else None
-        if text is None:
+        """
+        A delta's ``content`` that is no string: a list of chunks' text
+        (`text_of_chunks`); its ``thinking`` chunks' text (Mistral's reasoning, a list
+        of text chunks) counted as output that yields no delta (`unseen_bytes`).
+        """
+        if not isinstance(content, list) or (text := text_of_chunks(content)) is None:
             raise self._invalid(
                 "chunk.choices[0].delta.content must be a string or a list of content chunks"
             )
+        for chunk in content:  # objects all (`text_of_chunks` read them)
+            if chunk.get("type") == "thinking":
+                thought = chunk.get("thinking")
+                self._unseen(text_of_chunks(thought) if isinstance(thought, list) else thought)
         return text
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
@@ -703,8 +738,13 @@ class AnthropicStreamDecoder(StreamDecoder):
                         "input_json_delta needs partial_json (a string) and the index of a "
                         "tool_use or server tool block started before it"
                     )
-                if partial and block in self._slots:  # a server tool's input is dropped
-                    out.append(self._call_piece(block, None, None, partial))
+                if block in self._slots:
+                    if partial:
+                        out.append(self._call_piece(block, None, None, partial))
+                else:  # a server tool's input: no call, but output all the same
+                    self._unseen(partial)
+            elif isinstance(delta, dict) and delta.get("type") == "thinking_delta":
+                self._unseen(delta.get("thinking"))
         elif kind == "content_block_start":
             self._block_start(body, out)
         elif kind == "message_start":
@@ -725,42 +765,61 @@ class AnthropicStreamDecoder(StreamDecoder):
                 self.stop_reason = delta["stop_reason"]
             usage = body.get("usage")
             if isinstance(usage, dict):
-                # message_delta's counts are cumulative
+                # message_delta's counts are cumulative, the prompt's never below
+                # message_start's: a 0 for them is a count the server gave only there
+                # (SGLang and gateways send ``input_tokens: 0``), which it keeps
                 output = self._tokens(usage, "output_tokens")
                 if output is not None:
                     self.output_tokens = output
                 given = self._tokens(usage, "input_tokens")
-                if given is not None:
+                if given:
                     self.input_tokens = given
-                self._extras(usage)
+                self._extras(usage, later=True)
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
             raise self._stream_error(body.get("error"))
         # content_block_stop and new event types carry nothing to keep
 
-    def _extras(self, usage: dict[str, Any]) -> None:
+    def _extras(self, usage: dict[str, Any], *, later: bool = False) -> None:
         """
         The cache and web-search counts ``usage`` reports (cumulative: they replace).
         A cache write's count without its split by TTL (``message_delta`` sends none:
-        ``message_start`` does) keeps the 1-hour share reported before it.
+        ``message_start`` does) keeps the 1-hour share reported before it.  ``later``
+        (``message_delta``): a count of 0 keeps the one reported before it (a cache
+        write's split goes with its total).
         """
         found = anthropic_usage_extras(usage, lambda data, key, _: self._tokens(data, key), "")
         if "cache_write_tokens" in found and not isinstance(usage.get("cache_creation"), dict):
             written = found["cache_write_tokens"]  # all of it, with no split given
             hour = min(self.cache_write_1h_tokens, written)
             found["cache_write_tokens"], found["cache_write_1h_tokens"] = written - hour, hour
+        if later:
+            written = found.get("cache_write_tokens", 0) + found.get("cache_write_1h_tokens", 0)
+            found = {
+                name: value
+                for name, value in found.items()
+                if value or (written and name in _CACHE_WRITES)
+            }
         for name, value in found.items():
             setattr(self, name, value)
 
     def _block_start(self, body: dict[str, Any], out: list[str | ToolCallDelta]) -> None:
         """
         ``content_block_start``: a ``tool_use`` block starts a call, a server tool's
-        block is remembered (its input pieces are dropped), any other carries nothing.
+        block is remembered (its input pieces are dropped), a text block opened with
+        text already (a proxy's shape; the API opens it empty) gives that text as a
+        delta, as the official SDK keeps it; any other carries nothing.
         """
         block = body.get("content_block")
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind in _SERVER_TOOL_BLOCKS:
+        if isinstance(block, dict) and kind == "text":
+            text = block.get("text")
+            if text:
+                if not isinstance(text, str):
+                    raise self._invalid("a text block's text must be a string")
+                out.append(text)
+        elif kind in _SERVER_TOOL_BLOCKS:
             index = body.get("index")
             if not _index(index):
                 raise self._invalid("content_block_start.index must be an integer")

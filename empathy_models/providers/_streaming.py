@@ -294,10 +294,10 @@ class HTTPCompletionStream(CompletionStream):
         "_deltas",
         "_eof_at",
         "_failed",
-        "_headers",
         "_idle",
         "_marker_at",
         "_model",
+        "_opened_at",
         "_own_idle",
         "_parts",
         "_pending",
@@ -305,6 +305,7 @@ class HTTPCompletionStream(CompletionStream):
         "_read",
         "_read_at",
         "_request_id",
+        "_reset",
         "_response",
         "_tool_bytes",
         "_tool_calls",
@@ -325,7 +326,6 @@ class HTTPCompletionStream(CompletionStream):
         own_idle: bool = False,
     ) -> None:
         self._response = response
-        self._headers = headers  # read at the end: rate-limit headers
         self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
@@ -344,7 +344,10 @@ class HTTPCompletionStream(CompletionStream):
         # when the answer arrived (`ended_at`), on `time.perf_counter`: the last network
         # read (the headers' at first), the read that carried the end marker, and the
         # body's end, which aiohttp reports as it arrives, whether or not it is read
-        self._read_at = time.perf_counter()
+        self._read_at = self._opened_at = time.perf_counter()
+        # an exhausted rate limit's reset, as the headers said it when they came (the
+        # wait left is counted from then: `completion`)
+        self._reset = None if headers is None else parse_ratelimit_reset(headers)
         self._marker_at: float | None = None
         self._eof_at: float | None = None
         on_eof = getattr(response.content, "on_eof", None)  # aiohttp's own response uses it
@@ -542,12 +545,16 @@ class HTTPCompletionStream(CompletionStream):
         """
         The output tokens of the pieces so far by their size
         (`estimated_output_tokens`: a quarter of the UTF-8 bytes of the text and of the
-        tool calls' names and arguments, rounded up, and at least one per piece).
+        tool calls' names and arguments, rounded up, and at least one per piece), the
+        output the stream carried without a delta (a reasoning model's reasoning, a
+        refusal, a server tool's input: the decoder's ``unseen_bytes``) included.
         """
-        deltas = self._deltas
-        if not deltas:
+        decoder = self._decoder
+        pieces = self._deltas + decoder.unseen_pieces
+        if not pieces:
             return 0
-        return estimated_output_tokens(self._tool_bytes + sum(map(utf8_size, self._parts)), deltas)
+        size = self._tool_bytes + decoder.unseen_bytes + sum(map(utf8_size, self._parts))
+        return estimated_output_tokens(size, pieces)
 
     def completion(self) -> Completion:
         decoder = self._decoder
@@ -561,15 +568,25 @@ class HTTPCompletionStream(CompletionStream):
             request_id=self._request_id or decoder.response_id,
             tool_calls=self._tool_calls,
             response_id=decoder.response_id,
-            rate_limit_reset=None
-            if self._headers is None
-            else parse_ratelimit_reset(self._headers),
+            rate_limit_reset=self._reset_left(),
             cache_write_tokens=decoder.cache_write_tokens,
             cache_write_1h_tokens=decoder.cache_write_1h_tokens,
             cache_read_tokens=decoder.cache_read_tokens,
             web_search_requests=decoder.web_search_requests,
             cached_input_tokens=decoder.cached_input_tokens,
         )
+
+    def _reset_left(self) -> float | None:
+        """
+        The seconds left until an exhausted rate limit resets, as the headers said it
+        (counted from when they came: `_opened_at`, not when the stream is read); None
+        when none is exhausted or it has reset since.
+        """
+        reset = self._reset
+        if reset is None:
+            return None
+        left = reset - (time.perf_counter() - self._opened_at)
+        return left if left > 0 else None
 
 
 def _tool_bytes(piece: str | ToolCallDelta) -> int:
