@@ -478,7 +478,20 @@ class ModelInfo:
         in_price = self.prices_for(prompt_tokens)[0]
         if in_price == self.input_price_per_mtok:
             return self.cache_prices
-        ratio = self._long_ratio()
+        return self._cache_prices_at(in_price, self._long_ratio())
+
+    @property
+    def cache_prices(self) -> tuple[float, float, float]:
+        """
+        USD per million prompt tokens written to the 5-minute cache, written to the
+        1-hour cache and read from it: the entry's prices, or the default multipliers of
+        the input price.
+        """
+        return self._cache_prices_at(self.input_price_per_mtok, 1.0)
+
+    def _cache_prices_at(self, in_price: float, ratio: float) -> tuple[float, float, float]:
+        # the cache prices when a prompt token costs ``in_price``: each the entry gives
+        # times ``ratio``, the others the default multipliers of ``in_price``
         given = (
             self.cache_write_price_per_mtok,
             self.cache_write_1h_price_per_mtok,
@@ -489,27 +502,6 @@ class ModelInfo:
             tuple[float, float, float],
             tuple(
                 in_price * multiplier if price is None else price * ratio
-                for price, multiplier in zip(given, multipliers, strict=True)
-            ),
-        )
-
-    @property
-    def cache_prices(self) -> tuple[float, float, float]:
-        """
-        USD per million prompt tokens written to the 5-minute cache, written to the
-        1-hour cache and read from it: the entry's prices, or the default multipliers of
-        the input price.
-        """
-        given = (
-            self.cache_write_price_per_mtok,
-            self.cache_write_1h_price_per_mtok,
-            self.cache_read_price_per_mtok,
-        )
-        multipliers = (CACHE_WRITE_MULTIPLIER, CACHE_WRITE_1H_MULTIPLIER, CACHE_READ_MULTIPLIER)
-        return cast(
-            tuple[float, float, float],
-            tuple(
-                self.input_price_per_mtok * multiplier if price is None else price
                 for price, multiplier in zip(given, multipliers, strict=True)
             ),
         )
