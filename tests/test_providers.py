@@ -620,11 +620,9 @@ async def test_402_payment_required_is_an_account_error(
     assert_error(await failure(provider, req()), AuthenticationError, provider, status=402)
 
 
-async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: str) -> None:
-    """
-    A gateway answering broken HTTP makes aiohttp raise an error that carries the
-    request (and its headers, the key among them); the cause we chain must not.
-    """
+@contextlib.asynccontextmanager
+async def _broken_http() -> AsyncIterator[str]:
+    """A gateway answering every request with a 200 whose Content-Length is no number."""
 
     async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -632,16 +630,24 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
         await writer.drain()
         writer.close()
 
-    secret = "sk-live-0123456789abcdef"
     gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
     try:
-        port = gateway.sockets[0].getsockname()[1]
-        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
-        async with cls(api_key=secret, base_url=f"http://127.0.0.1:{port}/v1") as provider:
-            exc = await failure(provider, req())
+        yield f"http://127.0.0.1:{gateway.sockets[0].getsockname()[1]}/v1"
     finally:
         gateway.close()
         await gateway.wait_closed()
+
+
+async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: str) -> None:
+    """
+    A gateway answering broken HTTP makes aiohttp raise an error that carries the
+    request (and its headers, the key among them); the cause we chain must not.
+    """
+
+    secret = "sk-live-0123456789abcdef"
+    cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+    async with _broken_http() as url, cls(api_key=secret, base_url=url) as provider:
+        exc = await failure(provider, req())
     assert isinstance(exc, InvalidResponseError)
     assert isinstance(exc.__cause__, aiohttp.ClientResponseError)
     chain = [exc, exc.__cause__]
@@ -657,23 +663,11 @@ async def test_an_unparsable_streamed_answer_leaves_no_key_in_the_error_chain(wi
     with ``from None``, but kept as ``__context__``), and held the request's headers.
     """
 
-    async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     secret = "sk-live-0123456789abcdef"
-    gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
-    try:
-        port = gateway.sockets[0].getsockname()[1]
-        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
-        async with cls(api_key=secret, base_url=f"http://127.0.0.1:{port}/v1") as provider:
-            with pytest.raises(InvalidResponseError) as info:
-                await provider.stream(req())
-    finally:
-        gateway.close()
-        await gateway.wait_closed()
+    cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+    async with _broken_http() as url, cls(api_key=secret, base_url=url) as provider:
+        with pytest.raises(InvalidResponseError) as info:
+            await provider.stream(req())
     chained: list[BaseException] = []
     item: BaseException | None = info.value
     while item is not None:

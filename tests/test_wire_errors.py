@@ -17,6 +17,7 @@ from aiohttp import web
 from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
+    LLMResponse,
     ModelInfo,
     ModelRegistry,
     RateLimitedError,
@@ -169,8 +170,8 @@ async def test_a_streamed_request_answered_whole_with_an_error_raises_it(server:
     assert "No endpoints found" in str(info.value)
 
 
-async def test_the_executor_retries_a_retryable_error_sent_with_200(server: Replies) -> None:
-    server.script({"error": {"code": 502, "message": "Upstream error"}}, openai_ok("hello"))
+async def _run_waiting(server: Replies) -> tuple[LLMResponse, list[float]]:
+    """One run against ``server`` with retries and no jitter: its answer, and the waits."""
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -183,7 +184,12 @@ async def test_the_executor_retries_a_retryable_error_sent_with_200(server: Repl
         retry=RetryPolicy(jitter=False),
         sleep=sleep,
     ) as executor:
-        response = await executor.run("hello", ExecutionContext(tier="cheap"))
+        return await executor.run("hello", ExecutionContext(tier="cheap")), waits
+
+
+async def test_the_executor_retries_a_retryable_error_sent_with_200(server: Replies) -> None:
+    server.script({"error": {"code": 502, "message": "Upstream error"}}, openai_ok("hello"))
+    response, waits = await _run_waiting(server)
     assert response.content == "hello"
     assert server.requests == 2 and waits == [1.0]
     [failed, _] = response.attempts
@@ -350,19 +356,7 @@ async def test_a_499_is_retried_rather_than_ending_the_run(server: Replies) -> N
     cancelled = gemini_error(499, "The operation was cancelled.", "CANCELLED")
     server.script(cancelled, status=499)
     server.script(openai_ok("after the cancel"))
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    async with EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.url)],
-        registry=REGISTRY,
-        telemetry_store=NullTelemetryBackend(),
-        retry=RetryPolicy(jitter=False),
-        sleep=sleep,
-    ) as executor:
-        response = await executor.run("hello", ExecutionContext(tier="cheap"))
+    response, waits = await _run_waiting(server)
     assert response.content == "after the cancel"
     assert server.requests == 2 and waits == [1.0]
     [failed, _] = response.attempts
