@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -108,22 +109,16 @@ async def test_another_databases_announcements_are_not_heard(
         RedisCircuitStateStore(other_url, prefix=redis_prefix) as elsewhere,
     ):
         feed = store.change_feed()
-        heard = _Heard()
-        feed.listen(heard, 0.2)
         try:
-            mark = time.monotonic()
-            with anyio.fail_after(10):
-                while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
-                    await anyio.sleep(0.005)
-            await elsewhere.reset("k")
-            await elsewhere.reset("k")
-            assert await feed.sync()
-            assert heard.generations == []
-            await same.reset("k")  # what this database announces is still heard
-            assert await feed.sync()
-            assert heard.generations == [("k", (await same.snapshot("k")).generation)]
+            async with _listening(feed) as heard:
+                await elsewhere.reset("k")
+                await elsewhere.reset("k")
+                assert await feed.sync()
+                assert heard.generations == []
+                await same.reset("k")  # what this database announces is still heard
+                assert await feed.sync()
+                assert heard.generations == [("k", (await same.snapshot("k")).generation)]
         finally:
-            await feed.unlisten(heard)
             client = aioredis.Redis.from_url(other_url)
             await client.delete(*[k async for k in client.scan_iter(match=redis_prefix + "*")])
             await client.aclose()
@@ -132,6 +127,15 @@ async def test_another_databases_announcements_are_not_heard(
 async def _hears_a_change(store: RedisCircuitStateStore, other: RedisCircuitStateStore) -> None:
     """``store``'s feed, once subscribed, hears the new generation ``other`` gives "k"."""
     feed = store.change_feed()
+    async with _listening(feed) as heard:
+        await other.reset("k")
+        assert await feed.sync()
+        assert heard.generations == [("k", (await other.snapshot("k")).generation)]
+
+
+@contextlib.asynccontextmanager
+async def _listening(feed: Any) -> AsyncIterator[_Heard]:
+    """What ``feed`` hears once it has subscribed (it stops listening on leaving)."""
     heard = _Heard()
     feed.listen(heard, 0.2)
     try:
@@ -139,9 +143,7 @@ async def _hears_a_change(store: RedisCircuitStateStore, other: RedisCircuitStat
         with anyio.fail_after(10):
             while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
                 await anyio.sleep(0.005)
-        await other.reset("k")
-        assert await feed.sync()
-        assert heard.generations == [("k", (await other.snapshot("k")).generation)]
+        yield heard
     finally:
         await feed.unlisten(heard)
 
