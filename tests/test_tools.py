@@ -522,6 +522,66 @@ async def test_structured_output_is_parsed_when_it_validates(
         assert plain.parsed is None and plain.parse_error is None
 
 
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_a_refused_or_cut_off_answer_says_so_in_its_parse_error(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """
+    A structured answer that is no JSON because the model refused or ran out of
+    max_tokens says so first, not only "not JSON" as if the model wrote bad JSON.
+    """
+    cut = "max_tokens" if api == "anthropic" else "length"
+    server.script(model, [FakeReply(content='{"name": "Ad', stop_reason=cut)])
+    async with make(server) as executor:
+        response = await executor.run("A person.", pinned(model), response_format=PERSON)
+        assert response.parsed is None and response.stop_reason == cut
+        assert (response.parse_error or "").startswith(
+            f"the answer was cut off at max_tokens (stop_reason {cut!r}); the answer is not JSON"
+        )
+        if api == "anthropic":  # a refusal is a stop reason, its text the content
+            server.script(model, [FakeReply(content="I can't help.", stop_reason="refusal")])
+            response = await executor.run("A person.", pinned(model), response_format=PERSON)
+            assert response.parsed is None
+            assert (response.parse_error or "").startswith(
+                "the model refused to answer (stop_reason 'refusal')"
+            )
+        # an answer that parses is kept whatever the stop reason
+        server.script(model, [FakeReply(json={"name": "Ada", "age": 36}, stop_reason=cut)])
+        response = await executor.run("A person.", pinned(model), response_format=PERSON)
+        assert response.parsed == {"name": "Ada", "age": 36} and response.parse_error is None
+
+
+async def test_an_openai_refusal_says_so_in_its_parse_error() -> None:
+    """OpenAI's refusal (a null content beside its ``refusal`` text) is no bad JSON."""
+
+    async def answer(request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 6},
+            }
+        )
+
+    async with (
+        serving("/v1/chat/completions", answer) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        ) as executor,
+    ):
+        response = await executor.run("A person.", pinned(GPT), response_format=PERSON)
+    assert response.content == "" and response.parsed is None
+    assert response.parse_error == (
+        "the model refused to answer (stop_reason 'refusal'); the answer is not JSON "
+        "(Expecting value)"
+    )
+
+
 async def test_extra_body_objects_merge_into_those_the_library_sets(
     server: FakeLLMServer,
 ) -> None:
