@@ -381,7 +381,7 @@ async def simulate_policy(
             the evidence's end), how many replicates, and the seed of the draws.
 
     Raises:
-        ConfigurationError: invalid arguments, or a replay that would run past the year 9999.
+        ConfigurationError: invalid arguments (a pin outside the registry), or a replay past 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
     tokens = (input_tokens, max_tokens)
@@ -389,12 +389,12 @@ async def simulate_policy(
         evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
     )
     requests, replicates, input_tokens, max_tokens, seed, min_success_rate = checked
+    _check_pin(on_no_match, registry)
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
     pooled = _pooled(evidence)
-    asked = input_tokens
-    if asked is None and pooled[0] > 0:
-        asked = round(pooled[0])  # the router is asked about the stage's mean prompt
+    # the router is asked about the stage's mean prompt when input_tokens is not given
+    asked = round(pooled[0]) if input_tokens is None and pooled[0] > 0 else input_tokens
     simulation = _Simulation(
         evidence=evidence,
         registry=registry,
@@ -423,6 +423,25 @@ async def simulate_policy(
     for rep in range(replicates):
         runs.add(await simulation.replay(rep))
     return _report(simulation, runs, replicates=replicates)
+
+
+def _check_pin(on_no_match: object, registry: ModelRegistry) -> None:
+    """
+    Refuse an ``on_no_match`` that pins a model outside ``registry``: a deployed router
+    refuses it (the executor's candidates are registry models), so the policy could not
+    run, whatever the replay (whose candidates may be recorded models the registry lacks)
+    would let the router do.  Other values are left to the router to check.
+    """
+    if (
+        isinstance(on_no_match, str)
+        and on_no_match not in ("raise", "relax")
+        and on_no_match not in registry
+    ):
+        raise ConfigurationError(
+            f"on_no_match pins {shown(on_no_match)}, which is not in the model registry: "
+            "a deployed router pins only a registry model, so this policy could not run "
+            "(pass the registry that lists it)"
+        )
 
 
 def _fits(
