@@ -172,7 +172,14 @@ class StageEvidence:
 
 @frozen(kw_only=True)
 class ModelTraffic:
-    """The share of simulated requests one model would take, and what is known of it."""
+    """
+    The share of simulated requests one model would take, and what is known of it.
+
+    ``cost_per_call_usd`` is what an attempt on it costs in the simulation, at its
+    recorded success rate: at the prompt size (``input_tokens``) and output cap
+    (``max_tokens``) evaluated when given, else its fit's `ModelFit.cost_per_call_usd`,
+    which is at the sizes recorded.
+    """
 
     model: str
     share: Interval

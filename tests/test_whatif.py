@@ -436,6 +436,11 @@ async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:
         truth = oracle.success * (prompt * oracle.input_price + mean_out * oracle.output_price)
         assert report.cost_per_request.estimate == pytest.approx(truth / 1e6, rel=0.03)
         assert report.constraints["input_tokens"] == prompt
+        # the model taking the traffic costs as much a call as the requests it takes
+        # (its cost/call stayed the recorded 500-token one, $0.00168 beside $0.0507)
+        [taken] = report.traffic
+        assert taken.share.estimate == 1.0
+        assert taken.cost_per_call_usd == pytest.approx(truth / 1e6, rel=0.03)
     # checked before any draw, as max_tokens is
     sizes: list[Any] = ["500", 1.5, -1, True]
     for size in sizes:
