@@ -362,6 +362,40 @@ async def test_empty_text_blocks_are_left_out_for_anthropic(server: FakeLLMServe
     assert second == {"type": "tool_result", "tool_use_id": "call_2"}
 
 
+@pytest.mark.parametrize("empty", ["", [TextBlock(text="")]], ids=["string", "blocks"])
+async def test_an_empty_answer_in_the_history_continues_on_anthropic(
+    server: FakeLLMServer, empty: Any
+) -> None:
+    """
+    An answer with no text (OpenAI's ``content_filter``, or a reasoning model out of
+    tokens, gives ``""``) sent back whole, as the README has it: OpenAI takes the empty
+    assistant turn, the Messages API refuses one before the last message (a 400 before).
+    Claude gets the conversation without it; the empty last assistant turn it allows stays.
+    """
+    history = [
+        Message(role="user", content="Weather in Oslo?"),
+        Message(role="assistant", content=empty),
+        Message(role="user", content="Try again, please."),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(CLAUDE))
+        assert response.content
+        sent = server.last_request(CLAUDE)
+        assert sent is not None
+        assert sent.body["messages"] == [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "user", "content": "Try again, please."},
+        ]
+        gpt = await executor.run(history, pinned(GPT))  # OpenAI is sent it as it is
+        assert gpt.content
+        sent = server.last_request(GPT)
+        assert sent is not None and [m["role"] for m in sent.body["messages"]] == [
+            "user",
+            "assistant",
+            "user",
+        ]
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_tool_results_as_blocks_with_an_error_flag(
     server: FakeLLMServer, model: str, api: str
