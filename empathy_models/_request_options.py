@@ -179,7 +179,10 @@ def capable(
 def structured_result(completion: Completion, options: Mapping[str, Any]) -> tuple[Any, str | None]:
     """
     ``(parsed, parse_error)`` for a completion of a run with a ``response_format``
-    (``options`` from `run_options`, whose schema check is not repeated).
+    (``options`` from `run_options`, whose schema check is not repeated).  An answer
+    that does not parse because the model refused, a content filter stopped it or it
+    was cut off (its stop reason says so, `_ENDED`) has a ``parse_error`` saying that
+    first: "not JSON" alone would blame the schema or the model's JSON.
     """
     fmt = options.get("response_format")
     if not isinstance(fmt, ResponseFormat):
@@ -187,4 +190,21 @@ def structured_result(completion: Completion, options: Mapping[str, Any]) -> tup
     if completion.tool_calls and not completion.content:
         return None, "the model called a tool instead of answering"
     checked = isinstance(options, _RunOptions) and options.schema_checked
-    return parse_structured(completion.content, fmt.schema, checked=checked)
+    parsed, why = parse_structured(completion.content, fmt.schema, checked=checked)
+    if why is not None and (ended := _ENDED.get(completion.stop_reason or "")) is not None:
+        # not a model that wrote the wrong JSON: one that stopped before writing it
+        why = f"{ended} (stop_reason {completion.stop_reason!r}); {why}"
+    return parsed, why
+
+
+_ENDED: Final = {
+    "refusal": "the model refused to answer",
+    "content_filter": "the provider's content filter stopped the answer",
+    "length": "the answer was cut off at max_tokens",
+    "max_tokens": "the answer was cut off at max_tokens",
+    "model_context_window_exceeded": "the answer was cut off at the model's context window",
+}
+"""
+Why an answer ended before it was written whole, by the stop reasons that say so
+(OpenAI's and Anthropic's): a `parse_error` names it before the JSON's own fault.
+"""

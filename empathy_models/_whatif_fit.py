@@ -47,7 +47,8 @@ class _LogNormal:
     """
     A log-normal fitted from per-bucket sums of logs (latency, or time to first token).
 
-    ``sigma`` is ``None`` below two measured calls; ``se_mu`` is the cluster-robust
+    ``sigma`` is ``None`` below two measured calls (``p95`` is then at
+    `_FALLBACK_SIGMA`, as the replicates draw such a model); ``se_mu`` is the cluster-robust
     standard error of ``mu``, never below what independent calls would give when
     fewer than `_MIN_CLUSTERS` buckets measured anything (``clusters``).
     """
@@ -94,7 +95,8 @@ def _log_normal(
         se_mu=se_mu,
         clusters=len(clusters),
         p50=bounded_exp(mu),
-        p95=bounded_exp(mu + _P95_Z * (sigma if sigma is not None else 0.0)),
+        # one measured call has no spread: the log-sd the replicates draw it with
+        p95=bounded_exp(mu + _P95_Z * (sigma if sigma is not None else _FALLBACK_SIGMA)),
     )
 
 

@@ -58,7 +58,8 @@ class ModelFit:
     ``known`` is false for a candidate without a single sample in the window: its
     success rate is then unknown (reported as ``None``), never assumed.  Latency is
     log-normal over successful calls: ``latency_p50_ms`` / ``latency_p95_ms`` are the
-    fit's, ``recorded_latency_p95_ms`` the recorded calls' own (nearest rank, as
+    fit's (with one successful call, which measures no spread, at the log-sd of 0.5 the
+    simulation draws it with), ``recorded_latency_p95_ms`` the recorded calls' own (nearest rank, as
     `TelemetryBackend.aggregate` computes it; likewise for the time to first token), so
     a tail the fit misses shows as a gap between the two.
 
@@ -172,7 +173,14 @@ class StageEvidence:
 
 @frozen(kw_only=True)
 class ModelTraffic:
-    """The share of simulated requests one model would take, and what is known of it."""
+    """
+    The share of simulated requests one model would take, and what is known of it.
+
+    ``cost_per_call_usd`` is what an attempt on it costs in the simulation, at its
+    recorded success rate: at the prompt size (``input_tokens``) and output cap
+    (``max_tokens``) evaluated when given, else its fit's `ModelFit.cost_per_call_usd`,
+    which is at the sizes recorded.
+    """
 
     model: str
     share: Interval

@@ -82,6 +82,7 @@ from ._validators import check, failure, integer, number, plain_number, shown, t
 from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
+    _cost,
     _FrozenEvidence,
     _measured,
     _pooled,
@@ -381,7 +382,7 @@ async def simulate_policy(
             the evidence's end), how many replicates, and the seed of the draws.
 
     Raises:
-        ConfigurationError: invalid arguments, or a replay that would run past the year 9999.
+        ConfigurationError: invalid arguments (a pin outside the registry), or a replay past 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
     tokens = (input_tokens, max_tokens)
@@ -389,12 +390,12 @@ async def simulate_policy(
         evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
     )
     requests, replicates, input_tokens, max_tokens, seed, min_success_rate = checked
+    _check_pin(on_no_match, registry)
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
     pooled = _pooled(evidence)
-    asked = input_tokens
-    if asked is None and pooled[0] > 0:
-        asked = round(pooled[0])  # the router is asked about the stage's mean prompt
+    # the router is asked about the stage's mean prompt when input_tokens is not given
+    asked = round(pooled[0]) if input_tokens is None and pooled[0] > 0 else input_tokens
     simulation = _Simulation(
         evidence=evidence,
         registry=registry,
@@ -423,6 +424,25 @@ async def simulate_policy(
     for rep in range(replicates):
         runs.add(await simulation.replay(rep))
     return _report(simulation, runs, replicates=replicates)
+
+
+def _check_pin(on_no_match: object, registry: ModelRegistry) -> None:
+    """
+    Refuse an ``on_no_match`` that pins a model outside ``registry``: a deployed router
+    refuses it (the executor's candidates are registry models), so the policy could not
+    run, whatever the replay (whose candidates may be recorded models the registry lacks)
+    would let the router do.  Other values are left to the router to check.
+    """
+    if (
+        isinstance(on_no_match, str)
+        and on_no_match not in ("raise", "relax")
+        and on_no_match not in registry
+    ):
+        raise ConfigurationError(
+            f"on_no_match pins {shown(on_no_match)}, which is not in the model registry: "
+            "a deployed router pins only a registry model, so this policy could not run "
+            "(pass the registry that lists it)"
+        )
 
 
 def _fits(
@@ -492,7 +512,7 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         latency_p95_ms=_interval(runs.p95s) if _measured(evidence) else Interval.none(),
         no_match_share=_interval(runs.no_match, upper=1.0),
         unproven_share=_interval(runs.unproven, upper=1.0),
-        traffic=_traffic(runs.shares, fits, total),
+        traffic=_traffic(runs.shares, fits, total, simulation),
         models=tuple(fits[m] for m in sorted(fits)),
         unknown_models=tuple(n for n in names if not fits[n].known),
         ipw=None,
@@ -505,9 +525,15 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
 
 
 def _traffic(
-    shares: Mapping[str, Sequence[float]], fits: Mapping[str, ModelFit], total: int
+    shares: Mapping[str, Sequence[float]],
+    fits: Mapping[str, ModelFit],
+    total: int,
+    simulation: _Simulation,
 ) -> tuple[ModelTraffic, ...]:
-    """Each model's simulated share beside its recorded one, largest first."""
+    """
+    Each model's simulated share beside its recorded one, largest first, with what its
+    calls cost at the size simulated (`_sized_cost`).
+    """
     return tuple(
         sorted(
             (
@@ -517,13 +543,41 @@ def _traffic(
                     known=fits[m].known,
                     recorded_share=(fits[m].samples / total) if total else None,
                     success_rate=fits[m].success_rate,
-                    cost_per_call_usd=fits[m].cost_per_call_usd,
+                    cost_per_call_usd=_sized_cost(fits[m], simulation),
                 )
                 for m, v in shares.items()
             ),
             key=lambda t: (-(t.share.estimate or 0.0), t.model),
         )
     )
+
+
+def _sized_cost(fit: ModelFit, simulation: _Simulation) -> float | None:
+    """
+    What an attempt on ``fit``'s model costs in the simulation, at the recorded success
+    rate: its prompt ``input_tokens`` long and its output capped at ``max_tokens`` when
+    the question gives them, as its simulated calls are charged (`_cost`); else, or for
+    a model without a measured success or a price, `ModelFit.cost_per_call_usd`.
+    """
+    prompt, cap = simulation.prompt_tokens, simulation.question.max_tokens
+    mean_in, mean_out, rate = fit.mean_input_tokens, fit.mean_output_tokens, fit.success_rate
+    registry = simulation.registry
+    if (
+        (prompt is None and cap is None)
+        or mean_in is None
+        or mean_out is None
+        or rate is None
+        or fit.successes == 0
+        or fit.model not in registry
+    ):
+        return fit.cost_per_call_usd
+    success, failure = _cost(
+        fit,
+        registry.get(fit.model),
+        mean_in if prompt is None else float(prompt),
+        mean_out if cap is None else min(mean_out, float(cap)),
+    )
+    return rate * success + (1.0 - rate) * failure
 
 
 def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:

@@ -362,6 +362,40 @@ async def test_empty_text_blocks_are_left_out_for_anthropic(server: FakeLLMServe
     assert second == {"type": "tool_result", "tool_use_id": "call_2"}
 
 
+@pytest.mark.parametrize("empty", ["", [TextBlock(text="")]], ids=["string", "blocks"])
+async def test_an_empty_answer_in_the_history_continues_on_anthropic(
+    server: FakeLLMServer, empty: Any
+) -> None:
+    """
+    An answer with no text (OpenAI's ``content_filter``, or a reasoning model out of
+    tokens, gives ``""``) sent back whole, as the README has it: OpenAI takes the empty
+    assistant turn, the Messages API refuses one before the last message (a 400 before).
+    Claude gets the conversation without it; the empty last assistant turn it allows stays.
+    """
+    history = [
+        Message(role="user", content="Weather in Oslo?"),
+        Message(role="assistant", content=empty),
+        Message(role="user", content="Try again, please."),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(CLAUDE))
+        assert response.content
+        sent = server.last_request(CLAUDE)
+        assert sent is not None
+        assert sent.body["messages"] == [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "user", "content": "Try again, please."},
+        ]
+        gpt = await executor.run(history, pinned(GPT))  # OpenAI is sent it as it is
+        assert gpt.content
+        sent = server.last_request(GPT)
+        assert sent is not None and [m["role"] for m in sent.body["messages"]] == [
+            "user",
+            "assistant",
+            "user",
+        ]
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_tool_results_as_blocks_with_an_error_flag(
     server: FakeLLMServer, model: str, api: str
@@ -520,6 +554,66 @@ async def test_structured_output_is_parsed_when_it_validates(
         assert text.parsed is None and "not JSON" in (text.parse_error or "")
         plain = await executor.run("A person.", pinned(model))
         assert plain.parsed is None and plain.parse_error is None
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_a_refused_or_cut_off_answer_says_so_in_its_parse_error(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """
+    A structured answer that is no JSON because the model refused or ran out of
+    max_tokens says so first, not only "not JSON" as if the model wrote bad JSON.
+    """
+    cut = "max_tokens" if api == "anthropic" else "length"
+    server.script(model, [FakeReply(content='{"name": "Ad', stop_reason=cut)])
+    async with make(server) as executor:
+        response = await executor.run("A person.", pinned(model), response_format=PERSON)
+        assert response.parsed is None and response.stop_reason == cut
+        assert (response.parse_error or "").startswith(
+            f"the answer was cut off at max_tokens (stop_reason {cut!r}); the answer is not JSON"
+        )
+        if api == "anthropic":  # a refusal is a stop reason, its text the content
+            server.script(model, [FakeReply(content="I can't help.", stop_reason="refusal")])
+            response = await executor.run("A person.", pinned(model), response_format=PERSON)
+            assert response.parsed is None
+            assert (response.parse_error or "").startswith(
+                "the model refused to answer (stop_reason 'refusal')"
+            )
+        # an answer that parses is kept whatever the stop reason
+        server.script(model, [FakeReply(json={"name": "Ada", "age": 36}, stop_reason=cut)])
+        response = await executor.run("A person.", pinned(model), response_format=PERSON)
+        assert response.parsed == {"name": "Ada", "age": 36} and response.parse_error is None
+
+
+async def test_an_openai_refusal_says_so_in_its_parse_error() -> None:
+    """OpenAI's refusal (a null content beside its ``refusal`` text) is no bad JSON."""
+
+    async def answer(request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 6},
+            }
+        )
+
+    async with (
+        serving("/v1/chat/completions", answer) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        ) as executor,
+    ):
+        response = await executor.run("A person.", pinned(GPT), response_format=PERSON)
+    assert response.content == "" and response.parsed is None
+    assert response.parse_error == (
+        "the model refused to answer (stop_reason 'refusal'); the answer is not JSON "
+        "(Expecting value)"
+    )
 
 
 async def test_extra_body_objects_merge_into_those_the_library_sets(

@@ -192,6 +192,31 @@ async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown()
     assert any(n.startswith("premium: no calls in the window") for n in report.notes)
 
 
+async def test_a_model_outside_the_registry_cannot_be_pinned_by_on_no_match() -> None:
+    """
+    A deployed router pins only a registry model (the executor's candidates are its
+    registry's): a policy pinning a recorded model the registry lacks cannot run, so it is
+    refused, as the router refuses it live.  It was simulated as taking every request at
+    its recorded cost, beside a note saying the router cannot choose it.
+    """
+    records = [
+        attrs.evolve(r, model="mystery") if i % 2 else r for i, r in enumerate(history(1, 300))
+    ]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(records)
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert "mystery" in evidence.models and "mystery" not in REGISTRY
+    with pytest.raises(ConfigurationError, match="on_no_match pins 'mystery', which is not in"):
+        await simulate_policy(
+            evidence,
+            registry=REGISTRY,
+            max_latency_ms=1.0,
+            on_no_match="mystery",
+            requests=20,
+            replicates=2,
+        )
+
+
 async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charges() -> None:
     # "premium" (in the registry) only failed, each attempt billed $0.002 (a stream cut off)
     others = [r for r in history(1, 500) if r.model != "premium"]
@@ -411,6 +436,11 @@ async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:
         truth = oracle.success * (prompt * oracle.input_price + mean_out * oracle.output_price)
         assert report.cost_per_request.estimate == pytest.approx(truth / 1e6, rel=0.03)
         assert report.constraints["input_tokens"] == prompt
+        # the model taking the traffic costs as much a call as the requests it takes
+        # (its cost/call stayed the recorded 500-token one, $0.00168 beside $0.0507)
+        [taken] = report.traffic
+        assert taken.share.estimate == 1.0
+        assert taken.cost_per_call_usd == pytest.approx(truth / 1e6, rel=0.03)
     # checked before any draw, as max_tokens is
     sizes: list[Any] = ["500", 1.5, -1, True]
     for size in sizes:
@@ -887,6 +917,22 @@ def test_cli_refuses_an_unknown_on_no_match_as_a_usage_error(
     )
     assert pinned.returncode == 0, pinned.stderr
     assert json.loads(pinned.stdout)["constraints"]["on_no_match"] == "premium"
+    # a model recorded for the stage but not in the registry cannot be pinned live: it
+    # was simulated as taking every request, beside a note that it cannot be chosen
+    lacking = tmp_path / "lacking.json"
+    lacking.write_text(json.dumps(REGISTRY.without_models("premium").to_dict()))
+    outside = run_cli(
+        home,
+        *base[:-1],
+        str(lacking),
+        *quick,
+        "--max-latency-ms",
+        "1",
+        "--on-no-match",
+        "premium",
+    )
+    assert outside.returncode == 2, outside.stdout
+    assert outside.stderr.startswith("empathy-models: error: --on-no-match premium")
 
 
 def test_routing_best_refuses_an_unknown_on_no_match_as_a_usage_error(

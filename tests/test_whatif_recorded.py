@@ -95,6 +95,24 @@ async def test_the_recorded_p95_is_the_recorded_calls_own_and_the_fit_is_labelle
     assert data["fitted"]["latency_p95_ms"] == pytest.approx(fit.latency_p95_ms)
 
 
+async def test_a_model_fit_on_one_call_has_the_p95_the_simulation_draws_from(
+    tmp_path: Path,
+) -> None:
+    """
+    One successful call measures no spread: the simulation draws it with the log-sd it
+    assumes then (0.5), and the stage's fitted p95 says so; the model's own fitted p95
+    said the call's latency (1,000 ms beside the stage's 2,276 ms, with one model).
+    """
+    now = datetime.now(UTC).replace(microsecond=0)
+    url = await _store(tmp_path / "calls.db", [_call(now - timedelta(minutes=5), latency_ms=1e3)])
+    async with telemetry_from_url(url) as store:
+        report = await evaluate_policy(store, "docs", "write", requests=5, replicates=2)
+    (fit,) = report.models
+    assert fit.latency_p50_ms == pytest.approx(1000.0)
+    assert report.fitted_latency_p95_ms is not None and report.fitted_latency_p95_ms > 2000.0
+    assert fit.latency_p95_ms == pytest.approx(report.fitted_latency_p95_ms)
+
+
 async def test_a_past_now_keeps_its_off_policy_estimate(tmp_path: Path) -> None:
     # 200 calls in the week before ``now``, 600 after it: the off-policy estimate reads
     # the newest ``ipw_limit`` calls before ``now``, not the newest of all

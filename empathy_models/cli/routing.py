@@ -512,10 +512,9 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     candidates = _best_candidates(
         argparse.Namespace(tier=None, candidates=args.candidates), registry
     )
-    # without --candidates, a model recorded for the stage may be pinned too: checked
-    # against them once the evidence is read (`_whatif_reports`)
-    if candidates is not None:
-        _check_on_no_match(args.on_no_match, registry, candidates)
+    # a registry model only, as a deployed router pins: a model recorded for the stage
+    # but not in the registry could not be pinned live (`simulate_policy` refuses it)
+    _check_on_no_match(args.on_no_match, registry, candidates or ())
     sweep = _whatif_sweep(args)
     plot = _plot_file(args.plot) if args.plot is not None else None
     options: dict[str, Any] = {
@@ -640,8 +639,8 @@ async def _whatif_reports(
 
     Raises:
         CliError: no call recorded for the stage in the window and no candidates given,
-            an ``--on-no-match`` model neither recorded nor in the registry, or calls
-            stamped so far after now that the window would span more than `MAX_DAYS`.
+            or calls stamped so far after now that the window would span more than
+            `MAX_DAYS`.
     """
     from empathy_models.whatif import (
         evaluate_policy,
@@ -672,8 +671,6 @@ async def _whatif_reports(
                 "history (they will be reported as unknown)",
                 shown=True,
             )
-        if options["candidates"] is None:
-            _check_on_no_match(args.on_no_match, registry, evidence.models)
         report = await evaluate_policy(
             backend,
             args.workflow,

@@ -26,7 +26,8 @@ object too (Anthropic's ``output_config``, which holds ``format`` and ``effort``
 ``tool_choice``, which holds ``disable_parallel_tool_use``) is merged into it key by key,
 its keys winning; any other value takes the field's place.
 
-Empty text blocks, which OpenAI takes, are left out for Anthropic, which refuses them.
+Empty text blocks, which OpenAI takes, are left out for Anthropic, which refuses them,
+as is an assistant turn left empty before the last message.
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
 in one user message after all the ``tool`` messages answering that turn's calls; nor
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
@@ -389,10 +390,16 @@ def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     ``messages`` in the Messages API's shape.  Tool results that follow one another
     (OpenAI's one ``tool`` message per call) are merged into one user turn, with any
     user message right after them, so every result answers the assistant turn before.
+    An assistant turn with nothing to send (an empty answer sent back, which OpenAI
+    takes) is left out unless it is the last, as the API allows only there; the user
+    turns around it are one turn to the API.
     """
     out: list[dict[str, Any]] = []
-    for message in messages:
+    last = len(messages) - 1
+    for index, message in enumerate(messages):
         converted = _anthropic_message(message)
+        if converted["role"] == "assistant" and not converted["content"] and index < last:
+            continue
         previous = out[-1] if out else None
         if (
             previous is not None
