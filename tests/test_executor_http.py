@@ -665,7 +665,7 @@ async def test_a_failed_run_names_the_request_id_its_records_carry(
     assert len(records) >= 6 and {r.request_id for r in records} == {caught.value.request_id}
     assert caught.value.request_id is not None
     split, _ = caught.value.split(ServerError)
-    assert split is not None and split.request_id == caught.value.request_id
+    assert isinstance(split, AllRoutesFailedError) and split.request_id == caught.value.request_id
     assert pickle.loads(pickle.dumps(caught.value)).request_id == caught.value.request_id
 
 

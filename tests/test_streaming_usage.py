@@ -533,7 +533,12 @@ async def test_an_anthropic_message_delta_zeroing_the_prompts_counts_keeps_messa
     the same answer unstreamed recorded what the server reported.
     """
     usage = {"input_tokens": 25, "cache_read_input_tokens": 4000, "output_tokens": 3}
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-usage"}
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-usage",
+    }
     message |= {"content": [], "stop_reason": None, "stop_sequence": None}
 
     def event(name: str, data: dict[str, Any]) -> bytes:

@@ -527,7 +527,7 @@ async def test_a_server_refusing_stream_options_streams_when_extra_body_sends_no
     """
     usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
     chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-fake-mini"}
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         chunk | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Bon"}}]},
         chunk | {"choices": [{"index": 0, "delta": {"content": "jour"}}]},
         chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
@@ -782,9 +782,9 @@ async def test_an_anthropic_text_block_opened_with_text_keeps_it_as_the_sdk_does
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
 
     usage = {"input_tokens": 25, "output_tokens": 3}
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
+    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
     message |= {"content": [], "stop_reason": None, "stop_sequence": None}
-    whole = message | {"content": [{"type": "text", "text": "Hello world"}]}
+    whole: dict[str, Any] = message | {"content": [{"type": "text", "text": "Hello world"}]}
     whole |= {"stop_reason": "end_turn", "usage": usage}
     events = [
         event("message_start", {"message": message | {"usage": usage | {"output_tokens": 1}}}),
