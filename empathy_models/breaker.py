@@ -868,7 +868,8 @@ class CircuitBreaker(AsyncResource):
         return _admits(status, self.policy, self._clock() + self._store_clock.skew(key))
 
     async def snapshot(self) -> list[CircuitBreakerState]:
-        """Every key's state in the store (after flushing) as of now, sorted by key."""
+        """Every key's state in the store (after flushing) as of now, sorted by key; a
+        state it cannot read raises `StateStoreError` naming the key (`reset` repairs it)."""
         self._check_open()
         await self._flush_all()
         states = await self._stores.snapshot_all()

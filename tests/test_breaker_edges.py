@@ -152,6 +152,30 @@ async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repa
         assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)
 
 
+async def test_a_corrupt_row_makes_a_snapshot_of_every_key_fail_naming_it_not_the_whole_store(
+    tmp_path: Path,
+) -> None:
+    # one unreadable row is not an outage of the store: the other keys stay shared
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    events: list[BreakerEvent] = []
+    async with CircuitBreaker(store=url, local_view_ttl=0, listeners=[events.append]) as breaker:
+        await breaker.force_open("anthropic", reason="seed a row")
+        await breaker.reset("anthropic")
+        _corrupt(db, "anthropic")
+        with pytest.raises(StateStoreError, match="'anthropic' is unreadable") as info:
+            await breaker.snapshot()
+        assert info.value.key == "anthropic"
+        assert not breaker.degraded
+        assert not [e for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+        # another worker's force is seen at once: this one still reads the shared store
+        async with CircuitBreaker(store=url) as other:
+            await other.force_open("openai", reason="maintenance")
+        with pytest.raises(CircuitOpenError, match="maintenance"):
+            async with breaker.guard("openai"):
+                pass
+
+
 # --------------------------------------------------------------------------- item 11
 
 

@@ -15,7 +15,8 @@ long the client takes to clean up after it.
 
 A `StateStoreError` naming the key of the operation (the primary cannot read that
 key's stored state) sends only that key to a fallback of its own, tried again on the
-same schedule; the other keys stay on the primary.
+same schedule; the other keys stay on the primary.  Raised by an operation on every key
+(`snapshot_all`), it reaches the caller: one unreadable row is not an outage.
 
 This is the degraded mode of `empathy_models.CircuitBreaker`, which passes its local
 views as ``known`` and turns ``on_degraded`` / ``on_recovered`` into events.
@@ -335,8 +336,11 @@ class FailoverStateStore(CircuitStateStore):
         except BackendClosedError:
             raise
         except (BackendError, OSError) as exc:
-            if key is not None and unreadable_key(exc) == key:
-                raise  # this key's state alone: _run isolates the key
+            unreadable = unreadable_key(exc)
+            if unreadable is not None and (key is None or unreadable == key):
+                # one key's state alone: _run isolates the key; an operation on every
+                # key (a snapshot of all) fails naming it, the store is not down
+                raise
             fallback = self._fallback  # another task may have switched already
             if fallback is None:
                 fallback = await self._degrade(key, exc)
