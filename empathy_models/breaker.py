@@ -105,8 +105,9 @@ through both keys and reports to the provider key only what `provider_outcome` s
 concerns the whole provider (account errors force it open, connection failures count
 as failures).  And when ``provider_open_models`` (default 3) distinct models of one
 provider are OPEN at once in this breaker's view, the provider key is forced open for
-``policy.recovery_seconds`` (then probed like any other key).  ``None`` turns that rule
-off.
+``policy.recovery_seconds`` (then probed like any other key), unless it is open already
+or DISABLED (judged by the store's state when this breaker has no fresh view of it).
+``None`` turns that rule off.
 
 State changes are logged on ``empathy_models.breaker`` with the key, the reason and
 the generation: a WARNING when a key opens or is forced open, INFO when it goes
@@ -947,7 +948,13 @@ async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: floa
     """Force ``provider``'s key open when the provider rule says so (see the class)."""
     threshold = breaker.provider_open_models
     assert threshold is not None
-    reason = breaker._local.provider_trip(breaker._provider_of, provider, now, threshold)
+    local = breaker._local
+    reason = local.provider_trip(breaker._provider_of, provider, now, threshold)
+    if reason is not None and local.fresh(provider, now) is None:
+        # no fresh view of the provider's key: judge by the store's state of it (another
+        # worker may have disabled it, or opened it already), then by the rule again
+        await breaker._observe(await breaker._stores.snapshot(provider))
+        reason = local.provider_trip(breaker._provider_of, provider, breaker._clock(), threshold)
     if reason is not None:  # recovery_seconds on the store's clock
         span = breaker.policy.recovery_seconds
         await breaker._observe(await _force_for(breaker._stores, provider, reason, span))

@@ -256,6 +256,25 @@ async def test_the_several_models_rule_works_on_a_store_without_force_spans() ->
         assert provider.open_until_ts - provider.updated_at_ts == pytest.approx(30, abs=5)
 
 
+async def test_the_several_models_rule_leaves_a_provider_another_worker_disabled_alone(
+    tmp_path: Path,
+) -> None:
+    # DISABLED never trips: the rule must not force open a provider key an operator
+    # disabled where this breaker has no fresh view of it
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=30)
+    async with CircuitBreaker(url, policy) as operator:
+        await operator.disable("gateway", reason="never trip the gateway")
+    async with CircuitBreaker(url, policy) as breaker:
+        for i in range(3):
+            with pytest.raises(ServerError):
+                async with breaker.guard(breaker.key_for("gateway", f"m{i}")):
+                    raise ServerError("boom", status=503)
+        provider = await breaker.get_status("gateway")
+    assert provider.state is CircuitState.DISABLED
+    assert provider.reason == "never trip the gateway"
+
+
 async def test_the_several_models_rule_can_be_turned_off() -> None:
     policy = BreakerPolicy(consecutive_failures=1)
     async with CircuitBreaker(policy=policy, provider_open_models=None) as breaker:
