@@ -879,8 +879,9 @@ class CircuitBreaker(AsyncResource):
 
     async def reset(self, key: str | None = None) -> None:
         """
-        Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips; tickets
-        issued before stop counting.  Written-behind successes of the key are dropped.
+        Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips (a state the
+        store cannot read is replaced); tickets issued before stop counting.
+        Written-behind successes of the key are dropped.
         """
         self._check_open()
         for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
