@@ -626,7 +626,7 @@ class CircuitBreaker(AsyncResource):
         return guard
 
     async def call(
-        self, key: str, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+        self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """
         ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.

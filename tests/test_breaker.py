@@ -145,6 +145,17 @@ async def test_call_passes_arguments_and_returns_the_result(clock: FakeClock) ->
         assert (await breaker.get_status(KEY)).failure_count == 1
 
 
+async def test_call_passes_keywords_named_key_and_fn_to_the_function(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    async def lookup(*, key: str, fn: str) -> str:
+        return f"{key}/{fn}"
+
+    async with breaker:
+        assert await breaker.call(KEY, lookup, key="user-1", fn="get") == "user-1/get"
+        assert (await breaker.get_status(KEY)).window_calls == 1
+
+
 async def _raise_server_error() -> None:
     raise ServerError("down", status=500)
 
