@@ -827,18 +827,16 @@ class CircuitBreaker(AsyncResource):
         """
         Whether ``key`` would likely admit a call, from the local view only (no I/O):
         true for a key never seen, CLOSED or DISABLED; OPEN and FORCED_OPEN once
-        ``open_until`` has passed (the next call may probe); HALF_OPEN while the view
-        shows a free probe slot (times judged by the store's clock, as the breaker last
-        measured it).  The view may be up to ``local_view_ttl`` old (older for keys not
-        used lately); `is_available` gives the store's answer.
+        ``open_until`` has passed (the next call may probe), FORCED_OPEN until a reset
+        while its view is current only; HALF_OPEN while the view shows a free probe slot
+        (times judged by the store's clock, as the breaker last measured it).  The view
+        may be up to ``local_view_ttl`` old (older for keys not used lately);
+        `is_available` gives the store's answer.
         """
         view = _view_of(self._views, key)
-        if view is None:
+        if view is None or view.state.state is _CLOSED or view.state.state is _DISABLED:
             return True
-        state = view.state
-        if state.state is _CLOSED or state.state is _DISABLED:
-            return True
-        return _admits(state, self.policy, self._clock() + self._store_clock.skew(key))
+        return _refusing_hint(self, view)
 
     def all_available_hint(self) -> bool:
         """True when no local view shows a key OPEN, FORCED_OPEN or HALF_OPEN: then
@@ -943,6 +941,19 @@ class CircuitBreaker(AsyncResource):
         s = state.state
         if s is not _CLOSED and s is not _DISABLED and self._store_clock.due(now):
             await self._store_clock.measure()
+
+
+def _refusing_hint(breaker: CircuitBreaker, view: View) -> bool:
+    """
+    `CircuitBreaker.available_hint` of a key whose view is neither CLOSED nor DISABLED.
+    A FORCED_OPEN until a reset counts only while its view is current: the store may
+    have been reset since, and a key routed around for that hint would never be asked.
+    """
+    state = view.state
+    now = breaker._clock()
+    if state.open_until_ts is None and not breaker._local.current(view, now):
+        return True
+    return _admits(state, breaker.policy, now + breaker._store_clock.skew(state.key))
 
 
 async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: float) -> None:
