@@ -17,6 +17,7 @@ from typing import TypeAlias
 
 from attrs import frozen
 
+from ._urls import masked_keys, masked_urls
 from ._validators import escaped, shown as shown_value
 from .circuit import shown
 from .exceptions import ConfigurationError
@@ -156,8 +157,12 @@ absurd Retry-After or open period, the latest instant a datetime holds)."""
 
 
 def describe(exc: BaseException) -> str:
-    """``exc`` in one line for events, logs and stores: class and message, <= 300 chars."""
-    text = str(exc)
+    """
+    ``exc`` in one line for events, logs and stores: class and message, <= 300 chars,
+    API keys (``sk-...``) and the secrets of URLs in it (a password, ``?key=...``) masked:
+    a shared store shows it to every worker.
+    """
+    text = masked_keys(masked_urls(str(exc)))
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     described = escaped(described)  # what some store cannot hold
     return described if len(described) <= 300 else described[:297] + "..."

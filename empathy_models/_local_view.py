@@ -518,7 +518,8 @@ class LocalView:
         The reason to force ``provider``'s key open, or ``None``: at least ``threshold``
         of its models (``provider_of`` maps model keys to providers) are OPEN (tripped by
         failures, not forced) in these views, and a fresh view of the provider's key
-        shows it neither open already nor DISABLED (an operator said: never trip it).
+        shows it neither open already nor DISABLED (an operator said: never trip it);
+        without a fresh view the breaker reads the store's state of the key and asks again.
 
         Open periods end on the store's clock, which need not be this one (``now``, the
         views' freshness): they are judged at the latest time the store stamped on the

@@ -1,8 +1,9 @@
 """
 URLs that may hold credentials, for messages: where a URL's userinfo ends
 (`userinfo_end`), which query options may hold a secret (`secret_param`, `masked_query`),
-and what is wrong with a URL `urllib.parse` refused (`url_flaw`), said without quoting
-the URL; and the API keys a message must not quote (`masked_keys`).
+a URL with both masked (`masked_url`; every URL in a text: `masked_urls`), and what is
+wrong with a URL `urllib.parse` refused (`url_flaw`), said without quoting the URL; and
+the API keys a message must not quote (`masked_keys`).
 
 A leaf: imports nothing from the package.
 """
@@ -21,6 +22,8 @@ __all__ = [
     "masked_keys",
     "masked_keywords",
     "masked_query",
+    "masked_url",
+    "masked_urls",
     "secret_param",
     "url_flaw",
     "userinfo_end",
@@ -175,6 +178,36 @@ def userinfo_end(rest: str) -> int:
     if ats and 0 <= query < ats[0] and _PORTED.fullmatch(rest, 0, end):
         return -1  # host:port, then a query or fragment holding every '@'
     return hosts[-1] if hosts else ats[-1] if ats else last
+
+
+def masked_url(url: str) -> str:
+    """
+    ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
+    lone ``user@`` (it may be a token) ``***@``; a password holding an unencoded '/',
+    '?', '#' or '@' is masked whole (`userinfo_end`); the value of a query option that
+    may hold a secret (``?api-key=``: `masked_query`) shown ``***``.  Needs no parsing,
+    so an unparseable URL is masked too.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    at = userinfo_end(rest)
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = (f"{user}:***" if colon else "***") + rest[at:]
+    before, question, query = rest.partition("?")
+    if question:  # the query and its fragment: a fragment right after a secret is part of it
+        rest = f"{before}?{masked_query(query)}"
+    return f"{head}{sep}{rest}"
+
+
+_URL_IN_TEXT: Final = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+"""A URL inside free text, up to a blank, a quote or an angle bracket."""
+
+
+def masked_urls(text: str) -> str:
+    """``text`` (an exception's message, say) with every URL in it `masked_url`."""
+    return _URL_IN_TEXT.sub(lambda m: masked_url(m[0]), text) if "://" in text else text
 
 
 def url_flaw(exc: ValueError) -> str:

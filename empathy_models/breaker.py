@@ -105,8 +105,9 @@ through both keys and reports to the provider key only what `provider_outcome` s
 concerns the whole provider (account errors force it open, connection failures count
 as failures).  And when ``provider_open_models`` (default 3) distinct models of one
 provider are OPEN at once in this breaker's view, the provider key is forced open for
-``policy.recovery_seconds`` (then probed like any other key).  ``None`` turns that rule
-off.
+``policy.recovery_seconds`` (then probed like any other key), unless it is open already
+or DISABLED (judged by the store's state when this breaker has no fresh view of it).
+``None`` turns that rule off.
 
 State changes are logged on ``empathy_models.breaker`` with the key, the reason and
 the generation: a WARNING when a key opens or is forced open, INFO when it goes
@@ -625,7 +626,7 @@ class CircuitBreaker(AsyncResource):
         return guard
 
     async def call(
-        self, key: str, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+        self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """
         ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.
@@ -826,18 +827,16 @@ class CircuitBreaker(AsyncResource):
         """
         Whether ``key`` would likely admit a call, from the local view only (no I/O):
         true for a key never seen, CLOSED or DISABLED; OPEN and FORCED_OPEN once
-        ``open_until`` has passed (the next call may probe); HALF_OPEN while the view
-        shows a free probe slot (times judged by the store's clock, as the breaker last
-        measured it).  The view may be up to ``local_view_ttl`` old (older for keys not
-        used lately); `is_available` gives the store's answer.
+        ``open_until`` has passed (the next call may probe), FORCED_OPEN until a reset
+        while its view is current only; HALF_OPEN while the view shows a free probe slot
+        (times judged by the store's clock, as the breaker last measured it).  The view
+        may be up to ``local_view_ttl`` old (older for keys not used lately);
+        `is_available` gives the store's answer.
         """
         view = _view_of(self._views, key)
-        if view is None:
+        if view is None or view.state.state is _CLOSED or view.state.state is _DISABLED:
             return True
-        state = view.state
-        if state.state is _CLOSED or state.state is _DISABLED:
-            return True
-        return _admits(state, self.policy, self._clock() + self._store_clock.skew(key))
+        return _refusing_hint(self, view)
 
     def all_available_hint(self) -> bool:
         """True when no local view shows a key OPEN, FORCED_OPEN or HALF_OPEN: then
@@ -868,7 +867,8 @@ class CircuitBreaker(AsyncResource):
         return _admits(status, self.policy, self._clock() + self._store_clock.skew(key))
 
     async def snapshot(self) -> list[CircuitBreakerState]:
-        """Every key's state in the store (after flushing) as of now, sorted by key."""
+        """Every key's state in the store (after flushing) as of now, sorted by key; a
+        state it cannot read raises `StateStoreError` naming the key (`reset` repairs it)."""
         self._check_open()
         await self._flush_all()
         states = await self._stores.snapshot_all()
@@ -877,8 +877,9 @@ class CircuitBreaker(AsyncResource):
 
     async def reset(self, key: str | None = None) -> None:
         """
-        Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips; tickets
-        issued before stop counting.  Written-behind successes of the key are dropped.
+        Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips (a state the
+        store cannot read is replaced); tickets issued before stop counting.
+        Written-behind successes of the key are dropped.
         """
         self._check_open()
         for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
@@ -942,11 +943,30 @@ class CircuitBreaker(AsyncResource):
             await self._store_clock.measure()
 
 
+def _refusing_hint(breaker: CircuitBreaker, view: View) -> bool:
+    """
+    `CircuitBreaker.available_hint` of a key whose view is neither CLOSED nor DISABLED.
+    A FORCED_OPEN until a reset counts only while its view is current: the store may
+    have been reset since, and a key routed around for that hint would never be asked.
+    """
+    state = view.state
+    now = breaker._clock()
+    if state.open_until_ts is None and not breaker._local.current(view, now):
+        return True
+    return _admits(state, breaker.policy, now + breaker._store_clock.skew(state.key))
+
+
 async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: float) -> None:
     """Force ``provider``'s key open when the provider rule says so (see the class)."""
     threshold = breaker.provider_open_models
     assert threshold is not None
-    reason = breaker._local.provider_trip(breaker._provider_of, provider, now, threshold)
+    local = breaker._local
+    reason = local.provider_trip(breaker._provider_of, provider, now, threshold)
+    if reason is not None and local.fresh(provider, now) is None:
+        # no fresh view of the provider's key: judge by the store's state of it (another
+        # worker may have disabled it, or opened it already), then by the rule again
+        await breaker._observe(await breaker._stores.snapshot(provider))
+        reason = local.provider_trip(breaker._provider_of, provider, breaker._clock(), threshold)
     if reason is not None:  # recovery_seconds on the store's clock
         span = breaker.policy.recovery_seconds
         await breaker._observe(await _force_for(breaker._stores, provider, reason, span))

@@ -28,8 +28,9 @@ fallback" table says what each error does to a call):
   lease not reported within ``probe_lease_seconds`` expires and returns its slot.  A
   probe's failure re-opens the circuit; ``half_open_probes`` successes close it.
 * ``fatal`` outcomes (401/403/404) force the circuit open (FORCED_OPEN) for
-  ``fatal_open_seconds`` with the reason.  A manual `force` with ``until=None``
-  holds until `reset`.  DISABLED admits everything and never trips.
+  ``fatal_open_seconds`` with the reason; the trips the time closed before it forgot
+  stay forgotten (the forced period itself is not healthy time).  A manual `force`
+  with ``until=None`` holds until `reset`.  DISABLED admits everything and never trips.
 * ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
   success nor failure; in HALF_OPEN they return the probe lease.
 * The times are wall-clock times, and a wall clock can step back (an NTP correction, a
@@ -536,9 +537,14 @@ def _other_generation(
 def _fatal(
     state: CircuitBreakerState, policy: BreakerPolicy, report: OutcomeReport, now: float
 ) -> CircuitBreakerState:
-    """A fatal outcome: FORCED_OPEN for ``fatal_open_seconds`` with the error as reason."""
+    """
+    A fatal outcome: FORCED_OPEN for ``fatal_open_seconds`` with the error as reason.
+    The trips that the time closed until now forgot are forgotten for good (the forced
+    period stops that time: it is not healthy time).
+    """
+    decayed = _decayed_trips(state, policy, now)
     return _force_open(
-        attrs.evolve(state, last_failure_ts=now),
+        attrs.evolve(state, last_failure_ts=now, open_count=decayed),
         now,
         now + policy.fatal_open_seconds,
         report.error or "fatal error",

@@ -132,6 +132,32 @@ async def test_probe_failure_reopens_for_longer(clock: FakeClock) -> None:
         assert info.value.retry_after == pytest.approx(120.0)
 
 
+async def test_a_fatal_error_keeps_the_healthy_time_that_decayed_earlier_trips(
+    clock: FakeClock,
+) -> None:
+    # two trips, recovered, then a day closed: both forgotten. A 401 then forces the key
+    # open; the next trip after it is a first trip again (60 s), not a third (180 s)
+    breaker, _ = make(clock)
+    async with breaker:
+        for _ in range(3):
+            await fail(breaker)
+        clock.advance(60)
+        await fail(breaker)  # the probe fails: the second trip, 120 s
+        clock.advance(120)
+        await succeed(breaker)
+        assert (await breaker.get_status(KEY)).open_count == 2
+        clock.advance(86400)
+        await fail(breaker, AuthenticationError("invalid x-api-key", status=401))
+        assert (await breaker.get_status(KEY)).state is CircuitState.FORCED_OPEN
+        clock.advance(POLICY.fatal_open_seconds)
+        await succeed(breaker)  # the probe after the forced period closes the key
+        for _ in range(3):
+            await fail(breaker)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(60.0)
+
+
 async def test_call_passes_arguments_and_returns_the_result(clock: FakeClock) -> None:
     breaker, _ = make(clock)
 
@@ -143,6 +169,17 @@ async def test_call_passes_arguments_and_returns_the_result(clock: FakeClock) ->
         with pytest.raises(ServerError):
             await breaker.call(KEY, _raise_server_error)
         assert (await breaker.get_status(KEY)).failure_count == 1
+
+
+async def test_call_passes_keywords_named_key_and_fn_to_the_function(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    async def lookup(*, key: str, fn: str) -> str:
+        return f"{key}/{fn}"
+
+    async with breaker:
+        assert await breaker.call(KEY, lookup, key="user-1", fn="get") == "user-1/get"
+        assert (await breaker.get_status(KEY)).window_calls == 1
 
 
 async def _raise_server_error() -> None:

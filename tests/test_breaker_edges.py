@@ -152,6 +152,56 @@ async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repa
         assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)
 
 
+@pytest.mark.parametrize("every_key", [False, True])
+async def test_a_breaker_reset_repairs_a_corrupt_row_at_once(
+    tmp_path: Path, every_key: bool
+) -> None:
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    events: list[BreakerEvent] = []
+    async with CircuitBreaker(store=url, local_view_ttl=0, listeners=[events.append]) as breaker:
+        await breaker.force_open("anthropic", reason="seed a row")
+        await breaker.reset("anthropic")
+        _corrupt(db, "anthropic")
+        async with breaker.guard("anthropic"):
+            pass  # the key runs on a per-process fallback of its own
+        await breaker.reset(None if every_key else "anthropic")
+        async with state_store_from_url(url) as store:
+            assert (await store.snapshot("anthropic")).state is CircuitState.CLOSED
+        # the key is back on the shared store: another worker's force is seen at once
+        async with CircuitBreaker(store=url) as other:
+            await other.force_open("anthropic", reason="maintenance")
+        with pytest.raises(CircuitOpenError, match="maintenance"):
+            async with breaker.guard("anthropic"):
+                pass
+    kinds = [e.kind for e in events if e.key == "anthropic"]
+    assert BreakerEventKind.STORE_RECOVERED in kinds
+
+
+async def test_a_corrupt_row_makes_a_snapshot_of_every_key_fail_naming_it_not_the_whole_store(
+    tmp_path: Path,
+) -> None:
+    # one unreadable row is not an outage of the store: the other keys stay shared
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    events: list[BreakerEvent] = []
+    async with CircuitBreaker(store=url, local_view_ttl=0, listeners=[events.append]) as breaker:
+        await breaker.force_open("anthropic", reason="seed a row")
+        await breaker.reset("anthropic")
+        _corrupt(db, "anthropic")
+        with pytest.raises(StateStoreError, match="'anthropic' is unreadable") as info:
+            await breaker.snapshot()
+        assert info.value.key == "anthropic"
+        assert not breaker.degraded
+        assert not [e for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+        # another worker's force is seen at once: this one still reads the shared store
+        async with CircuitBreaker(store=url) as other:
+            await other.force_open("openai", reason="maintenance")
+        with pytest.raises(CircuitOpenError, match="maintenance"):
+            async with breaker.guard("openai"):
+                pass
+
+
 # --------------------------------------------------------------------------- item 11
 
 

@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState
 from empathy_models.backends import MemoryStateStore
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.exceptions import ConfigurationError, RecordValidationError, ServerError
+from empathy_models.testing import FakeLLMServer
 
 from ._namespaces import quota_url_of
 
@@ -50,6 +52,34 @@ async def test_a_failure_whose_message_holds_a_nul_trips_every_worker(
         with pytest.raises(CircuitOpenError) as info:
             await other.admit("k")
         assert info.value.last_error == "ServerError: bad\\x00byte"
+
+
+async def test_a_key_in_a_failed_calls_message_reaches_no_other_worker(
+    breakers: Callable[..., CircuitBreaker],
+) -> None:
+    # the guarded code's own HTTP client quotes the URL it called, a key in its query;
+    # the error text the breaker stores and every worker shows keeps the key out
+    secret, api_key = "AIzaSyD-not-for-others-0123", "sk-proj-Abc123Def456Ghi789"
+    async with (
+        FakeLLMServer(api_key="test-key") as server,
+        aiohttp.ClientSession() as session,
+        breakers() as worker,
+        breakers(local_view_ttl=0) as other,
+    ):
+        url = f"{server.url}/v1beta/models/m:generateContent?alt=sse&key={secret}"
+        with pytest.raises(aiohttp.ClientResponseError):
+            async with worker.guard("k"), session.post(url) as response:
+                response.raise_for_status()
+        first = await other.get_status("k")
+        with pytest.raises(RuntimeError):
+            async with worker.guard("k"):
+                raise RuntimeError(f"Incorrect API key provided: {api_key}")
+        with pytest.raises(CircuitOpenError) as info:
+            await other.admit("k")
+    assert first.last_error is not None and secret not in first.last_error
+    assert first.last_error.endswith("/v1beta/models/m:generateContent?alt=sse&key=***'")
+    assert api_key not in str(info.value)
+    assert info.value.last_error == "RuntimeError: Incorrect API key provided: sk-***"
 
 
 @pytest.mark.parametrize("reason", ["maintenance\x00window", "caf\udce9"])

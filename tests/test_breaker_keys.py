@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -125,6 +126,32 @@ async def test_one_model_answering_503_never_refuses_another_model_of_its_provid
     assert found["openai:gpt-a"].state is CircuitState.OPEN
     assert found["openai"].state is CircuitState.CLOSED
     assert found["openai:gpt-b"].state is CircuitState.CLOSED
+
+
+async def test_a_model_another_worker_forced_open_and_reset_is_routed_to_again(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    A model forced open until a reset is routed around; once an operator's reset is
+    older than the local view, the next run may route to it again: a worker that only
+    knew it as forced open by its own old view does not avoid it for good.
+    """
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    clock = FakeClock(time.time())  # the breaker's: its views age without waiting
+    telemetry = MemoryTelemetryBackend()
+    async with (
+        CircuitBreaker(state_url) as operator,
+        CircuitBreaker(state_url, clock=clock) as breaker,
+        executor(server.openai_base_url, server.anthropic_base_url, telemetry, breaker) as ex,
+    ):
+        assert (await ex.run("hello", CHEAP)).model == "gpt-a"  # the cheapest
+        await operator.force_open("openai:gpt-a", reason="maintenance")
+        clock.advance(2)  # the worker's view of gpt-a expires: it sees the force
+        assert (await ex.run("hello", CHEAP)).model == "gpt-b"
+        assert (await ex.run("hello", CHEAP)).model == "gpt-b"  # routed around it
+        await operator.reset("openai:gpt-a")
+        clock.advance(2)  # past local_view_ttl: the reset is what the store says now
+        assert (await ex.run("hello", CHEAP)).model == "gpt-a"
 
 
 async def test_an_account_error_still_opens_the_whole_provider(
@@ -254,6 +281,25 @@ async def test_the_several_models_rule_works_on_a_store_without_force_spans() ->
         assert provider.state is CircuitState.FORCED_OPEN
         assert provider.open_until_ts is not None and provider.updated_at_ts is not None
         assert provider.open_until_ts - provider.updated_at_ts == pytest.approx(30, abs=5)
+
+
+async def test_the_several_models_rule_leaves_a_provider_another_worker_disabled_alone(
+    tmp_path: Path,
+) -> None:
+    # DISABLED never trips: the rule must not force open a provider key an operator
+    # disabled where this breaker has no fresh view of it
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=30)
+    async with CircuitBreaker(url, policy) as operator:
+        await operator.disable("gateway", reason="never trip the gateway")
+    async with CircuitBreaker(url, policy) as breaker:
+        for i in range(3):
+            with pytest.raises(ServerError):
+                async with breaker.guard(breaker.key_for("gateway", f"m{i}")):
+                    raise ServerError("boom", status=503)
+        provider = await breaker.get_status("gateway")
+    assert provider.state is CircuitState.DISABLED
+    assert provider.reason == "never trip the gateway"
 
 
 async def test_the_several_models_rule_can_be_turned_off() -> None:

@@ -15,7 +15,8 @@ long the client takes to clean up after it.
 
 A `StateStoreError` naming the key of the operation (the primary cannot read that
 key's stored state) sends only that key to a fallback of its own, tried again on the
-same schedule; the other keys stay on the primary.
+same schedule; the other keys stay on the primary.  Raised by an operation on every key
+(`snapshot_all`), it reaches the caller: one unreadable row is not an outage.
 
 This is the degraded mode of `empathy_models.CircuitBreaker`, which passes its local
 views as ``known`` and turns ``on_degraded`` / ``on_recovered`` into events.
@@ -241,7 +242,18 @@ class FailoverStateStore(CircuitStateStore):
         return await self._run(None, lambda store: store.snapshot_all())
 
     async def reset(self, key: str | None = None) -> None:
-        await self._run(key, lambda store: store.reset(key))
+        """
+        The primary's reset (a fallback's while the primary fails), which is how a store
+        repairs a state it cannot read: a key on a fallback of its own for that reason
+        goes back to the primary at once (every such key, for a reset of all).
+        """
+        if key is not None:
+            await self._run(key, lambda store: store.reset(key), repairs=True)
+            return
+        await self._run(None, lambda store: store.reset(None))
+        if self._fallback is None:  # the primary reset every key
+            for unreadable in list(self._unreadable):
+                await self._readable_again(unreadable)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -311,13 +323,13 @@ class FailoverStateStore(CircuitStateStore):
                 raise other_loop_error(repr(self._primary))
             self.loop = loop  # a store opened on first use
 
-    async def _run(self, key: str | None, op: Op[T]) -> T:
+    async def _run(self, key: str | None, op: Op[T], *, repairs: bool = False) -> T:
         if self._bound:
             self._check_loop()
         if key is not None:
             self.checked_key(key)  # before any store, primary or fallback, sees it
         if key is not None and key in self._unreadable:
-            return await self._unreadable_op(key, op)
+            return await self._unreadable_op(key, op, repairs)
         try:
             return await self._shared_op(key, op)
         except StateStoreError as exc:
@@ -335,8 +347,11 @@ class FailoverStateStore(CircuitStateStore):
         except BackendClosedError:
             raise
         except (BackendError, OSError) as exc:
-            if key is not None and unreadable_key(exc) == key:
-                raise  # this key's state alone: _run isolates the key
+            unreadable = unreadable_key(exc)
+            if unreadable is not None and (key is None or unreadable == key):
+                # one key's state alone: _run isolates the key; an operation on every
+                # key (a snapshot of all) fails naming it, the store is not down
+                raise
             fallback = self._fallback  # another task may have switched already
             if fallback is None:
                 fallback = await self._degrade(key, exc)
@@ -379,12 +394,13 @@ class FailoverStateStore(CircuitStateStore):
 
     # ------------------------------------------------------------------ one unreadable key
 
-    async def _unreadable_op(self, key: str, op: Op[T]) -> T:
+    async def _unreadable_op(self, key: str, op: Op[T], repairs: bool = False) -> T:
         """``op`` for a key whose stored state is unreadable: the key's own fallback,
-        trying the primary again at most every ``retry_interval`` seconds."""
+        trying the primary again at most every ``retry_interval`` seconds (at once for
+        an operation that ``repairs`` the state, a reset)."""
         fallback = self._key_fallbacks[key]
         now = self._clock()
-        if now < self._unreadable[key]:
+        if now < self._unreadable[key] and not repairs:
             return await op(fallback)
         self._unreadable[key] = now + self._retry_interval
         try:
@@ -393,15 +409,19 @@ class FailoverStateStore(CircuitStateStore):
             if exc.key != key:
                 raise
             return await op(fallback)
+        await self._readable_again(key)
+        return result
+
+    async def _readable_again(self, key: str) -> None:
+        """The primary answered for ``key`` again: drop the key's own fallback."""
         del self._unreadable[key]
-        del self._key_fallbacks[key]
+        fallback = self._key_fallbacks.pop(key)
         await fallback.aclose()
         logger.warning(
             "circuit %s: its stored state is readable again; using the store", shown(key)
         )
         if self._on_recovered is not None:
             await self._on_recovered(key, True)
-        return result
 
     async def _isolate(self, key: str, exc: StateStoreError, op: Op[T]) -> T:
         """The primary holds an unreadable state for ``key``: run that key per-process."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
 from .._text import utf8_size
-from .._urls import masked_keys, masked_query, userinfo_end
+from .._urls import masked_keys, masked_url
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -643,27 +643,6 @@ def error_from_local(
         f"{provider}: the request could not be built, nothing was sent "
         f"({type(exc).__name__}: {detail}){hint} [model {model}]"
     )
-
-
-def masked_url(url: str) -> str:
-    """
-    ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
-    lone ``user@`` (it may be a token) ``***@``; a password holding an unencoded '/',
-    '?', '#' or '@' is masked whole (`userinfo_end`); the value of a query option that
-    may hold a secret (``?api-key=``: `masked_query`) shown ``***``.  Needs no parsing,
-    so an unparseable URL is masked too.
-    """
-    head, sep, rest = url.partition("://")
-    if not sep:
-        head, rest = "", url
-    at = userinfo_end(rest)
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        rest = (f"{user}:***" if colon else "***") + rest[at:]
-    before, question, query = rest.partition("?")
-    if question:  # the query and its fragment: a fragment right after a secret is part of it
-        rest = f"{before}?{masked_query(query)}"
-    return f"{head}{sep}{rest}"
 
 
 def _without_request(exc: BaseException) -> BaseException:

@@ -654,6 +654,7 @@ local function apply_outcome(st, r, now)
     if outcome == "fatal" then
       local failed = copy(st)
       failed.last_failure_ts = now
+      failed.open_count = decayed_trips(st, now)  -- as circuit._fatal
       return do_force_open(failed, now, now + P.fatal_open_seconds,
         py_or(r.error, "fatal error"), r.error), true
     end
@@ -684,6 +685,8 @@ local function apply_outcome(st, r, now)
   if outcome == "fatal" then
     local failed = copy(st)
     failed.last_failure_ts = now
+    -- the trips the time closed until now forgot stay forgotten (as circuit._fatal)
+    failed.open_count = decayed_trips(st, now)
     return do_force_open(failed, now, now + P.fatal_open_seconds,
       py_or(r.error, "fatal error"), r.error), true
   end
