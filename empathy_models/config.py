@@ -525,8 +525,23 @@ class EmpathyConfig:
             raise ConfigurationError(f"{self.path}: {key}: {exc}") from exc
 
     def build_providers(self) -> list[HTTPProvider]:
-        """One provider per ``[providers.*]`` table (keys read from the environment now)."""
-        return [p.build() for p in self.providers]
+        """
+        One provider per ``[providers.*]`` table (keys read from the environment now).
+
+        Raises:
+            ConfigurationError: a value the provider refuses (a ``base_url`` that is no
+                http(s) URL, a header no request can carry), after the file and the
+                table it came from.
+        """
+        built: list[HTTPProvider] = []
+        for provider in self.providers:
+            try:
+                built.append(provider.build())
+            except ConfigurationError as exc:
+                if self.path is None or self.sources["providers"] != str(self.path):
+                    raise
+                raise ConfigurationError(f"{self.path}: [providers.{provider.name}] {exc}") from exc
+        return built
 
     def describe(self) -> list[tuple[str, str, str]]:
         """``(setting, value, source)`` rows for ``config show``; no secret is shown."""

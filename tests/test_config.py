@@ -394,6 +394,29 @@ def test_a_header_no_request_can_carry_is_refused_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('base_url = "localhost:8000/v1"', "base_url must be an http(s) URL"),
+        ('base_url = "https://u:pa55word@gw/v1"', "base_url must not hold credentials"),
+        ('headers = { "X Team" = "a" }', "header name 'X Team' is not an HTTP token"),
+    ],
+)
+def test_a_provider_value_refused_names_the_file_and_the_table(
+    project: Path, tmp_path: Path, table: str, message: str
+) -> None:
+    # the provider's own message came alone ("base_url must be an http(s) URL ..."):
+    # which file, which of several [providers.*] tables, was left to guess
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.anthropic]\n[providers.house]\ntype = "openai"\n{table}\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: [providers.house] "), refused.value
+    assert message in str(refused.value) and "pa55word" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
+@pytest.mark.parametrize(
     "where",
     ["base_url_from_env", "api_key_from_env"],
 )
