@@ -23,6 +23,7 @@ optional::
     headers = { "X-Team" = "search" }
     timeout = 120
 
+A URL missing its ``//`` (``sqlite:calls.db``) is refused, not taken for a file's name.
 Relative paths (``calls.db``, ``sqlite:///calls.db``, ``models.toml``) are relative to
 the directory of the file that names them, so a file in ``$EMPATHY_HOME`` keeps its
 databases there whatever the working directory.  The default telemetry database is
@@ -39,6 +40,7 @@ are never printed or put in a repr.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -51,7 +53,7 @@ from attrs import field, frozen
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
 from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, url_flaw
 from ._validators import check, failure, number, shown
-from .backends import redact_url
+from .backends import _KNOWN_PLUGINS, available_schemes, redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
@@ -168,6 +170,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     if "://" not in value:
         if KEYWORD_DSN.match(value):
             raise ConfigurationError(f"{where}: {KEYWORD_DSN_REFUSED}")
+        _refuse_url_without_slashes(value, where)
         path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path
@@ -182,6 +185,34 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
     return "sqlite:///" + quoted_path(path) + (f"?{query}" if query else "")
+
+
+# a backend's scheme and a colon at the start of a value: a URL missing its ``//``
+# (two letters at least: ``C:`` is a Windows drive)
+_SCHEME_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def _refuse_url_without_slashes(value: str, where: str) -> None:
+    """
+    `ConfigurationError` for a value that starts with a backend's scheme and a colon
+    but no ``//`` (``sqlite:calls.db``, ``redis:host:6379``): a URL mistyped, not the
+    name of a SQLite file to make.  The value is not quoted (it may hold a password),
+    except a SQLite file's path.
+    """
+    match = _SCHEME_PREFIX.match(value)
+    if match is None:
+        return
+    scheme = match.group(1).lower()
+    if scheme not in _KNOWN_PLUGINS and scheme not in available_schemes():
+        return
+    if scheme == "sqlite":
+        fix = f"sqlite:///{value[match.end() :]}, or the file's path alone"
+    else:
+        fix = f"{scheme}://..."
+    raise ConfigurationError(
+        f"{where}: {scheme + ':'!r} without '//' is neither a backend URL nor a file's "
+        f"path; write {fix}"
+    )
 
 
 def _state_default(telemetry_url: str) -> str:

@@ -584,6 +584,10 @@ async def test_from_config_uses_the_router_it_is_given(
         ('state = "redis://127.0.0.1:6379/0?socket_timout=1"', "state: unknown Redis URL"),
         ('state = "postgresql://u:s3cret@h:99999/db"', "state: 'postgresql://u:\\*\\*\\*@h"),
         ('telemetry = "sqlite:///c.db"\nstate = "memory://x"', "state: 'memory://x': a memory"),
+        # a URL missing its '//' was a file's name: ./sqlite:c.db, a directory named
+        # after the password ./postgresql:u:s3cret@h/, shown so by config show
+        ('telemetry = "sqlite:c.db"', "telemetry: 'sqlite:' .* sqlite:///c.db"),
+        ('state = "postgresql:u:s3cret@h/db"', "state: 'postgresql:' .*postgresql://"),
     ],
 )
 def test_a_store_url_refused_names_the_file_and_the_key(
@@ -593,6 +597,7 @@ def test_a_store_url_refused_names_the_file_and_the_key(
     path.write_text(toml + "\n")
     with pytest.raises(ConfigurationError) as refused:
         EmpathyLLMExecutor.from_config()
+    assert sorted(p.name for p in project.iterdir()) == ["empathy.toml"]
     assert str(refused.value).startswith(f"{path}: "), refused.value
     assert re.search(message, str(refused.value)), refused.value
     assert "s3cret" not in str(refused.value)
