@@ -405,7 +405,8 @@ def _read_file(
     data: Mapping[str, Any] = {}
     if file is not None:
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            # a byte order mark (Windows editors write one) is not part of the TOML
+            data = tomllib.loads(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigurationError(f"{file}: cannot read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:

@@ -322,6 +322,15 @@ def test_invalid_files_name_the_file_and_the_problem(
     assert str(path) in str(info.value)
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_read(project: Path) -> None:
+    # Windows editors save UTF-8 with a byte order mark; the file was refused:
+    # "invalid TOML: Invalid statement (at line 1, column 1)", in a line that looked right
+    (project / "empathy.toml").write_bytes(b'\xef\xbb\xbftelemetry = "calls.db"\n')
+    config = EmpathyConfig.load()
+    assert config.telemetry_url == "sqlite:///" + str(project / "calls.db")
+    assert config.sources["telemetry"] == str(project / "empathy.toml")
+
+
 def test_an_unexpandable_home_is_one_error_line(tmp_path: Path) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
