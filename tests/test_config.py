@@ -26,6 +26,7 @@ from empathy_models import (
     ExecutionContext,
     LLMCallRecord,
     MissingAPIKeyWarning,
+    ModelRegistry,
     OpenAIProvider,
 )
 from empathy_models.config import EmpathyConfig, ProviderConfig, find_config_file
@@ -510,6 +511,26 @@ def test_the_router_reads_the_same_configuration(project: Path) -> None:
     assert {m.id for m in router.registry.models} == {"house-small", "house-large"}
 
 
+async def test_the_router_from_config_alone_works_as_the_executors_does(
+    project: Path, tmp_path: Path
+) -> None:
+    # AdaptiveModelRouter.from_config() on its own failed where the executor's worked:
+    # "TelemetryError: ... the directory .../home does not exist" on a new machine,
+    # "TypeError: got multiple values for argument 'registry'" for an option, and a
+    # refused URL without the file and key it came from
+    async with AdaptiveModelRouter.from_config() as router:
+        assert (await router.get_routing_stats("w")).total_calls == 0
+    assert (tmp_path / "home" / "empathy.db").is_file()
+    (project / "models.toml").write_text(MODELS)
+    mine = ModelRegistry.from_file(project / "models.toml")
+    assert AdaptiveModelRouter.from_config(registry=mine).registry is mine
+    path = project / "empathy.toml"
+    path.write_text('telemetry = "sqlite:///c.db?max_batc=1"\n')
+    with pytest.raises(ConfigurationError, match="unknown sqlite URL option") as refused:
+        AdaptiveModelRouter.from_config()
+    assert str(refused.value).startswith(f"{path}: telemetry: "), refused.value
+
+
 def test_the_router_defaults_a_registry_like_the_executor() -> None:
     router = AdaptiveModelRouter()
     assert len(router.registry) > 0
@@ -540,7 +561,6 @@ async def test_without_a_file_the_executor_writes_where_the_cli_reads(
 ) -> None:
     """No empathy.toml: telemetry goes to $EMPATHY_HOME/empathy.db, created on first use."""
     (project / "models.toml").write_text(MODELS)
-    from empathy_models import ModelRegistry
 
     async with EmpathyLLMExecutor.from_config(
         providers=[OpenAIProvider(KEY, name="house", base_url=server.openai_base_url)],
@@ -681,7 +701,6 @@ async def test_a_home_and_a_project_named_in_latin1_work_end_to_end(
     home = _latin1_dir(tmp_path)
     monkeypatch.setenv("EMPATHY_HOME", str(home))
     (project / "models.toml").write_text(MODELS)
-    from empathy_models import ModelRegistry
 
     config = EmpathyConfig.load()
     assert config.telemetry_url.endswith("/caf%E9/empathy.db"), config.telemetry_url
