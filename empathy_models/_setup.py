@@ -194,11 +194,13 @@ def config_arguments(
     config = EmpathyConfig.load(path)
     arguments = dict(options)
     registry = arguments.pop("registry", None)
+    own_registry = registry is None
     if registry is None:
         registry = config.registry()
     providers = arguments.pop("providers", None)
     if providers is None:
-        providers = config.build_providers()
+        # a provider the file's registry has no models of: refused in the file's terms
+        providers = config.build_providers(registry if own_registry else None)
     telemetry = arguments.pop("telemetry_store", None)
     owned: list[AbstractAsyncContextManager[Any]] = []
     if telemetry is None:

@@ -556,14 +556,19 @@ class EmpathyConfig:
                 raise
             raise ConfigurationError(f"{self.path}: {key}: {exc}") from exc
 
-    def build_providers(self) -> list[HTTPProvider]:
+    def build_providers(self, registry: ModelRegistry | None = None) -> list[HTTPProvider]:
         """
         One provider per ``[providers.*]`` table (keys read from the environment now).
+
+        Args:
+            registry: the file's registry (`registry`): a provider it has no models of
+                is refused, naming the table, or the ``registry`` key when the
+                providers are the defaults.
 
         Raises:
             ConfigurationError: a value the provider refuses (a ``base_url`` that is no
                 http(s) URL, a header no request can carry), after the file and the
-                table it came from.
+                table it came from; a provider ``registry`` has no models of.
         """
         built: list[HTTPProvider] = []
         for provider in self.providers:
@@ -573,7 +578,32 @@ class EmpathyConfig:
                 if self.path is None or self.sources["providers"] != str(self.path):
                     raise
                 raise ConfigurationError(f"{self.path}: [providers.{provider.name}] {exc}") from exc
+        if registry is not None:
+            self._check_served(registry)
         return built
+
+    def _check_served(self, registry: ModelRegistry) -> None:
+        """`ConfigurationError`, said in the file's terms, for a provider ``registry``
+        has no models of (the executor refuses it; its message speaks to code)."""
+        known = sorted(registry.providers())
+        missing = [p.name for p in self.providers if p.name not in known]
+        if not missing or not known or self.path is None:
+            return
+        there = f"price table {registry.price_version}; providers there: {', '.join(known)}"
+        tables = " or ".join(f"[providers.{name}]" for name in known)
+        if self.sources["providers"] == str(self.path):
+            raise ConfigurationError(
+                f"{self.path}: [providers.{missing[0]}] has no models in the registry "
+                f"({there}): a table is named after the `provider` of its models; name the "
+                f"table {tables} (its type and base_url say where they are sent), or name "
+                f"in `registry` a file with models of provider {missing[0]!r}"
+            )
+        if self.sources["registry"] == str(self.path):
+            raise ConfigurationError(
+                f"{self.path}: registry: {self.registry_file} has no models of the default "
+                f"providers {' and '.join(missing)} ({there}): add a {tables} table "
+                "(type, base_url and the key) to send its models to"
+            )
 
     def describe(self) -> list[tuple[str, str, str]]:
         """``(setting, value, source)`` rows for ``config show``; no secret is shown."""

@@ -427,6 +427,34 @@ def test_a_provider_value_refused_names_the_file_and_the_table(
 
 
 @pytest.mark.parametrize(
+    ("toml", "key", "advice"),
+    [
+        (
+            '[providers.gateway]\ntype = "openai"\nbase_url = "http://127.0.0.1:9/v1"',
+            "[providers.gateway]",
+            "name the table [providers.anthropic] or [providers.openai]",
+        ),
+        ('registry = "models.toml"', "registry:", "add a [providers.house] table"),
+    ],
+)
+def test_providers_the_registry_has_no_models_of_name_the_file(
+    project: Path, tmp_path: Path, toml: str, key: str, advice: str
+) -> None:
+    # the executor's message spoke to Python code, not to the file:
+    # "provider 'gateway' has no models in the registry ... name it after one of those
+    # (e.g. OpenAIProvider(name='anthropic')) or pass registry= with models of 'gateway'"
+    (project / "models.toml").write_text(MODELS)
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: {key} "), refused.value
+    assert advice in str(refused.value) and "registry=" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
+@pytest.mark.parametrize(
     "where",
     ["base_url_from_env", "api_key_from_env"],
 )
