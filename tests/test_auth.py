@@ -585,6 +585,24 @@ def test_reset_of_a_symlink_copies_the_content_and_never_touches_the_target(
     assert list_auth_strategy_backups(link) == [backup]
 
 
+def test_save_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path: Path) -> None:
+    # a strategy file kept in a dotfiles repository and linked into place: save()
+    # replaced the link with a regular file, leaving the target, the copy the user
+    # keeps, with the old settings (and the link gone)
+    target = tmp_path / "dotfiles" / "auth_strategy.json"
+    target.parent.mkdir()
+    AuthStrategy(small_module_threshold=9).save(target)
+    link = tmp_path / "home" / "auth_strategy.json"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    AuthStrategy(small_module_threshold=300).save(link)
+    AuthStrategy.update(link, prefer_subscription=False)
+    assert link.is_symlink() and link.resolve() == target
+    saved = AuthStrategy.load(target)
+    assert (saved.small_module_threshold, saved.prefer_subscription) == (300, False)
+    assert sorted(p.name for p in link.parent.iterdir()) == ["auth_strategy.json"]
+
+
 def test_reset_of_a_dangling_symlink_is_an_error_leaving_it(tmp_path: Path) -> None:
     link = tmp_path / "auth_strategy.json"
     link.symlink_to(tmp_path / "missing.json")
