@@ -296,6 +296,21 @@ class ProviderConfig:
         cls = AnthropicProvider if self.kind == "anthropic" else OpenAIProvider
         return cls(self.api_key, **options)
 
+    def _reads_env_key(self) -> bool:
+        """Whether the provider reads the kind's key variable (``api_key_from_env``
+        unset): for no ``base_url`` (the official one, or the environment's next to the
+        key), or the official host over https, as the provider decides."""
+        if self.api_key_from_env is not None or self.base_url is None:
+            return self.api_key_from_env is not False
+        from .providers import AnthropicProvider, OpenAIProvider
+
+        official = (OpenAIProvider if self.kind == "openai" else AnthropicProvider).default_base_url
+        try:
+            parts = urlsplit(self.base_url)
+            return parts.scheme == "https" and parts.hostname == urlsplit(official).hostname
+        except ValueError:  # refused when the provider is built
+            return False
+
     def describe(self) -> str:
         """A one-line, secret-free description for ``config show``."""
         parts: list[str] = [self.kind]
@@ -313,9 +328,16 @@ class ProviderConfig:
         elif self.api_key_env is not None:
             state = "set" if os.environ.get(self.api_key_env, "").strip() else "not set"
             parts.append(f"key from ${self.api_key_env} ({state})")
-        elif self.base_url is None or self.api_key_from_env:
+        elif self.api_key_from_env is False:
+            parts.append("no key (api_key_from_env = false)")
+        elif self._reads_env_key():
             state = "set" if os.environ.get(env_key, "").strip() else "not set"
             parts.append(f"key from ${env_key} ({state})")
+        else:
+            parts.append(
+                f"no key: ${env_key} is not sent to this base_url (set api_key_env, or "
+                "api_key_from_env = true)"
+            )
         if self.headers:
             shown = ", ".join(
                 f"{k}=<secret>" if _looks_secret(k) else f"{k}={v}" for k, v in self.headers.items()

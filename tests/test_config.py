@@ -768,3 +768,23 @@ def test_a_key_variable_of_blanks_is_shown_as_not_set(monkeypatch: pytest.Monkey
     team = ProviderConfig(name="t", kind="openai", base_url="http://gw/v1", api_key_env="TEAM_KEY")
     assert "key from $TEAM_KEY (not set)" in team.describe()
     assert not team.build().has_api_key
+
+
+@pytest.mark.parametrize(
+    ("table", "shown", "keyed"),
+    [
+        ({"api_key_from_env": False}, "no key (api_key_from_env = false)", False),
+        ({"base_url": "http://gw/v1"}, "no key: $OPENAI_API_KEY is not sent to this", False),
+        ({"base_url": "https://api.openai.com/v1"}, "key from $OPENAI_API_KEY (set)", True),
+    ],
+)
+def test_config_show_says_whether_the_provider_has_a_key(
+    monkeypatch: pytest.MonkeyPatch, table: dict[str, Any], shown: str, keyed: bool
+) -> None:
+    # config show said "key from $OPENAI_API_KEY (set)" for a provider that reads no key
+    # (api_key_from_env = false), and nothing at all for one whose base_url is kept from
+    # the environment's key, or is the official one, which reads it
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123456789")
+    config = ProviderConfig(name="openai", kind="openai", **table)
+    assert shown in config.describe(), config.describe()
+    assert config.build().has_api_key is keyed
