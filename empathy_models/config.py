@@ -379,6 +379,11 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         raise ConfigurationError(
             f"{where}: [providers.{name}] api_key_from_env must be true or false"
         )
+    if env_name is not None and from_env is False:
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key_env = {env_name!r} names the variable to "
+            "read the key from, and api_key_from_env = false reads none: keep one of them"
+        )
     headers = table.get("headers", {})
     if not isinstance(headers, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()

@@ -512,6 +512,22 @@ def test_an_api_key_env_that_can_name_no_variable_is_refused(
     assert str(path) in str(info.value)
 
 
+def test_api_key_env_with_api_key_from_env_false_is_refused(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # refused by OpenAIProvider(api_key_env=..., api_key_from_env=False); the file's
+    # "false" was dropped, and the provider read the variable it said not to read
+    monkeypatch.setenv("TEAM_KEY", KEY)
+    path = project / "empathy.toml"
+    path.write_text(
+        '[providers.gateway]\ntype = "openai"\nbase_url = "http://gw/v1"\n'
+        'api_key_env = "TEAM_KEY"\napi_key_from_env = false\n'
+    )
+    with pytest.raises(ConfigurationError, match="api_key_from_env = false reads none") as info:
+        EmpathyConfig.load()
+    assert str(info.value).startswith(f"{path}: [providers.gateway] api_key_env = 'TEAM_KEY'")
+
+
 @pytest.mark.parametrize("key", ["sk-proj-Xy7Qz9AbCdEf0123", "sk-ant-api03-Xy7Qz9AbCdEf"])
 def test_an_api_key_given_as_api_key_env_is_refused_unshown(
     project: Path, tmp_path: Path, key: str
