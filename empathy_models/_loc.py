@@ -169,10 +169,14 @@ def _without_strings(text: str) -> str:
 
 
 def _is_literal_line(text: str) -> bool:
-    """True for a line made only of literals and punctuation: ``(1, "a", 0x2f),``."""
-    if "#" in text:
-        text = text.split("#", 1)[0]
+    """
+    True for a line made only of literals and punctuation: ``(1, "a", 0x2f),``.  A
+    ``#`` comment is cut off after the strings are taken out, so a ``#`` inside one
+    (``"#ff0000"``, a URL's fragment) does not end the line.
+    """
     reduced = _without_strings(text)
+    if "#" in reduced:
+        reduced = reduced.split("#", 1)[0]
     reduced = _CONSTANT_RE.sub("0", reduced)
     reduced = _NUMBER_RE.sub("0", reduced)
     return "0" in reduced and _LITERAL_REST_RE.fullmatch(reduced) is not None

@@ -786,6 +786,21 @@ def test_literal_tables_are_flagged_as_data(tmp_path: Path) -> None:
     assert r.literal_lines >= 500
 
 
+@pytest.mark.parametrize(
+    "row",
+    ['    "#{i:06x}",  # a colour\n', '    ("https://example.com/doc#part-{i}", {i}),\n'],
+    ids=["colours", "links"],
+)
+def test_a_table_of_strings_holding_a_hash_is_flagged_as_data(tmp_path: Path, row: str) -> None:
+    # a '#' inside a string was taken for a comment's start, cutting the string open:
+    # 0 literal lines, and a 200-row table of colours or links counted as code
+    f = tmp_path / "table.py"
+    f.write_text("TABLE = [\n" + "".join(row.format(i=i) for i in range(200)) + "]\n")
+    r = count_lines_of_code(f)
+    assert r.literal_lines == 200
+    assert r.looks_like_data and r.data_reason is not None and "literal" in r.data_reason
+
+
 def test_ordinary_code_is_not_data(tmp_path: Path) -> None:
     f = tmp_path / "code.py"
     f.write_text("".join(f"def f{i}(a, b):\n    return a + b * {i}\n" for i in range(200)))
