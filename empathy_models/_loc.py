@@ -168,15 +168,24 @@ def _without_strings(text: str) -> str:
     return "".join(parts)
 
 
-def _is_literal_line(text: str) -> bool:
+_BLOCK_COMMENT_RE: Final = re.compile(r"/\*.*?(?:\*/|$)")
+
+
+def _is_literal_line(
+    text: str, line_prefixes: tuple[str, ...] = _HASH, block_comments: bool = False
+) -> bool:
     """
-    True for a line made only of literals and punctuation: ``(1, "a", 0x2f),``.  A
-    ``#`` comment is cut off after the strings are taken out, so a ``#`` inside one
-    (``"#ff0000"``, a URL's fragment) does not end the line.
+    True for a line made only of literals and punctuation: ``(1, "a", 0x2f),``.  Its
+    comments (the language's: ``line_prefixes``, and ``/* */`` with
+    ``block_comments``) are cut off after the strings are taken out, so a ``#`` inside
+    one (``"#ff0000"``, a URL's fragment) does not end the line.
     """
     reduced = _without_strings(text)
-    if "#" in reduced:
-        reduced = reduced.split("#", 1)[0]
+    if block_comments and "/*" in reduced:
+        reduced = _BLOCK_COMMENT_RE.sub(" ", reduced)
+    for prefix in line_prefixes:
+        if prefix in reduced:
+            reduced = reduced.split(prefix, 1)[0]
     reduced = _CONSTANT_RE.sub("0", reduced)
     reduced = _NUMBER_RE.sub("0", reduced)
     return "0" in reduced and _LITERAL_REST_RE.fullmatch(reduced) is not None
@@ -407,7 +416,7 @@ def _analyse(path: str, suffix: str, text: str, decode_errors: int) -> LinesOfCo
         effective += max(1, math.ceil(len(stripped) / LINE_EQUIVALENT_CHARS))
         if len(stripped) > _LONG_LINE:
             long_lines += 1
-        if _is_literal_line(stripped):
+        if _is_literal_line(stripped, line_prefixes, block_comments):
             literal += 1
 
     generated_reason = None

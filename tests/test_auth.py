@@ -787,14 +787,23 @@ def test_literal_tables_are_flagged_as_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "row",
-    ['    "#{i:06x}",  # a colour\n', '    ("https://example.com/doc#part-{i}", {i}),\n'],
-    ids=["colours", "links"],
+    ("suffix", "row"),
+    [
+        (".py", '    "#{i:06x}",  # a colour\n'),
+        (".py", '    ("https://example.com/doc#part-{i}", {i}),\n'),
+        (".c", "    0x{i:02x}, 0x{i:02x}, /* {i} */\n"),
+        (".js", '  [{i}, "n{i}"], // row {i}\n'),
+        (".sql", "  ({i}, 'n{i}'), -- row\n"),
+    ],
+    ids=["colours", "links", "c-block-comments", "js-line-comments", "sql-comments"],
 )
-def test_a_table_of_strings_holding_a_hash_is_flagged_as_data(tmp_path: Path, row: str) -> None:
-    # a '#' inside a string was taken for a comment's start, cutting the string open:
-    # 0 literal lines, and a 200-row table of colours or links counted as code
-    f = tmp_path / "table.py"
+def test_a_data_table_with_comments_or_a_hash_in_strings_is_flagged(
+    tmp_path: Path, suffix: str, row: str
+) -> None:
+    # a '#' inside a string was taken for a comment's start, cutting the string open,
+    # and the comments of other languages (//, /* */, --) were taken for code: 0
+    # literal lines, and a 200-row table of colours, links or bytes counted as code
+    f = tmp_path / f"table{suffix}"
     f.write_text("TABLE = [\n" + "".join(row.format(i=i) for i in range(200)) + "]\n")
     r = count_lines_of_code(f)
     assert r.literal_lines == 200
