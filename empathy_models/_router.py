@@ -582,7 +582,7 @@ class AdaptiveModelRouter:
             **options: passed to the constructor; ``registry`` and ``telemetry_store``
                 win over the file's.
         """
-        from .config import EmpathyConfig, ensure_sqlite_parent
+        from .config import EmpathyConfig
 
         config = EmpathyConfig.load(path)
         registry = options.pop("registry", None)
@@ -591,7 +591,7 @@ class AdaptiveModelRouter:
         telemetry = options.pop("telemetry_store", None)
         if telemetry is None:
             config.telemetry_store()  # refused naming the file and key; built from the URL
-            ensure_sqlite_parent(config.telemetry_url)
+            config.ensure_directory("telemetry")
             telemetry = config.telemetry_url
         return cls(registry, telemetry, **options)
 

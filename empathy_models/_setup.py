@@ -189,7 +189,7 @@ def config_arguments(
     other value is the router itself, borrowed (`ConfigurationError` if it is none).
     """
     from ._router import AdaptiveModelRouter
-    from .config import EmpathyConfig, ensure_sqlite_parent
+    from .config import EmpathyConfig
 
     config = EmpathyConfig.load(path)
     arguments = dict(options)
@@ -205,7 +205,7 @@ def config_arguments(
     owned: list[AbstractAsyncContextManager[Any]] = []
     if telemetry is None:
         telemetry = config.telemetry_store()  # refused naming the file and key
-        ensure_sqlite_parent(config.telemetry_url)
+        config.ensure_directory("telemetry")
         owned.append(telemetry)
     if router is True:
         router = AdaptiveModelRouter(registry, telemetry)
@@ -222,7 +222,7 @@ def config_arguments(
     arguments["router"] = router
     if "breaker" not in arguments:
         config.state_store()  # refused naming the file and key; the executor builds its own
-        ensure_sqlite_parent(config.state_url)
+        config.ensure_directory("state")
         arguments["breaker"] = config.state_url
     arguments.update(registry=registry, telemetry_store=telemetry)
     return providers, arguments, tuple(owned)

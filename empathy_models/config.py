@@ -155,10 +155,26 @@ def ensure_sqlite_parent(url: str) -> None:
     """
     Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use) and its
     missing parents, each 0700.
+
+    Raises:
+        ConfigurationError: the directory cannot be made (a part of its path is a
+            file, or not writable), naming it and why.
     """
     file = _sqlite_file(url)
-    if file is not None:
-        make_private_dirs(file.absolute().parent)
+    if file is None:
+        return
+    directory = file.absolute().parent
+    try:
+        make_private_dirs(directory)
+    except OSError as exc:
+        why = (
+            f"{exc.filename} is not a directory"
+            if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename
+            else exc.strerror or str(exc)
+        )
+        raise ConfigurationError(
+            f"cannot create the directory {directory} of the SQLite database ({why})"
+        ) from None
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:
@@ -571,6 +587,27 @@ class EmpathyConfig:
 
         with self._naming("state" if self.sources["state"] == str(self.path) else "telemetry"):
             return state_store_from_url(self.state_url)
+
+    def ensure_directory(self, key: Literal["telemetry", "state"]) -> None:
+        """
+        Create the directory of the telemetry or state SQLite database
+        (`ensure_sqlite_parent`), its error named with the file and key it came from,
+        or said to come from ``$EMPATHY_HOME`` for the default database.
+        """
+        url = self.telemetry_url if key == "telemetry" else self.state_url
+        named = (
+            "state" if key == "state" and self.sources["state"] == str(self.path) else "telemetry"
+        )
+        try:
+            with self._naming(named):
+                ensure_sqlite_parent(url)
+        except ConfigurationError as exc:
+            if self.sources["telemetry"].startswith("default") and named == "telemetry":
+                raise ConfigurationError(
+                    f"{exc} (the default database, in $EMPATHY_HOME: set EMPATHY_HOME to "
+                    "a directory, or telemetry in empathy.toml)"
+                ) from None
+            raise
 
     @contextmanager
     def _naming(self, key: str) -> Iterator[None]:

@@ -575,6 +575,35 @@ async def test_the_router_from_config_alone_works_as_the_executors_does(
     assert str(refused.value).startswith(f"{path}: telemetry: "), refused.value
 
 
+@pytest.mark.parametrize(
+    ("toml", "home", "prefix"),
+    [
+        ('telemetry = "afile/calls.db"', "home", "telemetry: "),
+        ('state = "sqlite:///afile/state.db"', "home", "state: "),
+        ("", "afile/home", ""),
+    ],
+)
+def test_a_database_directory_that_cannot_be_made_is_a_configuration_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch, toml: str, home: str, prefix: str
+) -> None:
+    # raised as a bare "FileExistsError: [Errno 17] File exists: '.../afile'", naming
+    # neither the database nor the setting that put it there
+    (project / "afile").write_text("")
+    monkeypatch.setenv("EMPATHY_HOME", str(project / home))
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    for build in (EmpathyLLMExecutor.from_config, AdaptiveModelRouter.from_config):
+        if "state" in toml and build == AdaptiveModelRouter.from_config:
+            continue  # the router opens no state store
+        with pytest.raises(ConfigurationError) as refused:
+            build()
+        message = str(refused.value)
+        start = f"{path}: {prefix}" if prefix else ""
+        assert message.startswith(f"{start}cannot create the directory"), message
+        assert f"{project / 'afile'} is not a directory" in message
+        assert prefix or "EMPATHY_HOME" in message
+
+
 def test_the_router_defaults_a_registry_like_the_executor() -> None:
     router = AdaptiveModelRouter()
     assert len(router.registry) > 0
