@@ -512,7 +512,8 @@ class EmpathyConfig:
             value = data.get(key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigurationError(f"{where}: {key} must be a non-empty string")
-            return value
+            # blanks around a path or URL are a slip, never part of it
+            return None if value is None else value.strip()
 
         telemetry = text("telemetry")
         if telemetry is not None:

@@ -323,6 +323,20 @@ def test_invalid_files_name_the_file_and_the_problem(
     assert str(path) in str(info.value)
 
 
+def test_blanks_around_a_value_are_not_part_of_it(project: Path) -> None:
+    # they were: the database became "./ calls.db " (a new, empty one, not calls.db),
+    # the registry " models.toml" was not found, while EMPATHY_HOME and EMPATHY_CONFIG
+    # are read without them
+    (project / "models.toml").write_text(MODELS)
+    (project / "empathy.toml").write_text(
+        'telemetry = " calls.db "\nstate = "sqlite:///state.db  "\nregistry = " models.toml"\n'
+    )
+    config = EmpathyConfig.load()
+    assert config.telemetry_url == "sqlite:///" + str(project / "calls.db")
+    assert config.state_url == "sqlite:///" + str(project / "state.db")
+    assert config.registry().price_version == "config-test-1"
+
+
 def test_a_file_saved_with_a_byte_order_mark_is_read(project: Path) -> None:
     # Windows editors save UTF-8 with a byte order mark; the file was refused:
     # "invalid TOML: Invalid statement (at line 1, column 1)", in a line that looked right
