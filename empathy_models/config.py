@@ -386,6 +386,8 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
     env_name = table.get("api_key_env")
+    if isinstance(env_name, str):
+        env_name = env_name.strip()  # blanks no shell puts in a name: a slip
     if env_name is not None and (flaw := env_name_flaw(env_name)) is not None:
         raise ConfigurationError(
             f"{where}: [providers.{name}] api_key_env {flaw}, got {shown(env_name)}"
@@ -412,7 +414,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         kind=kind,
         base_url=table.get("base_url"),
         api_key=table.get("api_key"),
-        api_key_env=table.get("api_key_env"),
+        api_key_env=env_name,
         api_key_from_env=from_env,
         headers=dict(headers),
         timeout=None if timeout is None else float(timeout),

@@ -337,6 +337,20 @@ def test_blanks_around_a_value_are_not_part_of_it(project: Path) -> None:
     assert config.registry().price_version == "config-test-1"
 
 
+def test_blanks_around_api_key_env_are_not_part_of_the_name(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the provider read the variable "TEAM_KEY " (which no shell can set) and was
+    # keyless, config show saying "key from $TEAM_KEY  (not set)" while TEAM_KEY was set
+    monkeypatch.setenv("TEAM_KEY", KEY)
+    (project / "empathy.toml").write_text(
+        '[providers.gw]\ntype = "openai"\nbase_url = "http://gw/v1"\napi_key_env = " TEAM_KEY "\n'
+    )
+    config = EmpathyConfig.load()
+    assert "key from $TEAM_KEY (set)" in config.describe()[-1][1]
+    assert [p.has_api_key for p in config.build_providers()] == [True]
+
+
 def test_a_file_saved_with_a_byte_order_mark_is_read(project: Path) -> None:
     # Windows editors save UTF-8 with a byte order mark; the file was refused:
     # "invalid TOML: Invalid statement (at line 1, column 1)", in a line that looked right
