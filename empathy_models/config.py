@@ -51,7 +51,7 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
-from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, url_flaw
+from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, masked_keys, url_flaw
 from ._validators import check, failure, number, shown
 from .backends import _KNOWN_PLUGINS, available_schemes, redact_url
 from .exceptions import ConfigurationError
@@ -356,7 +356,9 @@ class ProviderConfig:
             )
         if self.headers:
             shown = ", ".join(
-                f"{k}=<secret>" if _looks_secret(k) else f"{k}={v}" for k, v in self.headers.items()
+                # an API key under a harmless-looking name is masked all the same
+                f"{k}=<secret>" if _looks_secret(k) else f"{k}={masked_keys(v)}"
+                for k, v in self.headers.items()
             )
             parts.append(f"headers: {shown}")
         if self.timeout is not None:

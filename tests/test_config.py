@@ -861,3 +861,16 @@ def test_config_show_says_whether_the_provider_has_a_key(
     config = ProviderConfig(name="openai", kind="openai", **table)
     assert shown in config.describe(), config.describe()
     assert config.build().has_api_key is keyed
+
+
+def test_config_show_masks_a_key_in_a_header_whose_name_looks_harmless(
+    project: Path, tmp_path: Path
+) -> None:
+    # "X-Upstream" is not a secret-looking name: its value, an API key, was printed whole
+    (project / "empathy.toml").write_text(
+        '[providers.openai]\nheaders = { "X-Upstream" = "Bearer sk-ant-api03-Xy7Qz9AbCdEf", '
+        '"X-Team" = "search" }\n'
+    )
+    shown = cli(project, tmp_path / "home", "config", "show", "--json")
+    assert "Xy7Qz9" not in shown.stdout + shown.stderr
+    assert "X-Upstream=Bearer sk-***" in shown.stdout and "X-Team=search" in shown.stdout
