@@ -252,9 +252,14 @@ def _state_default(telemetry_url: str) -> str:
     return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
+def _shown_url(url: str) -> str:
+    """``url`` with its password, secret-looking options and any API key in it masked."""
+    return masked_keys(redact_url(url))
+
+
 def _url_repr(value: str | None) -> str:
-    """A URL field's repr: the URL with its password and secret-looking options masked."""
-    return repr(None if value is None else redact_url(value))
+    """A URL field's repr: `_shown_url`."""
+    return repr(None if value is None else _shown_url(value))
 
 
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
@@ -336,9 +341,9 @@ class ProviderConfig:
             else ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
         )
         if self.base_url is not None:
-            parts.append(f"base_url={redact_url(self.base_url)}")
+            parts.append(f"base_url={_shown_url(self.base_url)}")
         elif os.environ.get(env_url, "").strip():
-            parts.append(f"base_url={redact_url(os.environ[env_url].strip())} (${env_url})")
+            parts.append(f"base_url={_shown_url(os.environ[env_url].strip())} (${env_url})")
         if self.api_key is not None:
             parts.append("api_key=<set in file>")
         elif self.api_key_env is not None:
@@ -679,8 +684,8 @@ class EmpathyConfig:
         file = str(self.path) if self.path is not None else "(none found)"
         rows = [
             ("config file", file, self.found_by),
-            ("telemetry", redact_url(self.telemetry_url), self.sources["telemetry"]),
-            ("state", redact_url(self.state_url), self.sources["state"]),
+            ("telemetry", _shown_url(self.telemetry_url), self.sources["telemetry"]),
+            ("state", _shown_url(self.state_url), self.sources["state"]),
             (
                 "registry",
                 str(self.registry_file) if self.registry_file is not None else "built-in",

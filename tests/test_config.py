@@ -874,3 +874,12 @@ def test_config_show_masks_a_key_in_a_header_whose_name_looks_harmless(
     shown = cli(project, tmp_path / "home", "config", "show", "--json")
     assert "Xy7Qz9" not in shown.stdout + shown.stderr
     assert "X-Upstream=Bearer sk-***" in shown.stdout and "X-Team=search" in shown.stdout
+
+
+def test_config_show_masks_a_key_in_a_base_url_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # redact_url masks a password and secret-looking options, not a key in the path
+    url = "https://gw.example/key/sk-proj-Xy7Qz9AbCdEf/v1"
+    described = ProviderConfig(name="openai", kind="openai", base_url=url, api_key="x")
+    assert "Xy7Qz9" not in described.describe() + repr(described)
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    assert "Xy7Qz9" not in ProviderConfig(name="openai", kind="openai").describe()
