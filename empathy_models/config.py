@@ -371,6 +371,13 @@ class ProviderConfig:
         return ", ".join(parts)
 
 
+# an ``api_key`` that names a variable instead of holding a key: ``$NAME``, ``${NAME}``,
+# PowerShell's ``$env:NAME``, cmd's ``%NAME%``, or a bare ``..._KEY`` / ``_TOKEN`` name
+_VARIABLE_RE = re.compile(
+    r"\$\{(\w+)\}|\$(?:env:)?(\w+)|%(\w+)%|([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*_(?:KEY|TOKEN|SECRET))"
+)
+
+
 def _provider(name: str, table: object, where: str) -> ProviderConfig:
     if not isinstance(table, Mapping):
         raise ConfigurationError(f"{where}: [providers.{name}] must be a table")
@@ -392,6 +399,15 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
             raise ConfigurationError(
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
+    if isinstance(written := table.get("api_key"), str) and (
+        variable := _VARIABLE_RE.fullmatch(written.strip())
+    ):
+        named = next(group for group in variable.groups() if group)
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key = {written!r} names an environment "
+            "variable, and the file is not expanded (it would be sent as the key): write "
+            f'api_key_env = "{named}" to read the key from it'
+        )
     env_name = table.get("api_key_env")
     if isinstance(env_name, str):
         env_name = env_name.strip()  # blanks no shell puts in a name: a slip

@@ -556,6 +556,21 @@ def test_api_key_env_with_api_key_from_env_false_is_refused(
     assert str(info.value).startswith(f"{path}: [providers.gateway] api_key_env = 'TEAM_KEY'")
 
 
+@pytest.mark.parametrize("written", ["OPENAI_API_KEY", "$TEAM_KEY", "${TEAM_KEY}", "$env:TEAM_KEY"])
+def test_a_variable_name_given_as_api_key_is_refused_with_api_key_env(
+    project: Path, written: str
+) -> None:
+    # the name was sent as the key itself (the file is not expanded): every call failed
+    # with 401 "Incorrect API key provided", saying nothing of the file
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.openai]\nbase_url = "http://gw/v1"\napi_key = "{written}"\n')
+    name = written.strip("${}").removeprefix("env:")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load()
+    assert str(refused.value).startswith(f"{path}: [providers.openai] api_key "), refused.value
+    assert f'api_key_env = "{name}"' in str(refused.value)
+
+
 @pytest.mark.parametrize("key", ["sk-proj-Xy7Qz9AbCdEf0123", "sk-ant-api03-Xy7Qz9AbCdEf"])
 def test_an_api_key_given_as_api_key_env_is_refused_unshown(
     project: Path, tmp_path: Path, key: str
