@@ -898,3 +898,15 @@ def test_config_show_masks_a_key_in_a_base_url_path(monkeypatch: pytest.MonkeyPa
     assert "Xy7Qz9" not in described.describe() + repr(described)
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     assert "Xy7Qz9" not in ProviderConfig(name="openai", kind="openai").describe()
+
+
+def test_from_configs_warnings_point_at_the_callers_line(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # they pointed into the library (_executor.py, "executor = cls(providers, ...)"),
+    # where EmpathyLLMExecutor(...) points at the line that built it
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    with pytest.warns(MissingAPIKeyWarning) as caught:
+        EmpathyLLMExecutor.from_config(router=False)
+    assert [w.filename for w in caught] == [__file__]
