@@ -211,18 +211,20 @@ _SCHEME_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
 def _refuse_url_without_slashes(value: str, where: str) -> None:
     """
     `ConfigurationError` for a value that starts with a backend's scheme and a colon
-    but no ``//`` (``sqlite:calls.db``, ``redis:host:6379``): a URL mistyped, not the
-    name of a SQLite file to make.  The value is not quoted (it may hold a password),
-    except a SQLite file's path.
+    but no ``//`` (``sqlite:calls.db``, ``redis:host:6379``), or SQLite's own
+    ``file:calls.db``: a URL mistyped, not the name of a SQLite file to make.  The
+    value is not quoted (it may hold a password), except a SQLite file's path.
     """
     match = _SCHEME_PREFIX.match(value)
     if match is None:
         return
     scheme = match.group(1).lower()
-    if scheme not in _KNOWN_PLUGINS and scheme not in available_schemes():
+    if scheme != "file" and scheme not in _KNOWN_PLUGINS and scheme not in available_schemes():
         return
     if scheme == "sqlite":
         fix = f"sqlite:///{value[match.end() :]}, or the file's path alone"
+    elif scheme == "file":  # SQLite's own URI form: its options are not ours
+        fix = f"sqlite:///{value[match.end() :].partition('?')[0]}, or the file's path alone"
     else:
         fix = f"{scheme}://..."
     raise ConfigurationError(

@@ -732,6 +732,8 @@ async def test_from_config_uses_the_router_it_is_given(
         # a URL missing its '//' was a file's name: ./sqlite:c.db, a directory named
         # after the password ./postgresql:u:s3cret@h/, shown so by config show
         ('telemetry = "sqlite:c.db"', "telemetry: 'sqlite:' .* sqlite:///c.db"),
+        # SQLite's own URI form: ./file:c.db was made
+        ('telemetry = "file:c.db?mode=rwc"', "telemetry: 'file:' .* sqlite:///c.db"),
         ('state = "postgresql:u:s3cret@h/db"', "state: 'postgresql:' .*postgresql://"),
     ],
 )
