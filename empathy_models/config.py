@@ -369,7 +369,9 @@ class ProviderConfig:
             )
             parts.append(f"headers: {shown}")
         if self.timeout is not None:
-            parts.append(f"timeout={self.timeout:g}s")
+            parts.append(
+                "no timeout" if self.timeout == float("inf") else f"timeout={self.timeout:g}s"
+            )
         return ", ".join(parts)
 
 

@@ -912,3 +912,14 @@ def test_from_configs_warnings_point_at_the_callers_line(
     with pytest.warns(MissingAPIKeyWarning) as caught:
         EmpathyLLMExecutor.from_config(router=False)
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_config_show_says_an_infinite_timeout_is_none() -> None:
+    # shown as "timeout=infs"
+    described = ProviderConfig(name="openai", kind="openai", timeout=float("inf")).describe()
+    assert described.endswith(", no timeout"), described
+    assert (
+        ProviderConfig(name="openai", kind="openai", timeout=120)
+        .describe()
+        .endswith(", timeout=120s")
+    )
