@@ -95,6 +95,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -230,13 +231,36 @@ def _warn_once(
     telemetry: TelemetryBackend | None,
 ) -> None:
     """A new executor's warnings: providers without a key, no telemetry store."""
+    if not keyless and telemetry is not None:
+        return
+    level = _builders_level()
     if keyless:
         message = keyless_message(providers, keyless)
         logger.warning("%s", message)
-        # stacklevel 3: the code that built the executor
-        warnings.warn(message, MissingAPIKeyWarning, stacklevel=3)
+        warnings.warn(message, MissingAPIKeyWarning, stacklevel=level)
     if telemetry is None:
-        warnings.warn(NO_TELEMETRY, TelemetryDisabledWarning, stacklevel=3)
+        warnings.warn(NO_TELEMETRY, TelemetryDisabledWarning, stacklevel=level)
+
+
+def _builders_level() -> int:
+    """
+    The ``stacklevel`` of a warning `_warn_once` gives, for the line of the code that
+    built the executor: the first frame outside this package past the constructor
+    (``from_config`` is skipped); the constructor's caller when the package's frames
+    lead back to the event loop or a thread (`SyncExecutor` builds it on its own loop).
+    """
+    frame = sys._getframe(3)  # the constructor's caller (0: here, 1: _warn_once, 2: __init__)
+    level = 3
+    while frame.f_globals.get("__name__", "").startswith("empathy_models."):
+        back = frame.f_back
+        if back is None or back.f_globals.get("__name__", "").startswith(_MACHINERY):
+            return 3
+        frame, level = back, level + 1
+    return level
+
+
+# modules whose frames run the code that builds an executor, not the code itself
+_MACHINERY = ("asyncio", "concurrent.", "threading", "contextvars")
 
 
 # --------------------------------------------------------------------------- collaborators

@@ -573,14 +573,27 @@ class AdaptiveModelRouter:
         """
         A router over ``empathy.toml``'s registry and telemetry database (owning the backend).
 
+        As `EmpathyLLMExecutor.from_config` builds it: the directory of a SQLite
+        database is created (``$EMPATHY_HOME`` on first use), and a URL refused is named
+        with the file and key it came from.
+
         Args:
             path: the file (found as `empathy_models.config.find_config_file` says).
-            **options: passed to the constructor.
+            **options: passed to the constructor; ``registry`` and ``telemetry_store``
+                win over the file's.
         """
         from .config import EmpathyConfig
 
         config = EmpathyConfig.load(path)
-        return cls(config.registry(), config.telemetry_url, **options)
+        registry = options.pop("registry", None)
+        if registry is None:
+            registry = config.registry()
+        telemetry = options.pop("telemetry_store", None)
+        if telemetry is None:
+            config.telemetry_store()  # refused naming the file and key; built from the URL
+            config.ensure_directory("telemetry")
+            telemetry = config.telemetry_url
+        return cls(registry, telemetry, **options)
 
     def __repr__(self) -> str:
         return (

@@ -189,21 +189,23 @@ def config_arguments(
     other value is the router itself, borrowed (`ConfigurationError` if it is none).
     """
     from ._router import AdaptiveModelRouter
-    from .config import EmpathyConfig, ensure_sqlite_parent
+    from .config import EmpathyConfig
 
     config = EmpathyConfig.load(path)
     arguments = dict(options)
     registry = arguments.pop("registry", None)
+    own_registry = registry is None
     if registry is None:
         registry = config.registry()
     providers = arguments.pop("providers", None)
     if providers is None:
-        providers = config.build_providers()
+        # a provider the file's registry has no models of: refused in the file's terms
+        providers = config.build_providers(registry if own_registry else None)
     telemetry = arguments.pop("telemetry_store", None)
     owned: list[AbstractAsyncContextManager[Any]] = []
     if telemetry is None:
         telemetry = config.telemetry_store()  # refused naming the file and key
-        ensure_sqlite_parent(config.telemetry_url)
+        config.ensure_directory("telemetry")
         owned.append(telemetry)
     if router is True:
         router = AdaptiveModelRouter(registry, telemetry)
@@ -220,7 +222,7 @@ def config_arguments(
     arguments["router"] = router
     if "breaker" not in arguments:
         config.state_store()  # refused naming the file and key; the executor builds its own
-        ensure_sqlite_parent(config.state_url)
+        config.ensure_directory("state")
         arguments["breaker"] = config.state_url
     arguments.update(registry=registry, telemetry_store=telemetry)
     return providers, arguments, tuple(owned)

@@ -23,6 +23,7 @@ optional::
     headers = { "X-Team" = "search" }
     timeout = 120
 
+A URL missing its ``//`` (``sqlite:calls.db``) is refused, not taken for a file's name.
 Relative paths (``calls.db``, ``sqlite:///calls.db``, ``models.toml``) are relative to
 the directory of the file that names them, so a file in ``$EMPATHY_HOME`` keeps its
 databases there whatever the working directory.  The default telemetry database is
@@ -39,6 +40,7 @@ are never printed or put in a repr.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -49,9 +51,9 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
-from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, url_flaw
+from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, masked_keys, url_flaw
 from ._validators import check, failure, number, shown
-from .backends import redact_url
+from .backends import _KNOWN_PLUGINS, available_schemes, redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
@@ -153,10 +155,26 @@ def ensure_sqlite_parent(url: str) -> None:
     """
     Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use) and its
     missing parents, each 0700.
+
+    Raises:
+        ConfigurationError: the directory cannot be made (a part of its path is a
+            file, or not writable), naming it and why.
     """
     file = _sqlite_file(url)
-    if file is not None:
-        make_private_dirs(file.absolute().parent)
+    if file is None:
+        return
+    directory = file.absolute().parent
+    try:
+        make_private_dirs(directory)
+    except OSError as exc:
+        why = (
+            f"{exc.filename} is not a directory"
+            if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename
+            else exc.strerror or str(exc)
+        )
+        raise ConfigurationError(
+            f"cannot create the directory {directory} of the SQLite database ({why})"
+        ) from None
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:
@@ -168,6 +186,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     if "://" not in value:
         if KEYWORD_DSN.match(value):
             raise ConfigurationError(f"{where}: {KEYWORD_DSN_REFUSED}")
+        _refuse_url_without_slashes(value, where)
         path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path
@@ -182,6 +201,36 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
     return "sqlite:///" + quoted_path(path) + (f"?{query}" if query else "")
+
+
+# a backend's scheme and a colon at the start of a value: a URL missing its ``//``
+# (two letters at least: ``C:`` is a Windows drive)
+_SCHEME_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def _refuse_url_without_slashes(value: str, where: str) -> None:
+    """
+    `ConfigurationError` for a value that starts with a backend's scheme and a colon
+    but no ``//`` (``sqlite:calls.db``, ``redis:host:6379``), or SQLite's own
+    ``file:calls.db``: a URL mistyped, not the name of a SQLite file to make.  The
+    value is not quoted (it may hold a password), except a SQLite file's path.
+    """
+    match = _SCHEME_PREFIX.match(value)
+    if match is None:
+        return
+    scheme = match.group(1).lower()
+    if scheme != "file" and scheme not in _KNOWN_PLUGINS and scheme not in available_schemes():
+        return
+    if scheme == "sqlite":
+        fix = f"sqlite:///{value[match.end() :]}, or the file's path alone"
+    elif scheme == "file":  # SQLite's own URI form: its options are not ours
+        fix = f"sqlite:///{value[match.end() :].partition('?')[0]}, or the file's path alone"
+    else:
+        fix = f"{scheme}://..."
+    raise ConfigurationError(
+        f"{where}: {scheme + ':'!r} without '//' is neither a backend URL nor a file's "
+        f"path; write {fix}"
+    )
 
 
 def _state_default(telemetry_url: str) -> str:
@@ -205,9 +254,14 @@ def _state_default(telemetry_url: str) -> str:
     return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
+def _shown_url(url: str) -> str:
+    """``url`` with its password, secret-looking options and any API key in it masked."""
+    return masked_keys(redact_url(url))
+
+
 def _url_repr(value: str | None) -> str:
-    """A URL field's repr: the URL with its password and secret-looking options masked."""
-    return repr(None if value is None else redact_url(value))
+    """A URL field's repr: `_shown_url`."""
+    return repr(None if value is None else _shown_url(value))
 
 
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
@@ -265,6 +319,21 @@ class ProviderConfig:
         cls = AnthropicProvider if self.kind == "anthropic" else OpenAIProvider
         return cls(self.api_key, **options)
 
+    def _reads_env_key(self) -> bool:
+        """Whether the provider reads the kind's key variable (``api_key_from_env``
+        unset): for no ``base_url`` (the official one, or the environment's next to the
+        key), or the official host over https, as the provider decides."""
+        if self.api_key_from_env is not None or self.base_url is None:
+            return self.api_key_from_env is not False
+        from .providers import AnthropicProvider, OpenAIProvider
+
+        official = (OpenAIProvider if self.kind == "openai" else AnthropicProvider).default_base_url
+        try:
+            parts = urlsplit(self.base_url)
+            return parts.scheme == "https" and parts.hostname == urlsplit(official).hostname
+        except ValueError:  # refused when the provider is built
+            return False
+
     def describe(self) -> str:
         """A one-line, secret-free description for ``config show``."""
         parts: list[str] = [self.kind]
@@ -274,25 +343,43 @@ class ProviderConfig:
             else ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
         )
         if self.base_url is not None:
-            parts.append(f"base_url={redact_url(self.base_url)}")
+            parts.append(f"base_url={_shown_url(self.base_url)}")
         elif os.environ.get(env_url, "").strip():
-            parts.append(f"base_url={redact_url(os.environ[env_url].strip())} (${env_url})")
+            parts.append(f"base_url={_shown_url(os.environ[env_url].strip())} (${env_url})")
         if self.api_key is not None:
             parts.append("api_key=<set in file>")
         elif self.api_key_env is not None:
             state = "set" if os.environ.get(self.api_key_env, "").strip() else "not set"
             parts.append(f"key from ${self.api_key_env} ({state})")
-        elif self.base_url is None or self.api_key_from_env:
+        elif self.api_key_from_env is False:
+            parts.append("no key (api_key_from_env = false)")
+        elif self._reads_env_key():
             state = "set" if os.environ.get(env_key, "").strip() else "not set"
             parts.append(f"key from ${env_key} ({state})")
+        else:
+            parts.append(
+                f"no key: ${env_key} is not sent to this base_url (set api_key_env, or "
+                "api_key_from_env = true)"
+            )
         if self.headers:
             shown = ", ".join(
-                f"{k}=<secret>" if _looks_secret(k) else f"{k}={v}" for k, v in self.headers.items()
+                # an API key under a harmless-looking name is masked all the same
+                f"{k}=<secret>" if _looks_secret(k) else f"{k}={masked_keys(v)}"
+                for k, v in self.headers.items()
             )
             parts.append(f"headers: {shown}")
         if self.timeout is not None:
-            parts.append(f"timeout={self.timeout:g}s")
+            parts.append(
+                "no timeout" if self.timeout == float("inf") else f"timeout={self.timeout:g}s"
+            )
         return ", ".join(parts)
+
+
+# an ``api_key`` that names a variable instead of holding a key: ``$NAME``, ``${NAME}``,
+# PowerShell's ``$env:NAME``, cmd's ``%NAME%``, or a bare ``..._KEY`` / ``_TOKEN`` name
+_VARIABLE_RE = re.compile(
+    r"\$\{(\w+)\}|\$(?:env:)?(\w+)|%(\w+)%|([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*_(?:KEY|TOKEN|SECRET))"
+)
 
 
 def _provider(name: str, table: object, where: str) -> ProviderConfig:
@@ -316,7 +403,18 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
             raise ConfigurationError(
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
+    if isinstance(written := table.get("api_key"), str) and (
+        variable := _VARIABLE_RE.fullmatch(written.strip())
+    ):
+        named = next(group for group in variable.groups() if group)
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key = {written!r} names an environment "
+            "variable, and the file is not expanded (it would be sent as the key): write "
+            f'api_key_env = "{named}" to read the key from it'
+        )
     env_name = table.get("api_key_env")
+    if isinstance(env_name, str):
+        env_name = env_name.strip()  # blanks no shell puts in a name: a slip
     if env_name is not None and (flaw := env_name_flaw(env_name)) is not None:
         raise ConfigurationError(
             f"{where}: [providers.{name}] api_key_env {flaw}, got {shown(env_name)}"
@@ -325,6 +423,11 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
     if from_env is not None and not isinstance(from_env, bool):
         raise ConfigurationError(
             f"{where}: [providers.{name}] api_key_from_env must be true or false"
+        )
+    if env_name is not None and from_env is False:
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key_env = {env_name!r} names the variable to "
+            "read the key from, and api_key_from_env = false reads none: keep one of them"
         )
     headers = table.get("headers", {})
     if not isinstance(headers, Mapping) or not all(
@@ -338,7 +441,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         kind=kind,
         base_url=table.get("base_url"),
         api_key=table.get("api_key"),
-        api_key_env=table.get("api_key_env"),
+        api_key_env=env_name,
         api_key_from_env=from_env,
         headers=dict(headers),
         timeout=None if timeout is None else float(timeout),
@@ -374,7 +477,8 @@ def _read_file(
     data: Mapping[str, Any] = {}
     if file is not None:
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            # a byte order mark (Windows editors write one) is not part of the TOML
+            data = tomllib.loads(file.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigurationError(f"{file}: cannot read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
@@ -437,7 +541,8 @@ class EmpathyConfig:
             value = data.get(key)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigurationError(f"{where}: {key} must be a non-empty string")
-            return value
+            # blanks around a path or URL are a slip, never part of it
+            return None if value is None else value.strip()
 
         telemetry = text("telemetry")
         if telemetry is not None:
@@ -513,6 +618,27 @@ class EmpathyConfig:
         with self._naming("state" if self.sources["state"] == str(self.path) else "telemetry"):
             return state_store_from_url(self.state_url)
 
+    def ensure_directory(self, key: Literal["telemetry", "state"]) -> None:
+        """
+        Create the directory of the telemetry or state SQLite database
+        (`ensure_sqlite_parent`), its error named with the file and key it came from,
+        or said to come from ``$EMPATHY_HOME`` for the default database.
+        """
+        url = self.telemetry_url if key == "telemetry" else self.state_url
+        named = (
+            "state" if key == "state" and self.sources["state"] == str(self.path) else "telemetry"
+        )
+        try:
+            with self._naming(named):
+                ensure_sqlite_parent(url)
+        except ConfigurationError as exc:
+            if self.sources["telemetry"].startswith("default") and named == "telemetry":
+                raise ConfigurationError(
+                    f"{exc} (the default database, in $EMPATHY_HOME: set EMPATHY_HOME to "
+                    "a directory, or telemetry in empathy.toml)"
+                ) from None
+            raise
+
     @contextmanager
     def _naming(self, key: str) -> Iterator[None]:
         """A `ConfigurationError` raised inside, with the file and ``key`` before its
@@ -524,17 +650,62 @@ class EmpathyConfig:
                 raise
             raise ConfigurationError(f"{self.path}: {key}: {exc}") from exc
 
-    def build_providers(self) -> list[HTTPProvider]:
-        """One provider per ``[providers.*]`` table (keys read from the environment now)."""
-        return [p.build() for p in self.providers]
+    def build_providers(self, registry: ModelRegistry | None = None) -> list[HTTPProvider]:
+        """
+        One provider per ``[providers.*]`` table (keys read from the environment now).
+
+        Args:
+            registry: the file's registry (`registry`): a provider it has no models of
+                is refused, naming the table, or the ``registry`` key when the
+                providers are the defaults.
+
+        Raises:
+            ConfigurationError: a value the provider refuses (a ``base_url`` that is no
+                http(s) URL, a header no request can carry), after the file and the
+                table it came from; a provider ``registry`` has no models of.
+        """
+        built: list[HTTPProvider] = []
+        for provider in self.providers:
+            try:
+                built.append(provider.build())
+            except ConfigurationError as exc:
+                if self.path is None or self.sources["providers"] != str(self.path):
+                    raise
+                raise ConfigurationError(f"{self.path}: [providers.{provider.name}] {exc}") from exc
+        if registry is not None:
+            self._check_served(registry)
+        return built
+
+    def _check_served(self, registry: ModelRegistry) -> None:
+        """`ConfigurationError`, said in the file's terms, for a provider ``registry``
+        has no models of (the executor refuses it; its message speaks to code)."""
+        known = sorted(registry.providers())
+        missing = [p.name for p in self.providers if p.name not in known]
+        if not missing or not known or self.path is None:
+            return
+        there = f"price table {registry.price_version}; providers there: {', '.join(known)}"
+        tables = " or ".join(f"[providers.{name}]" for name in known)
+        if self.sources["providers"] == str(self.path):
+            raise ConfigurationError(
+                f"{self.path}: [providers.{missing[0]}] has no models in the registry "
+                f"({there}): a table is named after the `provider` of its models; name the "
+                f"table {tables} (its type and base_url say where they are sent), or name "
+                f"in `registry` a file with models of provider {missing[0]!r}"
+            )
+        if self.sources["registry"] == str(self.path):
+            raise ConfigurationError(
+                f"{self.path}: registry: {self.registry_file} has no models of the default "
+                f"providers {' and '.join(missing)} ({there}): add a {tables} table "
+                "(type, base_url and the key) to send its models to"
+            )
 
     def describe(self) -> list[tuple[str, str, str]]:
         """``(setting, value, source)`` rows for ``config show``; no secret is shown."""
         file = str(self.path) if self.path is not None else "(none found)"
         rows = [
             ("config file", file, self.found_by),
-            ("telemetry", redact_url(self.telemetry_url), self.sources["telemetry"]),
-            ("state", redact_url(self.state_url), self.sources["state"]),
+            ("telemetry", _shown_url(self.telemetry_url), self.sources["telemetry"]),
+            ("state", _shown_url(self.state_url), self.sources["state"]),
             (
                 "registry",
                 str(self.registry_file) if self.registry_file is not None else "built-in",

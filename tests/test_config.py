@@ -26,6 +26,7 @@ from empathy_models import (
     ExecutionContext,
     LLMCallRecord,
     MissingAPIKeyWarning,
+    ModelRegistry,
     OpenAIProvider,
 )
 from empathy_models.config import EmpathyConfig, ProviderConfig, find_config_file
@@ -322,6 +323,43 @@ def test_invalid_files_name_the_file_and_the_problem(
     assert str(path) in str(info.value)
 
 
+def test_blanks_around_a_value_are_not_part_of_it(project: Path) -> None:
+    # they were: the database became "./ calls.db " (a new, empty one, not calls.db),
+    # the registry " models.toml" was not found, while EMPATHY_HOME and EMPATHY_CONFIG
+    # are read without them
+    (project / "models.toml").write_text(MODELS)
+    (project / "empathy.toml").write_text(
+        'telemetry = " calls.db "\nstate = "sqlite:///state.db  "\nregistry = " models.toml"\n'
+    )
+    config = EmpathyConfig.load()
+    assert config.telemetry_url == "sqlite:///" + str(project / "calls.db")
+    assert config.state_url == "sqlite:///" + str(project / "state.db")
+    assert config.registry().price_version == "config-test-1"
+
+
+def test_blanks_around_api_key_env_are_not_part_of_the_name(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the provider read the variable "TEAM_KEY " (which no shell can set) and was
+    # keyless, config show saying "key from $TEAM_KEY  (not set)" while TEAM_KEY was set
+    monkeypatch.setenv("TEAM_KEY", KEY)
+    (project / "empathy.toml").write_text(
+        '[providers.gw]\ntype = "openai"\nbase_url = "http://gw/v1"\napi_key_env = " TEAM_KEY "\n'
+    )
+    config = EmpathyConfig.load()
+    assert "key from $TEAM_KEY (set)" in config.describe()[-1][1]
+    assert [p.has_api_key for p in config.build_providers()] == [True]
+
+
+def test_a_file_saved_with_a_byte_order_mark_is_read(project: Path) -> None:
+    # Windows editors save UTF-8 with a byte order mark; the file was refused:
+    # "invalid TOML: Invalid statement (at line 1, column 1)", in a line that looked right
+    (project / "empathy.toml").write_bytes(b'\xef\xbb\xbftelemetry = "calls.db"\n')
+    config = EmpathyConfig.load()
+    assert config.telemetry_url == "sqlite:///" + str(project / "calls.db")
+    assert config.sources["telemetry"] == str(project / "empathy.toml")
+
+
 def test_an_unexpandable_home_is_one_error_line(tmp_path: Path) -> None:
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
@@ -394,6 +432,57 @@ def test_a_header_no_request_can_carry_is_refused_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('base_url = "localhost:8000/v1"', "base_url must be an http(s) URL"),
+        ('base_url = "https://u:pa55word@gw/v1"', "base_url must not hold credentials"),
+        ('headers = { "X Team" = "a" }', "header name 'X Team' is not an HTTP token"),
+    ],
+)
+def test_a_provider_value_refused_names_the_file_and_the_table(
+    project: Path, tmp_path: Path, table: str, message: str
+) -> None:
+    # the provider's own message came alone ("base_url must be an http(s) URL ..."):
+    # which file, which of several [providers.*] tables, was left to guess
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.anthropic]\n[providers.house]\ntype = "openai"\n{table}\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: [providers.house] "), refused.value
+    assert message in str(refused.value) and "pa55word" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "advice"),
+    [
+        (
+            '[providers.gateway]\ntype = "openai"\nbase_url = "http://127.0.0.1:9/v1"',
+            "[providers.gateway]",
+            "name the table [providers.anthropic] or [providers.openai]",
+        ),
+        ('registry = "models.toml"', "registry:", "add a [providers.house] table"),
+    ],
+)
+def test_providers_the_registry_has_no_models_of_name_the_file(
+    project: Path, tmp_path: Path, toml: str, key: str, advice: str
+) -> None:
+    # the executor's message spoke to Python code, not to the file:
+    # "provider 'gateway' has no models in the registry ... name it after one of those
+    # (e.g. OpenAIProvider(name='anthropic')) or pass registry= with models of 'gateway'"
+    (project / "models.toml").write_text(MODELS)
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: {key} "), refused.value
+    assert advice in str(refused.value) and "registry=" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
+@pytest.mark.parametrize(
     "where",
     ["base_url_from_env", "api_key_from_env"],
 )
@@ -451,6 +540,37 @@ def test_an_api_key_env_that_can_name_no_variable_is_refused(
     assert str(path) in str(info.value)
 
 
+def test_api_key_env_with_api_key_from_env_false_is_refused(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # refused by OpenAIProvider(api_key_env=..., api_key_from_env=False); the file's
+    # "false" was dropped, and the provider read the variable it said not to read
+    monkeypatch.setenv("TEAM_KEY", KEY)
+    path = project / "empathy.toml"
+    path.write_text(
+        '[providers.gateway]\ntype = "openai"\nbase_url = "http://gw/v1"\n'
+        'api_key_env = "TEAM_KEY"\napi_key_from_env = false\n'
+    )
+    with pytest.raises(ConfigurationError, match="api_key_from_env = false reads none") as info:
+        EmpathyConfig.load()
+    assert str(info.value).startswith(f"{path}: [providers.gateway] api_key_env = 'TEAM_KEY'")
+
+
+@pytest.mark.parametrize("written", ["OPENAI_API_KEY", "$TEAM_KEY", "${TEAM_KEY}", "$env:TEAM_KEY"])
+def test_a_variable_name_given_as_api_key_is_refused_with_api_key_env(
+    project: Path, written: str
+) -> None:
+    # the name was sent as the key itself (the file is not expanded): every call failed
+    # with 401 "Incorrect API key provided", saying nothing of the file
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.openai]\nbase_url = "http://gw/v1"\napi_key = "{written}"\n')
+    name = written.strip("${}").removeprefix("env:")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load()
+    assert str(refused.value).startswith(f"{path}: [providers.openai] api_key "), refused.value
+    assert f'api_key_env = "{name}"' in str(refused.value)
+
+
 @pytest.mark.parametrize("key", ["sk-proj-Xy7Qz9AbCdEf0123", "sk-ant-api03-Xy7Qz9AbCdEf"])
 def test_an_api_key_given_as_api_key_env_is_refused_unshown(
     project: Path, tmp_path: Path, key: str
@@ -476,6 +596,55 @@ def test_the_router_reads_the_same_configuration(project: Path) -> None:
     (project / "empathy.toml").write_text('registry = "models.toml"\n')
     router = AdaptiveModelRouter.from_config()
     assert {m.id for m in router.registry.models} == {"house-small", "house-large"}
+
+
+async def test_the_router_from_config_alone_works_as_the_executors_does(
+    project: Path, tmp_path: Path
+) -> None:
+    # AdaptiveModelRouter.from_config() on its own failed where the executor's worked:
+    # "TelemetryError: ... the directory .../home does not exist" on a new machine,
+    # "TypeError: got multiple values for argument 'registry'" for an option, and a
+    # refused URL without the file and key it came from
+    async with AdaptiveModelRouter.from_config() as router:
+        assert (await router.get_routing_stats("w")).total_calls == 0
+    assert (tmp_path / "home" / "empathy.db").is_file()
+    (project / "models.toml").write_text(MODELS)
+    mine = ModelRegistry.from_file(project / "models.toml")
+    assert AdaptiveModelRouter.from_config(registry=mine).registry is mine
+    path = project / "empathy.toml"
+    path.write_text('telemetry = "sqlite:///c.db?max_batc=1"\n')
+    with pytest.raises(ConfigurationError, match="unknown sqlite URL option") as refused:
+        AdaptiveModelRouter.from_config()
+    assert str(refused.value).startswith(f"{path}: telemetry: "), refused.value
+
+
+@pytest.mark.parametrize(
+    ("toml", "home", "prefix"),
+    [
+        ('telemetry = "afile/calls.db"', "home", "telemetry: "),
+        ('state = "sqlite:///afile/state.db"', "home", "state: "),
+        ("", "afile/home", ""),
+    ],
+)
+def test_a_database_directory_that_cannot_be_made_is_a_configuration_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch, toml: str, home: str, prefix: str
+) -> None:
+    # raised as a bare "FileExistsError: [Errno 17] File exists: '.../afile'", naming
+    # neither the database nor the setting that put it there
+    (project / "afile").write_text("")
+    monkeypatch.setenv("EMPATHY_HOME", str(project / home))
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    for build in (EmpathyLLMExecutor.from_config, AdaptiveModelRouter.from_config):
+        if "state" in toml and build == AdaptiveModelRouter.from_config:
+            continue  # the router opens no state store
+        with pytest.raises(ConfigurationError) as refused:
+            build()
+        message = str(refused.value)
+        start = f"{path}: {prefix}" if prefix else ""
+        assert message.startswith(f"{start}cannot create the directory"), message
+        assert f"{project / 'afile'} is not a directory" in message
+        assert prefix or "EMPATHY_HOME" in message
 
 
 def test_the_router_defaults_a_registry_like_the_executor() -> None:
@@ -508,7 +677,6 @@ async def test_without_a_file_the_executor_writes_where_the_cli_reads(
 ) -> None:
     """No empathy.toml: telemetry goes to $EMPATHY_HOME/empathy.db, created on first use."""
     (project / "models.toml").write_text(MODELS)
-    from empathy_models import ModelRegistry
 
     async with EmpathyLLMExecutor.from_config(
         providers=[OpenAIProvider(KEY, name="house", base_url=server.openai_base_url)],
@@ -561,6 +729,12 @@ async def test_from_config_uses_the_router_it_is_given(
         ('state = "redis://127.0.0.1:6379/0?socket_timout=1"', "state: unknown Redis URL"),
         ('state = "postgresql://u:s3cret@h:99999/db"', "state: 'postgresql://u:\\*\\*\\*@h"),
         ('telemetry = "sqlite:///c.db"\nstate = "memory://x"', "state: 'memory://x': a memory"),
+        # a URL missing its '//' was a file's name: ./sqlite:c.db, a directory named
+        # after the password ./postgresql:u:s3cret@h/, shown so by config show
+        ('telemetry = "sqlite:c.db"', "telemetry: 'sqlite:' .* sqlite:///c.db"),
+        # SQLite's own URI form: ./file:c.db was made
+        ('telemetry = "file:c.db?mode=rwc"', "telemetry: 'file:' .* sqlite:///c.db"),
+        ('state = "postgresql:u:s3cret@h/db"', "state: 'postgresql:' .*postgresql://"),
     ],
 )
 def test_a_store_url_refused_names_the_file_and_the_key(
@@ -570,6 +744,7 @@ def test_a_store_url_refused_names_the_file_and_the_key(
     path.write_text(toml + "\n")
     with pytest.raises(ConfigurationError) as refused:
         EmpathyLLMExecutor.from_config()
+    assert sorted(p.name for p in project.iterdir()) == ["empathy.toml"]
     assert str(refused.value).startswith(f"{path}: "), refused.value
     assert re.search(message, str(refused.value)), refused.value
     assert "s3cret" not in str(refused.value)
@@ -644,7 +819,6 @@ async def test_a_home_and_a_project_named_in_latin1_work_end_to_end(
     home = _latin1_dir(tmp_path)
     monkeypatch.setenv("EMPATHY_HOME", str(home))
     (project / "models.toml").write_text(MODELS)
-    from empathy_models import ModelRegistry
 
     config = EmpathyConfig.load()
     assert config.telemetry_url.endswith("/caf%E9/empathy.db"), config.telemetry_url
@@ -684,3 +858,68 @@ def test_a_key_variable_of_blanks_is_shown_as_not_set(monkeypatch: pytest.Monkey
     team = ProviderConfig(name="t", kind="openai", base_url="http://gw/v1", api_key_env="TEAM_KEY")
     assert "key from $TEAM_KEY (not set)" in team.describe()
     assert not team.build().has_api_key
+
+
+@pytest.mark.parametrize(
+    ("table", "shown", "keyed"),
+    [
+        ({"api_key_from_env": False}, "no key (api_key_from_env = false)", False),
+        ({"base_url": "http://gw/v1"}, "no key: $OPENAI_API_KEY is not sent to this", False),
+        ({"base_url": "https://api.openai.com/v1"}, "key from $OPENAI_API_KEY (set)", True),
+    ],
+)
+def test_config_show_says_whether_the_provider_has_a_key(
+    monkeypatch: pytest.MonkeyPatch, table: dict[str, Any], shown: str, keyed: bool
+) -> None:
+    # config show said "key from $OPENAI_API_KEY (set)" for a provider that reads no key
+    # (api_key_from_env = false), and nothing at all for one whose base_url is kept from
+    # the environment's key, or is the official one, which reads it
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123456789")
+    config = ProviderConfig(name="openai", kind="openai", **table)
+    assert shown in config.describe(), config.describe()
+    assert config.build().has_api_key is keyed
+
+
+def test_config_show_masks_a_key_in_a_header_whose_name_looks_harmless(
+    project: Path, tmp_path: Path
+) -> None:
+    # "X-Upstream" is not a secret-looking name: its value, an API key, was printed whole
+    (project / "empathy.toml").write_text(
+        '[providers.openai]\nheaders = { "X-Upstream" = "Bearer sk-ant-api03-Xy7Qz9AbCdEf", '
+        '"X-Team" = "search" }\n'
+    )
+    shown = cli(project, tmp_path / "home", "config", "show", "--json")
+    assert "Xy7Qz9" not in shown.stdout + shown.stderr
+    assert "X-Upstream=Bearer sk-***" in shown.stdout and "X-Team=search" in shown.stdout
+
+
+def test_config_show_masks_a_key_in_a_base_url_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # redact_url masks a password and secret-looking options, not a key in the path
+    url = "https://gw.example/key/sk-proj-Xy7Qz9AbCdEf/v1"
+    described = ProviderConfig(name="openai", kind="openai", base_url=url, api_key="x")
+    assert "Xy7Qz9" not in described.describe() + repr(described)
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    assert "Xy7Qz9" not in ProviderConfig(name="openai", kind="openai").describe()
+
+
+def test_from_configs_warnings_point_at_the_callers_line(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # they pointed into the library (_executor.py, "executor = cls(providers, ...)"),
+    # where EmpathyLLMExecutor(...) points at the line that built it
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    with pytest.warns(MissingAPIKeyWarning) as caught:
+        EmpathyLLMExecutor.from_config(router=False)
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_config_show_says_an_infinite_timeout_is_none() -> None:
+    # shown as "timeout=infs"
+    described = ProviderConfig(name="openai", kind="openai", timeout=float("inf")).describe()
+    assert described.endswith(", no timeout"), described
+    assert (
+        ProviderConfig(name="openai", kind="openai", timeout=120)
+        .describe()
+        .endswith(", timeout=120s")
+    )

@@ -214,6 +214,13 @@ def _remove_stale_temp_files(file: Path) -> None:
 
 
 def _atomic_write(file: Path, data: bytes) -> None:
+    """
+    Write ``data`` to ``file`` atomically (a temporary file renamed over it), 0600.  A
+    symlink (a file kept in a dotfiles repository, say) is written through: its
+    target is replaced, in the target's directory, and the link kept.
+    """
+    if file.is_symlink():
+        file = Path(os.path.realpath(file))
     directory = file.parent
     _ensure_private_dir(directory)
     _remove_stale_temp_files(file)

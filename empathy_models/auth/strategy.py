@@ -577,6 +577,7 @@ class AuthStrategy:
         Atomic: the JSON goes to a temporary file in the same directory, is fsynced and
         moved over the target with ``os.replace``, so readers see the old or the new file,
         never a torn one.  The file is 0600; a missing parent directory is created 0700.
+        A symlink is written through: its target is replaced and the link kept.
         Keys of the existing file that this version does not know (written by a newer
         release) are kept, and so is its ``"v"`` when newer.  Saves, resets and restores
         take an exclusive ``flock`` on the file's parent directory, shared by every process

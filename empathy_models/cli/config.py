@@ -54,7 +54,7 @@ def check_config(config: EmpathyConfig) -> None:
         # a missing API key is not a refusal (from_config warns when a call needs it)
         warnings.simplefilter("ignore")
         registry = config.registry()
-        providers = config.build_providers()
+        providers = config.build_providers(registry)
         telemetry = config.telemetry_store()
         config.state_store()  # as from_config() checks it, naming the file and key
         EmpathyLLMExecutor(
