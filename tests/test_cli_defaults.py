@@ -142,6 +142,34 @@ def test_read_only_commands_never_create_a_misspelt_schema(
     assert not _schema_exists(dsn, schema)
 
 
+@needs_postgres
+def test_commands_that_write_never_write_into_a_misspelt_schema(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    """
+    `breaker open`, `budget set` and `budget reset` on a ``?schema=`` holding no
+    empathy-models tables: refused, as a SQLite file that does not exist is (before,
+    the schema was created and the key "forced open" where no worker reads it).
+    """
+    dsn, schema, url = pg_schema
+    writes = (
+        ("breaker", "open", "openai"),
+        ("budget", "set", "global/day", "--limit", "5"),
+        ("budget", "reset", "global/day"),
+    )
+    for command in writes:
+        result = cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert "no empathy-models tables" in result.stderr and schema in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not _schema_exists(dsn, schema)
+    # a schema holding telemetry only: its breaker and quota tables are made as before
+    assert cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url).returncode == 0
+    for command in writes[:2]:
+        result = cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 0, (command, result.stderr)
+
+
 # --------------------------------------------------------------------------- output
 
 

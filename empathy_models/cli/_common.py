@@ -17,6 +17,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -53,6 +54,7 @@ __all__ = [
     "print_table",
     "printable",
     "read_only",
+    "refuse_missing_schema",
     "run_async",
     "shown_name",
     "secret_in_path",
@@ -242,6 +244,27 @@ def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     if scheme in ("postgres", "postgresql"):
         return {"create": False}
     return {"read_only": True} if scheme == "sqlite" and not writes else {}
+
+
+S = TypeVar("S")
+
+
+async def refuse_missing_schema(
+    url: str,
+    open_store: Callable[..., AbstractAsyncContextManager[S]],
+    read: Callable[[S], Awaitable[object]],
+) -> None:
+    """
+    Before a command writes to a PostgreSQL store: open it as `read_only` does
+    (nothing created) and ``read`` it, so that a ``?schema=`` holding no empathy-models
+    tables (a misspelt one) is an error, as a SQLite file that does not exist is, not
+    a new schema written to where no worker reads.  A schema holding some (telemetry
+    only) passes: the write then makes the store's own tables.  Other backends: nothing.
+    """
+    if url.partition("://")[0].lower() not in ("postgres", "postgresql"):
+        return
+    async with open_store(url, **read_only(url)) as store:
+        await read(store)
 
 
 def db_path(value: str) -> Path:
