@@ -398,6 +398,22 @@ def test_names_typed_as_shown_find_their_calls(tmp_path: Path, names_db: Path) -
     assert [(r["workflow"], r["calls"]) for r in data["models"]] == [(None, 3)]
 
 
+def test_a_plot_titled_with_a_name_holding_dollar_signs_is_written(tmp_path: Path) -> None:
+    """
+    ``routing whatif --plot`` titles the plot with the workflow and stage as they are:
+    a ``$`` in a name is not read as matplotlib's math (``$\\frac$`` was a
+    ParseSyntaxException traceback, after the whole simulation, and no plot).
+    """
+    pytest.importorskip("matplotlib")
+    ts = datetime.now(UTC) - timedelta(minutes=5)
+    db = _store(tmp_path / "dollar.db", [_call("price$\\frac$", "s", ts) for _ in range(20)])
+    png = tmp_path / "cost.png"
+    args = ("--db", str(db), "--replicates", "2", "--requests", "10", "--sweep", "0.9")
+    out = ok(tmp_path, "routing", "whatif", "price$\\frac$", "s", *args, "--plot", str(png))
+    assert f"written to {png}" in out
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_stage_named_all_is_not_every_stage(tmp_path: Path, names_db: Path) -> None:
     every = ok(tmp_path, "routing", "stats", "all", "--db", str(names_db))
     one = ok(tmp_path, "routing", "stats", "all", "--stage", "all", "--db", str(names_db))

@@ -833,7 +833,9 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
         ax.axhline(report.recorded_cost_per_1k, linestyle=":", color="black", label="recorded")
     ax.set_xlabel("min_success_rate")
     ax.set_ylabel("USD per 1,000 requests")
-    ax.set_title(f"{report.workflow}/{report.stage}: cost against min_success_rate")
+    # the names as they are: a "$" in one is not matplotlib's math (a parse error)
+    title = f"{report.workflow}/{report.stage}: cost against min_success_rate"
+    ax.set_title(title, parse_math=False)
     ax.legend()
     fig.tight_layout()
     try:
