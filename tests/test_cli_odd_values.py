@@ -398,6 +398,31 @@ def test_names_typed_as_shown_find_their_calls(tmp_path: Path, names_db: Path) -
     assert [(r["workflow"], r["calls"]) for r in data["models"]] == [(None, 3)]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("budget", "set", "'\\ud800'", "--limit", "5"),
+        ("budget", "reset", "'\\ud800'"),
+        ("breaker", "open", "'\\ud800'"),
+        ("telemetry", "summary", "--workflow", "'\\ud800'"),
+        ("routing", "stats", "'\\ud800'"),
+    ],
+)
+def test_a_quoted_name_that_stands_for_no_valid_text_is_a_usage_error(
+    tmp_path: Path, names_db: Path, command: tuple[str, ...]
+) -> None:
+    """
+    ``'\\ud800'`` typed as a name stands for a lone surrogate, which no recorded name,
+    key or budget can hold (nor UTF-8 encode): a usage error, as an argument that is
+    not valid UTF-8 is (before: a UnicodeEncodeError traceback from budget set and
+    reset, an empty summary, a library error from the others).
+    """
+    result = run_cli(tmp_path, *command, "--db", str(names_db))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "lone surrogate" in result.stderr, result.stderr
+
+
 def test_a_plot_titled_with_a_name_holding_dollar_signs_is_written(tmp_path: Path) -> None:
     """
     ``routing whatif --plot`` titles the plot with the workflow and stage as they are:

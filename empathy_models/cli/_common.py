@@ -437,6 +437,11 @@ def typed_name(text: str) -> str:
     and the name a quoted form (``'openai '``, as `shown_name` shows it, or in double
     quotes) stands for, when that name needs quoting.  Any other argument in quotes is
     taken as it is.
+
+    Raises:
+        argparse.ArgumentTypeError: (a usage error) a quoted form standing for text
+            with a lone surrogate (``'\\ud800'``), which no name can hold, nor a
+            store encode.
     """
     if text == NO_NAME:
         return ""
@@ -447,6 +452,13 @@ def typed_name(text: str) -> str:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
     if isinstance(value, str) and value and not _plain(value):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argparse.ArgumentTypeError(
+                "the quoted name stands for text holding a lone surrogate, which is not "
+                "valid UTF-8 and no name can hold"
+            ) from None
         return value
     return text
 
