@@ -421,5 +421,5 @@ def cmd_auth_recommend(args: argparse.Namespace) -> int:
     ]
     print_pairs(rows, title=f"Recommendation for {args.path}")
     for warning in report.warnings:
-        print(f"warning: {printable(str(warning))}")
+        print(f"warning: {printable(str(warning))}", file=sys.stderr)
     return 0
