@@ -49,7 +49,7 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
-from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, url_flaw
+from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, masked_keys, url_flaw
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -286,8 +286,16 @@ class ProviderConfig:
             state = "set" if os.environ.get(env_key, "").strip() else "not set"
             parts.append(f"key from ${env_key} ({state})")
         if self.headers:
+            # the provider's own key (from the file or its variable) and any sk- key are
+            # secrets under whatever header name they are sent
+            variable = self.api_key_env if self.api_key_env is not None else env_key
+            key = self.api_key if self.api_key is not None else os.environ.get(variable, "")
+            key = key.strip()
             shown = ", ".join(
-                f"{k}=<secret>" if _looks_secret(k) else f"{k}={v}" for k, v in self.headers.items()
+                f"{k}=<secret>"
+                if _looks_secret(k) or (key and key in v)
+                else f"{k}={masked_keys(v)}"
+                for k, v in self.headers.items()
             )
             parts.append(f"headers: {shown}")
         if self.timeout is not None:

@@ -274,3 +274,22 @@ def test_config_show_prints_no_secret_option_of_a_url(tmp_path: Path) -> None:
         result = run_cli(tmp_path, "config", "show", *json_flag, cwd=tmp_path)
         assert "sslpassword=***" in result.stdout, result
         assert SECRET not in result.stdout + result.stderr, result
+
+
+def test_config_show_prints_no_api_key_a_header_holds(tmp_path: Path) -> None:
+    """
+    A header whose name does not look secret but whose value holds an API key (an
+    ``sk-`` key, or the provider's own ``api_key``): its value is not printed (it was).
+    """
+    (tmp_path / "empathy.toml").write_text(
+        "[providers.openai]\n"
+        'base_url = "https://gateway.example/v1"\n'
+        f'api_key = "gw-{SECRET}"\n'
+        f'headers = {{ "X-Upstream" = "sk-proj-{SECRET}", "X-Forward" = "Bearer gw-{SECRET}", '
+        '"X-Team" = "search" }\n'
+    )
+    for json_flag in ((), ("--json",)):
+        result = run_cli(tmp_path, "config", "show", *json_flag, cwd=tmp_path)
+        assert result.returncode == 0, result
+        assert "X-Team=search" in result.stdout, result
+        assert SECRET not in result.stdout + result.stderr, result
