@@ -178,6 +178,27 @@ def test_an_infinite_number_is_a_usage_error(
     assert code == 2 and "expected a finite number" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (("routing", "best", "docs", "write"), "--input-tokens"),
+        (("routing", "best", "docs", "write"), "--max-tokens"),
+        (("routing", "whatif", "docs", "write"), "--input-tokens"),
+        (("routing", "whatif", "docs", "write"), "--max-tokens"),
+    ],
+)
+def test_a_token_count_past_what_a_call_can_have_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], db: Path, command: tuple[str, ...], option: str
+) -> None:
+    """
+    A count of 2**63 or more: a usage error naming the option (exit 1 naming
+    input_tokens, the Python argument, once the database was read, before).
+    """
+    code, _, err = run(capsys, *command, option, str(2**63), "--db", str(db))
+    assert code == 2, err
+    assert f"argument {option}: must be at most {2**63 - 1:,}" in err
+
+
 def test_routing_best_no_match_json_has_every_reason_and_prints_it_once(
     capsys: pytest.CaptureFixture[str], db: Path
 ) -> None:

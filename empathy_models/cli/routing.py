@@ -60,7 +60,10 @@ _positive_float = number_arg(float, minimum=0, strict=True)
 _days = number_arg(float, minimum=0, strict=True, maximum=MAX_DAYS, too_big=" (100 years)")
 _non_negative_float = number_arg(float, minimum=0)
 _rate = number_arg(float, minimum=0, maximum=1)
-_tokens = number_arg(int, minimum=0, what="a whole number")
+# the most a call's token counts hold (a 64-bit integer), as the router checks them
+_tokens = number_arg(
+    int, minimum=0, maximum=2**63 - 1, what="a whole number", too_big=" (2**63 - 1)"
+)
 _count = number_arg(int, minimum=1, maximum=1_000_000, what="a whole number")
 _replicates = number_arg(int, minimum=2, maximum=10_000, what="a whole number")
 
