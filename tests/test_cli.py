@@ -742,6 +742,48 @@ def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_pat
     assert f"to {str(odd)!r}" in result.stderr
 
 
+def test_telemetry_export_to_a_terminal_draws_no_progress_bar_among_the_records(
+    home: Path, db: Path
+) -> None:
+    """
+    stdout and stderr on one terminal: the records are the output, with no progress bar
+    drawn into them (``export [....] 0/75{"v":1,...`` before, a line no parser reads).
+    """
+    import pty
+
+    export = ("telemetry", "export", "--format", "jsonl", "--db", str(db))
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "empathy_models", *export],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env={**os.environ, "EMPATHY_HOME": str(home)},
+        )
+        os.close(slave)
+        slave = -1
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the process has ended and closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    shown = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert "export [" not in shown, shown[:300]
+    lines = shown.splitlines()
+    assert len(lines) == _RECORDS
+    assert all(json.loads(line)["v"] == 1 for line in lines)
+
+
 @pytest.mark.parametrize("output", ["copy.db", "alias.db", "copy.db-wal"])
 def test_telemetry_export_onto_the_database_itself_is_refused(
     home: Path, db: Path, tmp_path: Path, output: str

@@ -754,15 +754,24 @@ class Progress:
     A one-line progress bar on stderr, drawn only when stderr is a terminal.
 
     ``with Progress(total, "calls") as bar: bar.advance(1)``; redraws at most ten
-    times a second and clears the line on exit.
+    times a second and clears the line on exit.  Never drawn beside an ``output``
+    written to a terminal (the screen it would be drawn into).
     """
 
-    def __init__(self, total: int, label: str, *, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        stream: IO[str] | None = None,
+        output: IO[str] | None = None,
+    ) -> None:
         self.total = max(0, total)
         self.label = label
         self.done = 0
         self._stream = stream if stream is not None else sys.stderr
-        self._enabled = _isatty(self._stream) and self.total > 0
+        beside = output is not None and _isatty(output)
+        self._enabled = _isatty(self._stream) and self.total > 0 and not beside
         self._last_draw = 0.0
         self._drawn = False
         self._handlers: list[logging.Handler] = []

@@ -249,7 +249,8 @@ def _csv_value(value: object) -> object:
 
 
 def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
-    with Progress(len(records), "export") as bar:
+    # records printed on a terminal show how far it is: no bar drawn among them
+    with Progress(len(records), "export", output=out) as bar:
         if fmt == "jsonl":
             for record in records:
                 out.write(json.dumps(record.to_dict(), separators=(",", ":")) + "\n")
