@@ -1226,6 +1226,21 @@ def test_reset_on_a_terminal_asks_first(home: Path, answer: str, removed: bool) 
         assert list(home.glob("*.bak")) == []
 
 
+@pytest.mark.parametrize("answer", [b"n\n", b"\x04"])
+def test_reset_cancelled_on_a_terminal_says_so_on_stderr(home: Path, answer: bytes) -> None:
+    """
+    "No" or Ctrl-D at the question: the cancellation is an error line on stderr, as the
+    demo's is, stdout left empty (it was "Reset cancelled; ..." on stdout, exit 1).
+    """
+    file = AuthStrategy(small_module_threshold=77).save(home / "auth_strategy.json")
+    result = _terminal_answers(home, answer, "auth", "reset")
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert "empathy-models: error: reset cancelled; nothing was changed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert AuthStrategy.load(file).small_module_threshold == 77
+
+
 def test_setup_on_a_terminal_asks_and_keeps_custom_fields(home: Path) -> None:
     file = AuthStrategy(small_module_threshold=321).save(home / "auth_strategy.json")
     code, out = _cli_on_a_terminal(home, "gold\n3\n", "auth", "setup")

@@ -334,8 +334,7 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
             return 1
         answer = ask(f"Remove {printable(str(file))}? A backup is kept next to it. [y/N]: ")
         if (answer or "").strip().lower() not in ("y", "yes"):
-            print("Reset cancelled; nothing was changed")
-            return 1
+            raise CliError("reset cancelled; nothing was changed")
     backup = reset_auth_strategy(file)
     if backup is None:
         print(f"Nothing to reset: {printable(str(file))} does not exist")
