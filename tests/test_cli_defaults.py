@@ -50,6 +50,25 @@ def test_demo_refuses_to_write_into_an_existing_database_without_yes(tmp_path: P
     assert "from SQLite telemetry" in forced.stdout
 
 
+def test_demo_asks_about_a_sqlite_url_only_when_its_file_exists(tmp_path: Path) -> None:
+    """
+    ``--db sqlite:///new.db`` is a new file, as ``--db new.db`` is: written without a
+    question (it was refused as "a SQLite database ... choose a new file"); an
+    existing one still needs ``--yes``, and an in-memory one never does.
+    """
+    db = tmp_path / "new.db"
+    url = f"sqlite:///{db}"
+    first = cli(tmp_path, "demo", "--calls", "20", "--db", url)
+    assert first.returncode == 0, first.stderr
+    size = db.stat().st_size
+    again = cli(tmp_path, "demo", "--calls", "20", "--db", url)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "--yes" in again.stderr
+    assert db.stat().st_size == size
+    memory = cli(tmp_path, "demo", "--calls", "20", "--db", "sqlite://:memory:")
+    assert memory.returncode == 0, memory.stderr
+
+
 def test_demo_refuses_a_postgresql_url_without_yes(tmp_path: Path) -> None:
     result = cli(
         tmp_path, "demo", "--calls", "20", "--db", "postgresql://app:hunter2@127.0.0.1:1/none"

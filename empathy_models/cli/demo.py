@@ -73,6 +73,7 @@ from ._common import (
     printable,
     run_async,
     secret_in_path,
+    sqlite_file,
     sqlite_url,
     stdin_is_terminal,
 )
@@ -923,7 +924,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # refused before asking (building a store connects nowhere)
             telemetry_from_url(url)
             state_store_from_url(url)
-            if backend_label(url) != "in-memory":
+            file = sqlite_file(url)
+            if file is not None:  # asked about as a path is: only when it holds something
+                if file.exists() and not file.is_dir() and file.stat().st_size > 0:
+                    _confirm_writing(redact_url(url), "already exists", assume_yes=args.yes)
+            elif backend_label(url) not in ("in-memory", "SQLite"):  # SQLite: in memory
                 _confirm_writing(
                     redact_url(url),
                     f"is a {backend_label(url)} database",
