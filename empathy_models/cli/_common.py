@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import codecs
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +65,8 @@ __all__ = [
     "stdin_is_terminal",
     "typed_key",
     "typed_name",
+    "utf8",
+    "utf8_output",
 ]
 
 T = TypeVar("T")
@@ -568,6 +572,10 @@ def print_table(
     if width is None and _isatty(out):
         width = shutil.get_terminal_size().columns
     cells = [[_cell(v) for v in row] for row in rows]
+    encoding = getattr(out, "encoding", None)
+    if encoding is not None and not utf8(encoding):
+        # what the output cannot encode is escaped before the columns are measured
+        cells = [[_encodable(text, encoding) for text in row] for row in cells]
     widths = [display_width(h) for h in headers]
     for row in cells:
         for i, text in enumerate(row):
@@ -606,6 +614,17 @@ def print_table(
         print(line(row), file=out)
     if not cells:
         print("(no rows)", file=out)
+
+
+def _encodable(text: str, encoding: str) -> str:
+    """``text`` with each character ``encoding`` cannot hold escaped (``\\u652f``)."""
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        pass
+    return text
 
 
 def _print_expanded(
@@ -848,6 +867,37 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def utf8(encoding: str | None) -> bool:
+    """Whether a stream's ``encoding`` is UTF-8 (any spelling; None: unknown, taken as not)."""
+    if encoding is None:
+        return False
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
+@contextlib.contextmanager
+def utf8_output(out: IO[str]) -> Iterator[IO[str]]:
+    """
+    ``out`` writing UTF-8 while in the block, whatever its encoding (data, such as an
+    export's records, keeps every character; a table is for `main`'s escaping), then
+    given back its own.
+    """
+    encoding = getattr(out, "encoding", None)
+    errors = getattr(out, "errors", None)
+    reconfigure = getattr(out, "reconfigure", None)
+    if reconfigure is None or utf8(encoding):
+        yield out
+        return
+    reconfigure(encoding="utf-8", errors="strict")
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a closed or full output
+            reconfigure(encoding=encoding, errors=errors)
 
 
 def stdin_is_terminal() -> bool:
