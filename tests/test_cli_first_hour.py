@@ -260,8 +260,13 @@ def test_routing_stats_warns_on_stderr_with_grammar(
     code, out, err = run(capsys, "routing", "stats", "docs", "--db", str(db))
     assert code == 0
     assert "warning" not in out
-    assert "warning: gpt-4o-mini: only 1 call: the success rate" in err
+    # each warning names the workflow (and stage) its table is of: read apart from the
+    # tables (2> file), one of several workflows' would otherwise be anyone's
+    assert "warning: gpt-4o-mini in docs: only 1 call: the success rate" in err
     assert "1 calls" not in err
+    code, _, err = run(capsys, "routing", "stats", "--stage", "write", "--db", str(db))
+    assert code == 0
+    assert "warning: gpt-4o-mini in docs/write: only 1 call: the success rate" in err
 
 
 def test_telemetry_summary_says_rejections_are_left_out(

@@ -320,6 +320,8 @@ def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None
     )
     rows = []
     warnings: list[str] = []
+    # a warning read apart from its table (stderr) names the workflow and stage it is of
+    of = shown_name(stats["workflow"]) + ("" if stage is None else f"/{shown_name(stage)}")
     # time to first token columns only where some model streamed
     streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
     for model, m in stats["performance_by_model"].items():
@@ -340,7 +342,7 @@ def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None
         if m["sample_size_warning"]:
             calls = m["calls"]
             warnings.append(
-                f"{shown_name(model)}: only {calls} call{'' if calls == 1 else 's'}: the "
+                f"{shown_name(model)} in {of}: only {calls} call{'' if calls == 1 else 's'}: the "
                 f"success rate is known only to within {fmt_pct(m['success_rate_lower'])}-"
                 f"{fmt_pct(m['success_rate_upper'])} (95%)"
             )
