@@ -358,6 +358,19 @@ def test_whatif_names_a_call_stamped_centuries_ahead_not_a_days_it_was_not_given
     assert "is stamped after now" in data["error"]["message"]
 
 
+def test_whatif_names_a_call_stamped_at_the_last_instant_a_date_holds(tmp_path: Path) -> None:
+    """A call stamped 9999-12-31 23:59:59.999999: refused as above (OverflowError before)."""
+    last = datetime.max.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    recent = [_call("wf", "s", now - timedelta(minutes=5)) for _ in range(20)]
+    db = _store(tmp_path / "last.db", [*recent, _call("wf", "s", last)])
+    args = ("routing", "whatif", "wf", "s", "--db", str(db), "--replicates", "2")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "1 call of wf/s is stamped after now" in result.stderr
+    assert f"the newest at {last.isoformat()}" in result.stderr
+
+
 def test_nothing_is_said_when_no_call_is_stamped_after_now(tmp_path: Path, huge_db: Path) -> None:
     out = ok(tmp_path, "telemetry", "summary", "--db", str(huge_db))
     assert "are stamped after now" not in out and "is stamped after now" not in out
