@@ -769,11 +769,16 @@ def _print(
 def _print_run(result: DemoResult) -> None:
     """What ran: requests, stages, models, seed, and when the outage was."""
     o = result.outage
+    requests = "1 request" if result.calls == 1 else f"{result.calls} requests"
     print(
-        f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
+        f"empathy-models demo: {requests}, {len(_STAGES)} workflow stages, "
         f"{len(_MODELS)} models on 2 providers (anthropic + openai wire formats), "
         f"seed {result.seed}"
     )
+    if o["from_call"] >= result.calls:  # the run ended before the outage's first request
+        are = "is" if result.calls == 1 else "are"
+        print(f"outage: none ({requests} {are} too few to stage one)")
+        return
     print(
         f"outage: every {o['provider']} model answered 503 from request {o['from_call']} "
         f"to request {o['to_call']}"
