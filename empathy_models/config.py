@@ -362,9 +362,15 @@ class ProviderConfig:
                 "api_key_from_env = true)"
             )
         if self.headers:
+            # the provider's own key (from the file or its variable) and any sk- key are
+            # secrets under whatever header name they are sent
+            variable = self.api_key_env if self.api_key_env is not None else env_key
+            key = self.api_key if self.api_key is not None else os.environ.get(variable, "")
+            key = key.strip()
             shown = ", ".join(
-                # an API key under a harmless-looking name is masked all the same
-                f"{k}=<secret>" if _looks_secret(k) else f"{k}={masked_keys(v)}"
+                f"{k}=<secret>"
+                if _looks_secret(k) or (key and key in v)
+                else f"{k}={masked_keys(v)}"
                 for k, v in self.headers.items()
             )
             parts.append(f"headers: {shown}")

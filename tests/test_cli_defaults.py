@@ -50,6 +50,25 @@ def test_demo_refuses_to_write_into_an_existing_database_without_yes(tmp_path: P
     assert "from SQLite telemetry" in forced.stdout
 
 
+def test_demo_asks_about_a_sqlite_url_only_when_its_file_exists(tmp_path: Path) -> None:
+    """
+    ``--db sqlite:///new.db`` is a new file, as ``--db new.db`` is: written without a
+    question (it was refused as "a SQLite database ... choose a new file"); an
+    existing one still needs ``--yes``, and an in-memory one never does.
+    """
+    db = tmp_path / "new.db"
+    url = f"sqlite:///{db}"
+    first = cli(tmp_path, "demo", "--calls", "20", "--db", url)
+    assert first.returncode == 0, first.stderr
+    size = db.stat().st_size
+    again = cli(tmp_path, "demo", "--calls", "20", "--db", url)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "--yes" in again.stderr
+    assert db.stat().st_size == size
+    memory = cli(tmp_path, "demo", "--calls", "20", "--db", "sqlite://:memory:")
+    assert memory.returncode == 0, memory.stderr
+
+
 def test_demo_refuses_a_postgresql_url_without_yes(tmp_path: Path) -> None:
     result = cli(
         tmp_path, "demo", "--calls", "20", "--db", "postgresql://app:hunter2@127.0.0.1:1/none"
@@ -140,6 +159,34 @@ def test_read_only_commands_never_create_a_misspelt_schema(
         assert schema in result.stderr
         assert "Traceback" not in result.stderr
     assert not _schema_exists(dsn, schema)
+
+
+@needs_postgres
+def test_commands_that_write_never_write_into_a_misspelt_schema(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    """
+    `breaker open`, `budget set` and `budget reset` on a ``?schema=`` holding no
+    empathy-models tables: refused, as a SQLite file that does not exist is (before,
+    the schema was created and the key "forced open" where no worker reads it).
+    """
+    dsn, schema, url = pg_schema
+    writes = (
+        ("breaker", "open", "openai"),
+        ("budget", "set", "global/day", "--limit", "5"),
+        ("budget", "reset", "global/day"),
+    )
+    for command in writes:
+        result = cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert "no empathy-models tables" in result.stderr and schema in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not _schema_exists(dsn, schema)
+    # a schema holding telemetry only: its breaker and quota tables are made as before
+    assert cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url).returncode == 0
+    for command in writes[:2]:
+        result = cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 0, (command, result.stderr)
 
 
 # --------------------------------------------------------------------------- output

@@ -178,6 +178,27 @@ def test_an_infinite_number_is_a_usage_error(
     assert code == 2 and "expected a finite number" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (("routing", "best", "docs", "write"), "--input-tokens"),
+        (("routing", "best", "docs", "write"), "--max-tokens"),
+        (("routing", "whatif", "docs", "write"), "--input-tokens"),
+        (("routing", "whatif", "docs", "write"), "--max-tokens"),
+    ],
+)
+def test_a_token_count_past_what_a_call_can_have_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], db: Path, command: tuple[str, ...], option: str
+) -> None:
+    """
+    A count of 2**63 or more: a usage error naming the option (exit 1 naming
+    input_tokens, the Python argument, once the database was read, before).
+    """
+    code, _, err = run(capsys, *command, option, str(2**63), "--db", str(db))
+    assert code == 2, err
+    assert f"argument {option}: must be at most {2**63 - 1:,}" in err
+
+
 def test_routing_best_no_match_json_has_every_reason_and_prints_it_once(
     capsys: pytest.CaptureFixture[str], db: Path
 ) -> None:
@@ -239,8 +260,13 @@ def test_routing_stats_warns_on_stderr_with_grammar(
     code, out, err = run(capsys, "routing", "stats", "docs", "--db", str(db))
     assert code == 0
     assert "warning" not in out
-    assert "warning: gpt-4o-mini: only 1 call: the success rate" in err
+    # each warning names the workflow (and stage) its table is of: read apart from the
+    # tables (2> file), one of several workflows' would otherwise be anyone's
+    assert "warning: gpt-4o-mini in docs: only 1 call: the success rate" in err
     assert "1 calls" not in err
+    code, _, err = run(capsys, "routing", "stats", "--stage", "write", "--db", str(db))
+    assert code == 0
+    assert "warning: gpt-4o-mini in docs/write: only 1 call: the success rate" in err
 
 
 def test_telemetry_summary_says_rejections_are_left_out(

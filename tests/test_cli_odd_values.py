@@ -358,6 +358,19 @@ def test_whatif_names_a_call_stamped_centuries_ahead_not_a_days_it_was_not_given
     assert "is stamped after now" in data["error"]["message"]
 
 
+def test_whatif_names_a_call_stamped_at_the_last_instant_a_date_holds(tmp_path: Path) -> None:
+    """A call stamped 9999-12-31 23:59:59.999999: refused as above (OverflowError before)."""
+    last = datetime.max.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    recent = [_call("wf", "s", now - timedelta(minutes=5)) for _ in range(20)]
+    db = _store(tmp_path / "last.db", [*recent, _call("wf", "s", last)])
+    args = ("routing", "whatif", "wf", "s", "--db", str(db), "--replicates", "2")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "1 call of wf/s is stamped after now" in result.stderr
+    assert f"the newest at {last.isoformat()}" in result.stderr
+
+
 def test_nothing_is_said_when_no_call_is_stamped_after_now(tmp_path: Path, huge_db: Path) -> None:
     out = ok(tmp_path, "telemetry", "summary", "--db", str(huge_db))
     assert "are stamped after now" not in out and "is stamped after now" not in out
@@ -396,6 +409,47 @@ def test_names_typed_as_shown_find_their_calls(tmp_path: Path, names_db: Path) -
         assert (stats["workflow"], stats["total_calls"]) == (name, 3)
     data = json.loads(ok(tmp_path, "telemetry", "summary", "--workflow", "(none)", *db))
     assert [(r["workflow"], r["calls"]) for r in data["models"]] == [(None, 3)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("budget", "set", "'\\ud800'", "--limit", "5"),
+        ("budget", "reset", "'\\ud800'"),
+        ("breaker", "open", "'\\ud800'"),
+        ("telemetry", "summary", "--workflow", "'\\ud800'"),
+        ("routing", "stats", "'\\ud800'"),
+    ],
+)
+def test_a_quoted_name_that_stands_for_no_valid_text_is_a_usage_error(
+    tmp_path: Path, names_db: Path, command: tuple[str, ...]
+) -> None:
+    """
+    ``'\\ud800'`` typed as a name stands for a lone surrogate, which no recorded name,
+    key or budget can hold (nor UTF-8 encode): a usage error, as an argument that is
+    not valid UTF-8 is (before: a UnicodeEncodeError traceback from budget set and
+    reset, an empty summary, a library error from the others).
+    """
+    result = run_cli(tmp_path, *command, "--db", str(names_db))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "lone surrogate" in result.stderr, result.stderr
+
+
+def test_a_plot_titled_with_a_name_holding_dollar_signs_is_written(tmp_path: Path) -> None:
+    """
+    ``routing whatif --plot`` titles the plot with the workflow and stage as they are:
+    a ``$`` in a name is not read as matplotlib's math (``$\\frac$`` was a
+    ParseSyntaxException traceback, after the whole simulation, and no plot).
+    """
+    pytest.importorskip("matplotlib")
+    ts = datetime.now(UTC) - timedelta(minutes=5)
+    db = _store(tmp_path / "dollar.db", [_call("price$\\frac$", "s", ts) for _ in range(20)])
+    png = tmp_path / "cost.png"
+    args = ("--db", str(db), "--replicates", "2", "--requests", "10", "--sweep", "0.9")
+    out = ok(tmp_path, "routing", "whatif", "price$\\frac$", "s", *args, "--plot", str(png))
+    assert f"written to {png}" in out
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_stage_named_all_is_not_every_stage(tmp_path: Path, names_db: Path) -> None:

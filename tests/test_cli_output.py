@@ -7,6 +7,7 @@ as two columns, and recorded names cannot put control characters on the terminal
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -94,6 +95,40 @@ def test_an_output_that_cannot_be_written_is_one_error_line(
     assert result.stderr.strip().splitlines() == [
         "empathy-models: error: cannot write the output: No space left on device"
     ]
+
+
+def _in_latin1(home: Path, *args: str) -> bytes:
+    """Run the CLI in this process with stdout in Latin-1 (a terminal so set, a file on
+    Windows); return the bytes it wrote."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="latin-1", newline="")
+    err = io.StringIO()
+    with (
+        _environment({"EMPATHY_HOME": str(home), "EMPATHY_CONFIG": None}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        code = main(list(args))
+    out.flush()
+    assert code == 0, err.getvalue()
+    assert out.encoding == "latin-1" and out.errors == "strict"  # given back as it was
+    return raw.getvalue()
+
+
+def test_a_name_the_outputs_encoding_cannot_hold_ends_in_no_traceback(tmp_path: Path) -> None:
+    """
+    stdout in an encoding other than UTF-8: a table shows a name it cannot encode
+    escaped, and an export writes its records in UTF-8, every character kept (both
+    ended in a UnicodeEncodeError traceback before).
+    """
+    db = tmp_path / "calls.db"
+    _record_calls(db, ["支援", "café"], ["gpt-4o-mini"])
+    summary = _in_latin1(tmp_path, "telemetry", "summary", "--db", str(db))
+    assert b"\\u652f\\u63f4  reply" in summary
+    assert "café  ".encode("latin-1") in summary  # what the encoding holds, as it is
+    export = _in_latin1(tmp_path, "telemetry", "export", "--format", "csv", "--db", str(db))
+    workflows = {row["workflow"] for row in csv.DictReader(io.StringIO(export.decode()))}
+    assert workflows == {"支援", "café"}
 
 
 # --------------------------------------------------------------------------- 2. narrow terminals
@@ -273,4 +308,23 @@ def test_config_show_prints_no_secret_option_of_a_url(tmp_path: Path) -> None:
     for json_flag in ((), ("--json",)):
         result = run_cli(tmp_path, "config", "show", *json_flag, cwd=tmp_path)
         assert "sslpassword=***" in result.stdout, result
+        assert SECRET not in result.stdout + result.stderr, result
+
+
+def test_config_show_prints_no_api_key_a_header_holds(tmp_path: Path) -> None:
+    """
+    A header whose name does not look secret but whose value holds an API key (an
+    ``sk-`` key, or the provider's own ``api_key``): its value is not printed (it was).
+    """
+    (tmp_path / "empathy.toml").write_text(
+        "[providers.openai]\n"
+        'base_url = "https://gateway.example/v1"\n'
+        f'api_key = "gw-{SECRET}"\n'
+        f'headers = {{ "X-Upstream" = "sk-proj-{SECRET}", "X-Forward" = "Bearer gw-{SECRET}", '
+        '"X-Team" = "search" }\n'
+    )
+    for json_flag in ((), ("--json",)):
+        result = run_cli(tmp_path, "config", "show", *json_flag, cwd=tmp_path)
+        assert result.returncode == 0, result
+        assert "X-Team=search" in result.stdout, result
         assert SECRET not in result.stdout + result.stderr, result

@@ -80,6 +80,18 @@ def test_routing_beats_the_always_premium_baseline(run: tuple[Path, Path, dict[s
     assert "claude-opus-4-5" in data["baseline_model"]
 
 
+def test_a_run_too_short_for_the_outage_does_not_report_one(tmp_path: Path) -> None:
+    """
+    One request: the outage (from the second on) never happens, and the summary says
+    so (it read "every openai model answered 503 from request 1 to request 2").
+    """
+    result = cli(tmp_path, "demo", "--calls", "1")
+    assert result.returncode == 0, result.stderr
+    assert "answered 503" not in result.stdout
+    assert "outage: none (1 request is too few to stage one)" in result.stdout
+    assert "empathy-models demo: 1 request," in result.stdout
+
+
 def test_the_outage_trips_the_openai_breaker(run: tuple[Path, Path, dict[str, Any]]) -> None:
     _, _, data = run
     assert data["outage"]["provider"] == "openai"

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, cast
 
 from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
 
-from ._common import CliError, Register, emit_json, printable
+from ._common import CliError, Register, emit_json, printable, utf8
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -117,6 +117,27 @@ def _library_logs(args: argparse.Namespace) -> Iterator[None]:
     finally:
         package.removeHandler(handler)
         package.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _output_escaped() -> Iterator[None]:
+    """
+    While a command runs, a character stdout's encoding cannot hold (a CJK name on a
+    Latin-1 terminal, or in a file on Windows) is written escaped as ``\\u652f``, not a
+    UnicodeEncodeError; stdout is given back as it was.  (stderr escapes so already.)
+    """
+    out = sys.stdout
+    reconfigure = getattr(out, "reconfigure", None)
+    errors = getattr(out, "errors", None)
+    if reconfigure is None or errors != "strict" or utf8(getattr(out, "encoding", None)):
+        yield
+        return
+    reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a closed or full output
+            reconfigure(errors=errors)
 
 
 def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
@@ -230,7 +251,7 @@ def _main(argv: Sequence[str] | None) -> int:
         args.help_parser.print_help()
         return 0
     try:
-        with _library_logs(args):
+        with _library_logs(args), _output_escaped():
             code = int(args.func(args))
         sys.stdout.flush()  # a full disk shows here, not at exit
         return code

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import codecs
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +18,8 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -53,6 +56,7 @@ __all__ = [
     "print_table",
     "printable",
     "read_only",
+    "refuse_missing_schema",
     "run_async",
     "shown_name",
     "secret_in_path",
@@ -61,6 +65,8 @@ __all__ = [
     "stdin_is_terminal",
     "typed_key",
     "typed_name",
+    "utf8",
+    "utf8_output",
 ]
 
 T = TypeVar("T")
@@ -244,6 +250,27 @@ def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     return {"read_only": True} if scheme == "sqlite" and not writes else {}
 
 
+S = TypeVar("S")
+
+
+async def refuse_missing_schema(
+    url: str,
+    open_store: Callable[..., AbstractAsyncContextManager[S]],
+    read: Callable[[S], Awaitable[object]],
+) -> None:
+    """
+    Before a command writes to a PostgreSQL store: open it as `read_only` does
+    (nothing created) and ``read`` it, so that a ``?schema=`` holding no empathy-models
+    tables (a misspelt one) is an error, as a SQLite file that does not exist is, not
+    a new schema written to where no worker reads.  A schema holding some (telemetry
+    only) passes: the write then makes the store's own tables.  Other backends: nothing.
+    """
+    if url.partition("://")[0].lower() not in ("postgres", "postgresql"):
+        return
+    async with open_store(url, **read_only(url)) as store:
+        await read(store)
+
+
 def db_path(value: str) -> Path:
     """
     The SQLite file a ``--db`` value without ``scheme://`` names, absolute (a leading
@@ -414,6 +441,11 @@ def typed_name(text: str) -> str:
     and the name a quoted form (``'openai '``, as `shown_name` shows it, or in double
     quotes) stands for, when that name needs quoting.  Any other argument in quotes is
     taken as it is.
+
+    Raises:
+        argparse.ArgumentTypeError: (a usage error) a quoted form standing for text
+            with a lone surrogate (``'\\ud800'``), which no name can hold, nor a
+            store encode.
     """
     if text == NO_NAME:
         return ""
@@ -424,6 +456,13 @@ def typed_name(text: str) -> str:
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
     if isinstance(value, str) and value and not _plain(value):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise argparse.ArgumentTypeError(
+                "the quoted name stands for text holding a lone surrogate, which is not "
+                "valid UTF-8 and no name can hold"
+            ) from None
         return value
     return text
 
@@ -533,6 +572,10 @@ def print_table(
     if width is None and _isatty(out):
         width = shutil.get_terminal_size().columns
     cells = [[_cell(v) for v in row] for row in rows]
+    encoding = getattr(out, "encoding", None)
+    if encoding is not None and not utf8(encoding):
+        # what the output cannot encode is escaped before the columns are measured
+        cells = [[_encodable(text, encoding) for text in row] for row in cells]
     widths = [display_width(h) for h in headers]
     for row in cells:
         for i, text in enumerate(row):
@@ -571,6 +614,17 @@ def print_table(
         print(line(row), file=out)
     if not cells:
         print("(no rows)", file=out)
+
+
+def _encodable(text: str, encoding: str) -> str:
+    """``text`` with each character ``encoding`` cannot hold escaped (``\\u652f``)."""
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        pass
+    return text
 
 
 def _print_expanded(
@@ -719,15 +773,24 @@ class Progress:
     A one-line progress bar on stderr, drawn only when stderr is a terminal.
 
     ``with Progress(total, "calls") as bar: bar.advance(1)``; redraws at most ten
-    times a second and clears the line on exit.
+    times a second and clears the line on exit.  Never drawn beside an ``output``
+    written to a terminal (the screen it would be drawn into).
     """
 
-    def __init__(self, total: int, label: str, *, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        stream: IO[str] | None = None,
+        output: IO[str] | None = None,
+    ) -> None:
         self.total = max(0, total)
         self.label = label
         self.done = 0
         self._stream = stream if stream is not None else sys.stderr
-        self._enabled = _isatty(self._stream) and self.total > 0
+        beside = output is not None and _isatty(output)
+        self._enabled = _isatty(self._stream) and self.total > 0 and not beside
         self._last_draw = 0.0
         self._drawn = False
         self._handlers: list[logging.Handler] = []
@@ -804,6 +867,37 @@ def _isatty(stream: IO[str]) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def utf8(encoding: str | None) -> bool:
+    """Whether a stream's ``encoding`` is UTF-8 (any spelling; None: unknown, taken as not)."""
+    if encoding is None:
+        return False
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
+@contextlib.contextmanager
+def utf8_output(out: IO[str]) -> Iterator[IO[str]]:
+    """
+    ``out`` writing UTF-8 while in the block, whatever its encoding (data, such as an
+    export's records, keeps every character; a table is for `main`'s escaping), then
+    given back its own.
+    """
+    encoding = getattr(out, "encoding", None)
+    errors = getattr(out, "errors", None)
+    reconfigure = getattr(out, "reconfigure", None)
+    if reconfigure is None or utf8(encoding):
+        yield out
+        return
+    reconfigure(encoding="utf-8", errors="strict")
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a closed or full output
+            reconfigure(encoding=encoding, errors=errors)
 
 
 def stdin_is_terminal() -> bool:

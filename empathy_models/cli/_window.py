@@ -76,5 +76,8 @@ def whatif_window(now: datetime, days: float, ahead: Ahead) -> tuple[datetime, f
     """
     if ahead.newest is None or ahead.newest < now:
         return now, days
-    end = ahead.newest + timedelta(microseconds=1)
+    try:
+        end = ahead.newest + timedelta(microseconds=1)
+    except OverflowError:  # the last instant a datetime holds: a window too long anyway
+        end = ahead.newest
     return end, (end - (now - timedelta(days=days))) / timedelta(days=1)

@@ -334,8 +334,7 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
             return 1
         answer = ask(f"Remove {printable(str(file))}? A backup is kept next to it. [y/N]: ")
         if (answer or "").strip().lower() not in ("y", "yes"):
-            print("Reset cancelled; nothing was changed")
-            return 1
+            raise CliError("reset cancelled; nothing was changed")
     backup = reset_auth_strategy(file)
     if backup is None:
         print(f"Nothing to reset: {printable(str(file))} does not exist")
@@ -421,5 +420,5 @@ def cmd_auth_recommend(args: argparse.Namespace) -> int:
     ]
     print_pairs(rows, title=f"Recommendation for {args.path}")
     for warning in report.warnings:
-        print(f"warning: {printable(str(warning))}")
+        print(f"warning: {printable(str(warning))}", file=sys.stderr)
     return 0

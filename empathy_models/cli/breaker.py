@@ -23,6 +23,7 @@ from ._common import (
     number_arg,
     print_table,
     read_only,
+    refuse_missing_schema,
     run_async,
     shown_name,
     typed_key,
@@ -333,6 +334,7 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
         raise CliError("the key must not be empty", code=2)
 
     async def body() -> CircuitBreakerState:
+        await refuse_missing_schema(url, state_store_from_url, lambda s: s.snapshot(args.key))
         async with state_store_from_url(url) as store:
             # --for counts on the store's clock, as every other time in it
             return await force_for(

@@ -22,6 +22,7 @@ from ._common import (
     print_table,
     printable,
     read_only,
+    refuse_missing_schema,
     run_async,
     shown_name,
     typed_key,
@@ -289,6 +290,7 @@ def cmd_budget_set(args: argparse.Namespace) -> int:
     limit = None if args.clear else round(args.limit * NANO)
 
     async def body() -> None:
+        await refuse_missing_schema(url, quota_store_from_url, lambda s: s.limit_overrides())
         async with quota_store_from_url(url) as store:
             if key_flaw(args.key) is not None:  # only a budget the store holds by that name
                 known = {u.key for u in await store.usages()} | set(await store.limit_overrides())
@@ -312,6 +314,7 @@ def cmd_budget_reset(args: argparse.Namespace) -> int:
     url = _store(args)
 
     async def body() -> tuple[int, int | None]:
+        await refuse_missing_schema(url, quota_store_from_url, lambda s: s.limit_overrides())
         async with quota_store_from_url(url) as store:
             overrides = await store.limit_overrides()
             if key_flaw(args.key) is not None:

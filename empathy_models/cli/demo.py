@@ -73,6 +73,7 @@ from ._common import (
     printable,
     run_async,
     secret_in_path,
+    sqlite_file,
     sqlite_url,
     stdin_is_terminal,
 )
@@ -768,11 +769,16 @@ def _print(
 def _print_run(result: DemoResult) -> None:
     """What ran: requests, stages, models, seed, and when the outage was."""
     o = result.outage
+    requests = "1 request" if result.calls == 1 else f"{result.calls} requests"
     print(
-        f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
+        f"empathy-models demo: {requests}, {len(_STAGES)} workflow stages, "
         f"{len(_MODELS)} models on 2 providers (anthropic + openai wire formats), "
         f"seed {result.seed}"
     )
+    if o["from_call"] >= result.calls:  # the run ended before the outage's first request
+        are = "is" if result.calls == 1 else "are"
+        print(f"outage: none ({requests} {are} too few to stage one)")
+        return
     print(
         f"outage: every {o['provider']} model answered 503 from request {o['from_call']} "
         f"to request {o['to_call']}"
@@ -923,7 +929,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # refused before asking (building a store connects nowhere)
             telemetry_from_url(url)
             state_store_from_url(url)
-            if backend_label(url) != "in-memory":
+            file = sqlite_file(url)
+            if file is not None:  # asked about as a path is: only when it holds something
+                if file.exists() and not file.is_dir() and file.stat().st_size > 0:
+                    _confirm_writing(redact_url(url), "already exists", assume_yes=args.yes)
+            elif backend_label(url) not in ("in-memory", "SQLite"):  # SQLite: in memory
                 _confirm_writing(
                     redact_url(url),
                     f"is a {backend_label(url)} database",

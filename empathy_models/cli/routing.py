@@ -60,7 +60,10 @@ _positive_float = number_arg(float, minimum=0, strict=True)
 _days = number_arg(float, minimum=0, strict=True, maximum=MAX_DAYS, too_big=" (100 years)")
 _non_negative_float = number_arg(float, minimum=0)
 _rate = number_arg(float, minimum=0, maximum=1)
-_tokens = number_arg(int, minimum=0, what="a whole number")
+# the most a call's token counts hold (a 64-bit integer), as the router checks them
+_tokens = number_arg(
+    int, minimum=0, maximum=2**63 - 1, what="a whole number", too_big=" (2**63 - 1)"
+)
 _count = number_arg(int, minimum=1, maximum=1_000_000, what="a whole number")
 _replicates = number_arg(int, minimum=2, maximum=10_000, what="a whole number")
 
@@ -317,6 +320,8 @@ def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None
     )
     rows = []
     warnings: list[str] = []
+    # a warning read apart from its table (stderr) names the workflow and stage it is of
+    of = shown_name(stats["workflow"]) + ("" if stage is None else f"/{shown_name(stage)}")
     # time to first token columns only where some model streamed
     streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
     for model, m in stats["performance_by_model"].items():
@@ -337,7 +342,7 @@ def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None
         if m["sample_size_warning"]:
             calls = m["calls"]
             warnings.append(
-                f"{shown_name(model)}: only {calls} call{'' if calls == 1 else 's'}: the "
+                f"{shown_name(model)} in {of}: only {calls} call{'' if calls == 1 else 's'}: the "
                 f"success rate is known only to within {fmt_pct(m['success_rate_lower'])}-"
                 f"{fmt_pct(m['success_rate_upper'])} (95%)"
             )
@@ -830,7 +835,9 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
         ax.axhline(report.recorded_cost_per_1k, linestyle=":", color="black", label="recorded")
     ax.set_xlabel("min_success_rate")
     ax.set_ylabel("USD per 1,000 requests")
-    ax.set_title(f"{report.workflow}/{report.stage}: cost against min_success_rate")
+    # the names as they are: a "$" in one is not matplotlib's math (a parse error)
+    title = f"{report.workflow}/{report.stage}: cost against min_success_rate"
+    ax.set_title(title, parse_math=False)
     ax.legend()
     fig.tight_layout()
     try:

@@ -33,6 +33,7 @@ from ._common import (
     shown_name,
     sqlite_file,
     typed_name,
+    utf8_output,
 )
 from ._window import Ahead, stamped_ahead
 
@@ -249,7 +250,8 @@ def _csv_value(value: object) -> object:
 
 
 def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
-    with Progress(len(records), "export") as bar:
+    # records printed on a terminal show how far it is: no bar drawn among them
+    with Progress(len(records), "export", output=out) as bar:
         if fmt == "jsonl":
             for record in records:
                 out.write(json.dumps(record.to_dict(), separators=(",", ":")) + "\n")
@@ -324,7 +326,8 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
         )
     records = list(reversed(newest))
     if not to_file:
-        _write(records, args.format, sys.stdout)
+        with utf8_output(sys.stdout) as out:  # as a file gets them, whatever the locale's
+            _write(records, args.format, out)
         return 0
     try:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
