@@ -75,3 +75,18 @@ def anthropic_answering(usage: Mapping[str, Any]) -> Handler:
         )
 
     return handler
+
+
+def anthropic_streaming(whole: Mapping[str, Any], events: list[bytes]) -> Handler:
+    """A Messages API handler: ``whole`` unstreamed, else ``events`` (SSE bytes) in one write."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(dict(whole))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"".join(events))
+        await response.write_eof()
+        return response
+
+    return handler

@@ -11,7 +11,7 @@ import gc
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -152,17 +152,28 @@ async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repa
         assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)
 
 
+@contextlib.asynccontextmanager
+async def _with_a_corrupt_row(
+    tmp_path: Path, events: list[BreakerEvent]
+) -> AsyncIterator[CircuitBreaker]:
+    """A breaker on ``tmp_path``'s state.db (no local view) whose "anthropic" row is unreadable."""
+    db = tmp_path / "state.db"
+    async with CircuitBreaker(
+        store=f"sqlite:///{db}", local_view_ttl=0, listeners=[events.append]
+    ) as breaker:
+        await breaker.force_open("anthropic", reason="seed a row")
+        await breaker.reset("anthropic")
+        _corrupt(db, "anthropic")
+        yield breaker
+
+
 @pytest.mark.parametrize("every_key", [False, True])
 async def test_a_breaker_reset_repairs_a_corrupt_row_at_once(
     tmp_path: Path, every_key: bool
 ) -> None:
-    db = tmp_path / "state.db"
-    url = f"sqlite:///{db}"
+    url = f"sqlite:///{tmp_path / 'state.db'}"
     events: list[BreakerEvent] = []
-    async with CircuitBreaker(store=url, local_view_ttl=0, listeners=[events.append]) as breaker:
-        await breaker.force_open("anthropic", reason="seed a row")
-        await breaker.reset("anthropic")
-        _corrupt(db, "anthropic")
+    async with _with_a_corrupt_row(tmp_path, events) as breaker:
         async with breaker.guard("anthropic"):
             pass  # the key runs on a per-process fallback of its own
         await breaker.reset(None if every_key else "anthropic")
@@ -182,13 +193,9 @@ async def test_a_corrupt_row_makes_a_snapshot_of_every_key_fail_naming_it_not_th
     tmp_path: Path,
 ) -> None:
     # one unreadable row is not an outage of the store: the other keys stay shared
-    db = tmp_path / "state.db"
-    url = f"sqlite:///{db}"
+    url = f"sqlite:///{tmp_path / 'state.db'}"
     events: list[BreakerEvent] = []
-    async with CircuitBreaker(store=url, local_view_ttl=0, listeners=[events.append]) as breaker:
-        await breaker.force_open("anthropic", reason="seed a row")
-        await breaker.reset("anthropic")
-        _corrupt(db, "anthropic")
+    async with _with_a_corrupt_row(tmp_path, events) as breaker:
         with pytest.raises(StateStoreError, match="'anthropic' is unreadable") as info:
             await breaker.snapshot()
         assert info.value.key == "anthropic"

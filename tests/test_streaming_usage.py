@@ -35,7 +35,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
-from tests._serving import serving
+from tests._serving import anthropic_streaming, serving
 from tests._usage import (
     INPUT_ESTIMATED as ESTIMATED,
     OUTPUT_ESTIMATED,
@@ -556,15 +556,7 @@ async def test_an_anthropic_message_delta_zeroing_the_prompts_counts_keeps_messa
     ]
     whole = message | {"content": [{"type": "text", "text": "Hello there"}], "usage": usage}
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if not (await request.json()).get("stream"):
-            return web.json_response(whole | {"stop_reason": "end_turn"})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"".join(events))
-        await response.write_eof()
-        return response
-
+    handler = anthropic_streaming(whole | {"stop_reason": "end_turn"}, events)
     async with serving("/v1/messages", handler) as url:
         executor = EmpathyLLMExecutor(
             [AnthropicProvider(api_key=KEY, base_url=url)],

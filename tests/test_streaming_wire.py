@@ -42,7 +42,7 @@ from empathy_models.providers._sse import (
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from tests._fakes import CHEAP_ONLY
-from tests._serving import serving
+from tests._serving import anthropic_streaming, serving
 
 KEY = "test-key-0123"
 DATA = Path(__file__).parent / "data"
@@ -802,16 +802,7 @@ async def test_an_anthropic_text_block_opened_with_text_keeps_it_as_the_sdk_does
         event("message_stop", {}),
     ]
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if not (await request.json()).get("stream"):
-            return web.json_response(whole)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"".join(events))
-        await response.write_eof()
-        return response
-
-    async with serving("/v1/messages", handler) as url:
+    async with serving("/v1/messages", anthropic_streaming(whole, events)) as url:
         async with AnthropicProvider(api_key=KEY, base_url=url) as provider:
             answered = await provider.complete(request("m"))
             stream = await provider.stream(request("m"))
