@@ -531,12 +531,11 @@ def _answered_attributes(
         "gen_ai.usage.output_tokens": record.output_tokens,
         "empathy_models.cost_usd": record.cost_usd,
     }
-    written = completion.cache_write_tokens + completion.cache_write_1h_tokens
-    if written:
-        extra["gen_ai.usage.cache_creation.input_tokens"] = written
-    read = completion.cache_read_tokens + completion.cached_input_tokens
-    if read:
-        extra["gen_ai.usage.cache_read.input_tokens"] = read
+    _cache_usage(
+        extra,
+        completion.cache_write_tokens + completion.cache_write_1h_tokens,
+        completion.cache_read_tokens + completion.cached_input_tokens,
+    )
     if completion.stop_reason is not None:
         extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
     if completion.response_id is not None:
@@ -570,15 +569,19 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
         "gen_ai.usage.input_tokens": record.input_tokens + written + read,
         "gen_ai.usage.output_tokens": record.output_tokens,
     }
-    if written:
-        left["gen_ai.usage.cache_creation.input_tokens"] = written
-    read += _count(metadata, _CACHED_INPUT)
-    if read:
-        left["gen_ai.usage.cache_read.input_tokens"] = read
+    _cache_usage(left, written, read + _count(metadata, _CACHED_INPUT))
     if record.ttft_ms is not None:
         left[_TTFC] = record.ttft_ms / 1000.0
     _flag_estimates(left, record)
     return left
+
+
+def _cache_usage(attributes: _Attrs, written: int, read: int) -> None:
+    """The prompt tokens an attempt wrote to the provider's cache and read from it, if any."""
+    if written:
+        attributes["gen_ai.usage.cache_creation.input_tokens"] = written
+    if read:
+        attributes["gen_ai.usage.cache_read.input_tokens"] = read
 
 
 def _count(metadata: Mapping[str, object], key: str) -> int:

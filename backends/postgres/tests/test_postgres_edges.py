@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -166,12 +168,17 @@ async def test_a_dsn_with_libpq_connect_timeout_connects(postgres_url: str, kind
         assert now is not None and now > 0
 
 
-async def test_a_dsn_connect_timeout_is_the_time_a_connection_may_take() -> None:
-    # a server that accepts the connection and never answers its startup
+@contextlib.contextmanager
+def _silent_port() -> Iterator[int]:
+    """The port of a server that accepts connections and never answers their startup."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
-        port = silent.getsockname()[1]
+        yield silent.getsockname()[1]
+
+
+async def test_a_dsn_connect_timeout_is_the_time_a_connection_may_take() -> None:
+    with _silent_port() as port:
         url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.2"
         with pytest.raises(StateStoreError, match=r"connect failed: .*timed out after 0\.2 s"):
             async with state_store_from_url(url) as store:
@@ -186,10 +193,7 @@ def test_a_dsn_connect_timeout_that_is_no_time_is_refused(value: str) -> None:
 
 
 async def test_a_keyword_timeout_wins_over_the_dsn_connect_timeout() -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        port = silent.getsockname()[1]
+    with _silent_port() as port:
         url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=30"
         with pytest.raises(StateStoreError, match=r"timed out after 0\.2 s"):
             async with state_store_from_url(url, timeout=0.2) as store:
