@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from empathy_models.testing.clock import FakeClock
 
 from ._namespaces import drop_namespace, private_url
+from ._precompile import ahead_of_workers
 
 # Property tests judge values, not speed: on a machine busy with other workers (CI runs
 # the suite beside other jobs) drawing inputs or running an example can take seconds,
@@ -73,6 +74,11 @@ def interruptible_children() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A whole-suite run on xdist workers: compile the code once, before they start."""
+    ahead_of_workers(config)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
