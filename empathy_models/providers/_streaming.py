@@ -14,6 +14,10 @@ for a moment at most (`_EOF_GRACE`), and its stall or failure then is no failure
 the answer.  The connection goes back to the pool when the body ended, and is closed
 when it did not, or the stream is left early or fails.
 
+The body is read up to the provider's ``max_stream_bytes`` (every byte of it, keep-alives
+included): a stream that goes on past it, an endless answer or a relay's keep-alives
+for ever, ends with `InvalidResponseError`, and the connection is closed.
+
 The stream reads the network only when its caller asks for pieces, so it notes when
 the answer arrived as the bytes come (`HTTPCompletionStream.ended_at`), for the
 attempt's latency; and, until the provider reports the output tokens, it estimates them
@@ -211,6 +215,7 @@ async def open_http_stream(
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
             own_idle=own_idle,
+            max_bytes=provider._max_stream,
         )
     except ProviderError:
         # mapped already, exactly as for a whole response: a 401 (a PermissionError,
@@ -295,6 +300,8 @@ class HTTPCompletionStream(CompletionStream):
         "_eof_at",
         "_failed",
         "_idle",
+        "_left",
+        "_limit",
         "_marker_at",
         "_model",
         "_opened_at",
@@ -324,8 +331,12 @@ class HTTPCompletionStream(CompletionStream):
         idle_timeout: float | None,
         total_timeout: float | None,
         own_idle: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self._response = response
+        # the bytes the body may still bring (`max_bytes`, the provider's max_stream_bytes)
+        self._limit = max_bytes
+        self._left = math.inf if max_bytes is None else max_bytes
         self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
@@ -390,6 +401,7 @@ class HTTPCompletionStream(CompletionStream):
                 try:
                     chunk = await self._read()
                     self._read_at = time.perf_counter()
+                    self._left -= len(chunk)
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, TimeoutError):
                         error: ProviderError = _timeout_error(
@@ -410,6 +422,8 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     self._fail(error)
                     raise error from None
+                if self._left < 0:
+                    self._over_limit()
                 if not chunk:
                     if not decoder.finished and decoder.whole_at_eof:
                         decoder.finished = True  # a server that sends no end marker
@@ -484,6 +498,19 @@ class HTTPCompletionStream(CompletionStream):
             status=200,
         )
         raise self._failed
+
+    def _over_limit(self) -> None:
+        """Fail the stream: its body went past ``max_stream_bytes`` (the rest is not read)."""
+        error = InvalidResponseError(
+            f"{self._provider}: the event stream is more than {self._limit:,} bytes, over "
+            f"max_stream_bytes={self._limit:,}; raise max_stream_bytes if such answers are "
+            f"expected [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=200,
+        )
+        self._fail(error)
+        raise error
 
     def _body_ended(self) -> None:
         """aiohttp's callback: the body's end arrived (read or not)."""
