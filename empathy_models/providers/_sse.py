@@ -359,26 +359,53 @@ class StreamDecoder:
         """
         Keep one piece of a tool call; the delta that shows it.  With ``name_in_pieces``
         the pieces' names are joined, as their arguments are (OpenAI-compatible servers
-        may split a name; the openai SDK's stream accumulator joins them too); else the
-        first name stays.  A piece with an id other than its call's starts a new call:
-        Gemini's OpenAI-compatible stream gives parallel calls the same index (0, or
-        none), each with an id of its own.
+        may split a name; the openai SDK's stream accumulator joins them too), except a
+        name equal to the call's so far, which a server sent again; else the first name
+        stays.  A piece at a known index with an id other than its call's starts a new
+        call when `_starts_call` says so (Gemini's OpenAI-compatible stream gives
+        parallel calls the same index, 0 or none, each with an id of its own); else it
+        is the same call's (a server that sends a fresh id with every piece), whose
+        first id stays.  The delta carries the id and name as `ToolCallDelta` says: the
+        id on the piece that gave the call its id, a name on the pieces that added to it.
         """
         index = self._slots.get(wire_index)
-        if index is not None and call_id and self._calls[index][0] not in (None, call_id):
+        if (
+            index is not None
+            and call_id
+            and self._calls[index][0] not in (None, call_id)
+            and self._starts_call(index, name)
+        ):
             index = None  # another call at the same index
         if index is None:
             index = self._slots[wire_index] = len(self._calls)
             self._calls.append((call_id, name, [arguments]))
-        else:
-            known_id, known_name, parts = self._calls[index]
-            parts.append(arguments)
-            joined = known_name
-            if name and (name_in_pieces or not known_name):
-                joined = (known_name or "") + name
-            if (call_id and not known_id) or joined != known_name:
-                self._calls[index] = (known_id or call_id, joined, parts)
-        return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
+            return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
+        known_id, known_name, parts = self._calls[index]
+        parts.append(arguments)
+        if not name or name == known_name or not (name_in_pieces or not known_name):
+            name = None  # none, sent again, or not joined (Anthropic's first name stays)
+        new_id = call_id if call_id and not known_id else None
+        if new_id or name:
+            self._calls[index] = (known_id or new_id, (known_name or "") + (name or ""), parts)
+        return ToolCallDelta(index=index, id=new_id, name=name, arguments=arguments)
+
+    def _starts_call(self, index: int, name: str | None) -> bool:
+        """
+        Whether a piece with an id other than that of the call at ``index`` (in
+        ``_calls``) starts a new call: when it names a function and the call's
+        arguments so far are a whole JSON object (Gemini sends each call whole); a
+        piece without a name, or one while the arguments are unfinished, is the same
+        call's under an id the server changed.
+        """
+        if not name:
+            return False
+        text = "".join(self._calls[index][2]).rstrip()
+        if not text.endswith("}"):
+            return False
+        try:
+            return isinstance(json.loads(text), dict)
+        except (ValueError, RecursionError):
+            return False
 
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
