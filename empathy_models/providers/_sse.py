@@ -355,6 +355,7 @@ class StreamDecoder:
         arguments: str,
         *,
         name_in_pieces: bool = False,
+        starts: bool = False,
     ) -> ToolCallDelta:
         """
         Keep one piece of a tool call; the delta that shows it.  With ``name_in_pieces``
@@ -365,10 +366,11 @@ class StreamDecoder:
         call when `_starts_call` says so (Gemini's OpenAI-compatible stream gives
         parallel calls the same index, 0 or none, each with an id of its own); else it
         is the same call's (a server that sends a fresh id with every piece), whose
-        first id stays.  The delta carries the id and name as `ToolCallDelta` says: the
+        first id stays.  A piece that ``starts`` a call (Anthropic's ``tool_use`` block
+        start) is always a new one.  The delta carries the id and name as `ToolCallDelta` says: the
         id on the piece that gave the call its id, a name on the pieces that added to it.
         """
-        index = self._slots.get(wire_index)
+        index = None if starts else self._slots.get(wire_index)
         if (
             index is not None
             and call_id
@@ -863,4 +865,4 @@ class AnthropicStreamDecoder(StreamDecoder):
             # the input arrives as input_json_delta pieces; a non-empty one given
             # here whole (a server that does not stream it) is kept as its text
             start = json_text(given) if given else ""
-            out.append(self._call_piece(index, call_id, name, start))
+            out.append(self._call_piece(index, call_id, name, start, starts=True))
