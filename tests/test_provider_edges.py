@@ -681,3 +681,28 @@ async def test_tool_arguments_past_json_numbers_are_an_invalid_response(
     raw.reply = Reply(body=body)
     with pytest.raises(InvalidResponseError, match=r"arguments\.n must be JSON"):
         await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+
+
+async def test_a_long_answer_sent_as_one_event_streams_as_it_reads_whole(raw: RawServer) -> None:
+    # a gateway that buffers the answer sends it as one event: within max_response_bytes
+    # it is read streamed as it is read whole (events were bounded at 1 MiB apart)
+    text = "word " * (400 << 10)  # 2 MiB
+    delta = {"type": "content_block_delta", "index": 0}
+    delta["delta"] = {"type": "text_delta", "text": text}
+    ending = (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn"},"usage":{"output_tokens":2}}\n\nevent: message_stop\ndata: '
+        b'{"type":"message_stop"}\n\n'
+    )
+    body = b"event: content_block_delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+    raw.reply = Reply(headers=_SSE_HEADERS, body=_OPENING + body + ending, stream_chunks=1)
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        stream = await provider.stream(REQUEST)
+        assert "".join([str(piece) async for piece in stream]) == text
+    raw.reply = Reply(headers=_SSE_HEADERS, body=_OPENING + body + ending, stream_chunks=1)
+    bounded = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    async with bounded:
+        stream = await bounded.stream(REQUEST)
+        with pytest.raises(InvalidResponseError, match="longer than 1,048,576 bytes"):
+            async for _ in stream:
+                pass

@@ -16,7 +16,9 @@ when it did not, or the stream is left early or fails.
 
 The body is read up to the provider's ``max_stream_bytes`` (every byte of it, keep-alives
 included): a stream that goes on past it, an endless answer or a relay's keep-alives
-for ever, ends with `InvalidResponseError`, and the connection is closed.
+for ever, ends with `InvalidResponseError`, and the connection is closed.  One event may
+be as long as the provider's ``max_response_bytes`` (a whole answer sent as one event
+reads as it reads unstreamed), within that bound.
 
 The stream reads the network only when its caller asks for pieces, so it notes when
 the answer arrived as the bytes come (`HTTPCompletionStream.ended_at`), for the
@@ -204,7 +206,7 @@ async def open_http_stream(
         if not 200 <= status < 300 or response.content_type == "application/json":
             # an error, or a server that ignored "stream": true and sent a whole body
             return await _whole_answer(provider, response, request)
-        decoder = decoder_class(provider=name, model=model, secret=provider._redacted)
+        decoder = _decoder(provider, decoder_class, model)
         return HTTPCompletionStream(
             response,
             decoder,
@@ -238,6 +240,19 @@ async def open_http_stream(
     except BaseException:
         response.close()
         raise
+
+
+def _decoder(
+    provider: HTTPProvider, decoder_class: type[StreamDecoder], model: str
+) -> StreamDecoder:
+    """
+    The stream's decoder: an event may be as long as a whole answer may be (a gateway
+    that buffers the answer sends it as one event), within the stream's own bound.
+    """
+    longest = min(provider._max_body, provider._max_stream)
+    return decoder_class(
+        provider=provider.name, model=model, secret=provider._redacted, max_event_bytes=longest
+    )
 
 
 async def _whole_answer(
