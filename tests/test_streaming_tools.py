@@ -544,6 +544,31 @@ async def test_a_server_repeating_a_calls_id_or_name_in_every_piece_gives_one_ca
     ]
 
 
+@pytest.mark.parametrize("given_id", ["", None])
+async def test_parallel_calls_at_one_index_without_ids_are_told_apart(
+    given_id: str | None,
+) -> None:
+    """
+    Gemini's OpenAI-compatible stream may send parallel calls all at index 0 with empty
+    ids (or none): the second call's arguments were joined to the first's, not JSON.
+    """
+    ids = {} if given_id is None else {"id": given_id}
+    body = _calls_body(
+        [_indexed(0, **ids, name="get_weather", arguments='{"city": "Oslo", ')],
+        [_indexed(0, arguments='"unit": "c"}')],
+        [_indexed(0, **ids, name="get_weather", arguments='{"city": "Rome", "unit": "f"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+    assert [(c.name, dict(c.arguments)) for c in response.tool_calls] == [
+        ("get_weather", OSLO_C),
+        ("get_weather", {"city": "Rome", "unit": "f"}),
+    ]
+    first, second = response.tool_calls
+    assert first.id and second.id and first.id != second.id  # ids given to them
+    assert [p.index for p in pieces] == [0, 0, 1]
+
+
 @pytest.mark.parametrize("named", [False, True])
 async def test_a_server_changing_a_calls_id_mid_call_gives_one_call(named: bool) -> None:
     """

@@ -362,21 +362,17 @@ class StreamDecoder:
         the pieces' names are joined, as their arguments are (OpenAI-compatible servers
         may split a name; the openai SDK's stream accumulator joins them too), except a
         name equal to the call's so far, which a server sent again; else the first name
-        stays.  A piece at a known index with an id other than its call's starts a new
-        call when `_starts_call` says so (Gemini's OpenAI-compatible stream gives
-        parallel calls the same index, 0 or none, each with an id of its own); else it
-        is the same call's (a server that sends a fresh id with every piece), whose
-        first id stays.  A piece that ``starts`` a call (Anthropic's ``tool_use`` block
-        start) is always a new one.  The delta carries the id and name as `ToolCallDelta` says: the
-        id on the piece that gave the call its id, a name on the pieces that added to it.
+        stays.  A piece at a known index is its call's, whatever id it carries (a server
+        may send the id again, or a fresh one, with every piece: the first id stays),
+        unless `_starts_call` says it starts another (Gemini's OpenAI-compatible stream
+        gives parallel calls the same index, 0 or none, with ids of their own or empty
+        ones).  A piece that ``starts`` a call (Anthropic's ``tool_use`` block start) is
+        always a new one.  The delta carries the id and name as `ToolCallDelta` says:
+        the id on the piece that gave the call its id, a name on the pieces that added
+        to it.
         """
         index = None if starts else self._slots.get(wire_index)
-        if (
-            index is not None
-            and call_id
-            and self._calls[index][0] not in (None, call_id)
-            and self._starts_call(index, name)
-        ):
+        if index is not None and self._starts_call(index, call_id, name, arguments):
             index = None  # another call at the same index
         if index is None:
             index = self._slots[wire_index] = len(self._calls)
@@ -391,21 +387,25 @@ class StreamDecoder:
             self._calls[index] = (known_id or new_id, (known_name or "") + (name or ""), parts)
         return ToolCallDelta(index=index, id=new_id, name=name, arguments=arguments)
 
-    def _starts_call(self, index: int, name: str | None) -> bool:
+    def _starts_call(
+        self, index: int, call_id: str | None, name: str | None, arguments: str
+    ) -> bool:
         """
-        Whether a piece with an id other than that of the call at ``index`` (in
-        ``_calls``) starts a new call: when it names a function and the call's
-        arguments so far are a whole JSON object (Gemini sends each call whole); a
-        piece without a name, or one while the arguments are unfinished, is the same
-        call's under an id the server changed.
+        Whether a piece at the wire index of the call at ``index`` (in ``_calls``)
+        starts a new call: when that call's arguments are a whole JSON object already
+        (no piece can add to them) and the piece brings a function's name, or another
+        id than the call's, with arguments or a name of its own.  Otherwise it is the
+        same call's: its arguments go on, whatever id or name the server sent again.
         """
-        if not name:
+        known_id, _, parts = self._calls[index]
+        other_id = bool(call_id) and known_id not in (None, call_id)
+        if not (name or other_id) or not (arguments.strip() or (other_id and name)):
             return False
-        text = "".join(self._calls[index][2]).rstrip()
-        if not text.endswith("}"):
+        last = next((part for part in reversed(parts) if part.strip()), "")
+        if not last.rstrip().endswith("}"):  # the cheap test first: no object ends here
             return False
         try:
-            return isinstance(json.loads(text), dict)
+            return isinstance(json.loads("".join(parts)), dict)
         except (ValueError, RecursionError):
             return False
 
