@@ -706,3 +706,22 @@ async def test_a_long_answer_sent_as_one_event_streams_as_it_reads_whole(raw: Ra
         with pytest.raises(InvalidResponseError, match="longer than 1,048,576 bytes"):
             async for _ in stream:
                 pass
+
+
+@pytest.mark.parametrize("body", [b"<html><body>Sign in to the proxy</body></html>", b""])
+async def test_a_2xx_page_that_is_no_event_stream_is_quoted_in_the_error(
+    raw: RawServer, body: bytes
+) -> None:
+    # a proxy's sign-in page answered with 200 to a streamed request: the error said only
+    # that the stream ended early, not what came instead
+    raw.reply = Reply(headers={"Content-Type": "text/html"}, body=body + KEY.encode())
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        stream = await provider.stream(REQUEST)
+        with pytest.raises(InvalidResponseError) as caught:
+            async for _ in stream:
+                pass
+    message = str(caught.value)
+    assert "ended before the answer was complete" in message and "text/html" in message
+    assert "no piece came" in message and KEY not in message
+    if body:
+        assert "the body starts '<html><body>Sign in to the proxy" in message

@@ -52,6 +52,7 @@ from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
     ResponseReader,
+    _snippet,
     _without_request,
     error_from_response,
     error_from_transport,
@@ -69,6 +70,9 @@ if TYPE_CHECKING:
 __all__ = ["HTTPCompletionStream", "open_http_stream"]
 
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
+
+_HEAD_BYTES: Final = 4096
+"""The body's first bytes a stream keeps, to quote when no piece came (`_what_came`)."""
 
 _EOF_GRACE: Final = 0.05
 """Seconds a stream waits for the body's end after its end marker (`_await_eof`)."""
@@ -314,6 +318,7 @@ class HTTPCompletionStream(CompletionStream):
         "_deltas",
         "_eof_at",
         "_failed",
+        "_head",
         "_idle",
         "_left",
         "_limit",
@@ -352,6 +357,7 @@ class HTTPCompletionStream(CompletionStream):
         # the bytes the body may still bring (`max_bytes`, the provider's max_stream_bytes)
         self._limit = max_bytes
         self._left = math.inf if max_bytes is None else max_bytes
+        self._head = b""  # the body's first bytes, quoted when no piece came (`_end`)
         self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
@@ -417,6 +423,8 @@ class HTTPCompletionStream(CompletionStream):
                     chunk = await self._read()
                     self._read_at = time.perf_counter()
                     self._left -= len(chunk)
+                    if len(self._head) < _HEAD_BYTES:
+                        self._head += chunk[: _HEAD_BYTES - len(self._head)]
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, TimeoutError):
                         error: ProviderError = _timeout_error(
@@ -506,13 +514,27 @@ class HTTPCompletionStream(CompletionStream):
             return
         self._response.close()
         self._failed = InvalidResponseError(
-            f"{self._provider}: the event stream ended before the answer was complete "
-            f"[model {self._model}]",
+            f"{self._provider}: the event stream ended before the answer was complete"
+            f"{self._what_came()} [model {self._model}]",
             provider=self._provider,
             model=self._model,
             status=200,
         )
         raise self._failed
+
+    def _what_came(self) -> str:
+        """
+        For a stream that ended with no piece: what came instead (a proxy's page
+        answered with a 2xx), its content type and its first bytes, scrubbed of keys;
+        else nothing.
+        """
+        if self._deltas:
+            return ""
+        kind = self._response.content_type
+        if not self._head:
+            return f" (no piece came; Content-Type {kind!r}, an empty body)"
+        start = _snippet(self._head, 80, self._decoder._secret)
+        return f" (no piece came; Content-Type {kind!r}, the body starts {start!r})"
 
     def _over_limit(self) -> None:
         """Fail the stream: its body went past ``max_stream_bytes`` (the rest is not read)."""
