@@ -432,9 +432,9 @@ class HTTPProvider(Provider):
     **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB;
     1 to ``2**63 - 1``; a compressed body measured decompressed) is not read further:
     `InvalidResponseError` says so.  A streamed answer's events are bounded apart, by
-    ``max_stream_bytes`` (default 256 MiB, as large a range; every byte of the body
-    counts, keep-alives included): a stream that goes on past it ends with an
-    `InvalidResponseError` that says so.
+    ``max_stream_bytes`` (default 256 MiB; 1 to ``2**63 - 1``; every byte of the body
+    counts, keep-alives included; one event may be as long as ``max_response_bytes``):
+    a stream that goes on past it ends with an `InvalidResponseError` that says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
