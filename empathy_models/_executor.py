@@ -992,6 +992,9 @@ class EmpathyLLMExecutor:
         ``context.timeout`` bounds the first byte and each gap between chunks.  With
         ``context.cache_ttl``, the cache is read before any routing, as by `run`: a hit is
         replayed as a stream, no routing decision made; a stream that ended whole is stored.
+        Unlike `run`, a stream is not coalesced with identical calls in flight: it asks a
+        model for its first delta rather than wait for another call's whole answer, and
+        no run waits for a stream, which ends at its caller's pace.
 
         Args:
             prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,

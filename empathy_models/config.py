@@ -22,6 +22,8 @@ optional::
     # api_key_env = "OLLAMA_KEY"        # the name of the variable holding the key
     headers = { "X-Team" = "search" }
     timeout = 120
+    max_response_bytes = 16777216       # a whole answer's bound (the default, 16 MiB)
+    max_stream_bytes = 268435456        # a streamed answer's (the default, 256 MiB)
 
 A URL missing its ``//`` (``sqlite:calls.db``) is refused, not taken for a file's name.
 Relative paths (``calls.db``, ``sqlite:///calls.db``, ``models.toml``) are relative to
@@ -55,7 +57,7 @@ from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, masked_keys, url_flaw
 from ._validators import check, failure, number, shown
 from .backends import _KNOWN_PLUGINS, available_schemes, redact_url
 from .exceptions import ConfigurationError
-from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
+from .providers._http import HTTPProvider, _body_bound, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
 
 if TYPE_CHECKING:
@@ -74,8 +76,20 @@ CONFIG_FILE_NAME = "empathy.toml"
 
 _TOP_KEYS = frozenset({"telemetry", "state", "registry", "providers"})
 _PROVIDER_KEYS = frozenset(
-    {"type", "base_url", "api_key", "api_key_env", "api_key_from_env", "headers", "timeout"}
+    {
+        "type",
+        "base_url",
+        "api_key",
+        "api_key_env",
+        "api_key_from_env",
+        "headers",
+        "timeout",
+        "max_response_bytes",
+        "max_stream_bytes",
+    }
 )
+_SIZES = ("max_response_bytes", "max_stream_bytes")
+"""A provider table's body bounds, passed as they are to the provider (which checks them)."""
 _KINDS = ("openai", "anthropic")
 
 
@@ -293,6 +307,8 @@ class ProviderConfig:
     api_key_from_env: bool | None = None
     headers: Mapping[str, str] = field(factory=dict, repr=False)
     timeout: float | None = None
+    max_response_bytes: int | None = None
+    max_stream_bytes: int | None = None
 
     def build(self) -> HTTPProvider:
         """
@@ -316,6 +332,9 @@ class ProviderConfig:
         }
         if self.timeout is not None:
             options["timeout"] = self.timeout
+        for size in _SIZES:
+            if getattr(self, size) is not None:
+                options[size] = getattr(self, size)
         cls = AnthropicProvider if self.kind == "anthropic" else OpenAIProvider
         return cls(self.api_key, **options)
 
@@ -378,6 +397,9 @@ class ProviderConfig:
             parts.append(
                 "no timeout" if self.timeout == float("inf") else f"timeout={self.timeout:g}s"
             )
+        parts.extend(
+            f"{size}={getattr(self, size):,}" for size in _SIZES if getattr(self, size) is not None
+        )
         return ", ".join(parts)
 
 
@@ -442,6 +464,11 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         raise ConfigurationError(f"{where}: [providers.{name}] headers must be a table of strings")
     timeout = table.get("timeout")
     timeout = check(_timeout, f"{where}: [providers.{name}] timeout", timeout)
+    sizes = {
+        size: check(_body_bound, f"{where}: [providers.{name}] {size}", table[size])
+        for size in _SIZES
+        if size in table
+    }
     return ProviderConfig(
         name=name,
         kind=kind,
@@ -451,6 +478,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         api_key_from_env=from_env,
         headers=dict(headers),
         timeout=None if timeout is None else float(timeout),
+        **sizes,
     )
 
 

@@ -53,7 +53,11 @@ What happens, in order:
    such a stream's routing errors raise from ``async with``; a stream the cache cannot
    answer (no ``cache_ttl``, or a sampled answer) is planned by ``stream()``, which
    raises them.  A stream that ended whole stores its answer; one left early or
-   interrupted stores nothing.
+   interrupted stores nothing.  A stream is not coalesced with identical calls in
+   flight (`empathy_models._cached.follow`), on purpose: it neither waits for a `run`
+   (or stream) asking a model for the same request, since its first delta would then
+   wait for that call's whole answer, nor is waited for, since its end comes when its
+   caller has read it (a stream held open unread would hold the waiting copies up).
 
 7. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
    call (`ToolCallDelta`) beside the text deltas, in order; a piece counts as a delta

@@ -127,3 +127,37 @@ async def test_a_burst_makes_one_call_while_the_cache_store_is_down(
     assert server.requests() == 1
     assert sorted(a.cached for a in answers) == [False] + [True] * 4
     assert {a.content for a in answers} == {"The answer."}
+
+
+# --------------------------------------------------------------------------- streams
+
+
+async def test_a_stream_does_not_wait_for_an_identical_run_in_flight(
+    server: FakeLLMServer,
+) -> None:
+    # its first delta is what a stream is for: it asks a model alongside the run
+    # instead of waiting for the run's whole answer
+    async with http_executor(server, REGISTRY, cache="memory://") as executor:
+        first = asyncio.create_task(executor.run("What is GCRA?", CTX))
+        await asyncio.sleep(0.05)
+        async with executor.stream("What is GCRA?", CTX) as stream:
+            text = "".join([delta async for delta in stream])
+            response = await stream.get_final_response()
+        answer = await first
+    assert text == answer.content == "The answer."
+    assert not response.cached and not answer.cached
+    assert server.requests() == 2
+
+
+async def test_a_run_does_not_wait_for_an_identical_stream_its_reader_holds_open(
+    server: FakeLLMServer,
+) -> None:
+    # a stream ends when its caller has read it: a run waiting for it would wait on that
+    # caller's pace, so it asks a model itself; the stream, read later, stores its answer
+    async with http_executor(server, REGISTRY, cache="memory://") as executor:
+        async with executor.stream("What is GCRA?", CTX) as stream:
+            answer = await executor.run("What is GCRA?", CTX)  # the stream is left unread
+            assert "".join([delta async for delta in stream]) == "The answer."
+        again = await executor.run("What is GCRA?", CTX)
+    assert not answer.cached and again.cached
+    assert server.requests() == 2

@@ -305,6 +305,8 @@ def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("telemetry = 3\n", "telemetry must be a non-empty string"),
         ("[providers.mine]\nbase_url = 'http://x'\n", 'needs type = "openai"'),
         ("[providers.openai]\ntimeout = -1\n", "timeout must be"),
+        ("[providers.openai]\nmax_stream_bytes = 0\n", r"max_stream_bytes must be an integer"),
+        ("[providers.openai]\nmax_response_bytes = 1.5\n", r"max_response_bytes must be an"),
         ("[providers.openai]\nsecret = 'x'\n", "unknown key"),
         ("telemetry = \n", "invalid TOML"),
         ("telemetry = " + "[" * 100_000 + "]" * 100_000 + "\n", "invalid TOML: .*too deeply"),
@@ -407,6 +409,20 @@ timeout = 120
         True,
     )
     assert "gw-secret" not in repr(EmpathyConfig.load(path))
+
+
+def test_a_providers_body_bounds_are_configured(tmp_path: Path) -> None:
+    # the streamed answer's bound and the whole answer's, beside the timeout
+    path = tmp_path / "empathy.toml"
+    path.write_text(
+        "[providers.anthropic]\nmax_response_bytes = 1048576\nmax_stream_bytes = 67108864\n"
+    )
+    config = EmpathyConfig.load(path)
+    [provider] = config.build_providers()
+    assert (provider._max_body, provider._max_stream) == (1 << 20, 64 << 20)
+    described = config.providers[0].describe()
+    assert "max_response_bytes=1,048,576" in described
+    assert "max_stream_bytes=67,108,864" in described
 
 
 @pytest.mark.parametrize(

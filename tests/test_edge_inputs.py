@@ -433,6 +433,10 @@ def _sized(kind: str, value: object, tmp_path: Path) -> object:
         return OpenAIProvider(api_key=KEY, max_response_bytes=_anything(value))
     if kind == "anthropic.max_response_bytes":
         return AnthropicProvider(api_key=KEY, max_response_bytes=_anything(value))
+    if kind == "openai.max_stream_bytes":
+        return OpenAIProvider(api_key=KEY, max_stream_bytes=_anything(value))
+    if kind == "anthropic.max_stream_bytes":
+        return AnthropicProvider(api_key=KEY, max_stream_bytes=_anything(value))
     if kind == "concurrency_per_provider":
         return EmpathyLLMExecutor(
             [anthropic], registry=REGISTRY, concurrency_per_provider=_anything(value)
@@ -450,6 +454,8 @@ def _sized(kind: str, value: object, tmp_path: Path) -> object:
 SIZES = [
     "openai.max_response_bytes",
     "anthropic.max_response_bytes",
+    "openai.max_stream_bytes",
+    "anthropic.max_stream_bytes",
     "concurrency_per_provider",
     "concurrency_per_provider-mapping",
     "memory.max_entries",
@@ -486,7 +492,10 @@ async def test_the_largest_sizes_leave_calls_and_the_cache_unhindered(
     server: FakeLLMServer, tmp_path: Path
 ) -> None:
     provider = AnthropicProvider(
-        api_key=KEY, base_url=server.anthropic_base_url, max_response_bytes=LARGEST_SIZE
+        api_key=KEY,
+        base_url=server.anthropic_base_url,
+        max_response_bytes=LARGEST_SIZE,
+        max_stream_bytes=LARGEST_SIZE,
     )
     cache = SQLiteResponseCache(
         tmp_path / "cache.db", max_entries=LARGEST_SIZE, max_value_bytes=LARGEST_SIZE
@@ -504,7 +513,9 @@ async def test_the_largest_sizes_leave_calls_and_the_cache_unhindered(
         cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=600)
         for prompt in ("hello", "again", "hello"):
             assert (await executor.run(prompt, cached)).content
-    assert server.requests() == 2  # the third answer came from the cache
+        async with executor.stream("streamed", CHEAP) as stream:
+            assert "".join([delta async for delta in stream])
+    assert server.requests() == 3  # the third answer came from the cache
 
 
 # --------------------------------------------------------------------------- JSON integers

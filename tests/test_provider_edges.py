@@ -255,6 +255,64 @@ def test_max_response_bytes_is_validated(bad: Any) -> None:
         OpenAIProvider(api_key=KEY, base_url="http://127.0.0.1:1", max_response_bytes=bad)
 
 
+_SSE_HEADERS = {"Content-Type": "text/event-stream"}
+_OPENING = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+    b'"model":"claude-raw","usage":{"input_tokens":3,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n'
+)
+_TEXT_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"more "}}\n\n'
+)
+
+
+@pytest.mark.parametrize("body", ["text", "keep-alives"])
+async def test_a_stream_that_never_ends_stops_at_max_stream_bytes(
+    raw: RawServer, body: str
+) -> None:
+    # an answer that goes on and on (some 300 MiB), or a proxy's keep-alives for ever:
+    # neither is read past the bound, and the client hangs up
+    piece = _TEXT_DELTA * 64 if body == "text" else b": keep-alive\n\n" * 512
+    raw.reply = Reply(headers=_SSE_HEADERS, body=piece, stream_chunks=(300 << 20) // len(piece))
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_stream_bytes=1 << 20)
+    text: list[str] = []
+    async with provider:
+        stream = await provider.stream(REQUEST)
+        with anyio.fail_after(30), pytest.raises(InvalidResponseError) as caught:
+            async for piece_read in stream:
+                text.append(str(piece_read))  # noqa: PERF401 - keeps the pieces before the error
+        await stream.aclose()
+    assert "more than 1,048,576 bytes" in str(caught.value)
+    assert "max_stream_bytes" in str(caught.value) and caught.value.status == 200
+    assert len("".join(text)) < 1 << 20
+    assert raw.bytes_sent < 64 * 1024 * 1024
+
+
+async def test_a_stream_within_max_stream_bytes_is_read_whole(raw: RawServer) -> None:
+    ending = (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn"},"usage":{"output_tokens":2}}\n\nevent: message_stop\ndata: '
+        b'{"type":"message_stop"}\n\n'
+    )
+    whole = _OPENING + _TEXT_DELTA * 2 + ending
+    raw.reply = Reply(headers=_SSE_HEADERS, body=whole, stream_chunks=1)
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_stream_bytes=len(whole))
+    async with provider:
+        stream = await provider.stream(REQUEST)
+        assert [piece async for piece in stream] == ["more ", "more "]
+        assert stream.completion().content == "more more "
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_max_stream_bytes_is_validated(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_stream_bytes must be an integer >= 1"):
+        OpenAIProvider(api_key=KEY, base_url="http://127.0.0.1:1", max_stream_bytes=bad)
+    with pytest.raises(ValueError, match="max_stream_bytes must be an integer >= 1"):
+        AnthropicProvider(api_key=KEY, base_url="http://127.0.0.1:1", max_stream_bytes=bad)
+
+
 @pytest.mark.parametrize("status", [200, 500])
 async def test_the_error_keeps_nothing_of_a_large_body_alive(raw: RawServer, status: int) -> None:
     raw.reply = Reply(status=status, body=b"<html>" + b"z" * (5 << 20))
@@ -623,3 +681,47 @@ async def test_tool_arguments_past_json_numbers_are_an_invalid_response(
     raw.reply = Reply(body=body)
     with pytest.raises(InvalidResponseError, match=r"arguments\.n must be JSON"):
         await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+
+
+async def test_a_long_answer_sent_as_one_event_streams_as_it_reads_whole(raw: RawServer) -> None:
+    # a gateway that buffers the answer sends it as one event: within max_response_bytes
+    # it is read streamed as it is read whole (events were bounded at 1 MiB apart)
+    text = "word " * (400 << 10)  # 2 MiB
+    delta = {"type": "content_block_delta", "index": 0}
+    delta["delta"] = {"type": "text_delta", "text": text}
+    ending = (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn"},"usage":{"output_tokens":2}}\n\nevent: message_stop\ndata: '
+        b'{"type":"message_stop"}\n\n'
+    )
+    body = b"event: content_block_delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+    raw.reply = Reply(headers=_SSE_HEADERS, body=_OPENING + body + ending, stream_chunks=1)
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        stream = await provider.stream(REQUEST)
+        assert "".join([str(piece) async for piece in stream]) == text
+    raw.reply = Reply(headers=_SSE_HEADERS, body=_OPENING + body + ending, stream_chunks=1)
+    bounded = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    async with bounded:
+        stream = await bounded.stream(REQUEST)
+        with pytest.raises(InvalidResponseError, match="longer than 1,048,576 bytes"):
+            async for _ in stream:
+                pass
+
+
+@pytest.mark.parametrize("body", [b"<html><body>Sign in to the proxy</body></html>", b""])
+async def test_a_2xx_page_that_is_no_event_stream_is_quoted_in_the_error(
+    raw: RawServer, body: bytes
+) -> None:
+    # a proxy's sign-in page answered with 200 to a streamed request: the error said only
+    # that the stream ended early, not what came instead
+    raw.reply = Reply(headers={"Content-Type": "text/html"}, body=body + KEY.encode())
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        stream = await provider.stream(REQUEST)
+        with pytest.raises(InvalidResponseError) as caught:
+            async for _ in stream:
+                pass
+    message = str(caught.value)
+    assert "ended before the answer was complete" in message and "text/html" in message
+    assert "no piece came" in message and KEY not in message
+    if body:
+        assert "the body starts '<html><body>Sign in to the proxy" in message

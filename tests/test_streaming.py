@@ -41,7 +41,12 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.content import ToolCallDelta
-from empathy_models.exceptions import OverloadedError, ProviderTimeoutError, ServerError
+from empathy_models.exceptions import (
+    InvalidResponseError,
+    OverloadedError,
+    ProviderTimeoutError,
+    ServerError,
+)
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
@@ -331,6 +336,31 @@ async def test_a_fault_after_three_chunks_raises_stream_interrupted_with_the_par
     assert record.outcome is Outcome.FAILURE and record.error_type == "OverloadedError"
     assert record.ttft_ms == error.ttft_ms
     assert record.output_tokens == 4 and record.request_id == error.request_id
+
+
+async def test_a_stream_over_max_stream_bytes_is_interrupted_and_recorded_as_malformed(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # a long answer (some 40 KiB of events) from a provider bounded at 16 KiB
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="word " * 400))
+    provider = AnthropicProvider(
+        api_key=KEY, base_url=server.anthropic_base_url, max_stream_bytes=16 << 10
+    )
+    executor = EmpathyLLMExecutor(
+        [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
+    )
+    async with executor:
+        with pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream("hi", CHEAP) as stream:
+                async for _ in stream:
+                    pass
+    error = caught.value
+    assert isinstance(error.error, InvalidResponseError) and error.error.status == 200
+    assert "max_stream_bytes=16,384" in str(error)
+    assert 0 < len(error.partial_text) < len("word " * 400)
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.error_type == "InvalidResponseError"
+    assert "max_stream_bytes" in (record.error_message or "")
 
 
 async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status(

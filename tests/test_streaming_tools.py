@@ -46,6 +46,7 @@ WEATHER_SCHEMA: dict[str, Any] = {
 }
 WEATHER = Tool(name="get_weather", description="Weather in a city", parameters=WEATHER_SCHEMA)
 OSLO = {"city": "Oslo, Norway", "unit": "c"}
+OSLO_C = {"city": "Oslo", "unit": "c"}
 CLAUDE = "claude-fake-haiku"
 GPT = "gpt-fake-mini"
 MODELS = [(CLAUDE, "anthropic"), (GPT, "openai")]
@@ -462,6 +463,129 @@ async def test_parallel_calls_sharing_an_index_are_told_apart_by_their_ids(
         ("function-call-2", "get_weather", {"city": "Rome"}),
     ]
     assert [p.index for p in pieces] == [0, 0, 1, 1]
+
+
+def _indexed(index: int, **fields: Any) -> dict[str, Any]:
+    """One entry of ``delta.tool_calls`` at wire ``index`` (``id`` beside ``function``)."""
+    call: dict[str, Any] = {"index": index}
+    if "id" in fields:
+        call |= {"id": fields.pop("id"), "type": "function"}
+    return {**call, "function": fields}
+
+
+def _calls_body(*pieces: list[dict[str, Any]]) -> bytes:
+    """An answer of tool calls: each chunk's ``delta.tool_calls`` from ``pieces``."""
+    return b"".join(
+        [
+            _chunk({"role": "assistant", "content": None}),
+            *(_chunk({"tool_calls": calls}) for calls in pieces),
+            _chunk({}, "tool_calls"),
+            b"data: [DONE]\n\n",
+        ]
+    )
+
+
+async def test_parallel_calls_interleaved_by_index_assemble_as_the_openai_sdk_does() -> None:
+    # OpenAI's own shape: the id and name only in a call's first piece, the later ones
+    # carry the index alone, and two calls' pieces alternate (one chunk holds both)
+    body = _calls_body(
+        [_indexed(0, id="call_a", name="get_weather", arguments="")],
+        [_indexed(1, id="call_b", name="get_weather", arguments="")],
+        [_indexed(0, arguments='{"city": '), _indexed(1, arguments='{"city": ')],
+        [_indexed(1, arguments='"Rome", "unit": "c"}')],
+        [_indexed(0, arguments='"Oslo", "unit": "f"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+        async with (
+            openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
+            client.chat.completions.stream(
+                model=GPT, messages=[{"role": "user", "content": "Weather?"}]
+            ) as sdk_stream,
+        ):
+            final = await sdk_stream.get_final_completion()
+    sdk_calls = final.choices[0].message.tool_calls or []
+    expected = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in sdk_calls]
+    assert [(c.id, c.name, dict(c.arguments)) for c in response.tool_calls] == expected
+    assert expected == [
+        ("call_a", "get_weather", {"city": "Oslo", "unit": "f"}),
+        ("call_b", "get_weather", {"city": "Rome", "unit": "c"}),
+    ]
+    assert [p.index for p in pieces] == [0, 1, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("repeated", ["id", "id and name", "name"])
+async def test_a_server_repeating_a_calls_id_or_name_in_every_piece_gives_one_call(
+    repeated: str,
+) -> None:
+    """
+    Some servers send the call's id (and name) again in every piece: the names were
+    joined into ``get_weatherget_weather...`` (the openai SDK joins both, the ids too).
+    """
+    again: dict[str, Any] = {}
+    if "id" in repeated:
+        again["id"] = "call_1"
+    if "name" in repeated:
+        again["name"] = "get_weather"
+    body = _calls_body(
+        [_indexed(0, id="call_1", name="get_weather", arguments="")],
+        [_indexed(0, **again, arguments='{"city": ')],
+        [_indexed(0, **again, arguments='"Oslo", "unit": "c"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+    (call,) = response.tool_calls
+    assert (call.id, call.name, dict(call.arguments)) == ("call_1", "get_weather", OSLO_C)
+    # as `ToolCallDelta` says: the id and name on the first piece only
+    assert [(p.index, p.id, p.name) for p in pieces] == [
+        (0, "call_1", "get_weather"),
+        (0, None, None),
+        (0, None, None),
+    ]
+
+
+@pytest.mark.parametrize("given_id", ["", None])
+async def test_parallel_calls_at_one_index_without_ids_are_told_apart(
+    given_id: str | None,
+) -> None:
+    """
+    Gemini's OpenAI-compatible stream may send parallel calls all at index 0 with empty
+    ids (or none): the second call's arguments were joined to the first's, not JSON.
+    """
+    ids = {} if given_id is None else {"id": given_id}
+    body = _calls_body(
+        [_indexed(0, **ids, name="get_weather", arguments='{"city": "Oslo", ')],
+        [_indexed(0, arguments='"unit": "c"}')],
+        [_indexed(0, **ids, name="get_weather", arguments='{"city": "Rome", "unit": "f"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+    assert [(c.name, dict(c.arguments)) for c in response.tool_calls] == [
+        ("get_weather", OSLO_C),
+        ("get_weather", {"city": "Rome", "unit": "f"}),
+    ]
+    first, second = response.tool_calls
+    assert first.id and second.id and first.id != second.id  # ids given to them
+    assert [p.index for p in pieces] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("named", [False, True])
+async def test_a_server_changing_a_calls_id_mid_call_gives_one_call(named: bool) -> None:
+    """
+    A server that sends a fresh id with each piece of one call: its later pieces made
+    calls of their own (without a name, or with arguments that are no JSON).
+    """
+    name = {"name": "get_weather"} if named else {}
+    body = _calls_body(
+        [_indexed(0, id="call_1", name="get_weather", arguments="")],
+        [_indexed(0, id="call_2", **name, arguments='{"city": ')],
+        [_indexed(0, id="call_3", **name, arguments='"Oslo", "unit": "c"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+    (call,) = response.tool_calls
+    assert (call.id, call.name, dict(call.arguments)) == ("call_1", "get_weather", OSLO_C)
+    assert [p.index for p in pieces] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("given", [[1], "{}", None, 3])

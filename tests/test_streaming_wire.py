@@ -967,3 +967,18 @@ async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is
     message = str(caught.value)
     assert "'{***'" in message
     assert not any(secret[i : i + 8] in message for i in range(len(secret) - 7))
+
+
+def test_each_anthropic_tool_use_block_is_a_call_of_its_own() -> None:
+    # a tool_use block always starts a call, whatever its index and its input so far
+    # (an empty input is no JSON text yet): two blocks at one index stay two calls
+    def event(body: dict[str, Any]) -> bytes:
+        return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode()
+
+    def start(call_id: str) -> bytes:
+        block = {"type": "tool_use", "id": call_id, "name": "ping", "input": {}}
+        return event({"type": "content_block_start", "index": 0, "content_block": block})
+
+    decoder = AnthropicStreamDecoder(provider="anthropic", model="m")
+    decoder.feed(start("toolu_1") + start("toolu_2") + event({"type": "message_stop"}))
+    assert [call["id"] for call in decoder.tool_calls] == ["toolu_1", "toolu_2"]

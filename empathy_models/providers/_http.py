@@ -116,6 +116,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AttemptTimeout",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_MAX_STREAM_BYTES",
     "DEFAULT_TIMEOUT",
     "HTTPProvider",
     "ResponseReader",
@@ -129,6 +130,11 @@ __all__ = [
 DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 """The largest response body a provider reads (16 MiB; a long answer is well under 1 MiB)."""
+DEFAULT_MAX_STREAM_BYTES: Final = 256 * 1024 * 1024
+"""
+The most bytes a provider reads of one streamed answer (256 MiB): the events take some
+100 to 300 bytes per delta, so an answer of 128k output tokens takes some 15 to 40 MiB.
+"""
 _TIMER_SLACK: Final = 0.001  # the loop may run a timer up to its clock resolution early
 
 
@@ -425,7 +431,10 @@ class HTTPProvider(Provider):
 
     **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB;
     1 to ``2**63 - 1``; a compressed body measured decompressed) is not read further:
-    `InvalidResponseError` says so.
+    `InvalidResponseError` says so.  A streamed answer's events are bounded apart, by
+    ``max_stream_bytes`` (default 256 MiB; 1 to ``2**63 - 1``; every byte of the body
+    counts, keep-alives included; one event may be as long as ``max_response_bytes``):
+    a stream that goes on past it ends with an `InvalidResponseError` that says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
@@ -448,6 +457,7 @@ class HTTPProvider(Provider):
         api_key_from_env: bool | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         api_key_env: str | None = None,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {shown(name)}")
@@ -492,6 +502,7 @@ class HTTPProvider(Provider):
         own = [t for t in (self._timeout.total, self._timeout.sock_read) if t is not None]
         self._idle_default = min(own, default=None)  # a stream's default idle timeout
         self._max_body = check(_body_bound, "max_response_bytes", max_response_bytes)
+        self._max_stream = check(_body_bound, "max_stream_bytes", max_stream_bytes)
         self._url = _request_url(self.base_url, self._endpoint())
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None

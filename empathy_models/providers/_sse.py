@@ -355,30 +355,59 @@ class StreamDecoder:
         arguments: str,
         *,
         name_in_pieces: bool = False,
+        starts: bool = False,
     ) -> ToolCallDelta:
         """
         Keep one piece of a tool call; the delta that shows it.  With ``name_in_pieces``
         the pieces' names are joined, as their arguments are (OpenAI-compatible servers
-        may split a name; the openai SDK's stream accumulator joins them too); else the
-        first name stays.  A piece with an id other than its call's starts a new call:
-        Gemini's OpenAI-compatible stream gives parallel calls the same index (0, or
-        none), each with an id of its own.
+        may split a name; the openai SDK's stream accumulator joins them too), except a
+        name equal to the call's so far, which a server sent again; else the first name
+        stays.  A piece at a known index is its call's, whatever id it carries (a server
+        may send the id again, or a fresh one, with every piece: the first id stays),
+        unless `_starts_call` says it starts another (Gemini's OpenAI-compatible stream
+        gives parallel calls the same index, 0 or none, with ids of their own or empty
+        ones).  A piece that ``starts`` a call (Anthropic's ``tool_use`` block start) is
+        always a new one.  The delta carries the id and name as `ToolCallDelta` says:
+        the id on the piece that gave the call its id, a name on the pieces that added
+        to it.
         """
-        index = self._slots.get(wire_index)
-        if index is not None and call_id and self._calls[index][0] not in (None, call_id):
+        index = None if starts else self._slots.get(wire_index)
+        if index is not None and self._starts_call(index, call_id, name, arguments):
             index = None  # another call at the same index
         if index is None:
             index = self._slots[wire_index] = len(self._calls)
             self._calls.append((call_id, name, [arguments]))
-        else:
-            known_id, known_name, parts = self._calls[index]
-            parts.append(arguments)
-            joined = known_name
-            if name and (name_in_pieces or not known_name):
-                joined = (known_name or "") + name
-            if (call_id and not known_id) or joined != known_name:
-                self._calls[index] = (known_id or call_id, joined, parts)
-        return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
+            return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
+        known_id, known_name, parts = self._calls[index]
+        parts.append(arguments)
+        if not name or name == known_name or not (name_in_pieces or not known_name):
+            name = None  # none, sent again, or not joined (Anthropic's first name stays)
+        new_id = call_id if call_id and not known_id else None
+        if new_id or name:
+            self._calls[index] = (known_id or new_id, (known_name or "") + (name or ""), parts)
+        return ToolCallDelta(index=index, id=new_id, name=name, arguments=arguments)
+
+    def _starts_call(
+        self, index: int, call_id: str | None, name: str | None, arguments: str
+    ) -> bool:
+        """
+        Whether a piece at the wire index of the call at ``index`` (in ``_calls``)
+        starts a new call: when that call's arguments are a whole JSON object already
+        (no piece can add to them) and the piece brings a function's name, or another
+        id than the call's, with arguments or a name of its own.  Otherwise it is the
+        same call's: its arguments go on, whatever id or name the server sent again.
+        """
+        known_id, _, parts = self._calls[index]
+        other_id = bool(call_id) and known_id not in (None, call_id)
+        if not (name or other_id) or not (arguments.strip() or (other_id and name)):
+            return False
+        last = next((part for part in reversed(parts) if part.strip()), "")
+        if not last.rstrip().endswith("}"):  # the cheap test first: no object ends here
+            return False
+        try:
+            return isinstance(json.loads("".join(parts)), dict)
+        except (ValueError, RecursionError):
+            return False
 
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
@@ -836,4 +865,4 @@ class AnthropicStreamDecoder(StreamDecoder):
             # the input arrives as input_json_delta pieces; a non-empty one given
             # here whole (a server that does not stream it) is kept as its text
             start = json_text(given) if given else ""
-            out.append(self._call_piece(index, call_id, name, start))
+            out.append(self._call_piece(index, call_id, name, start, starts=True))

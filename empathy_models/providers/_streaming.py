@@ -14,6 +14,12 @@ for a moment at most (`_EOF_GRACE`), and its stall or failure then is no failure
 the answer.  The connection goes back to the pool when the body ended, and is closed
 when it did not, or the stream is left early or fails.
 
+The body is read up to the provider's ``max_stream_bytes`` (every byte of it, keep-alives
+included): a stream that goes on past it, an endless answer or a relay's keep-alives
+for ever, ends with `InvalidResponseError`, and the connection is closed.  One event may
+be as long as the provider's ``max_response_bytes`` (a whole answer sent as one event
+reads as it reads unstreamed), within that bound.
+
 The stream reads the network only when its caller asks for pieces, so it notes when
 the answer arrived as the bytes come (`HTTPCompletionStream.ended_at`), for the
 attempt's latency; and, until the provider reports the output tokens, it estimates them
@@ -46,6 +52,7 @@ from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
     ResponseReader,
+    _snippet,
     _without_request,
     error_from_response,
     error_from_transport,
@@ -63,6 +70,9 @@ if TYPE_CHECKING:
 __all__ = ["HTTPCompletionStream", "open_http_stream"]
 
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
+
+_HEAD_BYTES: Final = 4096
+"""The body's first bytes a stream keeps, to quote when no piece came (`_what_came`)."""
 
 _EOF_GRACE: Final = 0.05
 """Seconds a stream waits for the body's end after its end marker (`_await_eof`)."""
@@ -200,7 +210,7 @@ async def open_http_stream(
         if not 200 <= status < 300 or response.content_type == "application/json":
             # an error, or a server that ignored "stream": true and sent a whole body
             return await _whole_answer(provider, response, request)
-        decoder = decoder_class(provider=name, model=model, secret=provider._redacted)
+        decoder = _decoder(provider, decoder_class, model)
         return HTTPCompletionStream(
             response,
             decoder,
@@ -211,6 +221,7 @@ async def open_http_stream(
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
             own_idle=own_idle,
+            max_bytes=provider._max_stream,
         )
     except ProviderError:
         # mapped already, exactly as for a whole response: a 401 (a PermissionError,
@@ -233,6 +244,19 @@ async def open_http_stream(
     except BaseException:
         response.close()
         raise
+
+
+def _decoder(
+    provider: HTTPProvider, decoder_class: type[StreamDecoder], model: str
+) -> StreamDecoder:
+    """
+    The stream's decoder: an event may be as long as a whole answer may be (a gateway
+    that buffers the answer sends it as one event), within the stream's own bound.
+    """
+    longest = min(provider._max_body, provider._max_stream)
+    return decoder_class(
+        provider=provider.name, model=model, secret=provider._redacted, max_event_bytes=longest
+    )
 
 
 async def _whole_answer(
@@ -294,7 +318,10 @@ class HTTPCompletionStream(CompletionStream):
         "_deltas",
         "_eof_at",
         "_failed",
+        "_head",
         "_idle",
+        "_left",
+        "_limit",
         "_marker_at",
         "_model",
         "_opened_at",
@@ -324,8 +351,13 @@ class HTTPCompletionStream(CompletionStream):
         idle_timeout: float | None,
         total_timeout: float | None,
         own_idle: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self._response = response
+        # the bytes the body may still bring (`max_bytes`, the provider's max_stream_bytes)
+        self._limit = max_bytes
+        self._left = math.inf if max_bytes is None else max_bytes
+        self._head = b""  # the body's first bytes, quoted when no piece came (`_end`)
         self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
@@ -390,6 +422,9 @@ class HTTPCompletionStream(CompletionStream):
                 try:
                     chunk = await self._read()
                     self._read_at = time.perf_counter()
+                    self._left -= len(chunk)
+                    if len(self._head) < _HEAD_BYTES:
+                        self._head += chunk[: _HEAD_BYTES - len(self._head)]
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, TimeoutError):
                         error: ProviderError = _timeout_error(
@@ -410,6 +445,8 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     self._fail(error)
                     raise error from None
+                if self._left < 0:
+                    self._over_limit()
                 if not chunk:
                     if not decoder.finished and decoder.whole_at_eof:
                         decoder.finished = True  # a server that sends no end marker
@@ -477,13 +514,40 @@ class HTTPCompletionStream(CompletionStream):
             return
         self._response.close()
         self._failed = InvalidResponseError(
-            f"{self._provider}: the event stream ended before the answer was complete "
-            f"[model {self._model}]",
+            f"{self._provider}: the event stream ended before the answer was complete"
+            f"{self._what_came()} [model {self._model}]",
             provider=self._provider,
             model=self._model,
             status=200,
         )
         raise self._failed
+
+    def _what_came(self) -> str:
+        """
+        For a stream that ended with no piece: what came instead (a proxy's page
+        answered with a 2xx), its content type and its first bytes, scrubbed of keys;
+        else nothing.
+        """
+        if self._deltas:
+            return ""
+        kind = self._response.content_type
+        if not self._head:
+            return f" (no piece came; Content-Type {kind!r}, an empty body)"
+        start = _snippet(self._head, 80, self._decoder._secret)
+        return f" (no piece came; Content-Type {kind!r}, the body starts {start!r})"
+
+    def _over_limit(self) -> None:
+        """Fail the stream: its body went past ``max_stream_bytes`` (the rest is not read)."""
+        error = InvalidResponseError(
+            f"{self._provider}: the event stream is more than {self._limit:,} bytes, over "
+            f"max_stream_bytes={self._limit:,}; raise max_stream_bytes if such answers are "
+            f"expected [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=200,
+        )
+        self._fail(error)
+        raise error
 
     def _body_ended(self) -> None:
         """aiohttp's callback: the body's end arrived (read or not)."""

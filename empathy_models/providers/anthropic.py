@@ -8,7 +8,12 @@ from urllib.parse import urlsplit
 
 from ..abc import Completion, CompletionRequest
 from ._convert import answer_usage, anthropic_body, anthropic_tool_calls
-from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
+from ._http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_STREAM_BYTES,
+    DEFAULT_TIMEOUT,
+    HTTPProvider,
+)
 from ._sse import AnthropicStreamDecoder
 from ._wire import ResponseReader, anthropic_usage_extras, reported_model
 
@@ -55,6 +60,8 @@ class AnthropicProvider(HTTPProvider):
         timeout: the per-request total in seconds (or an ``aiohttp.ClientTimeout``),
             applied on bound sessions too.
         max_response_bytes: a larger response body is not read (see `HTTPProvider`).
+        max_stream_bytes: a streamed answer is not read past this many bytes (see
+            `HTTPProvider`).
         anthropic_version: the ``anthropic-version`` header.
         headers: sent with every request (see `HTTPProvider`).
         api_key_from_env: ``True`` reads ``ANTHROPIC_API_KEY`` for any base URL,
@@ -75,6 +82,7 @@ class AnthropicProvider(HTTPProvider):
         name: str = "anthropic",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
         anthropic_version: str = ANTHROPIC_VERSION,
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
@@ -89,6 +97,7 @@ class AnthropicProvider(HTTPProvider):
             headers=headers,
             api_key_from_env=api_key_from_env,
             max_response_bytes=max_response_bytes,
+            max_stream_bytes=max_stream_bytes,
             api_key_env=api_key_env,
         )
 

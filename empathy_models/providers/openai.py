@@ -10,7 +10,12 @@ from .._validators import shown
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
 from ._convert import answer_usage, openai_body, openai_tool_calls
-from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
+from ._http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_STREAM_BYTES,
+    DEFAULT_TIMEOUT,
+    HTTPProvider,
+)
 from ._sse import OpenAIStreamDecoder
 from ._wire import ResponseReader, openai_cached_tokens, reported_model, text_of_chunks
 
@@ -60,6 +65,8 @@ class OpenAIProvider(HTTPProvider):
         name: the provider's name in the registry, records and breaker keys.
         timeout: the per-request total in seconds (or an ``aiohttp.ClientTimeout``).
         max_response_bytes: a larger response body is not read (see `HTTPProvider`).
+        max_stream_bytes: a streamed answer is not read past this many bytes (see
+            `HTTPProvider`).
         organization: sent as the ``OpenAI-Organization`` header when given.
         max_tokens_field: the body field that carries the request's ``max_tokens``: by
             default ``"max_completion_tokens"`` for api.openai.com (its reasoning models
@@ -87,6 +94,7 @@ class OpenAIProvider(HTTPProvider):
         name: str = "openai",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
         organization: str | None = None,
         max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -107,6 +115,7 @@ class OpenAIProvider(HTTPProvider):
             headers=headers,
             api_key_from_env=api_key_from_env,
             max_response_bytes=max_response_bytes,
+            max_stream_bytes=max_stream_bytes,
             api_key_env=api_key_env,
         )
         if max_tokens_field is None:
