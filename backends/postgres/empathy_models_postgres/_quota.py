@@ -48,6 +48,17 @@ _MIGRATIONS: Final = (
     ),
 )
 
+_SWEEP: Final = (
+    "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+    "WHERE left(key, 2) = 'b|' AND (data->>'window_end')::float8 < $1 "
+    "FOR UPDATE SKIP LOCKED))"
+)
+"""The sweep of budget windows that ended before ``$1``.  A row another session holds
+(an operation on an ended window, another process's sweep) is skipped, not waited for,
+and left to a later sweep: waiting would hold this write, and the key's row it has
+locked, for as long, and two sweeps locking the same rows in different orders would
+deadlock."""
+
 QUOTA_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The schema version of the quota table this code writes."""
 
@@ -105,7 +116,8 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     is stored escaped (`_stored_key`).  A budget's window is dropped a week
     (`empathy_models.limits.WINDOW_RETENTION`) after it ended, checked once an hour in
     each process, the time being the database's when a budget write's window holds it
-    (the callers' clock agrees), else the newest such window's start.  Every operation
+    (the callers' clock agrees), else the newest such window's start; a window another
+    session holds then is skipped, left to a later check, not waited for.  Every operation
     is one transaction: the row is inserted if absent, locked with ``SELECT ... FOR
     UPDATE``, the pure step of `empathy_models.limits.meter` runs with ``now`` from the
     database's ``clock_timestamp()`` read after the lock is held, and the row is written
@@ -196,11 +208,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                     # the budget windows that ended a week before go, as in the other
                     # stores (one scan of the table an hour)
                     newest = _sweep_time(new, now)
-                    await conn.execute(
-                        f"DELETE FROM {self._table} WHERE left(key, 2) = 'b|' "
-                        "AND (data->>'window_end')::float8 < $1",
-                        newest - WINDOW_RETENTION,
-                    )
+                    await conn.execute(_SWEEP.format(table=self._table), newest - WINDOW_RETENTION)
                     self._sweep_at = newest + 3600.0
         return result
 

@@ -223,3 +223,40 @@ async def test_read_only_a_quota_table_made_after_the_open_is_read(postgres_url:
             await worker.set_limit("global/day", 10)
         assert [(u.key, u.held) for u in await reader.usages()] == [("global/day", 2)]
         assert await reader.limit_overrides() == {"global/day": 10}
+
+
+async def test_a_sweep_of_ended_windows_skips_a_row_another_session_holds(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    # the hourly sweep of ended budget windows runs in a budget write's transaction; it
+    # waited for any ended window another session held (a late settle, another
+    # process's own sweep), up to command_timeout, failing the write, and two
+    # processes sweeping at once could deadlock. It now skips rows held elsewhere.
+    day = 86_400.0
+    async with PostgresQuotaStore(postgres_url) as first:
+        now = await first.now()
+        old: dict[str, Any] = {
+            "window_start": now - 30 * day,
+            "window_end": now - 29 * day,
+            "limit": 10,
+        }
+        assert (await first.reserve("old", amount=1, **old)).granted
+        assert (await first.reserve("older", amount=1, **old)).granted
+        table = first._table
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        async with conn.transaction():
+            # another session holds one ended window's row
+            held = await conn.fetch(f"SELECT key FROM {table} WHERE key LIKE 'b|old@%' FOR UPDATE")
+            assert len(held) == 1
+            async with PostgresQuotaStore(postgres_url, command_timeout=1.0) as second:
+                with anyio.fail_after(0.9):  # within command_timeout: it did not wait
+                    grant = await second.reserve(
+                        "now", window_start=now - 60, window_end=now + day, amount=1, limit=10
+                    )
+                assert grant.granted
+        left = await conn.fetch(f"SELECT key FROM {table} ORDER BY key")
+    finally:
+        await conn.close()
+    # the held window stays for a later sweep; the other ended one is gone
+    assert [row["key"].split("@")[0] for row in left] == ["b|now", "b|old"]
