@@ -7,9 +7,12 @@ advisory lock (`migrate`), and a read-only store's check of the tables it finds
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import math
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
@@ -26,6 +29,25 @@ __all__ = [
     "migrate",
     "quote_ident",
 ]
+
+_NO_LIMIT: Final = math.inf
+"""A statement's ``timeout`` for no time limit (asyncpg reads ``None`` as ``command_timeout``)."""
+
+_SESSION: Final = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+"""The migration's session on the server (the server's own: behind a pooler too)."""
+
+_RUNNING: Final = (
+    "SELECT state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $3)"
+    " AS running FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
+)
+"""Whether session ``$1`` begun at ``$2`` runs a statement or ran one in the last ``$3`` s
+(between two statements of a migration it is idle in its transaction for a moment);
+NULL where its state is hidden from this role, no row when the session has ended."""
+
+
+class _SessionLost(TimeoutError):
+    """A migration's session no longer running on the server (`_watched`)."""
+
 
 NAME_BYTES: Final = 63
 """The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
@@ -45,50 +67,137 @@ async def migrate(db: Database, pool: asyncpg.Pool, migrations: Sequence[Migrati
     one migrator at a time per schema and table prefix (an advisory lock); tables at a
     newer version raise `SchemaVersionError`.  Without ``db.create``, only checks them
     (`check_tables`), setting ``db.missing``.
+
+    The migration's statements run without ``command_timeout`` and with the server's
+    ``statement_timeout`` off for the transaction: an upgrade over a large table, or one
+    waiting for another process's migration, may take longer, and one cut short is
+    rolled back, for the next operation to run again from the start, and be cut short
+    again.  `_watched` ends it instead when its session stops running on the server.
     """
+    if not db.create:
+        db.missing = await check_tables(db, pool, len(migrations))
+        return
+    async with db.errors("migrate"):
+        try:
+            async with db.connection(pool) as conn, db.transaction(conn):
+                await _watched(db, conn, _steps(db, conn, migrations))
+        except Exception as exc:
+            if isinstance(exc.__context__, _SessionLost):
+                # the rollback on the connection closed under it failed too: say why
+                raise exc.__context__ from None
+            raise
+
+
+async def _steps(db: Database, conn: asyncpg.Connection, migrations: Sequence[Migration]) -> None:
+    """`migrate`'s statements, in ``conn``'s transaction, with no time limit."""
     version_table = db.table("schema_version")
     latest = len(migrations)
-    if not db.create:
-        db.missing = await check_tables(db, pool, latest)
-        return
-    async with (
-        db.errors("migrate"),
-        db.connection(pool) as conn,
-        db.transaction(conn),
-    ):
-        # one migrator at a time for this schema and prefix, across processes
+    await conn.execute("SET LOCAL statement_timeout = 0", timeout=_NO_LIMIT)
+    # one migrator at a time for this schema and prefix, across processes
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        f"empathy_models:{db.schema}:{db.table_prefix}",
+        timeout=_NO_LIMIT,
+    )
+    if db.schema is not None:
         await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            f"empathy_models:{db.schema}:{db.table_prefix}",
+            f"CREATE SCHEMA IF NOT EXISTS {quote_ident(db.schema)}", timeout=_NO_LIMIT
         )
-        if db.schema is not None:
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(db.schema)}")
+    await conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {version_table} ("
+        "component text PRIMARY KEY, version integer NOT NULL)",
+        timeout=_NO_LIMIT,
+    )
+    current = await conn.fetchval(
+        f"SELECT version FROM {version_table} WHERE component = $1",
+        db.component,
+        timeout=_NO_LIMIT,
+    )
+    current = 0 if current is None else int(current)
+    if current > latest:
+        raise SchemaVersionError(
+            f"PostgreSQL {db.component} {db.target}: the tables "
+            f"(prefix {db.table_prefix!r}, schema {db.schema or 'search_path'}) "
+            f"are at schema version {current}, newer than this code's {latest}; "
+            "upgrade empathy-models-postgres",
+            target=db.target,
+        )
+    for version in range(current + 1, latest + 1):
+        for statement in migrations[version - 1]:
+            await conn.execute(statement, timeout=_NO_LIMIT)
+    if current < latest:
         await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {version_table} ("
-            "component text PRIMARY KEY, version integer NOT NULL)"
+            f"INSERT INTO {version_table} (component, version) VALUES ($1, $2) "
+            "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+            db.component,
+            latest,
+            timeout=_NO_LIMIT,
         )
-        current = await conn.fetchval(
-            f"SELECT version FROM {version_table} WHERE component = $1", db.component
-        )
-        current = 0 if current is None else int(current)
-        if current > latest:
-            raise SchemaVersionError(
-                f"PostgreSQL {db.component} {db.target}: the tables "
-                f"(prefix {db.table_prefix!r}, schema {db.schema or 'search_path'}) "
-                f"are at schema version {current}, newer than this code's {latest}; "
-                "upgrade empathy-models-postgres",
-                target=db.target,
-            )
-        for version in range(current + 1, latest + 1):
-            for statement in migrations[version - 1]:
-                await conn.execute(statement)
-        if current < latest:
-            await conn.execute(
-                f"INSERT INTO {version_table} (component, version) VALUES ($1, $2) "
-                "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                db.component,
-                latest,
-            )
+
+
+async def _watched(
+    db: Database, conn: asyncpg.Connection, steps: Coroutine[Any, Any, None]
+) -> None:
+    """
+    Run ``steps`` (a migration's statements on ``conn``, with no time limit) to their
+    end, while the server still runs them: every ``command_timeout`` seconds that they
+    last, a connection of the watch's own asks whether ``conn``'s session is still
+    running a statement, or ran one within that time.  A session the server no longer
+    has (a failover, the connection lost without a word) or has left idle (an answer
+    lost), or a server that does not answer the question within ``command_timeout``
+    (nor a connection within the connect ``timeout``), ends the migration with a
+    `_SessionLost` (a ``TimeoutError``: an outage, as `Database.open` tells them) saying
+    so: the connection is closed under the statement, which ends the transaction.
+    With ``command_timeout=None``, or a session the server does not show, no watch.
+    """
+    limit = db.pool_options.get("command_timeout")
+    session = await conn.fetchrow(_SESSION)
+    task = asyncio.get_running_loop().create_task(steps)
+    watch: asyncpg.Connection | None = None
+    try:
+        while not (await asyncio.wait([task], timeout=limit))[0]:
+            assert limit is not None
+            if session is None:
+                await asyncio.wait([task])  # nothing to watch
+                break
+            try:
+                if watch is None:
+                    watch = await db.connect("empathy-models migration watch")
+                running = await _running(watch, session["pid"], session["backend_start"], limit)
+            except db.error_type:
+                running = False  # no connection within the connect timeout
+            if not running:
+                conn.terminate()  # its statement fails; the server rolls back, if it can
+                raise _SessionLost(
+                    f"the migration's session was no longer running on the server, or the "
+                    f"server did not answer (checked after {limit:g} s, command_timeout); "
+                    "it is rolled back and runs again at the next operation"
+                )
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # taken: raised above, or superseded by the error raised
+        if watch is not None:
+            try:
+                await watch.close(timeout=limit)
+            except Exception:  # the server is gone: nothing to say goodbye to
+                watch.terminate()
+
+
+async def _running(
+    watch: asyncpg.Connection, pid: int, started: datetime.datetime, limit: float
+) -> bool:
+    """Whether session ``pid`` (begun at ``started``) runs a statement, or ran one within
+    ``limit`` seconds; true when its state is hidden from this role; false when the
+    server does not answer within ``limit`` seconds."""
+    try:
+        row = await watch.fetchrow(_RUNNING, pid, started, limit, timeout=limit)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        return False
+    return row is not None and row["running"] is not False
 
 
 async def check_tables(db: Database, pool: asyncpg.Pool, latest: int) -> bool:
