@@ -37,12 +37,14 @@ _SESSION: Final = "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = p
 """The migration's session on the server (the server's own: behind a pooler too)."""
 
 _RUNNING: Final = (
-    "SELECT state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $3)"
-    " AS running FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2"
+    "SELECT CASE WHEN backend_start IS NULL THEN NULL ELSE backend_start = $2 AND ("
+    "state = 'active' OR state_change > clock_timestamp() - make_interval(secs => $3)) END"
+    " AS running FROM pg_stat_activity WHERE pid = $1"
 )
 """Whether session ``$1`` begun at ``$2`` runs a statement or ran one in the last ``$3`` s
-(between two statements of a migration it is idle in its transaction for a moment);
-NULL where its state is hidden from this role, no row when the session has ended."""
+(between two statements of a migration it is idle in its transaction for a moment):
+false for another session that took its pid, NULL where its state is hidden from this
+role (or not tracked), no row when the session has ended."""
 
 
 class _SessionLost(TimeoutError):
