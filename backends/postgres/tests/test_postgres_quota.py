@@ -260,3 +260,37 @@ async def test_a_sweep_of_ended_windows_skips_a_row_another_session_holds(
         await conn.close()
     # the held window stays for a later sweep; the other ended one is gone
     assert [row["key"].split("@")[0] for row in left] == ["b|now", "b|old"]
+
+
+async def test_a_sweep_of_ended_windows_holds_no_budget_while_it_runs(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # the hourly sweep (a scan of the whole table) ran inside the budget write that
+    # started it, holding that budget's row: every other process's calls on the budget
+    # (a global one: all of them) waited for the scan. The write now commits first.
+    day = 86_400.0
+    first, second = PostgresQuotaStore(postgres_url), PostgresQuotaStore(postgres_url)
+    async with first, second:
+        now = await first.now()
+        today: dict[str, Any] = {"window_start": now - 60, "window_end": now + day, "limit": 10}
+        await second.reserve("warm", amount=1, **today)  # its sweep for the hour: done
+        ended: dict[str, Any] = {"window_start": now - 30 * day, "window_end": now - 29 * day}
+        await first.reserve("old", amount=1, limit=10, **ended)
+        # a sweep that takes a second: each row it deletes takes a second
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(
+                f'CREATE FUNCTION "{postgres_schema}".slow() RETURNS trigger LANGUAGE plpgsql '
+                "AS $$ BEGIN PERFORM pg_sleep(1); RETURN OLD; END $$; "
+                f"CREATE TRIGGER slow BEFORE DELETE ON {first._table} "
+                f'FOR EACH ROW EXECUTE FUNCTION "{postgres_schema}".slow()'
+            )
+        finally:
+            await conn.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: first.reserve("global", amount=1, **today))  # sweeps
+            await anyio.sleep(0.3)
+            start = anyio.current_time()
+            assert (await second.reserve("global", amount=1, **today)).granted
+            took = anyio.current_time() - start
+    assert took < 0.5, f"a call on the budget waited {took:.2f} s for the sweep"
