@@ -156,6 +156,7 @@ async def _watched(
     session = await conn.fetchrow(_SESSION)
     task = asyncio.get_running_loop().create_task(steps)
     watch: asyncpg.Connection | None = None
+    running = True
     try:
         while not (await asyncio.wait([task], timeout=limit))[0]:
             assert limit is not None
@@ -163,11 +164,13 @@ async def _watched(
                 await asyncio.wait([task])  # nothing to watch
                 break
             try:
-                if watch is None:
+                if watch is None or watch.is_closed():
                     watch = await db.connect("empathy-models migration watch")
                 running = await _running(watch, session["pid"], session["backend_start"], limit)
-            except db.error_type:
-                running = False  # no connection within the connect timeout
+            except db.error_type as exc:
+                # the server refusing a connection (too many clients) answers all the
+                # same; no connection within the connect timeout does not
+                running = isinstance(exc.__cause__, asyncpg.PostgresError)
             if not running:
                 conn.terminate()  # its statement fails; the server rolls back, if it can
                 raise _SessionLost(
@@ -182,23 +185,29 @@ async def _watched(
             await asyncio.wait([task])
         if not task.cancelled():
             task.exception()  # taken: raised above, or superseded by the error raised
-        if watch is not None:
+        if watch is not None and running:
             try:
                 await watch.close(timeout=limit)
             except Exception:  # the server is gone: nothing to say goodbye to
                 watch.terminate()
+        elif watch is not None:
+            watch.terminate()  # no answer: a goodbye would wait for none
 
 
 async def _running(
     watch: asyncpg.Connection, pid: int, started: datetime.datetime, limit: float
 ) -> bool:
     """Whether session ``pid`` (begun at ``started``) runs a statement, or ran one within
-    ``limit`` seconds; true when its state is hidden from this role; false when the
-    server does not answer within ``limit`` seconds."""
+    ``limit`` seconds; true when its state is hidden from this role, or the question
+    fails otherwise than by going unanswered for ``limit`` seconds (false)."""
     try:
         row = await watch.fetchrow(_RUNNING, pid, started, limit, timeout=limit)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+    except TimeoutError:
         return False
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        # the server answered, or ended the watch's session (the next check opens
+        # another): nothing says the migration stopped
+        return True
     return row is not None and row["running"] is not False
 
 
