@@ -47,7 +47,7 @@ false for another session that took its pid, NULL where its state is hidden from
 role (or not tracked), no row when the session has ended."""
 
 
-class _SessionLost(TimeoutError):
+class MigrationSessionLost(TimeoutError):
     """A migration's session no longer running on the server (`_watched`)."""
 
 
@@ -84,7 +84,7 @@ async def migrate(db: Database, pool: asyncpg.Pool, migrations: Sequence[Migrati
             async with db.connection(pool) as conn, db.transaction(conn):
                 await _watched(db, conn, _steps(db, conn, migrations))
         except Exception as exc:
-            if isinstance(exc.__context__, _SessionLost):
+            if isinstance(exc.__context__, MigrationSessionLost):
                 # the rollback on the connection closed under it failed too: say why
                 raise exc.__context__ from None
             raise
@@ -148,7 +148,7 @@ async def _watched(
     has (a failover, the connection lost without a word) or has left idle (an answer
     lost), or a server that does not answer the question within ``command_timeout``
     (nor a connection within the connect ``timeout``), ends the migration with a
-    `_SessionLost` (a ``TimeoutError``: an outage, as `Database.open` tells them) saying
+    `MigrationSessionLost` (a ``TimeoutError``: an outage, as `Database.open` tells them) saying
     so: the connection is closed under the statement, which ends the transaction.
     With ``command_timeout=None``, or a session the server does not show, no watch.
     """
@@ -173,10 +173,10 @@ async def _watched(
                 running = isinstance(exc.__cause__, asyncpg.PostgresError)
             if not running:
                 conn.terminate()  # its statement fails; the server rolls back, if it can
-                raise _SessionLost(
+                raise MigrationSessionLost(
                     f"the migration's session was no longer running on the server, or the "
-                    f"server did not answer (checked after {limit:g} s, command_timeout); "
-                    "it is rolled back and runs again at the next operation"
+                    f"server did not answer (checked after {limit:g} s, command_timeout): "
+                    "abandoned, for the server to roll back"
                 )
         task.result()
     finally:
