@@ -228,7 +228,7 @@ async def test_a_migration_partitioned_from_the_server_ends_with_a_clear_error(
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(telemetry.__aenter__)
-                await anyio.sleep(0.2)  # waiting for the other migration
+                await _until_waiting_for(other, lock)  # the other migration's lock
                 proxy.partition()
         said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
         assert [m for m in said if "no longer running on the server" in m], said
@@ -240,3 +240,16 @@ async def test_a_migration_partitioned_from_the_server_ends_with_a_clear_error(
         await proxy.restore()
         await telemetry.aclose()
         await other.close()
+
+
+async def _until_waiting_for(conn: asyncpg.Connection, lock: str) -> None:
+    """Until another session waits for the advisory lock ``hashtext(lock)``."""
+    while True:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND objid = (hashtext($1)::bigint & 4294967295)::oid",
+            lock,
+        )
+        if waiting:
+            return
+        await anyio.sleep(0.02)

@@ -279,15 +279,15 @@ async def test_a_migration_longer_than_command_timeout_is_not_cut_short(
         await other.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
 
         async def finish_later() -> None:
-            await anyio.sleep(1.2)
+            await anyio.sleep(2.5)  # two and a half command_timeouts
             await other.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(finish_later)
             async with PostgresQuotaStore(
-                postgres_url, command_timeout=0.5, server_settings={"statement_timeout": "500"}
+                postgres_url, command_timeout=1.0, server_settings={"statement_timeout": "1000"}
             ) as store:
-                with anyio.fail_after(10):
+                with anyio.fail_after(20):
                     grant = await store.reserve(
                         "k", window_start=0.0, window_end=1e12, amount=1, limit=2
                     )

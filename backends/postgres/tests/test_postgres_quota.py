@@ -249,8 +249,9 @@ async def test_a_sweep_of_ended_windows_skips_a_row_another_session_holds(
             # another session holds one ended window's row
             held = await conn.fetch(f"SELECT key FROM {table} WHERE key LIKE 'b|old@%' FOR UPDATE")
             assert len(held) == 1
-            async with PostgresQuotaStore(postgres_url, command_timeout=1.0) as second:
-                with anyio.fail_after(0.9):  # within command_timeout: it did not wait
+            async with PostgresQuotaStore(postgres_url, command_timeout=60.0) as second:
+                # a sweep waiting for the held row would wait the whole command_timeout
+                with anyio.fail_after(20):
                     grant = await second.reserve(
                         "now", window_start=now - 60, window_end=now + day, amount=1, limit=10
                     )
@@ -276,21 +277,38 @@ async def test_a_sweep_of_ended_windows_holds_no_budget_while_it_runs(
         await second.reserve("warm", amount=1, **today)  # its sweep for the hour: done
         ended: dict[str, Any] = {"window_start": now - 30 * day, "window_end": now - 29 * day}
         await first.reserve("old", amount=1, limit=10, **ended)
-        # a sweep that takes a second: each row it deletes takes a second
-        conn = await asyncpg.connect(postgres_dsn)
+        # a sweep held up for as long as this test holds advisory lock 73215001: each row it
+        # deletes first waits for that lock
+        holder = await asyncpg.connect(postgres_dsn)
         try:
-            await conn.execute(
-                f'CREATE FUNCTION "{postgres_schema}".slow() RETURNS trigger LANGUAGE plpgsql '
-                "AS $$ BEGIN PERFORM pg_sleep(1); RETURN OLD; END $$; "
-                f"CREATE TRIGGER slow BEFORE DELETE ON {first._table} "
-                f'FOR EACH ROW EXECUTE FUNCTION "{postgres_schema}".slow()'
+            await holder.execute(
+                f'CREATE FUNCTION "{postgres_schema}".held() RETURNS trigger LANGUAGE plpgsql '
+                "AS $$ BEGIN PERFORM pg_advisory_xact_lock(73215001); RETURN OLD; END $$; "
+                f"CREATE TRIGGER held BEFORE DELETE ON {first._table} "
+                f'FOR EACH ROW EXECUTE FUNCTION "{postgres_schema}".held()'
             )
+            await holder.execute("SELECT pg_advisory_lock(73215001)")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: first.reserve("global", amount=1, **today))  # sweeps
+                await _until_a_sweep_waits(holder)
+                # the sweep cannot end while the lock is held: a call on the budget that
+                # waited for it would never end (until command_timeout)
+                with anyio.fail_after(20):
+                    assert (await second.reserve("global", amount=1, **today)).granted
+                await holder.execute("SELECT pg_advisory_unlock(73215001)")
         finally:
-            await conn.close()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: first.reserve("global", amount=1, **today))  # sweeps
-            await anyio.sleep(0.3)
-            start = anyio.current_time()
-            assert (await second.reserve("global", amount=1, **today)).granted
-            took = anyio.current_time() - start
-    assert took < 0.5, f"a call on the budget waited {took:.2f} s for the sweep"
+            await holder.close()
+
+
+async def _until_a_sweep_waits(conn: asyncpg.Connection) -> None:
+    """Until another session waits for advisory lock 73215001 (the held sweep)."""
+    with anyio.fail_after(20):
+        while True:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 73215001"
+                " AND NOT granted AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+            if waiting:
+                return
+            await anyio.sleep(0.02)
