@@ -210,3 +210,46 @@ async def test_a_partition_as_a_read_is_answered_leaves_nothing_unretrieved(
     lost = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
     assert not lost, lost[:3]
     assert after == before
+
+
+async def test_a_migration_partitioned_from_the_server_ends_with_a_clear_error(
+    postgres_dsn: str, postgres_schema: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a migration runs without command_timeout (an upgrade over a large table may take
+    # longer: cut short there, it ran again at each operation, for ever); one whose
+    # session the server no longer runs, as in a partition, still ends, saying why
+    lock = f"empathy_models:{postgres_schema}:empathy_"
+    other = await asyncpg.connect(postgres_dsn)  # another process, migrating
+    telemetry = PostgresTelemetryBackend(
+        through(postgres_dsn, proxy, postgres_schema), timeout=0.5, command_timeout=0.5
+    )
+    try:
+        await other.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(telemetry.__aenter__)
+                await _until_waiting_for(other, lock)  # the other migration's lock
+                proxy.partition()
+        said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
+        assert [m for m in said if "no longer running on the server" in m], said
+        await proxy.restore()
+        await other.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+        with anyio.fail_after(10):
+            assert await telemetry.recent() == []  # migrated again, once the server answers
+    finally:
+        await proxy.restore()
+        await telemetry.aclose()
+        await other.close()
+
+
+async def _until_waiting_for(conn: asyncpg.Connection, lock: str) -> None:
+    """Until another session waits for the advisory lock ``hashtext(lock)``."""
+    while True:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND objid = (hashtext($1)::bigint & 4294967295)::oid",
+            lock,
+        )
+        if waiting:
+            return
+        await anyio.sleep(0.02)

@@ -1,6 +1,7 @@
 """
-Shared plumbing: DSN options, the connection pool, error mapping, migrations, and the
-row lock the circuit-state and quota stores' transactions begin with (`Database.lock_row`).
+Shared plumbing: DSN options, the connection pool, error mapping, and the row lock the
+circuit-state and quota stores' transactions begin with (`Database.lock_row`); the
+pool's creation runs the migrations of `_migrations`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from empathy_models.exceptions import (
     SchemaVersionError,
 )
 
+from ._migrations import (
+    NAME_BYTES,
+    Migration,
+    build_migrations,
+    check_tables,
+    migrate,
+    quote_ident,
+)
+
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "Database",
@@ -42,8 +52,6 @@ _NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NAME_BYTES: Final = 63
-"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
 _URL_OPTIONS: Final = frozenset({"schema", "table_prefix", "connect_timeout"})
 """The DSN query's options taken out before asyncpg reads it: the plugin's own, and
 libpq's ``connect_timeout``, which asyncpg would send to the server as a setting (which
@@ -162,14 +170,6 @@ def _retrieve_unawaited_negotiations() -> None:
 
 
 _retrieve_unawaited_negotiations()
-
-Migration = Sequence[str]
-"""The SQL statements that take a component from one version to the next."""
-
-
-def quote_ident(name: str) -> str:
-    """Quote a SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def text_digest(text: str) -> str:
@@ -331,12 +331,12 @@ class Database:
             raise ConfigurationError(
                 f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
             )
-        if schema is not None and len(schema) > _NAME_BYTES:
+        if schema is not None and len(schema) > NAME_BYTES:
             # (an identifier of ASCII letters, digits and _: a byte per character)
             raise ConfigurationError(
-                f"schema {schema} is too long: PostgreSQL cuts names to {_NAME_BYTES} "
+                f"schema {schema} is too long: PostgreSQL cuts names to {NAME_BYTES} "
                 "bytes, so every schema named alike up to there would be one; name it by "
-                f"its first {_NAME_BYTES} characters ({schema[:_NAME_BYTES]}), where its "
+                f"its first {NAME_BYTES} characters ({schema[:NAME_BYTES]}), where its "
                 "tables are"
             )
         if not _IDENT.match(table_prefix):
@@ -473,7 +473,7 @@ class Database:
                     pool = await asyncpg.create_pool(self.dsn, **self.pool_options)
                 self._migrating = True
                 try:
-                    await self._migrate(pool, migrations)
+                    await migrate(self, pool, migrations)
                 except BaseException:
                     await pool.close()
                     raise
@@ -491,9 +491,7 @@ class Database:
         """
         pool = await self.pool(migrations)
         if self.missing:
-            self.missing = await self._check_tables(
-                pool, self.table("schema_version"), len(migrations)
-            )
+            self.missing = await check_tables(self, pool, len(migrations))
         return self.missing
 
     async def connect(self, application_name: str) -> asyncpg.Connection:
@@ -665,90 +663,6 @@ class Database:
         """Whether `statement` keeps a connection of ``pool`` (the open one, of 2 or more)."""
         return bool(pool.get_max_size() >= 2) and pool is self._pool
 
-    async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
-        version_table = self.table("schema_version")
-        latest = len(migrations)
-        if not self.create:
-            self.missing = await self._check_tables(pool, version_table, latest)
-            return
-        async with (
-            self.errors("migrate"),
-            self.connection(pool) as conn,
-            self.transaction(conn),
-        ):
-            # one migrator at a time for this schema and prefix, across processes
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))",
-                f"empathy_models:{self.schema}:{self.table_prefix}",
-            )
-            if self.schema is not None:
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {version_table} ("
-                "component text PRIMARY KEY, version integer NOT NULL)"
-            )
-            current = await conn.fetchval(
-                f"SELECT version FROM {version_table} WHERE component = $1", self.component
-            )
-            current = 0 if current is None else int(current)
-            if current > latest:
-                raise SchemaVersionError(
-                    f"PostgreSQL {self.component} {self.target}: the tables "
-                    f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'}) "
-                    f"are at schema version {current}, newer than this code's {latest}; "
-                    "upgrade empathy-models-postgres",
-                    target=self.target,
-                )
-            for version in range(current + 1, latest + 1):
-                for statement in migrations[version - 1]:
-                    await conn.execute(statement)
-            if current < latest:
-                await conn.execute(
-                    f"INSERT INTO {version_table} (component, version) VALUES ($1, $2) "
-                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
-                    self.component,
-                    latest,
-                )
-
-    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> bool:
-        """
-        Without ``create``: refuse, rather than create, missing or outdated tables; true
-        when this component's are missing from a schema that holds others' and
-        `empty_when_missing` lets it read as empty.
-        """
-        where = f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'})"
-        async with self.errors("check the tables"), self.connection(pool) as conn:
-            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", version_table)
-            current = None
-            if exists:
-                current = await conn.fetchval(
-                    f"SELECT version FROM {version_table} WHERE component = $1", self.component
-                )
-        if current is None and exists and self.empty_when_missing:
-            return True  # empathy-models tables, but never this component's
-        if current is None:
-            raise self.error_type(
-                f"PostgreSQL {self.component} {self.target}: no empathy-models tables {where}: "
-                "nothing was recorded there (is the schema name right?); they are not "
-                "created for a read-only use",
-                target=self.target,
-            )
-        if int(current) > latest:
-            raise SchemaVersionError(
-                f"PostgreSQL {self.component} {self.target}: the tables {where} are at schema "
-                f"version {current}, newer than this code's {latest}; upgrade "
-                "empathy-models-postgres",
-                target=self.target,
-            )
-        if int(current) < latest:
-            raise self.error_type(
-                f"PostgreSQL {self.component} {self.target}: the tables {where} are at schema "
-                f"version {current}, older than this code's {latest}; open them once for "
-                "writing (e.g. run the application) to migrate them",
-                target=self.target,
-            )
-        return False
-
     async def close(self) -> None:
         """Close the pool; past `CLOSE_TIMEOUT` seconds (an unreachable server), terminate it."""
         opening, self._opening = self._opening, None
@@ -776,43 +690,3 @@ class Database:
                 CLOSE_TIMEOUT,
             )
             pool.terminate()
-
-
-def _check_names(db: Database, templates: Sequence[Sequence[str]]) -> None:
-    """
-    Refuse a ``table_prefix`` so long that PostgreSQL, cutting names to `_NAME_BYTES`,
-    would make two of the component's tables and indexes one name (the second
-    ``CREATE ... IF NOT EXISTS`` would find the first and create nothing).
-    """
-    tokens = {"schema_version"}
-    for sql in (s for step in templates for s in step):
-        tokens.update(re.findall(r"\{[ti]_([a-z_]+)\}", sql))
-    seen: dict[bytes, str] = {}
-    for token in sorted(tokens, key=lambda t: (len(t), t)):
-        name = db.table_prefix + token
-        cut = name.encode("utf-8")[:_NAME_BYTES]
-        if cut in seen:
-            raise ConfigurationError(
-                f"table_prefix {db.table_prefix!r} is too long: PostgreSQL cuts names to "
-                f"{_NAME_BYTES} bytes, which would make {seen[cut]!r} and {name!r} one "
-                f"name; {_NAME_BYTES - max(map(len, tokens))} characters or fewer keep "
-                f"every {db.component} name whole"
-            )
-        seen[cut] = name
-
-
-def build_migrations(db: Database, templates: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Fill ``{table:name}``-style placeholders: ``{t_calls}`` -> the qualified table."""
-    _check_names(db, templates)
-    names: dict[str, str] = {}
-
-    def fill(sql: str) -> str:
-        out = sql
-        for token in re.findall(r"\{t_([a-z_]+)\}", sql):
-            names[token] = db.table(token)
-            out = out.replace("{t_" + token + "}", names[token])
-        for token in re.findall(r"\{i_([a-z_]+)\}", sql):
-            out = out.replace("{i_" + token + "}", quote_ident(db.table_prefix + token))
-        return out
-
-    return [[fill(s) for s in step] for step in templates]

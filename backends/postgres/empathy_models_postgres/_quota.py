@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
+
+import asyncpg
 
 from empathy_models.abc import TransactionalQuotaStore
 from empathy_models.backends import shown
@@ -18,6 +21,8 @@ from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_dige
 __all__ = ["QUOTA_SCHEMA_VERSION", "PostgresQuotaStore"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("empathy_models.backends.postgres")
 
 _KEY: Final = text_digest("key")
 """What the quota table's unique index holds: the SHA-256 digest of a row's key."""
@@ -47,6 +52,16 @@ _MIGRATIONS: Final = (
         f"CREATE UNIQUE INDEX IF NOT EXISTS {{i_quota_key}} ON {{t_quota}} ({_KEY})",
     ),
 )
+
+_SWEEP: Final = (
+    "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+    "WHERE left(key, 2) = 'b|' AND (data->>'window_end')::float8 < $1 "
+    "FOR UPDATE SKIP LOCKED))"
+)
+"""The sweep of budget windows that ended before ``$1``.  A row another session holds
+(an operation on an ended window, another process's sweep) is skipped, not waited for,
+and left to a later sweep: two sweeps locking the same rows in different orders would
+deadlock."""
 
 QUOTA_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The schema version of the quota table this code writes."""
@@ -105,7 +120,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     is stored escaped (`_stored_key`).  A budget's window is dropped a week
     (`empathy_models.limits.WINDOW_RETENTION`) after it ended, checked once an hour in
     each process, the time being the database's when a budget write's window holds it
-    (the callers' clock agrees), else the newest such window's start.  Every operation
+    (the callers' clock agrees), else the newest such window's start, once the budget
+    write that found it due has committed; a window another session holds then is
+    skipped, left to a later check, not waited for.  Every operation
     is one transaction: the row is inserted if absent, locked with ``SELECT ... FOR
     UPDATE``, the pure step of `empathy_models.limits.meter` runs with ``now`` from the
     database's ``clock_timestamp()`` read after the lock is held, and the row is written
@@ -192,17 +209,26 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                     stored,
                     json.dumps(new, separators=(",", ":")),
                 )
-                if key.startswith("b|") and _sweep_time(new, now) >= self._sweep_at:
-                    # the budget windows that ended a week before go, as in the other
-                    # stores (one scan of the table an hour)
-                    newest = _sweep_time(new, now)
-                    await conn.execute(
-                        f"DELETE FROM {self._table} WHERE left(key, 2) = 'b|' "
-                        "AND (data->>'window_end')::float8 < $1",
-                        newest - WINDOW_RETENTION,
-                    )
-                    self._sweep_at = newest + 3600.0
+        if new is not None and key.startswith("b|") and _sweep_time(new, now) >= self._sweep_at:
+            await self._sweep(pool, _sweep_time(new, now))
         return result
+
+    async def _sweep(self, pool: asyncpg.Pool, newest: float) -> None:
+        """
+        Drop the budget windows that ended a week (`WINDOW_RETENTION`) before ``newest``,
+        as the other stores do: one scan of the table an hour, after the write that
+        started it committed (so no budget's row is held while the table is scanned).
+        The write is done: a sweep that fails is logged, not raised, and tried again an
+        hour later.
+        """
+        self._sweep_at = newest + 3600.0
+        try:
+            async with self._db.errors("sweep ended budget windows"):
+                await self._db.run(
+                    pool, "execute", _SWEEP.format(table=self._table), newest - WINDOW_RETENTION
+                )
+        except StateStoreError as exc:
+            logger.warning("%s; trying again in an hour", exc)
 
     async def now(self) -> float:
         """The database's ``clock_timestamp()``, by which every operation lapses holds."""

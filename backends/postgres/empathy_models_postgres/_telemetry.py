@@ -699,7 +699,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
     async def _purge(self, *, before: datetime) -> int:
         """
         Delete the records older than ``before`` and the evidence buckets that end at or
-        before it, in one transaction; return how many records were deleted.
+        before it, in one transaction; return how many records were deleted.  Rows
+        another session holds (a purge running at the same time) are left to it.
         """
         if await self._db.absent(self._migrations):
             return 0
@@ -712,9 +713,12 @@ class PostgresTelemetryBackend(TelemetryBackend):
             self._db.connection(pool) as conn,
             self._db.transaction(conn),
         ):
-            status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
+            # the rows another session holds (its own purge, under way; a write to an
+            # old bucket) are skipped, not waited for, and left to a later purge:
+            # two purges deleting the same rows in different orders would deadlock
+            status = await conn.execute(_skip_locked(self._calls, "ts < $1"), before)
             await conn.execute(
-                f"DELETE FROM {self._evidence_table} WHERE bucket_start <= to_timestamp($1)",
+                _skip_locked(self._evidence_table, "bucket_start <= to_timestamp($1)"),
                 last_start,
             )
         return int(str(status).rsplit(" ", 1)[-1])
@@ -735,3 +739,12 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",
                 self._db.component,
             )
+
+
+def _skip_locked(table: str, condition: str) -> str:
+    """A ``DELETE`` of ``table``'s rows that meet ``condition``, but those another session
+    has locked (``FOR UPDATE SKIP LOCKED``)."""
+    return (
+        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+        f"WHERE {condition} FOR UPDATE SKIP LOCKED))"
+    )

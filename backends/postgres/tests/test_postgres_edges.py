@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
-from empathy_models_postgres import PostgresResponseCache
+from empathy_models_postgres import PostgresQuotaStore, PostgresResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, Outcome, state_store_from_url
 from empathy_models.exceptions import StateStoreError
@@ -262,3 +263,36 @@ def test_a_schema_name_postgresql_would_cut_is_refused(kind: str) -> None:
         factory(f"postgresql://postgres@127.0.0.1:5432/test?schema={fits}a")
     with pytest.raises(ConfigurationError, match="is too long"):
         factory("postgresql://postgres@127.0.0.1:5432/test", schema=fits + "b")
+
+
+async def test_a_migration_longer_than_command_timeout_is_not_cut_short(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a migration taking longer than command_timeout (an upgrade over a large table;
+    # here one waiting for another process's migration) was cut short there and rolled
+    # back, and each later operation ran it again from the start, failing the same way:
+    # over a table large enough, for ever. Its statements now run without that limit,
+    # and without the statement_timeout the server sets for the role or database.
+    other = await asyncpg.connect(postgres_dsn)
+    lock = f"empathy_models:{postgres_schema}:empathy_"
+    try:
+        await other.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+
+        async def finish_later() -> None:
+            await anyio.sleep(2.5)  # two and a half command_timeouts
+            await other.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(finish_later)
+            async with PostgresQuotaStore(
+                postgres_url, command_timeout=1.0, server_settings={"statement_timeout": "1000"}
+            ) as store:
+                with anyio.fail_after(20):
+                    grant = await store.reserve(
+                        "k", window_start=0.0, window_end=1e12, amount=1, limit=2
+                    )
+                assert grant.granted
+    finally:
+        await other.close()
+    said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
+    assert not [m for m in said if "failed" in m], said

@@ -223,3 +223,92 @@ async def test_read_only_a_quota_table_made_after_the_open_is_read(postgres_url:
             await worker.set_limit("global/day", 10)
         assert [(u.key, u.held) for u in await reader.usages()] == [("global/day", 2)]
         assert await reader.limit_overrides() == {"global/day": 10}
+
+
+async def test_a_sweep_of_ended_windows_skips_a_row_another_session_holds(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    # the hourly sweep of ended budget windows runs in a budget write's transaction; it
+    # waited for any ended window another session held (a late settle, another
+    # process's own sweep), up to command_timeout, failing the write, and two
+    # processes sweeping at once could deadlock. It now skips rows held elsewhere.
+    day = 86_400.0
+    async with PostgresQuotaStore(postgres_url) as first:
+        now = await first.now()
+        old: dict[str, Any] = {
+            "window_start": now - 30 * day,
+            "window_end": now - 29 * day,
+            "limit": 10,
+        }
+        assert (await first.reserve("old", amount=1, **old)).granted
+        assert (await first.reserve("older", amount=1, **old)).granted
+        table = first._table
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        async with conn.transaction():
+            # another session holds one ended window's row
+            held = await conn.fetch(f"SELECT key FROM {table} WHERE key LIKE 'b|old@%' FOR UPDATE")
+            assert len(held) == 1
+            async with PostgresQuotaStore(postgres_url, command_timeout=60.0) as second:
+                # a sweep waiting for the held row would wait the whole command_timeout
+                with anyio.fail_after(20):
+                    grant = await second.reserve(
+                        "now", window_start=now - 60, window_end=now + day, amount=1, limit=10
+                    )
+                assert grant.granted
+        left = await conn.fetch(f"SELECT key FROM {table} ORDER BY key")
+    finally:
+        await conn.close()
+    # the held window stays for a later sweep; the other ended one is gone
+    assert [row["key"].split("@")[0] for row in left] == ["b|now", "b|old"]
+
+
+async def test_a_sweep_of_ended_windows_holds_no_budget_while_it_runs(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # the hourly sweep (a scan of the whole table) ran inside the budget write that
+    # started it, holding that budget's row: every other process's calls on the budget
+    # (a global one: all of them) waited for the scan. The write now commits first.
+    day = 86_400.0
+    first, second = PostgresQuotaStore(postgres_url), PostgresQuotaStore(postgres_url)
+    async with first, second:
+        now = await first.now()
+        today: dict[str, Any] = {"window_start": now - 60, "window_end": now + day, "limit": 10}
+        await second.reserve("warm", amount=1, **today)  # its sweep for the hour: done
+        ended: dict[str, Any] = {"window_start": now - 30 * day, "window_end": now - 29 * day}
+        await first.reserve("old", amount=1, limit=10, **ended)
+        # a sweep held up for as long as this test holds advisory lock 73215001: each row it
+        # deletes first waits for that lock
+        holder = await asyncpg.connect(postgres_dsn)
+        try:
+            await holder.execute(
+                f'CREATE FUNCTION "{postgres_schema}".held() RETURNS trigger LANGUAGE plpgsql '
+                "AS $$ BEGIN PERFORM pg_advisory_xact_lock(73215001); RETURN OLD; END $$; "
+                f"CREATE TRIGGER held BEFORE DELETE ON {first._table} "
+                f'FOR EACH ROW EXECUTE FUNCTION "{postgres_schema}".held()'
+            )
+            await holder.execute("SELECT pg_advisory_lock(73215001)")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: first.reserve("global", amount=1, **today))  # sweeps
+                await _until_a_sweep_waits(holder)
+                # the sweep cannot end while the lock is held: a call on the budget that
+                # waited for it would never end (until command_timeout)
+                with anyio.fail_after(20):
+                    assert (await second.reserve("global", amount=1, **today)).granted
+                await holder.execute("SELECT pg_advisory_unlock(73215001)")
+        finally:
+            await holder.close()
+
+
+async def _until_a_sweep_waits(conn: asyncpg.Connection) -> None:
+    """Until another session waits for advisory lock 73215001 (the held sweep)."""
+    with anyio.fail_after(20):
+        while True:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 73215001"
+                " AND NOT granted AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+            if waiting:
+                return
+            await anyio.sleep(0.02)

@@ -243,6 +243,42 @@ async def test_purge_deletes_only_older_records(postgres_url: str) -> None:
         assert await backend.purge(before=cutoff) == 0
 
 
+async def test_purges_at_once_take_turns_without_waiting_for_each_other(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    # a purge (retention, often a job on every worker at once) waited for the rows
+    # another purge had deleted but not committed, up to command_timeout, and two over
+    # a large table (PostgreSQL starts a second scan where the first one is) could
+    # deadlock. Each now deletes what no other session holds, and counts that.
+    records = random_records(4, 50)
+    cutoff = T0 + timedelta(minutes=20)
+    old = sum(r.timestamp < cutoff for r in records)
+    async with PostgresTelemetryBackend(postgres_url, command_timeout=1.0) as backend:
+        await backend.record_many(records)
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            async with other.transaction():  # another process's purge, under way
+                await other.execute(
+                    f"SELECT 1 FROM {backend._calls} WHERE ts < $1 LIMIT 1 FOR UPDATE", cutoff
+                )
+                await other.execute(
+                    f"SELECT 1 FROM {backend._evidence_table} ORDER BY bucket_start "
+                    "LIMIT 1 FOR UPDATE"
+                )
+                with anyio.fail_after(0.9):  # within command_timeout: it did not wait
+                    assert await backend.purge(before=cutoff) == old - 1
+        finally:
+            await other.close()
+        assert await backend.purge(before=cutoff) == 1  # the one held meanwhile
+        kept = await backend.recent(limit=1000)
+        assert sorted(r.call_id for r in kept) == sorted(
+            r.call_id for r in records if r.timestamp >= cutoff
+        )
+        evidence = await backend.evidence()
+        ended = [b for b in evidence.buckets if b.bucket_start + timedelta(minutes=1) <= cutoff]
+        assert ended == []
+
+
 async def test_version_1_tables_gain_evidence_built_from_their_calls(
     postgres_url: str, postgres_dsn: str, postgres_schema: str
 ) -> None:
