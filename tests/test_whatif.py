@@ -950,6 +950,45 @@ def test_routing_best_refuses_an_unknown_on_no_match_as_a_usage_error(
     assert pinned.returncode == 0, pinned.stderr
 
 
+def test_cli_plot_is_private_and_path_options_expand_a_tilde(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    # the plot holds what the user's calls cost: 0600 like the database and exports,
+    # also over a file that was 0644; "~/..." is the home directory in every path option
+    pytest.importorskip("matplotlib")
+    db, registry = synth_db
+    home, user = tmp_path / "home", tmp_path / "user"
+    user.mkdir()
+    shutil.copy(registry, user / "registry.json")
+    env = {"HOME": str(user)}
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", "~/registry.json")
+    quick = ("--requests", "50", "--replicates", "2", "--sweep", "0.8,0.95")
+    plotted = run_cli(home, *base, *quick, "--plot", "~/cost.png", env=env)
+    assert plotted.returncode == 0, plotted.stderr
+    assert plotted.stdout.endswith(f"written to {user / 'cost.png'}\n")
+    assert (user / "cost.png").stat().st_mode & 0o777 == 0o600
+    (user / "cost.png").chmod(0o644)
+    again = run_cli(home, *base, *quick, "--plot", str(user / "cost.png"), env=env)
+    assert again.returncode == 0, again.stderr
+    assert (user / "cost.png").stat().st_mode & 0o777 == 0o600
+    exported = run_cli(
+        home,
+        "telemetry",
+        "export",
+        "--format",
+        "csv",
+        "--db",
+        str(db),
+        "-o",
+        "~/calls.csv",
+        env=env,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert (user / "calls.csv").stat().st_mode & 0o777 == 0o600
+    nobody = run_cli(home, *base, *quick, "--plot", "~no_such_user_here/cost.png", env=env)
+    assert nobody.returncode == 2 and "no home directory" in nobody.stderr, nobody.stderr
+
+
 def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(
     tmp_path: Path, synth_db: tuple[Path, Path]
 ) -> None:
