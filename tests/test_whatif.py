@@ -609,6 +609,39 @@ def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulatio
     assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
 
 
+def test_the_off_policy_estimate_counts_a_retried_request_once() -> None:
+    """
+    The logging policy picked "a" (propensity 0.5) for 100 requests: half answered at
+    once, half failed and were retried on "a", each retry carrying the decision's
+    propensity too.  A request is one routed attempt, as the simulation counts it: the
+    policy "a only" answers half its requests at the first attempt (the retries made it
+    2/3, weighing "a"'s failing requests twice), and costs one attempt per request.
+    """
+
+    def call(i: int, attempt: int, success: bool) -> LLMCallRecord:
+        return LLMCallRecord(
+            provider="p",
+            model="a",
+            outcome="success" if success else "failure",
+            cost_usd=0.001 if attempt == 1 else 0.003,
+            routing_propensity=0.5,
+            request_id=f"r{i}",
+            call_id=f"a{i}-{attempt}",
+            attempt=attempt,
+        )
+
+    records = [call(i, 1, i % 2 == 0) for i in range(100)]
+    records += [call(i, 2, True) for i in range(1, 100, 2)]  # the retries of the failures
+    estimate = ipw_estimate(records, {"a": 1.0})
+    assert estimate is not None and estimate.with_propensity == 150
+    assert estimate.effective_sample_size == pytest.approx(100.0)
+    assert estimate.success_rate.estimate == pytest.approx(0.5)
+    assert estimate.cost_per_request.estimate == pytest.approx(0.001)
+    # newest first, as the backend reads them: the same requests
+    again = ipw_estimate(list(reversed(records)), {"a": 1.0})
+    assert again is not None and again.success_rate.estimate == pytest.approx(0.5)
+
+
 def test_the_off_policy_estimate_stays_a_number_at_any_cost_or_propensity() -> None:
     """
     One call logged with a propensity of 1e-300 outweighs 40 others a 1e300-fold: the
