@@ -814,6 +814,11 @@ def test_message_of_takes_sdk_messages_and_their_dumps_with_null_fields() -> Non
         )
     )
     assert Message.of(plain).text == "hi"
+    # OpenAI's answers now hold "annotations": [] (url citations when there are some)
+    cited = ChatCompletionMessage.model_validate(
+        {"role": "assistant", "content": "hi", "annotations": []}
+    )
+    assert Message.of(cited) == Message.of(cited.model_dump()) == Message.of(plain)
     blocks = [
         AnthropicText(type="text", text="hi"),
         ToolUseBlock(type="tool_use", id="t1", name="f", input={}),
