@@ -801,7 +801,8 @@ def _routed_attempts(
     """
     For `ipw_estimate`: how many of ``records`` are sample calls, how many of those
     carry a ``routing_propensity``, and each request's routed attempt: the first of its
-    calls that carry one (a call without a ``request_id`` a request of its own).
+    calls that carry one (a call without a ``request_id`` a request of its own), never
+    a retry on a run's first model (``fallback_chain`` that model alone).
     """
     calls = carried = 0
     routed: dict[object, LLMCallRecord] = {}  # by request_id, else an int of its own
@@ -814,7 +815,10 @@ def _routed_attempts(
             continue
         carried += 1
         # one routed attempt per request: a retry of the routed model carries the
-        # decision's propensity too, but the policy chose nothing again
+        # decision's propensity too, but the policy chose nothing again (one of a model
+        # tried alone, its first attempt older than the calls read, is left out)
+        if r.attempt > 1 and r.fallback_chain == (r.model,):
+            continue
         key: object = carried if r.request_id is None else r.request_id
         first = routed.get(key)
         if first is None or r.attempt < first.attempt:

@@ -640,6 +640,11 @@ def test_the_off_policy_estimate_counts_a_retried_request_once() -> None:
     # newest first, as the backend reads them: the same requests
     again = ipw_estimate(list(reversed(records)), {"a": 1.0})
     assert again is not None and again.success_rate.estimate == pytest.approx(0.5)
+    # the newest calls read: a retry whose first attempt was older is no request
+    chained = [attrs.evolve(r, fallback_chain=("a",)) for r in records]
+    newest = ipw_estimate(chained[:50] + chained[100:], {"a": 1.0})
+    assert newest is not None and newest.effective_sample_size == pytest.approx(50.0)
+    assert newest.success_rate.estimate == pytest.approx(0.5)
 
 
 def test_the_off_policy_estimate_stays_a_number_at_any_cost_or_propensity() -> None:
