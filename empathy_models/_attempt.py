@@ -168,8 +168,8 @@ class Attempts:
             The answering model and its answer (`Completion`; `Opened` when streamed).
 
         Raises:
-            AllRoutesFailedError: every route failed (a budget's refusal after them
-                last), or the deadline passed.
+            AllRoutesFailedError: every route failed (a budget's refusal of a route
+                in its place among them), or the deadline passed.
             InvalidRequestError: the provider's, at once: the request is bad, or no
                 remaining route holds its context.
             BudgetExceededError: a budget refuses and no cheaper candidate fits.
@@ -204,10 +204,11 @@ class Attempts:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
                     # a budget cannot cover this model: a cheaper route, a later one it
-                    # does not cover, or raise
+                    # does not cover, or raise; the refusal joins the run's errors
                     run.chain.pop()
                     if not self.cheaper_route(info, refused, routes):
                         raise _refused(run, refused) from None
+                    run.errors.append(refused)
                     continue
                 except LocalRateLimitError as busy:
                     run.errors.append(busy)  # no capacity in time: the next route
@@ -989,11 +990,12 @@ def _last_error(run: _Run) -> str:
 
 def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
     """
-    The error of a run a budget ``refused`` with no cheaper route left: the refusal; or,
-    when routes before failed, every error in the group, the refusal last (their
-    failures, an outage say, are the caller's to know too).
+    The error of a run a budget ``refused`` with no cheaper route left: the refusal,
+    when budgets refused every route before it too (or there was none); else every
+    error in the group (the earlier budgets' refusals included), the refusal last
+    (their failures, an outage say, are the caller's to know too).
     """
-    if not run.errors:
+    if all(isinstance(error, BudgetExceededError) for error in run.errors):
         return refused
     run.errors.append(refused)
     return _all_failed(run)

@@ -702,7 +702,10 @@ class EmpathyLLMExecutor:
 
         It owns what it builds: the file's providers, registry, telemetry backend, breaker
         and (with ``router=True``) an `AdaptiveModelRouter` over the same telemetry, opened
-        on enter and closed on exit.
+        on enter and closed on exit.  A ``telemetry_store`` URL given is built once, for
+        both; with the file's ``memory://`` telemetry, a router given that reads a
+        ``memory://`` backend lends the executor that backend, so the router reads what
+        the executor records.
 
         Args:
             path: the file; by default found like the CLI finds it (``EMPATHY_CONFIG``,

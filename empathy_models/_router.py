@@ -595,6 +595,11 @@ class AdaptiveModelRouter:
             telemetry = config.telemetry_url
         return cls(registry, telemetry, **options)
 
+    @property
+    def telemetry_store(self) -> TelemetryBackend | None:
+        """The telemetry backend the router reads its evidence from (None: none)."""
+        return self._store_obj
+
     def __repr__(self) -> str:
         return (
             f"AdaptiveModelRouter(arms={len(self._memory.arms)}, store={self._store_obj!r}, "

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 
 from ._planner import _key_hint
 from ._validators import MAX_SIZE, check, failure, integer, shown
-from .abc import CircuitStateStore, Provider, QuotaStore
+from .abc import CircuitStateStore, Provider, QuotaStore, TelemetryBackend
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
 from .limits.values import Budget, RateLimit
@@ -187,8 +187,12 @@ def config_arguments(
     ``empathy.toml`` at ``path`` and ``options`` (which win).  ``router=True`` builds an
     `AdaptiveModelRouter` over the same telemetry; ``False`` / ``None`` means none; any
     other value is the router itself, borrowed (`ConfigurationError` if it is none).
+    A telemetry URL in ``options`` is built here, once, for both; with the file's
+    ``memory://`` telemetry, a router given that reads a memory backend lends it to
+    the executor (a second one would be a store the router never reads).
     """
     from ._router import AdaptiveModelRouter
+    from .backends import telemetry_from_url
     from .config import EmpathyConfig
 
     config = EmpathyConfig.load(path)
@@ -203,9 +207,15 @@ def config_arguments(
         providers = config.build_providers(registry if own_registry else None)
     telemetry = arguments.pop("telemetry_store", None)
     owned: list[AbstractAsyncContextManager[Any]] = []
-    if telemetry is None:
-        telemetry = config.telemetry_store()  # refused naming the file and key
-        config.ensure_directory("telemetry")
+    if telemetry is None and _memory_url(config.telemetry_url) and _store_of(router) is not None:
+        telemetry = _store_of(router)  # the router's own memory is the only one it reads
+    elif telemetry is None or isinstance(telemetry, str):
+        # one backend for the executor and the router (memory:// built twice is two)
+        if telemetry is None:
+            telemetry = config.telemetry_store()  # refused naming the file and key
+            config.ensure_directory("telemetry")
+        else:
+            telemetry = telemetry_from_url(telemetry)
         owned.append(telemetry)
     if router is True:
         router = AdaptiveModelRouter(registry, telemetry)
@@ -226,6 +236,22 @@ def config_arguments(
         arguments["breaker"] = config.state_url
     arguments.update(registry=registry, telemetry_store=telemetry)
     return providers, arguments, tuple(owned)
+
+
+def _memory_url(url: str) -> bool:
+    """Whether ``url`` is a ``memory://`` backend's (one process's, one object's)."""
+    return url.partition("://")[0].lower() == "memory"
+
+
+def _store_of(router: object) -> TelemetryBackend | None:
+    """
+    The ``memory://`` telemetry backend a router object given to `config_arguments`
+    reads, if it reads one.
+    """
+    from .backends.memory import MemoryTelemetryBackend
+
+    store = getattr(router, "telemetry_store", None)
+    return store if isinstance(store, MemoryTelemetryBackend) else None
 
 
 def limiter_for(

@@ -48,6 +48,7 @@ from .content import (
     ToolCallDelta,
     ToolResult,
     check_options,
+    plain_of,
     text_of,
     to_blocks,
     to_extra_body,
@@ -1399,7 +1400,7 @@ class Message:
     `EmpathyLLMExecutor.run`) moves its content into the system prompt, after
     ``system=`` / ``ExecutionContext.system`` when both are given.  `Message.of` also
     takes OpenAI-style ``{"role": ..., "content": ..., "tool_calls": ...,
-    "tool_call_id": ...}`` dicts.
+    "tool_call_id": ...}`` dicts and the SDKs' message objects.
 
     Args:
         role: ``"system"``, ``"user"``, ``"assistant"`` or ``"tool"``.
@@ -1471,7 +1472,11 @@ class Message:
             item: a `Message` (returned as is), or a mapping with the keys ``role`` and
                 ``content`` (OpenAI's chat format; ``content`` may be left out of an
                 assistant message with ``tool_calls``) and optionally ``tool_calls`` and
-                ``tool_call_id``.
+                ``tool_call_id``; any other key is refused unless its value is ``None``
+                or empty, as in the ``model_dump()`` of the openai SDK's
+                ``ChatCompletionMessage`` (``refusal``, ``audio``, ``annotations: []``,
+                ...), which is taken itself too (an SDK's object, pydantic's: its
+                ``model_dump``).
             index: the position in a prompt, put in the error's path.
 
         Raises:
@@ -1480,12 +1485,17 @@ class Message:
         if isinstance(item, Message):
             return item
         where = "message" if index is None else f"messages[{index}]"
+        item = plain_of(item)
         if not isinstance(item, Mapping):
             raise RecordValidationError(
                 f"{where} must be a Message or a {{'role': ..., 'content': ...}} dict, "
                 f"got {type(item).__name__}",
                 path=where,
             )
+        # a field left null is a field left out (an SDK's dump holds every field it
+        # knows), and so is an empty one of those it cannot send (OpenAI's answers hold
+        # "annotations": [])
+        item = {k: v for k, v in item.items() if k in _MESSAGE_KEYS or not _blank(v)}
         unknown = sorted(map(str, set(item) - _MESSAGE_KEYS - _OPTIONAL_MESSAGE_KEYS))
         required = _MESSAGE_KEYS - ({"content"} if item.get("tool_calls") else set())
         missing = sorted(required - set(item))
@@ -1511,6 +1521,11 @@ class Message:
             raise RecordValidationError(
                 f"{where}: {exc}", path=f"{where}.{exc.path or ''}".rstrip(".")
             ) from None
+
+
+def _blank(value: object) -> bool:
+    """``None``, or an empty list, tuple or mapping: a message field that says nothing."""
+    return value is None or (isinstance(value, list | tuple | Mapping) and not value)
 
 
 def split_system(

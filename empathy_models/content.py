@@ -361,14 +361,32 @@ def _image_from_dict(item: Mapping[str, Any], path: str) -> ImageBlock:
     return ImageBlock(media_type=source.get("media_type"), data=source.get("data"))
 
 
+def plain_of(item: object) -> object:
+    """
+    ``item`` as plain data: an SDK's object (a pydantic model, such as the openai SDK's
+    ``ChatCompletionMessage`` or the anthropic SDK's content blocks: anything not a
+    mapping with a ``model_dump`` method) as its dict without the fields left null;
+    anything else as is.
+    """
+    dump = getattr(item, "model_dump", None)
+    if dump is None or isinstance(item, Mapping | type) or not callable(dump):
+        return item
+    try:
+        return dump(exclude_none=True)
+    except TypeError:  # a model_dump without pydantic's options
+        return dump()
+
+
 def block_of(item: object, path: str = "content[0]") -> ContentBlock:
     """
     ``item`` as a block: a block is returned as is; a dict in either API's shape
     (``{"type": "text", "text": ...}``, OpenAI ``image_url``, Anthropic ``image``,
-    ``tool_use`` and ``tool_result``) is converted.
+    ``tool_use`` and ``tool_result``), or an SDK's block object (`plain_of`), is
+    converted.
     """
     if isinstance(item, _BLOCK_TYPES):
         return item
+    item = plain_of(item)
     if isinstance(item, str):
         return TextBlock(text=item)
     if not isinstance(item, Mapping):
@@ -418,10 +436,11 @@ def tool_call_of(item: object, path: str) -> ToolCall:
     """
     ``item`` as a `ToolCall`: a `ToolCall`, an OpenAI ``tool_calls`` entry
     (``{"id", "type": "function", "function": {"name", "arguments": "<json>"}}``) or an
-    Anthropic ``tool_use`` block.
+    Anthropic ``tool_use`` block (or an SDK's object of either, `plain_of`).
     """
     if isinstance(item, ToolCall):
         return item
+    item = plain_of(item)
     if not isinstance(item, Mapping):
         raise _fail(f"{path} must be a ToolCall or a dict, got {type(item).__name__}", path)
     if item.get("type") == "tool_use":

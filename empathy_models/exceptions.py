@@ -534,8 +534,10 @@ class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
     ``exceptions`` holds, in order, the error of each failed attempt (those an open
     circuit refused, and those the deadline left unsent, included) and of each call
     the limits refused before it went out (a `LocalRateLimitError`; a
-    `BudgetExceededError` once routes before it failed); the message names the models
-    tried, the number of attempts and the last error (or the deadline).
+    `BudgetExceededError`, whose route the run skipped for a cheaper one or one the
+    budget does not cover); the message names the models tried, the number of attempts
+    and the last error (or the deadline).  A run that only budgets refused raises the
+    last `BudgetExceededError` instead.
 
     ``request_id`` is the run's id, which every record of its attempts carries
     (`LLMCallRecord.request_id`), so a failed run's calls can be found in telemetry

@@ -351,6 +351,7 @@ class SyncExecutor:
     garbage-collected unclosed is closed too.  Built in the main thread, it installs
     the backends' SIGTERM handler (see `empathy_models.backends.batching`).
 
+    `from_config` builds it from ``empathy.toml``, as `EmpathyLLMExecutor.from_config`.
     `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
     blocks until the answer, and raises what it raises.  `call` runs any other coroutine
     on the same loop (``llm.call(router.get_routing_stats, "docs")``).  Calling `run` or
@@ -385,6 +386,55 @@ class SyncExecutor:
         breaker: _Breaker | str | None = None,
         **options: Any,
     ) -> None:
+        self._start(
+            (router, breaker),
+            lambda: EmpathyLLMExecutor(
+                providers,
+                telemetry_store=telemetry_store,
+                router=router,
+                breaker=breaker,
+                **options,
+            ),
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        router: bool | _Router | None = True,
+        **options: Any,
+    ) -> Self:
+        """
+        A `SyncExecutor` over `EmpathyLLMExecutor.from_config`: the executor built from
+        ``empathy.toml`` (its providers, registry, telemetry backend, breaker and, with
+        ``router=True``, a router over the same telemetry), on the private loop.
+
+        Args:
+            path: the file; by default found as `EmpathyLLMExecutor.from_config` finds it.
+            router: ``True`` builds the router; ``False`` or ``None``: no router; an
+                `AdaptiveModelRouter` given is opened and closed with the executor, as
+                `SyncExecutor` opens one given to its constructor (and so is a
+                `CircuitBreaker` given as ``breaker=``).
+            **options: constructor arguments (``retry=``, ``fallback=``, ...); they win.
+
+        Raises:
+            ConfigurationError: an invalid file (its loop thread stopped again).
+        """
+        self = cls.__new__(cls)
+        self._start(
+            (router, options.get("breaker")),
+            lambda: EmpathyLLMExecutor.from_config(path, router=router, **options),
+        )
+        return self
+
+    def _start(
+        self, resources: tuple[object, ...], build: Callable[[], EmpathyLLMExecutor]
+    ) -> None:
+        """
+        Start the loop thread, open there each of ``resources`` that is an async context
+        manager (a router or breaker object), then the executor ``build`` makes there.
+        """
         self._worker = _LoopThread("empathy-models-sync")
         # at exit (or when collected unclosed) the loop thread still closes what it holds
         self._finalizer = weakref.finalize(self, self._worker.close_from_anywhere)
@@ -394,7 +444,7 @@ class SyncExecutor:
         async def open_all() -> EmpathyLLMExecutor:
             stack = AsyncExitStack()
             try:
-                for resource in (router, breaker):
+                for resource in resources:
                     # objects that are async context managers (AdaptiveModelRouter,
                     # CircuitBreaker) are opened here and closed with the executor
                     if hasattr(resource, "__aenter__") and hasattr(resource, "__aexit__"):
@@ -404,13 +454,7 @@ class SyncExecutor:
                             )
                         except NotOpenError as exc:  # opened already, in another loop
                             raise _not_opened_here(resource, exc) from exc
-                executor = EmpathyLLMExecutor(
-                    providers,
-                    telemetry_store=telemetry_store,
-                    router=router,
-                    breaker=breaker,
-                    **options,
-                )
+                executor = build()
                 await stack.enter_async_context(executor)
             except BaseException:
                 await stack.aclose()

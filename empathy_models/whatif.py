@@ -39,8 +39,9 @@ How:
 4. **Off-policy check.**  When the recorded calls carry the router's selection
    probability (``LLMCallRecord.routing_propensity``), an inverse-propensity-weighted
    estimate over the window's newest calls (`ipw_limit` of them, read back as records,
-   however many were recorded after the window) is reported beside the simulation,
-   with its effective sample size.
+   however many were recorded after the window; a request counted once, by its routed
+   attempt, not its retries) is reported beside the simulation, with its effective
+   sample size.
 
 One simulated request is one routed attempt: retries and fallbacks are not simulated,
 and "what was actually spent" is the recorded cost per attempt.
@@ -726,9 +727,15 @@ def ipw_estimate(
     """
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
-    Each recorded sample call with a ``routing_propensity`` weighs
-    ``target[model] / routing_propensity``, its cost counting for at most `AVERAGE_CAP`
-    (1e300), as in the telemetry's averages.  The cost is per request, as the simulation
+    A request counts once, by its routed attempt: of its recorded sample calls with a
+    ``routing_propensity`` (the routed model's; a fallback's carries none), the first
+    (``attempt``), which weighs ``target[model] / routing_propensity``, its cost
+    counting for at most `AVERAGE_CAP` (1e300), as in the telemetry's averages.  The
+    retries of the routed model carry the decision's propensity too but were no choice
+    of the policy: counted, a request that failed weighed as many times as it was
+    tried, so the estimate leaned to the models that fail.  A call without a
+    ``request_id`` is a request of its own.  As in the simulation, one request is one
+    routed attempt.  The cost is per request, as the simulation
     counts it: the weighted cost of an answered request times the share the policy
     answers (the sum of ``target``, at most 1), a request it leaves unanswered costing
     nothing; the success rate is of the answered requests.
@@ -745,20 +752,18 @@ def ipw_estimate(
         (0 when ``target`` gives no weight to any model of those calls, as for a policy
         that routes nothing).
     """
-    calls = 0
-    rows: list[tuple[float, float, float]] = []
-    for r in records:
-        if not r.outcome.is_sample:
-            continue
-        calls += 1
-        p = r.routing_propensity
-        if p is None or p <= 0.0:
-            continue
-        # a cost counts for at most AVERAGE_CAP, as in the telemetry's averages
-        cost = min(r.cost_usd, AVERAGE_CAP)
-        rows.append((target.get(r.model, 0.0) / p, cost, 1.0 if r.success else 0.0))
-    if not rows:
+    calls, carried, routed = _routed_attempts(records)
+    if not routed:
         return None
+    rows = [
+        # a cost counts for at most AVERAGE_CAP, as in the telemetry's averages
+        (
+            target.get(r.model, 0.0) / cast(float, r.routing_propensity),
+            min(r.cost_usd, AVERAGE_CAP),
+            1.0 if r.success else 0.0,
+        )
+        for r in routed
+    ]
     rows = _scaled_weights(rows)
     sw = sum(w for w, _, _ in rows)
     sw2 = sum(w * w for w, _, _ in rows)
@@ -766,7 +771,7 @@ def ipw_estimate(
     if ess < min_ess:
         return IPWEstimate(
             calls=calls,
-            with_propensity=len(rows),
+            with_propensity=carried,
             effective_sample_size=ess,
             cost_per_request=Interval.none(),
             success_rate=Interval.none(),
@@ -783,11 +788,42 @@ def ipw_estimate(
     answered = min(1.0, sum(target.values()))
     return IPWEstimate(
         calls=calls,
-        with_propensity=len(rows),
+        with_propensity=carried,
         effective_sample_size=ess,
         cost_per_request=snips([c for _, c, _ in rows], None).scaled(answered),
         success_rate=snips([s for _, _, s in rows], 1.0),
     )
+
+
+def _routed_attempts(
+    records: Iterable[LLMCallRecord],
+) -> tuple[int, int, list[LLMCallRecord]]:
+    """
+    For `ipw_estimate`: how many of ``records`` are sample calls, how many of those
+    carry a ``routing_propensity``, and each request's routed attempt: the first of its
+    calls that carry one (a call without a ``request_id`` a request of its own), never
+    a retry on a run's first model (``fallback_chain`` that model alone).
+    """
+    calls = carried = 0
+    routed: dict[object, LLMCallRecord] = {}  # by request_id, else an int of its own
+    for r in records:
+        if not r.outcome.is_sample:
+            continue
+        calls += 1
+        p = r.routing_propensity
+        if p is None or p <= 0.0:
+            continue
+        carried += 1
+        # one routed attempt per request: a retry of the routed model carries the
+        # decision's propensity too, but the policy chose nothing again (one of a model
+        # tried alone, its first attempt older than the calls read, is left out)
+        if r.attempt > 1 and r.fallback_chain == (r.model,):
+            continue
+        key: object = carried if r.request_id is None else r.request_id
+        first = routed.get(key)
+        if first is None or r.attempt < first.attempt:
+            routed[key] = r
+    return calls, carried, list(routed.values())
 
 
 def _scaled_weights(rows: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:

@@ -329,6 +329,11 @@ def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...
         ("breaker", "reset"),
         ("telemetry", "export", "--format", "xml"),
         ("demo", "--calls", "0"),
+        ("demo", "--calls", "-5"),
+        # a plan of this many calls would be built in memory before the first call
+        ("demo", "--calls", "1000001"),
+        ("demo", "--calls", "99999999999999999999"),
+        ("demo", "--concurrency", "100000"),
         # windows and durations too large for a datetime: usage errors, not tracebacks
         ("routing", "stats", "--days", "1e9"),
         ("routing", "stats", "--days", "inf"),

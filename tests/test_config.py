@@ -7,6 +7,7 @@ directory, with no flags, and must read the same database and registry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -236,6 +237,33 @@ async def test_a_tilde_in_a_sqlite_url_is_the_home_directory_where_it_is_opened(
         summary = cli(project, tmp_path / "home", "telemetry", "summary", "--json", *db)
         assert summary.returncode == 0, summary.stderr
         assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
+
+
+@pytest.mark.parametrize("given", ["file", "option", "router"])
+async def test_a_memory_telemetry_is_the_one_the_router_reads(
+    project: Path, server: FakeLLMServer, given: str
+) -> None:
+    # memory:// built twice, once for the executor and once for the router, gave the
+    # router an empty store of its own: its stats (and evidence) never saw a call
+    write_config(project, server)
+    config = project / "empathy.toml"
+    if given != "option":
+        config.write_text(config.read_text().replace('"calls.db"', '"memory://"'))
+    options: dict[str, Any] = {"telemetry_store": "memory://"} if given == "option" else {}
+    context = ExecutionContext(workflow="w", stage="s", tier="cheap")
+    own = AdaptiveModelRouter.from_config() if given == "router" else None
+    async with contextlib.AsyncExitStack() as stack:
+        if own is not None:
+            await stack.enter_async_context(own)
+        executor = await stack.enter_async_context(
+            EmpathyLLMExecutor.from_config(router=own if own is not None else True, **options)
+        )
+        await executor.run("hello", context)
+        router = own if own is not None else executor._router
+        assert isinstance(router, AdaptiveModelRouter)
+        assert router.telemetry_store is executor.telemetry_store
+        stats = await router.get_routing_stats("w", "s")
+        assert stats.total_calls == 1
 
 
 async def test_the_default_state_leaves_the_telemetry_only_options_out(

@@ -423,6 +423,40 @@ async def test_a_spent_budget_of_some_models_sends_the_call_to_a_cheaper_one_it_
     assert server.requests("gpt-dear") == 0
 
 
+async def test_a_budgets_refusal_is_in_the_error_when_the_routes_after_it_fail(
+    server: FakeLLMServer,
+) -> None:
+    # the spent budget refuses gpt-dear and sends the run to claude-other, which fails,
+    # as gpt-cheap after it: the error lists every route's outcome, the refusal first
+    server.set_outage("claude-other")
+    server.set_outage("gpt-cheap")
+    spent = Budget(limit_usd=0.0, scope="model", value="gpt-dear")
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, budgets=[spent]) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", ctx)
+    assert [type(e).__name__ for e in caught.value.exceptions] == [
+        "BudgetExceededError",
+        "ServerError",
+        "ServerError",
+    ]
+    assert server.requests("gpt-dear") == 0
+
+
+async def test_budgets_refusals_alone_raise_the_last_refusal(server: FakeLLMServer) -> None:
+    # the openai budget refuses gpt-dear, the anthropic one claude-other (put next), the
+    # openai one gpt-cheap (put next): only budgets refused, so the last refusal is raised
+    spent = [
+        Budget(limit_usd=0.0, scope="provider", value="openai"),
+        Budget(limit_usd=0.0, scope="provider", value="anthropic"),
+    ]
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, budgets=spent) as executor:
+        with pytest.raises(BudgetExceededError, match="provider=openai"):
+            await executor.run("hello", ctx)
+    assert server.requests() == 0
+
+
 async def test_no_cheaper_model_that_can_serve_the_request_raises_the_budgets_refusal(
     server: FakeLLMServer,
 ) -> None:

@@ -85,6 +85,40 @@ def test_one_executor_serves_every_call_and_closes_with_the_block(
     assert len(records) == sum(len(a.attempts) for a in answers)
 
 
+def test_from_config_builds_the_executor_from_empathy_toml(
+    server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "empathy.toml"
+    config.write_text(
+        f"""
+telemetry = "calls.db"
+[providers.anthropic]
+base_url = "{server.anthropic_base_url}"
+api_key = "{KEY}"
+[providers.openai]
+base_url = "{server.openai_base_url}"
+api_key = "{KEY}"
+"""
+    )
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "home"))
+    with SyncExecutor.from_config(config, registry=REGISTRY) as llm:
+        answer = llm.run("question", CHEAP)
+        assert llm.executor.registry is REGISTRY
+    assert answer.content and llm.closed
+    assert len(_records(tmp_path / "calls.db")) == len(answer.attempts)
+    router = AdaptiveModelRouter.from_config(config, registry=REGISTRY)
+    with SyncExecutor.from_config(config, registry=REGISTRY, router=router) as llm:
+        second = llm.run("question", CHEAP)
+        telemetry = llm.executor.telemetry_store
+        assert telemetry is not None
+        llm.call(telemetry.flush)
+        stats = llm.call(router.get_routing_stats, "script")
+    assert stats.total_calls == len(answer.attempts) + len(second.attempts)
+    config.write_text('telemetry = "nosuch://x"\n')
+    with pytest.raises(ConfigurationError, match="telemetry"):
+        SyncExecutor.from_config(config)
+
+
 def _records(path: Path) -> list[LLMCallRecord]:
     async def read() -> list[LLMCallRecord]:
         async with SQLiteTelemetryBackend(path) as backend:

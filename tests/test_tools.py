@@ -789,6 +789,50 @@ def test_message_of_takes_either_apis_dicts() -> None:
     assert openai_style.text == "hi"
 
 
+def test_message_of_takes_sdk_messages_and_their_dumps_with_null_fields() -> None:
+    from anthropic.types import TextBlock as AnthropicText, ToolUseBlock
+    from openai.types.chat import ChatCompletionMessage
+
+    answer = ChatCompletionMessage.model_validate(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        }
+    )
+    plain = ChatCompletionMessage(role="assistant", content="hi")
+    expected = Message(role="assistant", tool_calls=[ToolCall(id="c1", name="f", arguments={})])
+    # refusal, audio, function_call, annotations: None, as the SDK fills them in
+    assert Message.of(answer) == Message.of(answer.model_dump()) == expected
+    assert (
+        Message.of(plain)
+        == Message.of(plain.model_dump())
+        == Message.of(
+            {"role": "assistant", "content": "hi", "tool_calls": None, "tool_call_id": None}
+        )
+    )
+    assert Message.of(plain).text == "hi"
+    # OpenAI's answers now hold "annotations": [] (url citations when there are some)
+    cited = ChatCompletionMessage.model_validate(
+        {"role": "assistant", "content": "hi", "annotations": []}
+    )
+    assert Message.of(cited) == Message.of(cited.model_dump()) == Message.of(plain)
+    blocks = [
+        AnthropicText(type="text", text="hi"),
+        ToolUseBlock(type="tool_use", id="t1", name="f", input={}),
+    ]
+    message = Message.of({"role": "assistant", "content": blocks})
+    assert message.text == "hi" and message.calls == (ToolCall(id="t1", name="f", arguments={}),)
+    # a field the library cannot send is still refused when it holds something
+    refusal = ChatCompletionMessage(role="assistant", content=None, refusal="I cannot")
+    with pytest.raises(RecordValidationError, match="unsupported refusal"):
+        Message.of(refusal)
+    with pytest.raises(RecordValidationError, match="role must be one of"):
+        Message.of({"role": None, "content": "hi"})
+
+
 # --------------------------------------------------------------------------- responses
 
 

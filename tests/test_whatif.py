@@ -609,6 +609,44 @@ def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulatio
     assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
 
 
+def test_the_off_policy_estimate_counts_a_retried_request_once() -> None:
+    """
+    The logging policy picked "a" (propensity 0.5) for 100 requests: half answered at
+    once, half failed and were retried on "a", each retry carrying the decision's
+    propensity too.  A request is one routed attempt, as the simulation counts it: the
+    policy "a only" answers half its requests at the first attempt (the retries made it
+    2/3, weighing "a"'s failing requests twice), and costs one attempt per request.
+    """
+
+    def call(i: int, attempt: int, success: bool) -> LLMCallRecord:
+        return LLMCallRecord(
+            provider="p",
+            model="a",
+            outcome="success" if success else "failure",
+            cost_usd=0.001 if attempt == 1 else 0.003,
+            routing_propensity=0.5,
+            request_id=f"r{i}",
+            call_id=f"a{i}-{attempt}",
+            attempt=attempt,
+        )
+
+    records = [call(i, 1, i % 2 == 0) for i in range(100)]
+    records += [call(i, 2, True) for i in range(1, 100, 2)]  # the retries of the failures
+    estimate = ipw_estimate(records, {"a": 1.0})
+    assert estimate is not None and estimate.with_propensity == 150
+    assert estimate.effective_sample_size == pytest.approx(100.0)
+    assert estimate.success_rate.estimate == pytest.approx(0.5)
+    assert estimate.cost_per_request.estimate == pytest.approx(0.001)
+    # newest first, as the backend reads them: the same requests
+    again = ipw_estimate(list(reversed(records)), {"a": 1.0})
+    assert again is not None and again.success_rate.estimate == pytest.approx(0.5)
+    # the newest calls read: a retry whose first attempt was older is no request
+    chained = [attrs.evolve(r, fallback_chain=("a",)) for r in records]
+    newest = ipw_estimate(chained[:50] + chained[100:], {"a": 1.0})
+    assert newest is not None and newest.effective_sample_size == pytest.approx(50.0)
+    assert newest.success_rate.estimate == pytest.approx(0.5)
+
+
 def test_the_off_policy_estimate_stays_a_number_at_any_cost_or_propensity() -> None:
     """
     One call logged with a propensity of 1e-300 outweighs 40 others a 1e300-fold: the
@@ -948,6 +986,45 @@ def test_routing_best_refuses_an_unknown_on_no_match_as_a_usage_error(
         assert "on_no_match pins" not in bogus.stderr
     pinned = run_cli(home, *base, "--candidates", "oracle", "--on-no-match", "premium")
     assert pinned.returncode == 0, pinned.stderr
+
+
+def test_cli_plot_is_private_and_path_options_expand_a_tilde(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    # the plot holds what the user's calls cost: 0600 like the database and exports,
+    # also over a file that was 0644; "~/..." is the home directory in every path option
+    pytest.importorskip("matplotlib")
+    db, registry = synth_db
+    home, user = tmp_path / "home", tmp_path / "user"
+    user.mkdir()
+    shutil.copy(registry, user / "registry.json")
+    env = {"HOME": str(user)}
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", "~/registry.json")
+    quick = ("--requests", "50", "--replicates", "2", "--sweep", "0.8,0.95")
+    plotted = run_cli(home, *base, *quick, "--plot", "~/cost.png", env=env)
+    assert plotted.returncode == 0, plotted.stderr
+    assert plotted.stdout.endswith(f"written to {user / 'cost.png'}\n")
+    assert (user / "cost.png").stat().st_mode & 0o777 == 0o600
+    (user / "cost.png").chmod(0o644)
+    again = run_cli(home, *base, *quick, "--plot", str(user / "cost.png"), env=env)
+    assert again.returncode == 0, again.stderr
+    assert (user / "cost.png").stat().st_mode & 0o777 == 0o600
+    exported = run_cli(
+        home,
+        "telemetry",
+        "export",
+        "--format",
+        "csv",
+        "--db",
+        str(db),
+        "-o",
+        "~/calls.csv",
+        env=env,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert (user / "calls.csv").stat().st_mode & 0o777 == 0o600
+    nobody = run_cli(home, *base, *quick, "--plot", "~no_such_user_here/cost.png", env=env)
+    assert nobody.returncode == 2 and "no home directory" in nobody.stderr, nobody.stderr
 
 
 def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(

@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -52,9 +53,11 @@ __all__ = [
     "fmt_ms",
     "fmt_pct",
     "fmt_usd",
+    "path_arg",
     "print_pairs",
     "print_table",
     "printable",
+    "private_file",
     "read_only",
     "refuse_missing_schema",
     "run_async",
@@ -209,6 +212,39 @@ def expanded(path: str | Path) -> Path:
         raise CliError(
             f"cannot expand {str(path)!r}: no home directory for that user; write the path in full"
         ) from None
+
+
+def path_arg(text: str) -> Path:
+    """
+    An argparse ``type=`` for a file path: ``text`` with a leading ``~`` or ``~user``
+    expanded (the shell leaves a quoted one, or one after ``--option=``, as it is); a
+    ``~user`` without a home directory is a usage error.
+    """
+    try:
+        return expanded(text)
+    except CliError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def private_file(path: Path) -> int:
+    """
+    ``path`` opened for writing, emptied, as a file only its owner can read: created
+    0600, or, a regular file of this user's already there, with its group and other
+    permissions taken off (0600 only applies to a file the open creates).  The
+    descriptor is the caller's to close.
+
+    Raises:
+        OSError: the file cannot be opened or its permissions changed.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def sqlite_url(path: Path) -> str:

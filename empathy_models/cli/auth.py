@@ -36,6 +36,7 @@ from ._common import (
     configured_registry_file,
     emit_json,
     fmt_usd,
+    path_arg,
     print_pairs,
     print_table,
     printable,
@@ -70,7 +71,7 @@ def register(subparsers: SubParsers) -> None:
         add_common(p, json_flag=json_flag, db=False)
         p.add_argument(
             "--file",
-            type=Path,
+            type=path_arg,
             default=None,
             help="strategy file (default: $EMPATHY_HOME/auth_strategy.json)",
         )
@@ -113,14 +114,14 @@ def register(subparsers: SubParsers) -> None:
     reset.set_defaults(func=cmd_auth_reset)
 
     restore = leaf("restore", "bring back the newest backup (or --backup PATH)", json_flag=False)
-    restore.add_argument("--backup", type=Path, default=None, help="a specific backup file")
+    restore.add_argument("--backup", type=path_arg, default=None, help="a specific backup file")
     restore.set_defaults(func=cmd_auth_restore)
 
     recommend = leaf("recommend", "count a file's lines and recommend a mode with its cost")
-    recommend.add_argument("path", metavar="FILE", type=Path, help="a source file")
+    recommend.add_argument("path", metavar="FILE", type=path_arg, help="a source file")
     recommend.add_argument(
         "--registry",
-        type=Path,
+        type=path_arg,
         default=None,
         help="models and prices from a TOML or JSON file (default: the one named in "
         "empathy.toml, else the built-in table)",

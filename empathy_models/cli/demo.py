@@ -155,7 +155,13 @@ _STAGES: tuple[_Stage, ...] = (
 
 _OUTAGE_PROVIDER = "openai"
 
-_positive_int = number_arg(int, minimum=1, what="a whole number")
+_MAX_CALLS = 1_000_000
+"""The most ``--calls`` runs: an hour or more of calls, their plan held in memory."""
+_MAX_CONCURRENCY = 1_000
+"""The most ``--concurrency`` keeps in flight (each request one connection)."""
+
+_calls = number_arg(int, minimum=1, maximum=_MAX_CALLS, what="a whole number")
+_concurrency = number_arg(int, minimum=1, maximum=_MAX_CONCURRENCY, what="a whole number")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -177,7 +183,10 @@ def register(subparsers: SubParsers) -> None:
         "the other commands (default: a temporary database, removed at the end)",
     )
     demo.add_argument(
-        "--calls", type=_positive_int, default=3000, help="requests to run (default 3000)"
+        "--calls",
+        type=_calls,
+        default=3000,
+        help=f"requests to run (default 3000, at most {_MAX_CALLS:,})",
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.add_argument(
@@ -186,7 +195,10 @@ def register(subparsers: SubParsers) -> None:
         help="write the fake traffic into an existing or non-SQLite --db without asking",
     )
     demo.add_argument(
-        "--concurrency", type=_positive_int, default=24, help="requests in flight (default 24)"
+        "--concurrency",
+        type=_concurrency,
+        default=24,
+        help=f"requests in flight (default 24, at most {_MAX_CONCURRENCY:,})",
     )
     demo.set_defaults(func=cmd_demo)
 

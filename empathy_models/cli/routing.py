@@ -34,9 +34,11 @@ from ._common import (
     fmt_pct,
     fmt_usd,
     number_arg,
+    path_arg,
     print_pairs,
     print_table,
     printable,
+    private_file,
     read_only,
     run_async,
     shown_name,
@@ -107,7 +109,7 @@ def _leaf(sub: SubParsers, name: str, help_text: str) -> argparse.ArgumentParser
     add_common(p)
     p.add_argument(
         "--registry",
-        type=Path,
+        type=path_arg,
         default=None,
         help="models and prices from a TOML or JSON file (default: the one named in "
         "empathy.toml, else the built-in table)",
@@ -208,7 +210,7 @@ def _register_whatif(sub: SubParsers) -> None:
     whatif.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     whatif.add_argument(
         "--plot",
-        type=Path,
+        type=path_arg,
         metavar="FILE.png",
         help="also plot cost per request against min_success_rate over --sweep (needs "
         "matplotlib; the format follows the suffix, .png added to a name without one)",
@@ -841,7 +843,10 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        fig.savefig(path, format=fmt)  # a format given: matplotlib writes ``path`` as named
+        # 0600, as the database and exports: the plot says what the calls cost; a
+        # format given, matplotlib writes the file as named
+        with open(private_file(path), "wb") as out:
+            fig.savefig(out, format=fmt)
     except OSError as exc:
         raise CliError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
     finally:

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import os
-import stat
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +26,9 @@ from ._common import (
     fmt_pct,
     fmt_usd,
     number_arg,
+    path_arg,
     print_table,
+    private_file,
     read_only,
     run_async,
     shown_name,
@@ -95,7 +96,7 @@ def register(subparsers: SubParsers) -> None:
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
     export.add_argument(
-        "--output", "-o", type=Path, default=None, help="file (default, or '-': stdout)"
+        "--output", "-o", type=path_arg, default=None, help="file (default, or '-': stdout)"
     )
     export.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
     export.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
@@ -265,16 +266,6 @@ def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
             bar.advance()
 
 
-def _make_private(fd: int) -> None:
-    """
-    Take group and other permissions off the export file open as ``fd`` (0600 only
-    applies to a file the open creates) when it is a regular file of this user's.
-    """
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
-
-
 def _check_output(output: Path, url: str) -> None:
     """
     Refuse an ``--output`` that is the SQLite database being exported (or its
@@ -330,9 +321,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             _write(records, args.format, out)
         return 0
     try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8", newline="") as out:
-            _make_private(fd)
+        with open(private_file(args.output), "w", encoding="utf-8", newline="") as out:
             _write(records, args.format, out)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
