@@ -16,6 +16,7 @@ from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
 from empathy_models.limits.meter import hold_bucket, usage_of
 
+from ._codec import writable_name
 from ._store import (
     _GLOB_SPECIAL,
     URL_PREFIX_KINDS,
@@ -137,7 +138,13 @@ class RedisQuotaStore(QuotaStore):
         )
 
     def _window(self, key: str, window_start: float) -> str:
-        return f"{self.prefix}b|{key}@{window_start!r}"
+        return f"{self.prefix}b|{self._budget(key)}@{window_start!r}"
+
+    def _budget(self, key: str) -> str:
+        return writable_name(key, "a budget key", self._codec[0])
+
+    def _schedule(self, key: str) -> str:
+        return f"{self.prefix}r|{writable_name(key, 'a rate-limit key', self._codec[0])}"
 
     async def _run(self, what: str, redis_key: str, args: Sequence[str]) -> list[str]:
         self._check_open()
@@ -284,7 +291,7 @@ class RedisQuotaStore(QuotaStore):
 
     async def reset_budget(self, key: str) -> int:
         self._check_open()
-        prefix = f"{self.prefix}b|{key}@"
+        prefix = f"{self.prefix}b|{self._budget(key)}@"
         found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
         if found:
             try:
@@ -297,9 +304,9 @@ class RedisQuotaStore(QuotaStore):
         self._check_open()
         try:
             if limit is None:
-                await self._client.delete(f"{self.prefix}l|{key}")
+                await self._client.delete(f"{self.prefix}l|{self._budget(key)}")
             else:
-                await self._client.set(f"{self.prefix}l|{key}", str(int(limit)))
+                await self._client.set(f"{self.prefix}l|{self._budget(key)}", str(int(limit)))
         except (RedisError, OSError) as exc:
             raise self._error(f"set the limit of {key!r}", exc) from exc
 
@@ -335,7 +342,7 @@ class RedisQuotaStore(QuotaStore):
     ) -> RateGrant:
         args = ["acquire", _num(float(cost)), _num(float(interval))]
         args += [_num(float(burst)), _num(float(max_wait))]
-        reply = await self._run(f"acquire {key!r}", f"{self.prefix}r|{key}", args)
+        reply = await self._run(f"acquire {key!r}", self._schedule(key), args)
         place = float(reply[2]) if len(reply) > 2 else None
         return RateGrant(granted=reply[0] == "1", wait=float(reply[1]), place=place)
 
@@ -343,8 +350,8 @@ class RedisQuotaStore(QuotaStore):
         args = ["adjust", _num(float(delta))]
         if place is not None:
             args.append(_num(float(place)))
-        await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", args)
+        await self._run(f"adjust {key!r}", self._schedule(key), args)
 
     async def push_back(self, key: str, *, seconds: float) -> None:
         args = ["push_back", _num(float(seconds))]
-        await self._run(f"push back {key!r}", f"{self.prefix}r|{key}", args)
+        await self._run(f"push back {key!r}", self._schedule(key), args)

@@ -50,6 +50,7 @@ from empathy_models.records import (
     Ticket,
 )
 
+from ._codec import checked_codec, name_bytes, text_bytes, writable_name
 from ._feed import watch
 from ._late import LateAdmissions, sent, was_sent
 from ._resp import bulk
@@ -329,11 +330,13 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._source = source = breaker_script()
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         connection_kwargs = self._client.connection_pool.connection_kwargs
-        self._encoding: str = connection_kwargs.get("encoding", "utf-8")
-        self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
-        self._codec = (self._encoding, self._encoding_errors)
+        self._codec = checked_codec(
+            connection_kwargs.get("encoding", "utf-8"),
+            connection_kwargs.get("encoding_errors", "strict"),
+        )
         """How the client encodes text, by which replies are decoded."""
-        self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self._encoding, self._encoding_errors = self._codec
+        self._prefix_bytes = _prefix_bytes(prefix, self._encoding)
         self.prefix = prefix = str(prefix)  # a plain str, the default's too
         self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
         """The pub/sub channel of the store's announcements: the prefix and the database
@@ -366,7 +369,7 @@ class RedisCircuitStateStore(CircuitStateStore):
     def _redis_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
-        return self.prefix + key
+        return self.prefix + writable_name(key, "a breaker key", self._encoding)
 
     def _error(self, what: str, exc: BaseException) -> StateStoreError:
         return StateStoreError(
@@ -408,7 +411,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         entry = self._entry(key)
         known_rev: bytes = entry[2]  # empty while no state was read
         known_state: CircuitBreakerState | None = entry[3]
-        extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
+        extra_args = [text_bytes(value, *self._codec) for value in extra]  # errors, reasons
         parts = [
             b"*%d\r\n" % (10 + len(extra_args)),
             self._command_head,
@@ -883,16 +886,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _prefix_bytes(prefix: object, encoding: str, errors: str) -> bytes:
+def _prefix_bytes(prefix: object, encoding: str) -> bytes:
     """``prefix`` as the client writes it, or `ConfigurationError` saying why it cannot be."""
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError(f"prefix must be a non-empty string, got {shown(prefix)}")
-    try:
-        return prefix.encode(encoding, errors)
-    except (UnicodeError, LookupError) as exc:
-        raise ConfigurationError(
-            f"prefix must be text the client's encoding ({encoding}) can write, got {shown(prefix)}"
-        ) from exc
+    return name_bytes(prefix, "prefix", encoding)  # strictly: no two prefixes alike
 
 
 def _init_names(cls: type) -> set[str]:

@@ -17,7 +17,7 @@ from empathy_models_redis import (
 )
 from redis.asyncio.cluster import RedisCluster
 
-from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+from empathy_models import BreakerPolicy, CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
 from tests._cancel_trials import cancel_during_admission
 
@@ -422,6 +422,82 @@ async def test_keys_are_read_back_in_the_clients_encoding(
         overrides = await quota.limit_overrides()
     assert (status.state.value, status.reason, listed) == ("forced_open", "à l'arrêt", ["café"])
     assert grant.granted and usages == [("équipe", 5)] and overrides == {"équipe": 9}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "said"),
+    [("utf-16", "writes ASCII as ASCII"), ("no-such-codec", "unknown encoding")],
+    ids=["utf-16", "unknown"],
+)
+@pytest.mark.parametrize(
+    "make",
+    [RedisCircuitStateStore, RedisResponseCache, RedisQuotaStore],
+    ids=["state", "cache", "quota"],
+)
+def test_an_encoding_the_scripts_cannot_read_is_refused_at_construction(
+    redis_url: str, make: Callable[..., object], encoding: str, said: str
+) -> None:
+    # the scripts' operations, numbers and field names are ASCII: UTF-16 sent them as
+    # something no script reads, an unknown codec failed at the first command
+    with pytest.raises(ConfigurationError, match=f"encoding {encoding!r}.*{said}"):
+        make(redis_url, encoding=encoding)
+
+
+async def test_names_the_clients_encoding_cannot_write_are_refused_saying_which(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # with encoding="latin-1", a key outside Latin-1 ended every operation in a bare
+    # UnicodeEncodeError from deep inside the store
+    options: dict[str, Any] = {"encoding": "latin-1"}
+    start = time.time() - 60.0
+    window = {"window_start": start, "window_end": start + 3_600.0}
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:", **options) as store,
+        CircuitBreaker(store) as breaker,
+        RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:", **options) as quota,
+    ):
+        said = r"must be text the client's encoding \(latin-1\) can write, got '模型'"
+        with pytest.raises(ConfigurationError, match="a breaker key " + said):
+            await breaker.force_open("模型")
+        with pytest.raises(ConfigurationError, match="a breaker key " + said):
+            await store.snapshot("模型")
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.reserve("模型", **window, amount=1, limit=9)
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.usage("模型", **window)
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.reset_budget("模型")
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.set_limit("模型", 5)
+        with pytest.raises(ConfigurationError, match="a rate-limit key " + said):
+            await quota.acquire("模型", cost=1.0, interval=1.0, burst=1.0, max_wait=0.0)
+        # a Latin-1 name is written as before
+        assert (await quota.reserve("équipe", **window, amount=1, limit=9)).granted
+
+
+async def test_error_texts_the_clients_encoding_cannot_write_are_kept_escaped(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a provider's error text outside Latin-1 (encoding="latin-1") replaced the call's
+    # own error with a UnicodeEncodeError, and no failure was ever counted: the circuit
+    # never opened
+    policy = BreakerPolicy(consecutive_failures=1)
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix, encoding="latin-1") as store,
+        CircuitBreaker(store, policy=policy) as breaker,
+    ):
+
+        async def overloaded() -> None:
+            raise RuntimeError("服务器过载: overloaded")
+
+        with pytest.raises(RuntimeError, match="服务器过载"):
+            await breaker.call("openai:gpt", overloaded)
+        opened = await store.snapshot("openai:gpt")
+        forced = await breaker.force_open("other", reason="维护 à 10h")
+    assert opened.state.value == "open"
+    assert opened.last_error is not None
+    assert "\\u670d\\u52a1\\u5668\\u8fc7\\u8f7d: overloaded" in opened.last_error
+    assert forced.reason == "\\u7ef4\\u62a4 à 10h"
 
 
 @pytest.mark.parametrize(
