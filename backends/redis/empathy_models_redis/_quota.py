@@ -290,15 +290,26 @@ class RedisQuotaStore(QuotaStore):
         return sorted(out, key=lambda u: (u.key, u.window_start))
 
     async def reset_budget(self, key: str) -> int:
+        """
+        Delete every window of ``key``; how many Redis deleted.  Keys named like one that
+        hold no hash (another program's, which `usages` passes over) are left, and a key
+        ``SCAN`` found twice, or one that expired since, is not counted.
+        """
         self._check_open()
         prefix = f"{self.prefix}b|{self._budget(key)}@"
         found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
-        if found:
-            try:
-                await self._client.delete(*found)
-            except (RedisError, OSError) as exc:
-                raise self._error(f"reset {key!r}", exc) from exc
-        return len(found)
+        if not found:
+            return 0
+        found = list(dict.fromkeys(found))  # SCAN may return a key more than once
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for redis_key in found:
+                    pipe.type(redis_key)
+                kinds = await pipe.execute()
+            windows = [k for k, kind in zip(found, kinds, strict=True) if _text(kind) == "hash"]
+            return int(await self._client.delete(*windows)) if windows else 0
+        except (RedisError, OSError) as exc:
+            raise self._error(f"reset {key!r}", exc) from exc
 
     async def set_limit(self, key: str, limit: int | None) -> None:
         self._check_open()
