@@ -16,6 +16,8 @@ from empathy_models_redis import (
     RedisCircuitStateStore,
     RedisQuotaStore,
     RedisResponseCache,
+    breaker_script,
+    quota_script,
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -43,6 +45,23 @@ async def test_both_schemes_resolve_and_redis_holds_no_telemetry(redis_store_url
     await secure.aclose()
     with pytest.raises(ConfigurationError, match="holds no telemetry"):
         telemetry_from_url(redis_store_url)
+
+
+@pytest.mark.parametrize("script", [breaker_script, quota_script], ids=["breaker", "quota"])
+def test_every_script_turns_on_effects_replication_before_it_runs_a_command(
+    script: Callable[[], str],
+) -> None:
+    # a script that writes after TIME is refused on Redis 4 ("Write commands not allowed
+    # after non deterministic commands") unless it first calls redis.replicate_commands()
+    # (Redis 5 and later replicate effects anyway): quota.lua never did, so every
+    # budget reservation and rate-limit place failed there
+    source = "\n".join(line for line in script().splitlines() if not line.lstrip().startswith("--"))
+    first_command = re.search(r"redis\.p?call\(", source)
+    assert first_command is not None
+    switched = source.find("redis.replicate_commands()")
+    assert 0 <= switched < first_command.start()
+    # at the top level, where it runs before anything else: not inside a function
+    assert "function" not in source[:switched]
 
 
 async def test_time_comes_from_the_redis_server(redis_url: str, redis_store_url: str) -> None:
