@@ -18,7 +18,6 @@ from empathy_models.limits.meter import hold_bucket, usage_of
 
 from ._codec import writable_name
 from ._store import (
-    _GLOB_SPECIAL,
     URL_PREFIX_KINDS,
     RedisCircuitStateStore,
     _DefaultText,
@@ -26,6 +25,7 @@ from ._store import (
     _text,
     close_owned,
     evalsha_once,
+    scan_names,
 )
 
 __all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
@@ -72,10 +72,6 @@ def _seconds(clock: Any) -> float:
     """Redis's ``TIME`` reply, ``(seconds, microseconds)`` as redis-py gives it, in seconds."""
     seconds, micros = clock
     return float(seconds) + float(micros) / 1e6
-
-
-def _glob(text: str) -> str:
-    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
 
 
 class RedisQuotaStore(QuotaStore):
@@ -250,10 +246,11 @@ class RedisQuotaStore(QuotaStore):
         fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
         return self._usage(key, fields, window_start, window_end, _seconds(clock))
 
-    async def _keys(self, pattern: str) -> list[str]:
+    async def _keys(self, prefix: str) -> list[str]:
+        """The names of the keys under ``prefix`` (`scan_names`), each once."""
         try:
-            scan = self._client.scan_iter(match=pattern, count=500)
-            return [_text(k, *self._codec) async for k in scan]
+            scan = scan_names(self._client, prefix, self._codec)
+            return list(dict.fromkeys([name async for _, name in scan]))  # SCAN repeats some
         except (RedisError, OSError) as exc:
             raise self._error("scan", exc) from exc
 
@@ -264,7 +261,7 @@ class RedisQuotaStore(QuotaStore):
         are passed over, as `reset_budget` passes them over.
         """
         self._check_open()
-        found = await self._keys(_glob(self.prefix + "b|") + "*")
+        found = await self._keys(self.prefix + "b|")
         found = [k for k in found if _is_number(k.rpartition("@")[2])]
         try:
             # one round trip for every window found and the server's clock
@@ -297,10 +294,9 @@ class RedisQuotaStore(QuotaStore):
         """
         self._check_open()
         prefix = f"{self.prefix}b|{self._budget(key)}@"
-        found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
+        found = [k for k in await self._keys(prefix) if _is_number(k[len(prefix) :])]
         if not found:
             return 0
-        found = list(dict.fromkeys(found))  # SCAN may return a key more than once
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for redis_key in found:
@@ -323,7 +319,7 @@ class RedisQuotaStore(QuotaStore):
 
     async def limit_overrides(self) -> dict[str, int]:
         self._check_open()
-        found = await self._keys(_glob(self.prefix + "l|") + "*")
+        found = await self._keys(self.prefix + "l|")
         if not found:
             return {}
         try:

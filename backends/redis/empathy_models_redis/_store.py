@@ -26,6 +26,7 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     NoScriptError,
@@ -704,23 +705,21 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         """
         Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key; keys
-        there that hold no breaker state (another store's, given the same prefix) are
-        passed over.
+        there that hold no breaker state (another store's, given the same prefix) or
+        whose names the client's encoding cannot read (`scan_names`) are passed over.
         """
         self._check_open()
-        pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
         out: list[CircuitBreakerState] = []
+        codec = self._codec
         try:
             async with self._using_pool():
-                async for redis_key in self._client.scan_iter(match=pattern, count=500):
+                async for redis_key, name in scan_names(self._client, self.prefix, codec):
                     if await self._client.type(redis_key) not in (b"hash", "hash"):
                         continue
                     raw = await self._client.hgetall(redis_key)
                     if raw and (b"generation" in raw or "generation" in raw):
-                        codec = self._codec
-                        name = _text(redis_key, *codec)[len(self.prefix) :]
                         fields = {_text(k, *codec): _text(v, *codec) for k, v in raw.items()}
-                        out.append(self._parse(name, fields))
+                        out.append(self._parse(name[len(self.prefix) :], fields))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc
         return sorted(out, key=lambda s: s.key)
@@ -819,6 +818,24 @@ def _client_target(pool: Any) -> str:
     host = str(kwargs.get("host", "localhost"))
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}"
+
+
+async def scan_names(
+    client: aioredis.Redis, prefix: str, codec: tuple[str, str]
+) -> AsyncIterator[tuple[bytes, str]]:
+    """
+    Every key under ``prefix`` (``SCAN``, read as bytes whatever the client decodes) and
+    its name in the client's encoding.  A name that encoding cannot read is passed
+    over: no name a store writes is one (another program's key, or one written by a
+    client of another encoding).
+    """
+    pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in prefix) + "*"
+    scanning: Any = client  # redis-py leaves the options of scan_iter untyped
+    async for key in scanning.scan_iter(match=pattern, count=500, **{NEVER_DECODE: True}):
+        try:
+            yield key, key.decode(codec[0])
+        except UnicodeDecodeError:
+            continue
 
 
 def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:

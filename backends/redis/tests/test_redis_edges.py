@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from empathy_models import BreakerPolicy, CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
+from empathy_models.records import CircuitState
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -554,3 +555,36 @@ async def test_one_prefixed_url_holds_breakers_budgets_and_the_cache_apart(
         await client.aclose()
     kinds = {k[len(redis_prefix) :].split(":", 1)[0] for k in found}
     assert kinds == {"cb", "quota", "cache"}, found
+
+
+async def test_keys_under_the_prefix_whose_names_the_encoding_cannot_read_are_passed_over(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a key named in bytes the client's encoding cannot read (another program's, or a
+    # budget a Latin-1 client wrote, listed by a UTF-8 one) failed `budget status` and
+    # `breaker status` (and `breaker reset` of every key) with a bare UnicodeDecodeError
+    client = aioredis.Redis.from_url(redis_url)
+    prefix = redis_prefix.encode()
+    await client.hset(prefix + b"cb:caf\xe9", mapping={"generation": "1", "state": "closed"})
+    await client.hset(prefix + b"quota:b|caf\xe9@1.0", mapping={"spent": "1"})
+    await client.set(prefix + b"quota:l|caf\xe9", "5")
+    start = time.time() - 60.0
+    try:
+        async with (
+            RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:") as store,
+            RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:") as quota,
+        ):
+            await store.force("ok", CircuitState.DISABLED)
+            await quota.reserve(
+                "team", window_start=start, window_end=start + 60, amount=3, limit=9
+            )
+            await quota.set_limit("team", 9)
+            states = [s.key for s in await store.snapshot_all()]
+            await store.reset()
+            usages = [u.key for u in await quota.usages()]
+            limits = await quota.limit_overrides()
+            after = (await store.snapshot("ok")).state
+    finally:
+        await client.aclose()
+    assert (states, usages, limits) == (["ok"], ["team"], {"team": 9})
+    assert after == CircuitState.CLOSED
