@@ -25,6 +25,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.client import NEVER_DECODE
 from redis.exceptions import (
@@ -808,16 +809,36 @@ def _not_a_connection(name: str, connection: object) -> ConfigurationError:
 
 
 def _client_target(pool: Any) -> str:
-    """Where a caller's client connects, as a URL without credentials: its socket or
-    host and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``)."""
+    """
+    Where a caller's client connects, as a URL without credentials: its socket or host
+    and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``); a
+    client of `Sentinel.master_for`, its sentinels, service and database
+    (``redis+sentinel://host:port,host:port/service/N``).
+
+    Raises:
+        ConfigurationError: a client of ``Sentinel.slave_for`` (a read-only replica).
+    """
     kwargs = pool.connection_kwargs
     db = kwargs.get("db") or 0
+    if isinstance(pool, SentinelConnectionPool):
+        if not pool.is_master:
+            raise ConfigurationError(
+                "a client of Sentinel.slave_for reaches a read-only replica, where no "
+                "store can write: give one of Sentinel.master_for"
+            )
+        sentinels = pool.sentinel_manager.sentinels
+        where = ",".join(_host_port(s.connection_pool.connection_kwargs) for s in sentinels)
+        return f"redis+sentinel://{where}/{pool.service_name}/{db}"
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={db}"
     scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
+    return f"{scheme}://{_host_port(kwargs)}/{db}"
+
+
+def _host_port(kwargs: Mapping[str, Any]) -> str:
     host = str(kwargs.get("host", "localhost"))
     host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}"
+    return f"{host}:{kwargs.get('port', 6379)}"
 
 
 async def scan_names(

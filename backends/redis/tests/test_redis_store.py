@@ -20,6 +20,7 @@ from empathy_models_redis import (
     quota_script,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from empathy_models.backends import state_store_from_url, telemetry_from_url
@@ -183,6 +184,34 @@ async def test_a_callers_client_is_named_by_where_it_connects(
                 assert info.value.target == named and "pw-secret" not in str(info.value)
     finally:
         await redis.aclose()
+
+
+async def test_a_sentinel_client_is_named_by_its_sentinels_and_service() -> None:
+    # a client of Sentinel.master_for was named "redis://localhost:6379/3" in every
+    # error and log line, a server it never connects to (nothing listens on port 1)
+    sentinel = Sentinel([("127.0.0.1", 1), ("::1", 1)], password="pw-secret")
+    redis = sentinel.master_for("mymaster", db=3, socket_timeout=0.2)
+    named = "redis+sentinel://127.0.0.1:1,[::1]:1/mymaster/3"
+    try:
+        for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+            async with build(redis) as store:
+                assert repr(store).startswith(f"{build.__name__}({named!r}, ")
+                with pytest.raises(StateStoreError, match=f"^Redis [a-z ]+ {re.escape(named)}: "):
+                    if isinstance(store, RedisResponseCache):
+                        await store.delete("k")
+                    else:
+                        await store.now()
+    finally:
+        await redis.aclose()
+
+
+def test_a_sentinel_replica_client_is_refused_saying_why() -> None:
+    # a client of Sentinel.slave_for reaches a read-only replica: every write failed
+    # later with READONLY, and the breaker ran degraded for good
+    redis = Sentinel([("127.0.0.1", 1)]).slave_for("mymaster")
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=r"read-only replica.*master_for"):
+            build(redis)
 
 
 async def test_errors_are_state_store_errors_without_the_password() -> None:
