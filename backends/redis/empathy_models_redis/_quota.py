@@ -134,7 +134,7 @@ class RedisQuotaStore(QuotaStore):
         )
 
     def _window(self, key: str, window_start: float) -> str:
-        return f"{self.prefix}b|{self._budget(key)}@{window_start!r}"
+        return f"{self.prefix}b|{self._budget(key)}@{float(window_start)!r}"  # int: the same
 
     def _budget(self, key: str) -> str:
         return writable_name(key, "a budget key", self._codec[0])
