@@ -31,6 +31,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     NoScriptError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
     TimeoutError as RedisTimeoutError,
@@ -1116,6 +1117,9 @@ async def _bulk_exchange(
                 message = line[1:-2].decode("utf-8", "replace")
                 if message.startswith("NOSCRIPT "):
                     raise NoScriptError(message.removeprefix("NOSCRIPT "))
+                if message.startswith("READONLY "):  # not run: left, as in `_read_sent`
+                    await conn.disconnect(nowait=True)
+                    raise ReadOnlyError(message.removeprefix("READONLY "))
                 raise ResponseError(message)
     except RedisError:
         raise
@@ -1192,6 +1196,11 @@ async def _read_sent(conn: Any, raw: bool) -> Any:
     """The reply to a command written on ``conn``; a failure is marked `sent` (it may run)."""
     try:
         return await conn.read_response(disable_decoding=raw)
+    except ReadOnlyError:
+        # a server turned replica (a failover): connected again, the name may lead to
+        # the new primary; the connection is left (the command did not run)
+        await conn.disconnect(nowait=True)
+        raise
     except ResponseError:
         raise  # the command ran, or was refused, and said so
     except BaseException as exc:
