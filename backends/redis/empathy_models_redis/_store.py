@@ -161,6 +161,27 @@ def _text(value: object, encoding: str = "utf-8", errors: str = "strict") -> str
     return str(value)
 
 
+def _unreadable(target: str, key: str, why: object) -> StateStoreError:
+    """That ``key``'s stored state cannot be read: its fault alone (a reset repairs it)."""
+    return StateStoreError(
+        f"Redis state store {target}: unreadable state for {key!r}: {why}; repair it with "
+        f"`empathy-models breaker reset {key}`",
+        target=target,
+        key=key,
+    )
+
+
+def _store_error(target: str, what: str, exc: BaseException, key: str | None) -> StateStoreError:
+    """``what`` failed with ``exc``; the script's refusal of ``key``'s unreadable state
+    (``UNREADABLE <why>``) names the key."""
+    text = str(exc)
+    if key is not None and isinstance(exc, ResponseError) and text.startswith("UNREADABLE "):
+        return _unreadable(target, key, text.removeprefix("UNREADABLE "))
+    return StateStoreError(
+        f"Redis state store {target}: {what} failed: {type(exc).__name__}: {exc}", target=target
+    )
+
+
 def _opt_float(value: str | None) -> float | None:
     return None if value is None or value == "" else float(value)
 
@@ -374,11 +395,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
         return self.prefix + writable_name(key, "a breaker key", self._encoding)
 
-    def _error(self, what: str, exc: BaseException) -> StateStoreError:
-        return StateStoreError(
-            f"Redis state store {self._target}: {what} failed: {type(exc).__name__}: {exc}",
-            target=self._target,
-        )
+    def _error(self, what: str, exc: BaseException, key: str | None = None) -> StateStoreError:
+        return _store_error(self._target, what, exc, key)
 
     def _entry(self, key: str) -> list[Any]:
         try:
@@ -435,7 +453,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             else:
                 raw = await self._send(command)
         except (RedisError, OSError) as exc:
-            raise self._error(f"{op} {key!r}", exc) from exc
+            raise self._error(f"{op} {key!r}", exc, key) from exc
         reply = _values(raw.decode(self._encoding, self._encoding_errors))
         header = reply[:_HEADER_SIZE]
         form = header[6]
@@ -542,11 +560,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     ) -> CircuitBreakerState:
         try:
             return _state_from_fields(key, fields) if base is None else _state_with(base, fields)
-        except (ValueError, RecordValidationError) as exc:
-            raise StateStoreError(
-                f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",
-                target=self._target,
-            ) from exc
+        except (ValueError, ArithmeticError, RecordValidationError) as exc:
+            raise _unreadable(self._target, key, exc) from exc
 
     def change_feed(self) -> ChangeFeed:
         """

@@ -23,7 +23,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
+from empathy_models import CircuitBreaker
 from empathy_models.backends import state_store_from_url, telemetry_from_url
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
@@ -230,11 +232,50 @@ async def test_an_unreadable_hash_is_a_state_store_error(redis_url: str, redis_p
     client = aioredis.Redis.from_url(redis_url)
     await client.hset(redis_prefix + "bad", mapping={"state": "closed", "generation": "x"})
     async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store:
-        with pytest.raises(StateStoreError, match="unreadable state for 'bad'"):
+        with pytest.raises(StateStoreError, match="unreadable state for 'bad'") as info:
             await store.snapshot("bad")
-        with pytest.raises(StateStoreError, match="unreadable state"):
+        assert info.value.key == "bad"  # that key's fault alone
+        with pytest.raises(StateStoreError, match="unreadable state") as info:
             await store.snapshot_all()
+        assert info.value.key == "bad"
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("generation", "x"), ("state", "nonsense")], ids=["generation", "state"]
+)
+async def test_an_unreadable_key_degrades_that_key_only_and_reset_repairs_it(
+    redis_url: str, redis_prefix: str, field: str, value: str
+) -> None:
+    # one key's unreadable hash (a hand edit, another program's write) failed the
+    # script, or the reading of its reply, with an error naming no key: the breaker ran
+    # degraded for every key, and `breaker reset KEY` failed on it too (the SQLite
+    # store sends that key alone to a fallback, and its reset repairs the row)
+    events: list[BreakerEvent] = []
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with (
+            RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store,
+            CircuitBreaker(store, local_view_ttl=0, listeners=[events.append]) as breaker,
+        ):
+            await breaker.force_open("bad", reason="seed a key")
+            await breaker.reset("bad")
+            await client.hset(redis_prefix + "bad", field, value)
+            async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as fresh:
+                with pytest.raises(StateStoreError, match="unreadable state for 'bad'") as info:
+                    await fresh.admit("bad", POLICY)  # no state of it held: read whole
+            assert info.value.key == "bad"
+            for key in ("bad", "good"):
+                async with breaker.guard(key):
+                    pass
+            assert not breaker.degraded  # the store as a whole is fine
+            degraded = [e.key for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+            assert degraded == ["bad"]
+            await breaker.reset("bad")
+            repaired = await store.snapshot("bad")
+    finally:
+        await client.aclose()
+    assert repaired.state is CircuitState.CLOSED and repaired.generation >= 1
 
 
 async def test_a_disabled_key_is_held_until_a_reset(redis_url: str, redis_prefix: str) -> None:
