@@ -990,6 +990,41 @@ def _check_connection_options(url: str, pool: aioredis.BlockingConnectionPool) -
 
 _CLIENT_OPTIONS: Final = _client_option_names()
 
+_URL_TEXT_OPTIONS: Final = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
+    "username",
+    "password",
+    "client_name",
+    "encoding",
+    "encoding_errors",
+    "decode_responses",
+    "lib_name",
+    "lib_version",
+    "host",
+    "port",
+    "path",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_ca_path",
+    "ssl_ciphers",
+    "ssl_password",
+}
+"""The client options a URL's query may give: those redis-py converts from text, and
+those that are text.  The others take a Python object (a class, a callable, a retry
+policy), which only a keyword option can give."""
+
+
+def _check_url_values(names: Iterable[str], url: str) -> None:
+    """Refuse a query option that takes a Python object: redis-py would pass the text on."""
+    for name in names:
+        if name in _CLIENT_OPTIONS and name not in _URL_TEXT_OPTIONS:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the client option {name} takes a Python object, which "
+                "a URL's text cannot give; pass it as a keyword option instead"
+            )
+
 
 def _check_option_names(names: Iterable[str], where: str, url: str) -> None:
     known = _CLIENT_OPTIONS | _URL_OPTIONS
@@ -1070,6 +1105,7 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     _check_option_names((name for name, _ in query), "URL", url)
+    _check_url_values((name for name, _ in query), url)
     _check_db(url, parts, [name for name, _ in query])
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:

@@ -42,6 +42,27 @@ def test_an_unknown_url_option_is_refused_at_construction(
         CircuitBreaker(store=url)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "connection_class",
+        "parser_class",
+        "retry",
+        "redis_connect_func",
+        "credential_provider",
+        "socket_keepalive_options",
+    ],
+)
+def test_an_option_no_url_can_hold_is_refused_in_the_query_saying_why(
+    redis_url: str, name: str
+) -> None:
+    # a client option that takes a Python object (a class, a callable, a policy) was
+    # taken from the URL's text: a bare AttributeError at construction, or a TypeError
+    # at every later call
+    with pytest.raises(ConfigurationError, match=f"{name} takes a Python object"):
+        state_store_from_url(f"{redis_url}?{name}=x")
+
+
 def test_an_unknown_client_option_is_refused_at_construction(redis_url: str) -> None:
     with pytest.raises(ConfigurationError, match="client option 'socket_timout'"):
         RedisCircuitStateStore(redis_url, socket_timout=1)
