@@ -152,21 +152,26 @@ local function stored_count(text)
   return x
 end
 
+-- a stored value as an error quotes it: its first 40 bytes
+local function quoted(text)
+  return string.format("%q", string.sub(tostring(text), 1, 40))
+end
+
 -- what makes the stored fields ``h`` no state the machine can run (nil: nothing)
 local function flaw(h, st)
   if not STATES[st.state] then
-    return "state " .. string.format("%q", tostring(st.state)) .. " is no circuit state"
+    return "state " .. quoted(st.state) .. " is no circuit state"
   end
   for _, name in ipairs({ "generation", "consecutive_failures", "open_count",
                           "probe_successes" }) do
     if st[name] == nil then
-      return name .. " " .. string.format("%q", h[name]) .. " is no number"
+      return name .. " " .. quoted(h[name]) .. " is no number"
     end
   end
   for _, name in ipairs({ "opened_at_ts", "open_until_ts", "closed_at_ts",
                           "last_failure_ts", "updated_at_ts" }) do
     if h[name] ~= nil and h[name] ~= "" and tonumber(h[name]) == nil then
-      return name .. " " .. string.format("%q", h[name]) .. " is no time"
+      return name .. " " .. quoted(h[name]) .. " is no time"
     end
   end
   return nil
