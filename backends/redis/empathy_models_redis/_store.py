@@ -1064,17 +1064,22 @@ def _check_given_once(url: str, client_options: Iterable[str], keywords: Iterabl
     Refuse a setting given twice: a query option given again in the query, as a client
     option or as the store's own keyword (``prefix``, ``key_ttl``: the query's value
     would win), a user name or password in the userinfo given again as ``username=``
-    or ``password=`` (redis-py would let one of them win: the userinfo over the query,
+    or ``password=``, the address's host or port again as ``host=`` or ``port=``
+    (redis-py would let one of them win: the userinfo and the address over the query,
     the query over the options, the first of a repeated option).  The message names
     where each was given, never a value.
     """
     parts = urlsplit(url)
     query = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
     given: dict[str, str] = {}
-    # redis-py takes the userinfo's parts only when they are not empty
+    # redis-py takes the userinfo's parts only when they are not empty, and the
+    # address's host and port over any other
     for name, value in (("username", parts.username), ("password", parts.password)):
         if value:
             given[name] = "in the URL's userinfo"
+    for name, present in (("host", parts.hostname), ("port", parts.port)):
+        if present:
+            given[name] = "in the URL's address"
     for names, where in (
         (query, "in the URL's query"),
         (client_options, "as a client option"),

@@ -155,6 +155,17 @@ async def test_a_database_given_once_is_used() -> None:
             {"socket_timeout": 3},
             "socket_timeout is given twice, in the URL's query and as a client option",
         ),
+        # the host and port of the URL's address won over the query's and the options'
+        (
+            "redis://127.0.0.1:6379/15?host=elsewhere",
+            {},
+            "host is given twice, in the URL's address and in the URL's query",
+        ),
+        (
+            "redis://127.0.0.1:6379/15",
+            {"port": 6380},
+            "port is given twice, in the URL's address and as a client option",
+        ),
     ],
 )
 def test_a_setting_given_twice_is_refused_without_showing_a_password(
