@@ -1059,7 +1059,7 @@ _PUSH_BACK_SLACK: Final = 0.001
 
 
 def _window_key(key: str, window_start: float) -> str:
-    return f"b|{key}@{window_start!r}"
+    return f"b|{key}@{float(window_start)!r}"  # an int's start: the same window
 
 
 def _is_number(text: str) -> bool:

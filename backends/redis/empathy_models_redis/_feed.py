@@ -93,8 +93,13 @@ async def _read(
         if kind == b"pong":
             feed.synced(sent.popleft())
         elif kind == b"message" and len(reply) == 3:
-            generation, _, key = bytes(reply[2]).decode(*encoding).partition(" ")
-            if key and generation.isdigit():
+            try:  # a message no store sent (another program's, another encoding's) is
+                # passed over: it names no key this store's breakers hold
+                text = bytes(reply[2]).decode(encoding[0])
+            except UnicodeDecodeError:
+                continue
+            generation, _, key = text.partition(" ")
+            if key and generation.isascii() and generation.isdigit():
                 feed.announce(key, int(generation))
 
 

@@ -16,8 +16,8 @@ from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
 from empathy_models.limits.meter import hold_bucket, usage_of
 
+from ._codec import writable_name
 from ._store import (
-    _GLOB_SPECIAL,
     URL_PREFIX_KINDS,
     RedisCircuitStateStore,
     _DefaultText,
@@ -25,6 +25,7 @@ from ._store import (
     _text,
     close_owned,
     evalsha_once,
+    scan_names,
 )
 
 __all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
@@ -71,10 +72,6 @@ def _seconds(clock: Any) -> float:
     """Redis's ``TIME`` reply, ``(seconds, microseconds)`` as redis-py gives it, in seconds."""
     seconds, micros = clock
     return float(seconds) + float(micros) / 1e6
-
-
-def _glob(text: str) -> str:
-    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
 
 
 class RedisQuotaStore(QuotaStore):
@@ -137,7 +134,13 @@ class RedisQuotaStore(QuotaStore):
         )
 
     def _window(self, key: str, window_start: float) -> str:
-        return f"{self.prefix}b|{key}@{window_start!r}"
+        return f"{self.prefix}b|{self._budget(key)}@{float(window_start)!r}"  # int: the same
+
+    def _budget(self, key: str) -> str:
+        return writable_name(key, "a budget key", self._codec[0])
+
+    def _schedule(self, key: str) -> str:
+        return f"{self.prefix}r|{writable_name(key, 'a rate-limit key', self._codec[0])}"
 
     async def _run(self, what: str, redis_key: str, args: Sequence[str]) -> list[str]:
         self._check_open()
@@ -243,10 +246,11 @@ class RedisQuotaStore(QuotaStore):
         fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
         return self._usage(key, fields, window_start, window_end, _seconds(clock))
 
-    async def _keys(self, pattern: str) -> list[str]:
+    async def _keys(self, prefix: str) -> list[str]:
+        """The names of the keys under ``prefix`` (`scan_names`), each once."""
         try:
-            scan = self._client.scan_iter(match=pattern, count=500)
-            return [_text(k, *self._codec) async for k in scan]
+            scan = scan_names(self._client, prefix, self._codec)
+            return list(dict.fromkeys([name async for _, name in scan]))  # SCAN repeats some
         except (RedisError, OSError) as exc:
             raise self._error("scan", exc) from exc
 
@@ -257,7 +261,7 @@ class RedisQuotaStore(QuotaStore):
         are passed over, as `reset_budget` passes them over.
         """
         self._check_open()
-        found = await self._keys(_glob(self.prefix + "b|") + "*")
+        found = await self._keys(self.prefix + "b|")
         found = [k for k in found if _is_number(k.rpartition("@")[2])]
         try:
             # one round trip for every window found and the server's clock
@@ -283,29 +287,39 @@ class RedisQuotaStore(QuotaStore):
         return sorted(out, key=lambda u: (u.key, u.window_start))
 
     async def reset_budget(self, key: str) -> int:
+        """
+        Delete every window of ``key``; how many Redis deleted.  Keys named like one that
+        hold no hash (another program's, which `usages` passes over) are left, and a key
+        ``SCAN`` found twice, or one that expired since, is not counted.
+        """
         self._check_open()
-        prefix = f"{self.prefix}b|{key}@"
-        found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
-        if found:
-            try:
-                await self._client.delete(*found)
-            except (RedisError, OSError) as exc:
-                raise self._error(f"reset {key!r}", exc) from exc
-        return len(found)
+        prefix = f"{self.prefix}b|{self._budget(key)}@"
+        found = [k for k in await self._keys(prefix) if _is_number(k[len(prefix) :])]
+        if not found:
+            return 0
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for redis_key in found:
+                    pipe.type(redis_key)
+                kinds = await pipe.execute()
+            windows = [k for k, kind in zip(found, kinds, strict=True) if _text(kind) == "hash"]
+            return int(await self._client.delete(*windows)) if windows else 0
+        except (RedisError, OSError) as exc:
+            raise self._error(f"reset {key!r}", exc) from exc
 
     async def set_limit(self, key: str, limit: int | None) -> None:
         self._check_open()
         try:
             if limit is None:
-                await self._client.delete(f"{self.prefix}l|{key}")
+                await self._client.delete(f"{self.prefix}l|{self._budget(key)}")
             else:
-                await self._client.set(f"{self.prefix}l|{key}", str(int(limit)))
+                await self._client.set(f"{self.prefix}l|{self._budget(key)}", str(int(limit)))
         except (RedisError, OSError) as exc:
             raise self._error(f"set the limit of {key!r}", exc) from exc
 
     async def limit_overrides(self) -> dict[str, int]:
         self._check_open()
-        found = await self._keys(_glob(self.prefix + "l|") + "*")
+        found = await self._keys(self.prefix + "l|")
         if not found:
             return {}
         try:
@@ -335,7 +349,7 @@ class RedisQuotaStore(QuotaStore):
     ) -> RateGrant:
         args = ["acquire", _num(float(cost)), _num(float(interval))]
         args += [_num(float(burst)), _num(float(max_wait))]
-        reply = await self._run(f"acquire {key!r}", f"{self.prefix}r|{key}", args)
+        reply = await self._run(f"acquire {key!r}", self._schedule(key), args)
         place = float(reply[2]) if len(reply) > 2 else None
         return RateGrant(granted=reply[0] == "1", wait=float(reply[1]), place=place)
 
@@ -343,8 +357,8 @@ class RedisQuotaStore(QuotaStore):
         args = ["adjust", _num(float(delta))]
         if place is not None:
             args.append(_num(float(place)))
-        await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", args)
+        await self._run(f"adjust {key!r}", self._schedule(key), args)
 
     async def push_back(self, key: str, *, seconds: float) -> None:
         args = ["push_back", _num(float(seconds))]
-        await self._run(f"push back {key!r}", f"{self.prefix}r|{key}", args)
+        await self._run(f"push back {key!r}", self._schedule(key), args)

@@ -25,10 +25,13 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     NoScriptError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
     TimeoutError as RedisTimeoutError,
@@ -50,6 +53,7 @@ from empathy_models.records import (
     Ticket,
 )
 
+from ._codec import checked_codec, name_bytes, text_bytes, writable_name
 from ._feed import watch
 from ._late import LateAdmissions, sent, was_sent
 from ._resp import bulk
@@ -155,6 +159,27 @@ def _text(value: object, encoding: str = "utf-8", errors: str = "strict") -> str
     if isinstance(value, bytes):
         return value.decode(encoding, errors)
     return str(value)
+
+
+def _unreadable(target: str, key: str, why: object) -> StateStoreError:
+    """That ``key``'s stored state cannot be read: its fault alone (a reset repairs it)."""
+    return StateStoreError(
+        f"Redis state store {target}: unreadable state for {key!r}: {why}; repair it with "
+        f"`empathy-models breaker reset {key}`",
+        target=target,
+        key=key,
+    )
+
+
+def _store_error(target: str, what: str, exc: BaseException, key: str | None) -> StateStoreError:
+    """``what`` failed with ``exc``; the script's refusal of ``key``'s unreadable state
+    (``UNREADABLE <why>``) names the key."""
+    text = str(exc)
+    if key is not None and isinstance(exc, ResponseError) and text.startswith("UNREADABLE "):
+        return _unreadable(target, key, text.removeprefix("UNREADABLE "))
+    return StateStoreError(
+        f"Redis state store {target}: {what} failed: {type(exc).__name__}: {exc}", target=target
+    )
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -329,11 +354,13 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._source = source = breaker_script()
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         connection_kwargs = self._client.connection_pool.connection_kwargs
-        self._encoding: str = connection_kwargs.get("encoding", "utf-8")
-        self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
-        self._codec = (self._encoding, self._encoding_errors)
+        self._codec = checked_codec(
+            connection_kwargs.get("encoding", "utf-8"),
+            connection_kwargs.get("encoding_errors", "strict"),
+        )
         """How the client encodes text, by which replies are decoded."""
-        self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self._encoding, self._encoding_errors = self._codec
+        self._prefix_bytes = _prefix_bytes(prefix, self._encoding)
         self.prefix = prefix = str(prefix)  # a plain str, the default's too
         self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
         """The pub/sub channel of the store's announcements: the prefix and the database
@@ -366,13 +393,10 @@ class RedisCircuitStateStore(CircuitStateStore):
     def _redis_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
-        return self.prefix + key
+        return self.prefix + writable_name(key, "a breaker key", self._encoding)
 
-    def _error(self, what: str, exc: BaseException) -> StateStoreError:
-        return StateStoreError(
-            f"Redis state store {self._target}: {what} failed: {type(exc).__name__}: {exc}",
-            target=self._target,
-        )
+    def _error(self, what: str, exc: BaseException, key: str | None = None) -> StateStoreError:
+        return _store_error(self._target, what, exc, key)
 
     def _entry(self, key: str) -> list[Any]:
         try:
@@ -408,7 +432,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         entry = self._entry(key)
         known_rev: bytes = entry[2]  # empty while no state was read
         known_state: CircuitBreakerState | None = entry[3]
-        extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
+        extra_args = [text_bytes(value, *self._codec) for value in extra]  # errors, reasons
         parts = [
             b"*%d\r\n" % (10 + len(extra_args)),
             self._command_head,
@@ -429,7 +453,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             else:
                 raw = await self._send(command)
         except (RedisError, OSError) as exc:
-            raise self._error(f"{op} {key!r}", exc) from exc
+            raise self._error(f"{op} {key!r}", exc, key) from exc
         reply = _values(raw.decode(self._encoding, self._encoding_errors))
         header = reply[:_HEADER_SIZE]
         form = header[6]
@@ -536,11 +560,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     ) -> CircuitBreakerState:
         try:
             return _state_from_fields(key, fields) if base is None else _state_with(base, fields)
-        except (ValueError, RecordValidationError) as exc:
-            raise StateStoreError(
-                f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",
-                target=self._target,
-            ) from exc
+        except (ValueError, ArithmeticError, RecordValidationError) as exc:
+            raise _unreadable(self._target, key, exc) from exc
 
     def change_feed(self) -> ChangeFeed:
         """
@@ -701,23 +722,21 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         """
         Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key; keys
-        there that hold no breaker state (another store's, given the same prefix) are
-        passed over.
+        there that hold no breaker state (another store's, given the same prefix) or
+        whose names the client's encoding cannot read (`scan_names`) are passed over.
         """
         self._check_open()
-        pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
         out: list[CircuitBreakerState] = []
+        codec = self._codec
         try:
             async with self._using_pool():
-                async for redis_key in self._client.scan_iter(match=pattern, count=500):
+                async for redis_key, name in scan_names(self._client, self.prefix, codec):
                     if await self._client.type(redis_key) not in (b"hash", "hash"):
                         continue
                     raw = await self._client.hgetall(redis_key)
                     if raw and (b"generation" in raw or "generation" in raw):
-                        codec = self._codec
-                        name = _text(redis_key, *codec)[len(self.prefix) :]
                         fields = {_text(k, *codec): _text(v, *codec) for k, v in raw.items()}
-                        out.append(self._parse(name, fields))
+                        out.append(self._parse(name[len(self.prefix) :], fields))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc
         return sorted(out, key=lambda s: s.key)
@@ -806,16 +825,54 @@ def _not_a_connection(name: str, connection: object) -> ConfigurationError:
 
 
 def _client_target(pool: Any) -> str:
-    """Where a caller's client connects, as a URL without credentials: its socket or
-    host and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``)."""
+    """
+    Where a caller's client connects, as a URL without credentials: its socket or host
+    and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``); a
+    client of `Sentinel.master_for`, its sentinels, service and database
+    (``redis+sentinel://host:port,host:port/service/N``).
+
+    Raises:
+        ConfigurationError: a client of ``Sentinel.slave_for`` (a read-only replica).
+    """
     kwargs = pool.connection_kwargs
     db = kwargs.get("db") or 0
+    if isinstance(pool, SentinelConnectionPool):
+        if not pool.is_master:
+            raise ConfigurationError(
+                "a client of Sentinel.slave_for reaches a read-only replica, where no "
+                "store can write: give one of Sentinel.master_for"
+            )
+        sentinels = pool.sentinel_manager.sentinels
+        where = ",".join(_host_port(s.connection_pool.connection_kwargs) for s in sentinels)
+        return f"redis+sentinel://{where}/{pool.service_name}/{db}"
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={db}"
     scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
+    return f"{scheme}://{_host_port(kwargs)}/{db}"
+
+
+def _host_port(kwargs: Mapping[str, Any]) -> str:
     host = str(kwargs.get("host", "localhost"))
     host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}"
+    return f"{host}:{kwargs.get('port', 6379)}"
+
+
+async def scan_names(
+    client: aioredis.Redis, prefix: str, codec: tuple[str, str]
+) -> AsyncIterator[tuple[bytes, str]]:
+    """
+    Every key under ``prefix`` (``SCAN``, read as bytes whatever the client decodes) and
+    its name in the client's encoding.  A name that encoding cannot read is passed
+    over: no name a store writes is one (another program's key, or one written by a
+    client of another encoding).
+    """
+    pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in prefix) + "*"
+    scanning: Any = client  # redis-py leaves the options of scan_iter untyped
+    async for key in scanning.scan_iter(match=pattern, count=500, **{NEVER_DECODE: True}):
+        try:
+            yield key, key.decode(codec[0])
+        except UnicodeDecodeError:
+            continue
 
 
 def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:
@@ -883,16 +940,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _prefix_bytes(prefix: object, encoding: str, errors: str) -> bytes:
+def _prefix_bytes(prefix: object, encoding: str) -> bytes:
     """``prefix`` as the client writes it, or `ConfigurationError` saying why it cannot be."""
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError(f"prefix must be a non-empty string, got {shown(prefix)}")
-    try:
-        return prefix.encode(encoding, errors)
-    except (UnicodeError, LookupError) as exc:
-        raise ConfigurationError(
-            f"prefix must be text the client's encoding ({encoding}) can write, got {shown(prefix)}"
-        ) from exc
+    return name_bytes(prefix, "prefix", encoding)  # strictly: no two prefixes alike
 
 
 def _init_names(cls: type) -> set[str]:
@@ -938,6 +990,41 @@ def _check_connection_options(url: str, pool: aioredis.BlockingConnectionPool) -
 
 _CLIENT_OPTIONS: Final = _client_option_names()
 
+_URL_TEXT_OPTIONS: Final = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
+    "username",
+    "password",
+    "client_name",
+    "encoding",
+    "encoding_errors",
+    "decode_responses",
+    "lib_name",
+    "lib_version",
+    "host",
+    "port",
+    "path",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_ca_path",
+    "ssl_ciphers",
+    "ssl_password",
+}
+"""The client options a URL's query may give: those redis-py converts from text, and
+those that are text.  The others take a Python object (a class, a callable, a retry
+policy), which only a keyword option can give."""
+
+
+def _check_url_values(names: Iterable[str], url: str) -> None:
+    """Refuse a query option that takes a Python object: redis-py would pass the text on."""
+    for name in names:
+        if name in _CLIENT_OPTIONS and name not in _URL_TEXT_OPTIONS:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the client option {name} takes a Python object, which "
+                "a URL's text cannot give; pass it as a keyword option instead"
+            )
+
 
 def _check_option_names(names: Iterable[str], where: str, url: str) -> None:
     known = _CLIENT_OPTIONS | _URL_OPTIONS
@@ -977,17 +1064,22 @@ def _check_given_once(url: str, client_options: Iterable[str], keywords: Iterabl
     Refuse a setting given twice: a query option given again in the query, as a client
     option or as the store's own keyword (``prefix``, ``key_ttl``: the query's value
     would win), a user name or password in the userinfo given again as ``username=``
-    or ``password=`` (redis-py would let one of them win: the userinfo over the query,
+    or ``password=``, the address's host or port again as ``host=`` or ``port=``
+    (redis-py would let one of them win: the userinfo and the address over the query,
     the query over the options, the first of a repeated option).  The message names
     where each was given, never a value.
     """
     parts = urlsplit(url)
     query = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
     given: dict[str, str] = {}
-    # redis-py takes the userinfo's parts only when they are not empty
+    # redis-py takes the userinfo's parts only when they are not empty, and the
+    # address's host and port over any other
     for name, value in (("username", parts.username), ("password", parts.password)):
         if value:
             given[name] = "in the URL's userinfo"
+    for name, present in (("host", parts.hostname), ("port", parts.port)):
+        if present:
+            given[name] = "in the URL's address"
     for names, where in (
         (query, "in the URL's query"),
         (client_options, "as a client option"),
@@ -1018,6 +1110,7 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     _check_option_names((name for name, _ in query), "URL", url)
+    _check_url_values((name for name, _ in query), url)
     _check_db(url, parts, [name for name, _ in query])
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:
@@ -1080,6 +1173,9 @@ async def _bulk_exchange(
                 message = line[1:-2].decode("utf-8", "replace")
                 if message.startswith("NOSCRIPT "):
                     raise NoScriptError(message.removeprefix("NOSCRIPT "))
+                if message.startswith("READONLY "):  # not run: left, as in `_read_sent`
+                    await conn.disconnect(nowait=True)
+                    raise ReadOnlyError(message.removeprefix("READONLY "))
                 raise ResponseError(message)
     except RedisError:
         raise
@@ -1156,6 +1252,11 @@ async def _read_sent(conn: Any, raw: bool) -> Any:
     """The reply to a command written on ``conn``; a failure is marked `sent` (it may run)."""
     try:
         return await conn.read_response(disable_decoding=raw)
+    except ReadOnlyError:
+        # a server turned replica (a failover): connected again, the name may lead to
+        # the new primary; the connection is left (the command did not run)
+        await conn.disconnect(nowait=True)
+        raise
     except ResponseError:
         raise  # the command ran, or was refused, and said so
     except BaseException as exc:

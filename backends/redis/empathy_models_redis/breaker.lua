@@ -136,12 +136,53 @@ local function initial_state(now)
   }
 end
 
+local STATES = { closed = true, open = true, half_open = true, forced_open = true,
+                 disabled = true }
+
+-- a stored count as a number: 0 when left out (as the state's own default), nil when
+-- it is no finite number
+local function stored_count(text)
+  if text == nil then
+    return 0
+  end
+  local x = tonumber(text)
+  if x == nil or x ~= x or x == math.huge or x == -math.huge then
+    return nil
+  end
+  return x
+end
+
+-- a stored value as an error quotes it: its first 40 bytes
+local function quoted(text)
+  return string.format("%q", string.sub(tostring(text), 1, 40))
+end
+
+-- what makes the stored fields ``h`` no state the machine can run (nil: nothing)
+local function flaw(h, st)
+  if not STATES[st.state] then
+    return "state " .. quoted(st.state) .. " is no circuit state"
+  end
+  for _, name in ipairs({ "generation", "consecutive_failures", "open_count",
+                          "probe_successes" }) do
+    if st[name] == nil then
+      return name .. " " .. quoted(h[name]) .. " is no number"
+    end
+  end
+  for _, name in ipairs({ "opened_at_ts", "open_until_ts", "closed_at_ts",
+                          "last_failure_ts", "updated_at_ts" }) do
+    if h[name] ~= nil and h[name] ~= "" and tonumber(h[name]) == nil then
+      return name .. " " .. quoted(h[name]) .. " is no time"
+    end
+  end
+  return nil
+end
+
 -- the stored state (nil for none), its revision ("" when a writer without revisions
--- wrote it last) and the stored fields
+-- wrote it last), the stored fields and what makes them unreadable (nil: nothing)
 local function load()
   local flat = redis.call("HGETALL", KEYS[1])
   if #flat == 0 then
-    return nil, "", {}
+    return nil, "", {}, nil
   end
   local h = {}
   for i = 1, #flat, 2 do
@@ -149,17 +190,17 @@ local function load()
   end
   local st = {
     key = KEY,
-    state = h.state,
-    generation = tonumber(h.generation),
-    consecutive_failures = tonumber(h.consecutive_failures),
+    state = h.state or "closed",
+    generation = stored_count(h.generation),
+    consecutive_failures = stored_count(h.consecutive_failures),
     window = {},
-    open_count = tonumber(h.open_count),
+    open_count = stored_count(h.open_count),
     opened_at_ts = opt_num(h.opened_at_ts),
     open_until_ts = opt_num(h.open_until_ts),
     closed_at_ts = opt_num(h.closed_at_ts),
     last_failure_ts = opt_num(h.last_failure_ts),
     leases = {},
-    probe_successes = tonumber(h.probe_successes),
+    probe_successes = stored_count(h.probe_successes),
     last_error = opt_str(h.last_error),
     reason = opt_str(h.reason),
     updated_at_ts = opt_num(h.updated_at_ts),
@@ -174,7 +215,7 @@ local function load()
       st.leases[#st.leases + 1] = { id, tonumber(exp) }
     end
   end
-  return st, h.rev or "", h
+  return st, h.rev or "", h, flaw(h, st)
 end
 
 local COUNTS = { "generation", "consecutive_failures", "open_count", "probe_successes" }
@@ -786,7 +827,19 @@ end
 
 -- ------------------------------------------------------------------ dispatch
 
-local current, current_rev, stored = load()
+local current, current_rev, stored, unreadable = load()
+if unreadable ~= nil then
+  if OP ~= "reset" then
+    -- that key's fault alone: the store names it, and the breaker runs the key on a
+    -- fallback of its own until a reset repairs it
+    return redis.error_reply("UNREADABLE " .. unreadable)
+  end
+  -- a reset repairs it: the hash written again whole, at a generation past the stored
+  -- one when that is a number
+  redis.call("DEL", KEYS[1])
+  current.generation = current.generation or 0
+  current_rev, stored = "", {}
+end
 local state = current
 local changed = false
 local admitted, retry_after, lease_id, lease_expires = nil, nil, nil, nil

@@ -22,6 +22,12 @@
 --          is kept with the schedule until it passes), and the schedule ends then at
 --          the earliest.  Returns {1, 0}.
 
+-- Redis 4 needs effects replication switched on to write after TIME (Redis 5 and later
+-- replicate effects anyway, and Redis 7 keeps the call as a no-op)
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
 local OP = ARGV[1]
 local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
                   "overrun", "lapsed", "calls", "refused"}

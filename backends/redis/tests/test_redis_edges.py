@@ -17,8 +17,9 @@ from empathy_models_redis import (
 )
 from redis.asyncio.cluster import RedisCluster
 
-from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+from empathy_models import BreakerPolicy, CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
+from empathy_models.records import CircuitState
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -39,6 +40,27 @@ def test_an_unknown_url_option_is_refused_at_construction(
     assert "known options:" in str(info.value) and "socket_timeout" in str(info.value)
     with pytest.raises(ConfigurationError, match=named):
         CircuitBreaker(store=url)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "connection_class",
+        "parser_class",
+        "retry",
+        "redis_connect_func",
+        "credential_provider",
+        "socket_keepalive_options",
+    ],
+)
+def test_an_option_no_url_can_hold_is_refused_in_the_query_saying_why(
+    redis_url: str, name: str
+) -> None:
+    # a client option that takes a Python object (a class, a callable, a policy) was
+    # taken from the URL's text: a bare AttributeError at construction, or a TypeError
+    # at every later call
+    with pytest.raises(ConfigurationError, match=f"{name} takes a Python object"):
+        state_store_from_url(f"{redis_url}?{name}=x")
 
 
 def test_an_unknown_client_option_is_refused_at_construction(redis_url: str) -> None:
@@ -132,6 +154,17 @@ async def test_a_database_given_once_is_used() -> None:
             "redis://127.0.0.1:6379/15?socket_timeout=1",
             {"socket_timeout": 3},
             "socket_timeout is given twice, in the URL's query and as a client option",
+        ),
+        # the host and port of the URL's address won over the query's and the options'
+        (
+            "redis://127.0.0.1:6379/15?host=elsewhere",
+            {},
+            "host is given twice, in the URL's address and in the URL's query",
+        ),
+        (
+            "redis://127.0.0.1:6379/15",
+            {"port": 6380},
+            "port is given twice, in the URL's address and as a client option",
         ),
     ],
 )
@@ -425,6 +458,82 @@ async def test_keys_are_read_back_in_the_clients_encoding(
 
 
 @pytest.mark.parametrize(
+    ("encoding", "said"),
+    [("utf-16", "writes ASCII as ASCII"), ("no-such-codec", "unknown encoding")],
+    ids=["utf-16", "unknown"],
+)
+@pytest.mark.parametrize(
+    "make",
+    [RedisCircuitStateStore, RedisResponseCache, RedisQuotaStore],
+    ids=["state", "cache", "quota"],
+)
+def test_an_encoding_the_scripts_cannot_read_is_refused_at_construction(
+    redis_url: str, make: Callable[..., object], encoding: str, said: str
+) -> None:
+    # the scripts' operations, numbers and field names are ASCII: UTF-16 sent them as
+    # something no script reads, an unknown codec failed at the first command
+    with pytest.raises(ConfigurationError, match=f"encoding {encoding!r}.*{said}"):
+        make(redis_url, encoding=encoding)
+
+
+async def test_names_the_clients_encoding_cannot_write_are_refused_saying_which(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # with encoding="latin-1", a key outside Latin-1 ended every operation in a bare
+    # UnicodeEncodeError from deep inside the store
+    options: dict[str, Any] = {"encoding": "latin-1"}
+    start = time.time() - 60.0
+    window = {"window_start": start, "window_end": start + 3_600.0}
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:", **options) as store,
+        CircuitBreaker(store) as breaker,
+        RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:", **options) as quota,
+    ):
+        said = r"must be text the client's encoding \(latin-1\) can write, got '模型'"
+        with pytest.raises(ConfigurationError, match="a breaker key " + said):
+            await breaker.force_open("模型")
+        with pytest.raises(ConfigurationError, match="a breaker key " + said):
+            await store.snapshot("模型")
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.reserve("模型", **window, amount=1, limit=9)
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.usage("模型", **window)
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.reset_budget("模型")
+        with pytest.raises(ConfigurationError, match="a budget key " + said):
+            await quota.set_limit("模型", 5)
+        with pytest.raises(ConfigurationError, match="a rate-limit key " + said):
+            await quota.acquire("模型", cost=1.0, interval=1.0, burst=1.0, max_wait=0.0)
+        # a Latin-1 name is written as before
+        assert (await quota.reserve("équipe", **window, amount=1, limit=9)).granted
+
+
+async def test_error_texts_the_clients_encoding_cannot_write_are_kept_escaped(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a provider's error text outside Latin-1 (encoding="latin-1") replaced the call's
+    # own error with a UnicodeEncodeError, and no failure was ever counted: the circuit
+    # never opened
+    policy = BreakerPolicy(consecutive_failures=1)
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix, encoding="latin-1") as store,
+        CircuitBreaker(store, policy=policy) as breaker,
+    ):
+
+        async def overloaded() -> None:
+            raise RuntimeError("服务器过载: overloaded")
+
+        with pytest.raises(RuntimeError, match="服务器过载"):
+            await breaker.call("openai:gpt", overloaded)
+        opened = await store.snapshot("openai:gpt")
+        forced = await breaker.force_open("other", reason="维护 à 10h")
+    assert opened.state.value == "open"
+    assert opened.last_error is not None
+    assert "\\u670d\\u52a1\\u5668\\u8fc7\\u8f7d: overloaded" in opened.last_error
+    assert forced.reason == "\\u7ef4\\u62a4 à 10h"
+
+
+@pytest.mark.parametrize(
     "bound", [0, 2**63, 10**400, 10**5000], ids=["0", "2**63", "10**400", "giant"]
 )
 def test_a_cache_value_bound_past_the_largest_is_refused(bound: int) -> None:
@@ -478,3 +587,36 @@ async def test_one_prefixed_url_holds_breakers_budgets_and_the_cache_apart(
         await client.aclose()
     kinds = {k[len(redis_prefix) :].split(":", 1)[0] for k in found}
     assert kinds == {"cb", "quota", "cache"}, found
+
+
+async def test_keys_under_the_prefix_whose_names_the_encoding_cannot_read_are_passed_over(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a key named in bytes the client's encoding cannot read (another program's, or a
+    # budget a Latin-1 client wrote, listed by a UTF-8 one) failed `budget status` and
+    # `breaker status` (and `breaker reset` of every key) with a bare UnicodeDecodeError
+    client = aioredis.Redis.from_url(redis_url)
+    prefix = redis_prefix.encode()
+    await client.hset(prefix + b"cb:caf\xe9", mapping={"generation": "1", "state": "closed"})
+    await client.hset(prefix + b"quota:b|caf\xe9@1.0", mapping={"spent": "1"})
+    await client.set(prefix + b"quota:l|caf\xe9", "5")
+    start = time.time() - 60.0
+    try:
+        async with (
+            RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:") as store,
+            RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:") as quota,
+        ):
+            await store.force("ok", CircuitState.DISABLED)
+            await quota.reserve(
+                "team", window_start=start, window_end=start + 60, amount=3, limit=9
+            )
+            await quota.set_limit("team", 9)
+            states = [s.key for s in await store.snapshot_all()]
+            await store.reset()
+            usages = [u.key for u in await quota.usages()]
+            limits = await quota.limit_overrides()
+            after = (await store.snapshot("ok")).state
+    finally:
+        await client.aclose()
+    assert (states, usages, limits) == (["ok"], ["team"], {"team": 9})
+    assert after == CircuitState.CLOSED

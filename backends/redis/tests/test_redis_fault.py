@@ -22,12 +22,12 @@ import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio as aioredis
-from empathy_models_redis import RedisCircuitStateStore
+from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore
 from redis.exceptions import RedisError
 
 from empathy_models.breaker import BreakerEvent, BreakerEventKind, CircuitBreaker
 from empathy_models.circuit import BreakerPolicy, as_of
-from empathy_models.exceptions import CircuitOpenError
+from empathy_models.exceptions import CircuitOpenError, StateStoreError
 from empathy_models.records import CircuitState
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -215,3 +215,34 @@ async def test_calls_go_on_while_redis_is_killed_and_restarted(
                 stored = await other.snapshot("provider-a")
                 assert status == as_of(stored, breaker.policy, await other.now())
                 assert status.window_calls > 0
+
+
+async def test_a_server_turned_replica_is_left_for_a_new_connection(
+    private_redis: PrivateRedis,
+) -> None:
+    # after a failover the old primary answers every write with READONLY; the stores
+    # kept the connection to it (the breaker's kept it idle for the next run), so every
+    # later call went on failing there instead of connecting again (to wherever the
+    # name, a Sentinel or a DNS failover, now points)
+    await private_redis.start()
+    admin = aioredis.Redis.from_url(private_redis.url)
+    await admin.replicaof("127.0.0.1", "1")  # a replica of nothing: read-only
+    try:
+        async with (
+            RedisCircuitStateStore(private_redis.url) as store,
+            RedisQuotaStore(private_redis.url) as quota,
+        ):
+            with pytest.raises(StateStoreError, match=r"ReadOnlyError: You can.t write"):
+                await store.admit("k", BreakerPolicy())
+            with pytest.raises(StateStoreError, match=r"ReadOnlyError: You can.t write"):
+                await quota.acquire("r", cost=1.0, interval=1.0, burst=1.0, max_wait=0.0)
+            # the server's clients: this one only (each store's connection was closed)
+            left = [c["cmd"] for c in await admin.client_list()]
+            assert left == ["client|list"], left
+            await admin.replicaof("NO", "ONE")  # promoted: both work again
+            assert (await store.admit("k", BreakerPolicy())).admitted
+            assert (
+                await quota.acquire("r", cost=1.0, interval=1.0, burst=1.0, max_wait=0.0)
+            ).granted
+    finally:
+        await admin.aclose()

@@ -87,12 +87,13 @@ class _Heard:
 
     def __init__(self) -> None:
         self.generations: list[tuple[str, int]] = []
+        self.restarts = 0
 
     def announced(self, key: str, generation: int) -> None:
         self.generations.append((key, generation))
 
     def restarted(self) -> None:
-        pass
+        self.restarts += 1
 
 
 async def test_another_databases_announcements_are_not_heard(
@@ -177,3 +178,29 @@ async def test_a_user_who_may_not_name_its_connection_still_hears_announcements(
         RedisCircuitStateStore(redis_store_url) as other,
     ):
         await _hears_a_change(store, other)
+
+
+async def test_a_message_on_the_channel_the_feed_cannot_read_is_passed_over(
+    redis_url: str, redis_store_url: str
+) -> None:
+    # a message on the store's channel whose text the client's encoding cannot read (a
+    # Latin-1 client's "3 café", another program's bytes) or whose generation is no
+    # ASCII number ("²") ended the subscription: every view was dropped and the feed
+    # subscribed again after a warning that the store "announces no changes"
+    async with (
+        RedisCircuitStateStore(redis_store_url) as store,
+        RedisCircuitStateStore(redis_store_url) as other,
+    ):
+        feed = store.change_feed()
+        async with _listening(feed) as heard:
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                for message in (b"3 caf\xe9", "\u00b2 k".encode()):
+                    await client.publish(store.channel, message)
+            finally:
+                await client.aclose()
+            restarts = heard.restarts
+            await other.reset("k")
+            assert await feed.sync()
+            assert heard.generations == [("k", (await other.snapshot("k")).generation)]
+            assert heard.restarts == restarts  # the same subscription, never ended

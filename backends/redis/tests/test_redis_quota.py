@@ -148,3 +148,25 @@ async def test_keys_under_the_prefix_that_hold_no_budget_window_are_passed_over(
     finally:
         await client.aclose()
     assert [(u.key, u.window_start, u.reserved) for u in listed] == [("team", start, 3)]
+
+
+async def test_reset_counts_and_deletes_only_the_budgets_windows(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # reset_budget deleted another program's key named like a window of the budget (a
+    # string, which usages() passes over) and counted it: `budget reset` said "2
+    # window(s) forgotten" of a budget `budget status` listed with one
+    client = aioredis.Redis.from_url(redis_url)
+    await client.set(f"{redis_prefix}b|team@1.0", "x")
+    start = time.time() - 60.0
+    window = {"window_start": start, "window_end": start + 60}
+    try:
+        async with RedisQuotaStore(redis_url, prefix=redis_prefix) as store:
+            await store.reserve("team", **window, amount=3, limit=9)
+            listed = len(await store.usages())
+            reset = await store.reset_budget("team")
+            again = await store.reset_budget("team")
+        kept = await client.get(f"{redis_prefix}b|team@1.0")
+    finally:
+        await client.aclose()
+    assert (listed, reset, again, kept) == (1, 1, 0, b"x")

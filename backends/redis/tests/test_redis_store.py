@@ -16,11 +16,16 @@ from empathy_models_redis import (
     RedisCircuitStateStore,
     RedisQuotaStore,
     RedisResponseCache,
+    breaker_script,
+    quota_script,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
+from empathy_models import CircuitBreaker
 from empathy_models.backends import state_store_from_url, telemetry_from_url
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
@@ -43,6 +48,23 @@ async def test_both_schemes_resolve_and_redis_holds_no_telemetry(redis_store_url
     await secure.aclose()
     with pytest.raises(ConfigurationError, match="holds no telemetry"):
         telemetry_from_url(redis_store_url)
+
+
+@pytest.mark.parametrize("script", [breaker_script, quota_script], ids=["breaker", "quota"])
+def test_every_script_turns_on_effects_replication_before_it_runs_a_command(
+    script: Callable[[], str],
+) -> None:
+    # a script that writes after TIME is refused on Redis 4 ("Write commands not allowed
+    # after non deterministic commands") unless it first calls redis.replicate_commands()
+    # (Redis 5 and later replicate effects anyway): quota.lua never did, so every
+    # budget reservation and rate-limit place failed there
+    source = "\n".join(line for line in script().splitlines() if not line.lstrip().startswith("--"))
+    first_command = re.search(r"redis\.p?call\(", source)
+    assert first_command is not None
+    switched = source.find("redis.replicate_commands()")
+    assert 0 <= switched < first_command.start()
+    # at the top level, where it runs before anything else: not inside a function
+    assert "function" not in source[:switched]
 
 
 async def test_time_comes_from_the_redis_server(redis_url: str, redis_store_url: str) -> None:
@@ -166,6 +188,34 @@ async def test_a_callers_client_is_named_by_where_it_connects(
         await redis.aclose()
 
 
+async def test_a_sentinel_client_is_named_by_its_sentinels_and_service() -> None:
+    # a client of Sentinel.master_for was named "redis://localhost:6379/3" in every
+    # error and log line, a server it never connects to (nothing listens on port 1)
+    sentinel = Sentinel([("127.0.0.1", 1), ("::1", 1)], password="pw-secret")
+    redis = sentinel.master_for("mymaster", db=3, socket_timeout=0.2)
+    named = "redis+sentinel://127.0.0.1:1,[::1]:1/mymaster/3"
+    try:
+        for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+            async with build(redis) as store:
+                assert repr(store).startswith(f"{build.__name__}({named!r}, ")
+                with pytest.raises(StateStoreError, match=f"^Redis [a-z ]+ {re.escape(named)}: "):
+                    if isinstance(store, RedisResponseCache):
+                        await store.delete("k")
+                    else:
+                        await store.now()
+    finally:
+        await redis.aclose()
+
+
+def test_a_sentinel_replica_client_is_refused_saying_why() -> None:
+    # a client of Sentinel.slave_for reaches a read-only replica: every write failed
+    # later with READONLY, and the breaker ran degraded for good
+    redis = Sentinel([("127.0.0.1", 1)]).slave_for("mymaster")
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=r"read-only replica.*master_for"):
+            build(redis)
+
+
 async def test_errors_are_state_store_errors_without_the_password() -> None:
     # nothing listens on port 1
     store = RedisCircuitStateStore("redis://:s3cret-pw@127.0.0.1:1/0")
@@ -182,11 +232,50 @@ async def test_an_unreadable_hash_is_a_state_store_error(redis_url: str, redis_p
     client = aioredis.Redis.from_url(redis_url)
     await client.hset(redis_prefix + "bad", mapping={"state": "closed", "generation": "x"})
     async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store:
-        with pytest.raises(StateStoreError, match="unreadable state for 'bad'"):
+        with pytest.raises(StateStoreError, match="unreadable state for 'bad'") as info:
             await store.snapshot("bad")
-        with pytest.raises(StateStoreError, match="unreadable state"):
+        assert info.value.key == "bad"  # that key's fault alone
+        with pytest.raises(StateStoreError, match="unreadable state") as info:
             await store.snapshot_all()
+        assert info.value.key == "bad"
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("generation", "x"), ("state", "nonsense")], ids=["generation", "state"]
+)
+async def test_an_unreadable_key_degrades_that_key_only_and_reset_repairs_it(
+    redis_url: str, redis_prefix: str, field: str, value: str
+) -> None:
+    # one key's unreadable hash (a hand edit, another program's write) failed the
+    # script, or the reading of its reply, with an error naming no key: the breaker ran
+    # degraded for every key, and `breaker reset KEY` failed on it too (the SQLite
+    # store sends that key alone to a fallback, and its reset repairs the row)
+    events: list[BreakerEvent] = []
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with (
+            RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store,
+            CircuitBreaker(store, local_view_ttl=0, listeners=[events.append]) as breaker,
+        ):
+            await breaker.force_open("bad", reason="seed a key")
+            await breaker.reset("bad")
+            await client.hset(redis_prefix + "bad", field, value)
+            async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as fresh:
+                with pytest.raises(StateStoreError, match="unreadable state for 'bad'") as info:
+                    await fresh.admit("bad", POLICY)  # no state of it held: read whole
+            assert info.value.key == "bad"
+            for key in ("bad", "good"):
+                async with breaker.guard(key):
+                    pass
+            assert not breaker.degraded  # the store as a whole is fine
+            degraded = [e.key for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+            assert degraded == ["bad"]
+            await breaker.reset("bad")
+            repaired = await store.snapshot("bad")
+    finally:
+        await client.aclose()
+    assert repaired.state is CircuitState.CLOSED and repaired.generation >= 1
 
 
 async def test_a_disabled_key_is_held_until_a_reset(redis_url: str, redis_prefix: str) -> None:

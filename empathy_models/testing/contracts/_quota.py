@@ -186,6 +186,20 @@ class QuotaStoreContract(QuotaClockSteps):
         keys = [(u.key, u.window_start) for u in await quota_store.usages()]
         assert keys == [("a", WS), ("a", WE), ("a/b", WS)]
 
+    async def test_a_window_start_given_as_an_int_is_the_same_window(
+        self, quota_store: QuotaStore
+    ) -> None:
+        # the memory, SQLite and Redis stores named a window by its start's repr:
+        # 1800000000 and 1800000000.0 were two windows, each granting the whole limit
+        whole = {"window_start": int(WS), "window_end": int(WE)}
+        assert (await quota_store.reserve("a", **whole, amount=6, limit=10)).granted
+        assert not (
+            await quota_store.reserve("a", window_start=WS, window_end=WE, amount=6, limit=10)
+        ).granted
+        assert (await quota_store.usage("a", window_start=WS, window_end=WE)).held == 6
+        assert [(u.key, u.window_start) for u in await quota_store.usages()] == [("a", WS)]
+        assert await quota_store.reset_budget("a") == 1
+
     async def test_a_window_written_with_a_later_end_ends_then(
         self, quota_store: QuotaStore
     ) -> None:
