@@ -141,7 +141,15 @@ from ._breaker_events import (
     BreakerListener,
     Events,
 )
-from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
+from ._local_view import (
+    MAX_PENDING,
+    Guard,
+    LocalView,
+    View,
+    not_awaitable,
+    protected,
+    view_ticket,
+)
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
@@ -409,21 +417,25 @@ def _force_for(
     return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
-def _protectable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _protectable(
+    fn: Callable[P, Awaitable[T]], owner: str = "protect"
+) -> Callable[P, Awaitable[T]]:
     """
-    ``fn``, refusing at decoration what `CircuitBreaker.protect` cannot await the call of
-    (each call would otherwise fail only once guarded, counted against the key).
+    ``fn``, refusing before any admission what `CircuitBreaker.protect` (or ``owner``,
+    `CircuitBreaker.call`) cannot await the call of (each call would otherwise fail only
+    once guarded, counted against the key).
 
     Raises:
         ConfigurationError: ``fn`` is not callable or is a generator function.
     """
     if not callable(fn):
         raise ConfigurationError(
-            f"CircuitBreaker.protect decorates a coroutine function, got {shown_value(fn)}"
+            f"CircuitBreaker.{owner} awaits a coroutine function's call, got {shown_value(fn)} "
+            "(guard other code with `async with breaker.guard(key)`)"
         )
     if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise ConfigurationError(
-            f"CircuitBreaker.protect cannot guard the generator function {shown_value(fn)}: "
+            f"CircuitBreaker.{owner} cannot guard the generator function {shown_value(fn)}: "
             "its calls give nothing to await (guard each use with `async with "
             "breaker.guard(key)` instead)"
         )
@@ -629,13 +641,21 @@ class CircuitBreaker(AsyncResource):
         self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """
-        ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.
+        ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result (a
+        stream it returns is read unguarded: guard its reading with `guard` instead).
 
         Raises:
             CircuitOpenError: when rejected; and whatever ``fn`` raises.
+            ConfigurationError: ``fn`` is not callable, is a generator function (before
+                admission), or its call returned what cannot be awaited (reported
+                ``not_sent``: nothing counts, a probe gets its lease back).
         """
+        _protectable(fn, "call")
         async with Guard(self, key):
-            return await fn(*args, **kwargs)
+            awaitable = fn(*args, **kwargs)
+            if not inspect.isawaitable(awaitable):
+                raise not_awaitable("call", fn, awaitable)
+            return await awaitable
 
     def protect(
         self, key: str
@@ -688,30 +708,7 @@ class CircuitBreaker(AsyncResource):
                         await self._reject(state, until - now)
             elif (ticket := await self._local.vouched(view)) is not None:
                 return ticket  # the exact mode on a store that announces changes
-        return await self._admit_from_store(key)
-
-    async def _admit_from_store(self, key: str) -> Ticket:
-        if key in self._local.pending and key not in self._settler.behind:
-            # the flush answers with the store's state: a CLOSED one admits like `admit` would
-            # (in exact mode a task sending the key's successes takes the batch instead)
-            state = await self._flush_key(key)
-            if state is not None:
-                ticket = view_ticket(state)
-                if ticket is not None:
-                    return ticket
-        policy = self.policy
-        epoch = self._local.epoch if self._stores.primary_answers(key) else -1
-        if self._scoped:
-            # a cancelled caller neither leaks a probe lease nor loses its cancellation
-            admission = await self._settler.admit(self._stores, key, policy)
-        else:  # an in-process store never suspends: nothing can interrupt it
-            admission = await self._stores.admit(key, policy)
-        # a cancel landing in an async listener must not keep a probe lease taken
-        observed = self._observe(admission.state, epoch=epoch)
-        await self._settler.keeping_lease(observed, self._stores, admission, policy)
-        if admission.admitted and admission.ticket is not None:
-            return admission.ticket
-        await self._reject(admission.state, admission.retry_after)
+        return await _admitted_by_store(self, key)
 
     async def _reject(self, state: CircuitBreakerState, retry_after: float | None) -> NoReturn:
         if self._rejection_events:
@@ -941,6 +938,31 @@ class CircuitBreaker(AsyncResource):
         s = state.state
         if s is not _CLOSED and s is not _DISABLED and self._store_clock.due(now):
             await self._store_clock.measure()
+
+
+async def _admitted_by_store(breaker: CircuitBreaker, key: str) -> Ticket:
+    """`CircuitBreaker.admit` by the store (its written-behind successes flushed first)."""
+    if key in breaker._local.pending and key not in breaker._settler.behind:
+        # the flush answers with the store's state: a CLOSED one admits like `admit` would
+        # (in exact mode a task sending the key's successes takes the batch instead)
+        state = await breaker._flush_key(key)
+        if state is not None:
+            ticket = view_ticket(state)
+            if ticket is not None:
+                return ticket
+    policy = breaker.policy
+    epoch = breaker._local.epoch if breaker._stores.primary_answers(key) else -1
+    if breaker._scoped:
+        # a cancelled caller neither leaks a probe lease nor loses its cancellation
+        admission = await breaker._settler.admit(breaker._stores, key, policy)
+    else:  # an in-process store never suspends: nothing can interrupt it
+        admission = await breaker._stores.admit(key, policy)
+    # a cancel landing in an async listener must not keep a probe lease taken
+    observed = breaker._observe(admission.state, epoch=epoch)
+    await breaker._settler.keeping_lease(observed, breaker._stores, admission, policy)
+    if admission.admitted and admission.ticket is not None:
+        return admission.ticket
+    await breaker._reject(admission.state, admission.retry_after)  # raises
 
 
 def _refusing_hint(breaker: CircuitBreaker, view: View) -> bool:
