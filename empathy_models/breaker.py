@@ -90,7 +90,11 @@ breaker owns cannot be opened on entry, the breaker switches to a per-process
 ``store_retry_interval`` seconds the next store interaction tries the store again; when
 it answers, ``store_recovered`` is emitted and the store's state is adopted (an OPEN set
 by others meanwhile included; local trips made during the outage are not pushed to the
-store).  A call never fails because the store is down.
+store).  A call never fails because the store is down.  An operator's change
+(`force_open`, `disable`, `reset`) is no call: made on the per-process store it would
+be lost at the recovery, so it goes to the store itself, degraded or not, and raises
+`StateStoreError` when the store does not take it, having changed nothing (the store
+answering it ends the outage).
 
 **Keys.**  A key is a non-empty string of at most 500 characters, without NUL characters
 or lone surrogates: one every store can hold and announce.  Every method taking a key
@@ -877,16 +881,12 @@ class CircuitBreaker(AsyncResource):
         Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips (a state the
         store cannot read is replaced); tickets issued before stop counting.
         Written-behind successes of the key are dropped.
+
+        Raises:
+            StateStoreError: the store is unreachable: nothing was reset (see `force_open`).
         """
         self._check_open()
-        for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
-            self._local.drop(pending_key)
-        await self._stores.reset(key)
-        if key is None:
-            await _reset_all(self)
-            return
-        state = await self._stores.snapshot(key)
-        await self._observe(state, reason="reset", newer_only=False)
+        await _reset(self, key)
 
     async def force_open(
         self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
@@ -900,19 +900,22 @@ class CircuitBreaker(AsyncResource):
 
         Raises:
             RecordValidationError: a naive ``until``.
+            StateStoreError: the store is unreachable (or did not answer in time): nothing
+                was forced, here or in any other process (degraded mode's per-process
+                state would lose it when the store is back); try again then.
         """
         self._check_open()
-        state = await self._stores.force(checked_key(key), _FORCED_OPEN, until=until, reason=reason)
-        await self._observe(state)
-        return state
+        return await _forced(self, key, _FORCED_OPEN, "force_open", until, reason)
 
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
-        """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
+        """
+        Let every call for ``key`` through and never trip, until `reset`; returns the state.
+
+        Raises:
+            StateStoreError: the store is unreachable: nothing changed (see `force_open`).
+        """
         self._check_open()
-        self._local.drop(checked_key(key))
-        state = await self._stores.force(key, _DISABLED, reason=reason)
-        await self._observe(state)
-        return state
+        return await _forced(self, key, _DISABLED, "disable", None, reason)
 
     # ------------------------------------------------------------------ views and events
 
@@ -992,6 +995,49 @@ async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: floa
     if reason is not None:  # recovery_seconds on the store's clock
         span = breaker.policy.recovery_seconds
         await breaker._observe(await _force_for(breaker._stores, provider, reason, span))
+
+
+async def _forced(
+    breaker: CircuitBreaker,
+    key: str,
+    target: CircuitState,
+    name: str,
+    until: datetime | None,
+    reason: str,
+) -> CircuitBreakerState:
+    """
+    `CircuitBreaker.force_open` or `disable` (``name``) of ``key``: made in the store
+    alone (`FailoverStateStore.control`), then adopted; a disabled key's written-behind
+    successes are dropped.
+    """
+    key = checked_key(key)
+    # refused here, not taken for an outage
+    breaker._stores.checked_force_end(until, None)
+    checked = breaker._stores.checked_reason(reason)
+    state = await breaker._stores.control(
+        key,
+        lambda store: store.force(key, target, until=until, reason=checked),
+        f"CircuitBreaker.{name}({shown(key)})",
+    )
+    if target is _DISABLED:
+        breaker._local.drop(key)
+    await breaker._observe(state)
+    return state
+
+
+async def _reset(breaker: CircuitBreaker, key: str | None) -> None:
+    """`CircuitBreaker.reset`: made in the store alone (`FailoverStateStore.control`),
+    then the written-behind successes of the key (or of every key) dropped."""
+    keys = list(breaker._local.pending) if key is None else [checked_key(key)]
+    what = "CircuitBreaker.reset()" if key is None else f"CircuitBreaker.reset({shown(key)})"
+    await breaker._stores.control(key, lambda store: store.reset(key), what)
+    for pending_key in keys:
+        breaker._local.drop(pending_key)
+    if key is None:
+        await _reset_all(breaker)
+        return
+    state = await breaker._stores.snapshot(key)
+    await breaker._observe(state, reason="reset", newer_only=False)
 
 
 async def _reset_all(breaker: CircuitBreaker) -> None:
