@@ -651,6 +651,8 @@ class CircuitBreakerState:
     opened_at_ts: float | None = field(default=None, validator=_non_negative)
     open_until_ts: float | None = field(default=None, validator=_non_negative)
     closed_at_ts: float | None = field(default=None, validator=_non_negative)
+    """When the healthy time that decays ``open_count`` began (CLOSED, DISABLED); a key
+    forced open by hand keeps it, that time paused at ``opened_at_ts``."""
     last_failure_ts: float | None = field(default=None, validator=_non_negative)
     leases: tuple[tuple[str, float], ...] = field(default=(), converter=_lease_tuple)
     probe_successes: int = field(default=0, validator=_non_negative_int)
