@@ -158,7 +158,7 @@ from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
 from ._validators import check, escaped, failure, integer, number, shown as shown_value
-from .abc import AsyncResource, CircuitStateStore
+from .abc import AsyncResource, CircuitStateStore, force_for
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
@@ -889,23 +889,30 @@ class CircuitBreaker(AsyncResource):
         await _reset(self, key)
 
     async def force_open(
-        self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
+        self,
+        key: str,
+        until: datetime | None = None,
+        reason: str = "forced open by operator",
+        *,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         """
-        Reject every call for ``key`` until ``until`` (an aware datetime; ``None``: until
-        `reset`), and return the new state.
+        Reject every call for ``key`` until ``until`` (an aware datetime), for
+        ``for_seconds`` of the store's clock (which a worker whose clock is off should
+        give instead), or, with neither, until `reset`; return the new state.
 
         Forcing an already forced-open key never moves its end earlier; an ``until`` given
         for a key held until `reset` sets that end.
 
         Raises:
-            RecordValidationError: a naive ``until``.
+            RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
+                finite number >= 0, or both.
             StateStoreError: the store is unreachable (or did not answer in time): nothing
                 was forced, here or in any other process (degraded mode's per-process
                 state would lose it when the store is back); try again then.
         """
         self._check_open()
-        return await _forced(self, key, _FORCED_OPEN, "force_open", until, reason)
+        return await _forced(self, key, _FORCED_OPEN, "force_open", until, reason, for_seconds)
 
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
         """
@@ -1004,6 +1011,7 @@ async def _forced(
     name: str,
     until: datetime | None,
     reason: str,
+    for_seconds: float | None = None,
 ) -> CircuitBreakerState:
     """
     `CircuitBreaker.force_open` or `disable` (``name``) of ``key``: made in the store
@@ -1012,13 +1020,15 @@ async def _forced(
     """
     key = checked_key(key)
     # refused here, not taken for an outage
-    breaker._stores.checked_force_end(until, None)
+    breaker._stores.checked_force_end(until, for_seconds)
     checked = breaker._stores.checked_reason(reason)
-    state = await breaker._stores.control(
-        key,
-        lambda store: store.force(key, target, until=until, reason=checked),
-        f"CircuitBreaker.{name}({shown(key)})",
-    )
+
+    def force(store: CircuitStateStore) -> Awaitable[CircuitBreakerState]:
+        if for_seconds is None:
+            return store.force(key, target, until=until, reason=checked)
+        return force_for(store, key, target, for_seconds=for_seconds, reason=checked)
+
+    state = await breaker._stores.control(key, force, f"CircuitBreaker.{name}({shown(key)})")
     if target is _DISABLED:
         breaker._local.drop(key)
     await breaker._observe(state)
