@@ -786,6 +786,8 @@ class CircuitBreaker(AsyncResource):
             ticket, outcome, retry_after, self._store_clock.skew(key)
         ):
             return
+        if ticket.lease_expires_ts is not None and outcome.is_sample:
+            _warn_if_late(self, ticket, outcome)
         if error is not None:
             error = escaped(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
@@ -973,6 +975,28 @@ async def _admitted_by_store(breaker: CircuitBreaker, key: str) -> Ticket:
     if admission.admitted and admission.ticket is not None:
         return admission.ticket
     await breaker._reject(admission.state, admission.retry_after)  # raises
+
+
+def _warn_if_late(breaker: CircuitBreaker, ticket: Ticket, outcome: Outcome) -> None:
+    """
+    Log a probe's ``outcome`` that the store drops, its lease (``ticket``'s) over by the
+    store's clock: a key whose calls outlast ``probe_lease_seconds`` would otherwise stay
+    HALF_OPEN without a word, every probe's answer dropped.
+    """
+    ends = ticket.lease_expires_ts
+    assert ends is not None
+    now = breaker._clock() + breaker._store_clock.skew(ticket.key)
+    if now >= ends:
+        lease = breaker.policy.probe_lease_seconds
+        logger.warning(
+            "circuit %s: a half-open probe's %s came %gs after its admission, past its "
+            "lease (probe_lease_seconds=%g), and is not counted; keep probe_lease_seconds "
+            "above the longest call the breaker guards, or such a key cannot close",
+            shown(ticket.key),
+            outcome.value,
+            round(now - (ends - lease), 3),
+            lease,
+        )
 
 
 def _refusing_hint(breaker: CircuitBreaker, view: View) -> bool:

@@ -593,6 +593,24 @@ async def _next_open_seconds(breaker: CircuitBreaker, clock: FakeClock) -> float
     return status.open_until_ts - clock()
 
 
+async def test_a_probe_answering_after_its_lease_is_not_counted_and_says_why(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=10.0, probe_lease_seconds=30.0)
+    breaker, _ = make(clock, policy)
+    async with breaker:
+        await fail(breaker)
+        clock.advance(10)
+        with caplog.at_level(logging.WARNING, logger="empathy_models.breaker"):
+            async with breaker.guard(KEY):
+                clock.advance(31)  # a call longer than the probe's lease
+        assert (await breaker.get_status(KEY)).state is CircuitState.HALF_OPEN
+        [warning] = [r.getMessage() for r in caplog.records if "lease" in r.getMessage()]
+        assert "probe_lease_seconds=30" in warning and "31" in warning, warning
+        await succeed(breaker)  # a probe answering in time closes the key
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 async def test_a_manual_force_keeps_the_healthy_time_before_it_and_adds_none(
     clock: FakeClock, store: str, tmp_path: Path
