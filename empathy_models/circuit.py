@@ -32,8 +32,8 @@ fallback" table says what each error does to a call):
   stay forgotten (the forced period itself is not healthy time).  A manual `force`
   with ``until=None`` holds until `reset`.  DISABLED admits everything and never trips.
   A manual force keeps the trips' decay: the healthy time the key had counts on once it
-  is closed again (held in ``closed_at_ts``, paused at ``opened_at_ts`` while forced
-  open), the time forced open does not count.
+  is closed again (held in ``closed_at_ts``, paused while forced open or disabled), the
+  time forced open or disabled does not count.
 * ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
   success nor failure; in HALF_OPEN they return the probe lease.
 * The times are wall-clock times, and a wall clock can step back (an NTP correction, a
@@ -148,8 +148,8 @@ class BreakerPolicy:
     """Cap on the open time however often the circuit trips."""
     backoff: Literal["linear", "exponential"] = "linear"
     healthy_decay_seconds: float = field(default=300.0, validator=_positive)
-    """Each such span spent closed (or disabled) forgets one earlier trip; time forced
-    open is not counted, by hand or by a fatal error."""
+    """Each such span spent closed forgets one earlier trip; time forced open (by hand or
+    by a fatal error) or disabled is not counted."""
     half_open_probes: int = field(default=1, validator=_positive_int)
     probe_lease_seconds: float = field(default=120.0, validator=_positive)
     """
@@ -312,18 +312,18 @@ def _closed_success_runs(
 def _healthy_since(state: CircuitBreakerState, now: float) -> float | None:
     """
     When ``state``'s healthy time, which decays its trips, began as a clock running at
-    ``now``: ``closed_at_ts`` while CLOSED or DISABLED; ``now`` less the healthy time it
-    had when forced open by hand (`force`), which holds it paused at ``opened_at_ts``
-    (FORCED_OPEN with ``closed_at_ts`` set, and the HALF_OPEN that follows); ``None``
-    when there is none (OPEN, and FORCED_OPEN by a fatal error: their trips decayed when
-    they opened).
+    ``now``: ``closed_at_ts`` while CLOSED; ``now`` less the healthy time it had when
+    forced by hand (`force`), which holds it paused: at ``opened_at_ts`` when forced
+    open (FORCED_OPEN with ``closed_at_ts`` set, and the HALF_OPEN that follows), at
+    ``updated_at_ts`` when DISABLED (which writes nothing else); ``None`` when there is
+    none (OPEN, and FORCED_OPEN by a fatal error: their trips decayed when they opened).
     """
     closed = state.closed_at_ts
     s = state.state
-    if closed is None or s is _CLOSED or s is _DISABLED:
+    if closed is None or s is _CLOSED:
         return closed
-    opened = state.opened_at_ts
-    return now - max(0.0, (closed if opened is None else opened) - closed)
+    paused = state.updated_at_ts if s is _DISABLED else state.opened_at_ts
+    return now - max(0.0, (closed if paused is None else paused) - closed)
 
 
 def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> int:

@@ -641,6 +641,24 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
         ],
     ),
     (
+        "time disabled holds the trips' decay too",
+        {"consecutive_failures": 1, "healthy_decay_seconds": 300.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            OK,  # closed at 60 with open_count 1
+            ("t", 100.0),
+            ("force", DISABLED, None),
+            ("t", 10_000.0),
+            ("force", DISABLED, None),  # disabled again: no time gained or lost
+            ("t", 10_000.0),
+            ("force", CLOSED, None),
+            ("t", 100.0),
+            FAIL,  # 100 + 100 s closed: the trip still counts, a second one, 120 s
+            ("expect", {"open_count": 2, "open_until": 20_260.0 + 120.0}),
+        ],
+    ),
+    (
         "reset drops tickets of the old generation and forgets trips",
         ONE,
         [

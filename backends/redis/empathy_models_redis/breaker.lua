@@ -397,19 +397,23 @@ local function closed_successes(st, count, now)
 end
 
 -- when the healthy time that decays trips began, as a clock running at now (as
--- circuit._healthy_since): closed_at_ts while closed or disabled; now less the healthy
--- time a key forced open by hand holds, paused at opened_at_ts (forced_open with
--- closed_at_ts set, and the half_open after it); nil when there is none
+-- circuit._healthy_since): closed_at_ts while closed; now less the healthy time a key
+-- forced by hand holds, paused at opened_at_ts when forced open (forced_open with
+-- closed_at_ts set, and the half_open after it), at updated_at_ts when disabled; nil
+-- when there is none
 local function healthy_since(st, now)
   local closed = st.closed_at_ts
-  if closed == nil or st.state == "closed" or st.state == "disabled" then
+  if closed == nil or st.state == "closed" then
     return closed
   end
-  local opened = st.opened_at_ts
-  if opened == nil then
-    opened = closed
+  local paused = st.opened_at_ts
+  if st.state == "disabled" then
+    paused = st.updated_at_ts
   end
-  return now - math.max(0.0, opened - closed)
+  if paused == nil then
+    paused = closed
+  end
+  return now - math.max(0.0, paused - closed)
 end
 
 local function decayed_trips(st, now)
