@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import time
@@ -29,7 +30,9 @@ import anyio
 
 from ._breaker_events import describe
 from ._settled import SHIELD_SECONDS
+from ._validators import shown as shown_value
 from .circuit import extends_open, unstepped
+from .exceptions import ConfigurationError
 from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
@@ -748,10 +751,40 @@ def _entered(view: View) -> asyncio.Future[Ticket]:
     return entered
 
 
+def not_awaitable(owner: str, fn: object, returned: object) -> ConfigurationError:
+    """
+    The error of a guarded ``fn`` whose call returned ``returned``, which cannot be
+    awaited (an async generator, say): raised inside the guard, so it is reported as
+    ``not_sent`` (`classify_error`), counting nothing against the key.
+    """
+    return ConfigurationError(
+        f"CircuitBreaker.{owner} awaits what {shown_value(fn)} returns, got "
+        f"{shown_value(returned)}, which cannot be awaited (guard the use of a stream or "
+        "generator with `async with breaker.guard(key)` instead)"
+    )
+
+
+async def _refused(
+    breaker: CircuitBreaker, fn: object, ticket: Ticket, exc: BaseException, awaitable: object
+) -> BaseException:
+    """
+    Report the end of `protected`'s call of ``fn`` that raised ``exc``; return ``exc``, or
+    what to raise instead when the call's value, ``awaitable``, cannot be awaited.
+    """
+    unset = awaitable is _UNSET  # fn itself raised
+    if type(exc) is TypeError and not unset and not inspect.isawaitable(awaitable):
+        exc = not_awaitable("protect", fn, awaitable)
+    await report_error(breaker, ticket, exc)
+    return exc
+
+
 def protected(
     breaker: CircuitBreaker, key: str, fn: Callable[P, Awaitable[T]]
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined."""
+    """
+    ``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined.  A call
+    of ``fn`` that returns what cannot be awaited is refused (`not_awaitable`).
+    """
     view_of = breaker._views.get  # the dict is the breaker's for its lifetime
     positional: Callable[..., Awaitable[T]] = fn  # ``fn`` called without keywords
     clock = breaker._clock
@@ -771,11 +804,15 @@ def protected(
                 # the in-process store holds the view's state, as in Guard.__aenter__
                 ticket = view.ticket
                 if ticket is not None:
+                    awaitable: Awaitable[T] = _UNSET
                     try:
                         # without keywords, the call skips unpacking an empty dict
-                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                        awaitable = fn(*args, **kwargs) if kwargs else positional(*args)
+                        result = await awaitable
                     except BaseException as exc:
-                        await report_error(breaker, ticket, exc)
+                        error = await _refused(breaker, fn, ticket, exc, awaitable)
+                        if error is not exc:
+                            raise error from None
                         raise
                     tail = view.tail  # as in Guard.__aexit__
                     if tail is not None and tail.state is view.state:
@@ -792,10 +829,14 @@ def protected(
                 if view.at <= now < view.until:
                     ticket = view.ticket
                     if ticket is not None:
+                        awaitable = _UNSET
                         try:
-                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
+                            awaitable = fn(*args, **kwargs) if kwargs else positional(*args)
+                            result = await awaitable
                         except BaseException as exc:
-                            await report_error(breaker, ticket, exc)
+                            error = await _refused(breaker, fn, ticket, exc, awaitable)
+                            if error is not exc:
+                                raise error from None
                             raise
                         pending = view.pending
                         if pending is not None:
@@ -807,9 +848,16 @@ def protected(
                         await breaker.report(ticket, _SUCCESS)
                         return result
         async with Guard(breaker, key):
-            return await fn(*args, **kwargs)
+            call = fn(*args, **kwargs)
+            if not inspect.isawaitable(call):
+                raise not_awaitable("protect", fn, call)
+            return await call
 
     return guarded
+
+
+_UNSET: Any = object()
+"""No call of the guarded function made yet (it raised before returning)."""
 
 
 async def flush_loop(

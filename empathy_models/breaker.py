@@ -90,7 +90,11 @@ breaker owns cannot be opened on entry, the breaker switches to a per-process
 ``store_retry_interval`` seconds the next store interaction tries the store again; when
 it answers, ``store_recovered`` is emitted and the store's state is adopted (an OPEN set
 by others meanwhile included; local trips made during the outage are not pushed to the
-store).  A call never fails because the store is down.
+store).  A call never fails because the store is down.  An operator's change
+(`force_open`, `disable`, `reset`) is no call: made on the per-process store it would
+be lost at the recovery, so it goes to the store itself, degraded or not, and raises
+`StateStoreError` when the store does not take it, having changed nothing (the store
+answering it ends the outage).
 
 **Keys.**  A key is a non-empty string of at most 500 characters, without NUL characters
 or lone surrogates: one every store can hold and announce.  Every method taking a key
@@ -141,12 +145,20 @@ from ._breaker_events import (
     BreakerListener,
     Events,
 )
-from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
+from ._local_view import (
+    MAX_PENDING,
+    Guard,
+    LocalView,
+    View,
+    not_awaitable,
+    protected,
+    view_ticket,
+)
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
 from ._validators import check, escaped, failure, integer, number, shown as shown_value
-from .abc import AsyncResource, CircuitStateStore
+from .abc import AsyncResource, CircuitStateStore, force_for
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
@@ -409,21 +421,25 @@ def _force_for(
     return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
-def _protectable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _protectable(
+    fn: Callable[P, Awaitable[T]], owner: str = "protect"
+) -> Callable[P, Awaitable[T]]:
     """
-    ``fn``, refusing at decoration what `CircuitBreaker.protect` cannot await the call of
-    (each call would otherwise fail only once guarded, counted against the key).
+    ``fn``, refusing before any admission what `CircuitBreaker.protect` (or ``owner``,
+    `CircuitBreaker.call`) cannot await the call of (each call would otherwise fail only
+    once guarded, counted against the key).
 
     Raises:
         ConfigurationError: ``fn`` is not callable or is a generator function.
     """
     if not callable(fn):
         raise ConfigurationError(
-            f"CircuitBreaker.protect decorates a coroutine function, got {shown_value(fn)}"
+            f"CircuitBreaker.{owner} awaits a coroutine function's call, got {shown_value(fn)} "
+            "(guard other code with `async with breaker.guard(key)`)"
         )
     if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
         raise ConfigurationError(
-            f"CircuitBreaker.protect cannot guard the generator function {shown_value(fn)}: "
+            f"CircuitBreaker.{owner} cannot guard the generator function {shown_value(fn)}: "
             "its calls give nothing to await (guard each use with `async with "
             "breaker.guard(key)` instead)"
         )
@@ -629,13 +645,21 @@ class CircuitBreaker(AsyncResource):
         self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         """
-        ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.
+        ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result (a
+        stream it returns is read unguarded: guard its reading with `guard` instead).
 
         Raises:
             CircuitOpenError: when rejected; and whatever ``fn`` raises.
+            ConfigurationError: ``fn`` is not callable, is a generator function (before
+                admission), or its call returned what cannot be awaited (reported
+                ``not_sent``: nothing counts, a probe gets its lease back).
         """
+        _protectable(fn, "call")
         async with Guard(self, key):
-            return await fn(*args, **kwargs)
+            awaitable = fn(*args, **kwargs)
+            if not inspect.isawaitable(awaitable):
+                raise not_awaitable("call", fn, awaitable)
+            return await awaitable
 
     def protect(
         self, key: str
@@ -688,30 +712,7 @@ class CircuitBreaker(AsyncResource):
                         await self._reject(state, until - now)
             elif (ticket := await self._local.vouched(view)) is not None:
                 return ticket  # the exact mode on a store that announces changes
-        return await self._admit_from_store(key)
-
-    async def _admit_from_store(self, key: str) -> Ticket:
-        if key in self._local.pending and key not in self._settler.behind:
-            # the flush answers with the store's state: a CLOSED one admits like `admit` would
-            # (in exact mode a task sending the key's successes takes the batch instead)
-            state = await self._flush_key(key)
-            if state is not None:
-                ticket = view_ticket(state)
-                if ticket is not None:
-                    return ticket
-        policy = self.policy
-        epoch = self._local.epoch if self._stores.primary_answers(key) else -1
-        if self._scoped:
-            # a cancelled caller neither leaks a probe lease nor loses its cancellation
-            admission = await self._settler.admit(self._stores, key, policy)
-        else:  # an in-process store never suspends: nothing can interrupt it
-            admission = await self._stores.admit(key, policy)
-        # a cancel landing in an async listener must not keep a probe lease taken
-        observed = self._observe(admission.state, epoch=epoch)
-        await self._settler.keeping_lease(observed, self._stores, admission, policy)
-        if admission.admitted and admission.ticket is not None:
-            return admission.ticket
-        await self._reject(admission.state, admission.retry_after)
+        return await _admitted_by_store(self, key)
 
     async def _reject(self, state: CircuitBreakerState, retry_after: float | None) -> NoReturn:
         if self._rejection_events:
@@ -785,6 +786,8 @@ class CircuitBreaker(AsyncResource):
             ticket, outcome, retry_after, self._store_clock.skew(key)
         ):
             return
+        if ticket.lease_expires_ts is not None and outcome.is_sample:
+            _warn_if_late(self, ticket, outcome)
         if error is not None:
             error = escaped(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
@@ -880,42 +883,48 @@ class CircuitBreaker(AsyncResource):
         Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips (a state the
         store cannot read is replaced); tickets issued before stop counting.
         Written-behind successes of the key are dropped.
+
+        Raises:
+            StateStoreError: the store is unreachable: nothing was reset (see `force_open`).
         """
         self._check_open()
-        for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
-            self._local.drop(pending_key)
-        await self._stores.reset(key)
-        if key is None:
-            await _reset_all(self)
-            return
-        state = await self._stores.snapshot(key)
-        await self._observe(state, reason="reset", newer_only=False)
+        await _reset(self, key)
 
     async def force_open(
-        self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
+        self,
+        key: str,
+        until: datetime | None = None,
+        reason: str = "forced open by operator",
+        *,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         """
-        Reject every call for ``key`` until ``until`` (an aware datetime; ``None``: until
-        `reset`), and return the new state.
+        Reject every call for ``key`` until ``until`` (an aware datetime), for
+        ``for_seconds`` of the store's clock (which a worker whose clock is off should
+        give instead), or, with neither, until `reset`; return the new state.
 
         Forcing an already forced-open key never moves its end earlier; an ``until`` given
         for a key held until `reset` sets that end.
 
         Raises:
-            RecordValidationError: a naive ``until``.
+            RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
+                finite number >= 0, or both.
+            StateStoreError: the store is unreachable (or did not answer in time): nothing
+                was forced, here or in any other process (degraded mode's per-process
+                state would lose it when the store is back); try again then.
         """
         self._check_open()
-        state = await self._stores.force(checked_key(key), _FORCED_OPEN, until=until, reason=reason)
-        await self._observe(state)
-        return state
+        return await _forced(self, key, _FORCED_OPEN, "force_open", until, reason, for_seconds)
 
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
-        """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
+        """
+        Let every call for ``key`` through and never trip, until `reset`; returns the state.
+
+        Raises:
+            StateStoreError: the store is unreachable: nothing changed (see `force_open`).
+        """
         self._check_open()
-        self._local.drop(checked_key(key))
-        state = await self._stores.force(key, _DISABLED, reason=reason)
-        await self._observe(state)
-        return state
+        return await _forced(self, key, _DISABLED, "disable", None, reason)
 
     # ------------------------------------------------------------------ views and events
 
@@ -941,6 +950,53 @@ class CircuitBreaker(AsyncResource):
         s = state.state
         if s is not _CLOSED and s is not _DISABLED and self._store_clock.due(now):
             await self._store_clock.measure()
+
+
+async def _admitted_by_store(breaker: CircuitBreaker, key: str) -> Ticket:
+    """`CircuitBreaker.admit` by the store (its written-behind successes flushed first)."""
+    if key in breaker._local.pending and key not in breaker._settler.behind:
+        # the flush answers with the store's state: a CLOSED one admits like `admit` would
+        # (in exact mode a task sending the key's successes takes the batch instead)
+        state = await breaker._flush_key(key)
+        if state is not None:
+            ticket = view_ticket(state)
+            if ticket is not None:
+                return ticket
+    policy = breaker.policy
+    epoch = breaker._local.epoch if breaker._stores.primary_answers(key) else -1
+    if breaker._scoped:
+        # a cancelled caller neither leaks a probe lease nor loses its cancellation
+        admission = await breaker._settler.admit(breaker._stores, key, policy)
+    else:  # an in-process store never suspends: nothing can interrupt it
+        admission = await breaker._stores.admit(key, policy)
+    # a cancel landing in an async listener must not keep a probe lease taken
+    observed = breaker._observe(admission.state, epoch=epoch)
+    await breaker._settler.keeping_lease(observed, breaker._stores, admission, policy)
+    if admission.admitted and admission.ticket is not None:
+        return admission.ticket
+    await breaker._reject(admission.state, admission.retry_after)  # raises
+
+
+def _warn_if_late(breaker: CircuitBreaker, ticket: Ticket, outcome: Outcome) -> None:
+    """
+    Log a probe's ``outcome`` that the store drops, its lease (``ticket``'s) over by the
+    store's clock: a key whose calls outlast ``probe_lease_seconds`` would otherwise stay
+    HALF_OPEN without a word, every probe's answer dropped.
+    """
+    ends = ticket.lease_expires_ts
+    assert ends is not None
+    now = breaker._clock() + breaker._store_clock.skew(ticket.key)
+    if now >= ends:
+        lease = breaker.policy.probe_lease_seconds
+        logger.warning(
+            "circuit %s: a half-open probe's %s came %gs after its admission, past its "
+            "lease (probe_lease_seconds=%g), and is not counted; keep probe_lease_seconds "
+            "above the longest call the breaker guards, or such a key cannot close",
+            shown(ticket.key),
+            outcome.value,
+            round(now - (ends - lease), 3),
+            lease,
+        )
 
 
 def _refusing_hint(breaker: CircuitBreaker, view: View) -> bool:
@@ -970,6 +1026,52 @@ async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: floa
     if reason is not None:  # recovery_seconds on the store's clock
         span = breaker.policy.recovery_seconds
         await breaker._observe(await _force_for(breaker._stores, provider, reason, span))
+
+
+async def _forced(
+    breaker: CircuitBreaker,
+    key: str,
+    target: CircuitState,
+    name: str,
+    until: datetime | None,
+    reason: str,
+    for_seconds: float | None = None,
+) -> CircuitBreakerState:
+    """
+    `CircuitBreaker.force_open` or `disable` (``name``) of ``key``: made in the store
+    alone (`FailoverStateStore.control`), then adopted; a disabled key's written-behind
+    successes are dropped.
+    """
+    key = checked_key(key)
+    # refused here, not taken for an outage
+    breaker._stores.checked_force_end(until, for_seconds)
+    checked = breaker._stores.checked_reason(reason)
+
+    def force(store: CircuitStateStore) -> Awaitable[CircuitBreakerState]:
+        if for_seconds is None:
+            return store.force(key, target, until=until, reason=checked)
+        return force_for(store, key, target, for_seconds=for_seconds, reason=checked)
+
+    state = await breaker._stores.control(key, force, f"CircuitBreaker.{name}({shown(key)})")
+    if target is _DISABLED:
+        breaker._local.drop(key)
+    await breaker._observe(state)
+    return state
+
+
+async def _reset(breaker: CircuitBreaker, key: str | None) -> None:
+    """`CircuitBreaker.reset`: made in the store alone (`FailoverStateStore.control`),
+    then the written-behind successes of the key (or of every key) dropped."""
+    keys = list(breaker._local.pending) if key is None else [checked_key(key)]
+    what = "CircuitBreaker.reset()" if key is None else f"CircuitBreaker.reset({shown(key)})"
+    await breaker._stores.control(key, lambda store: store.reset(key), what)
+    for pending_key in keys:
+        breaker._local.drop(pending_key)
+    if key is None:
+        await _reset_all(breaker)
+        return
+    state = await breaker._stores.snapshot(key)
+    await breaker._observe(state, reason="reset", newer_only=False)
 
 
 async def _reset_all(breaker: CircuitBreaker) -> None:

@@ -31,6 +31,9 @@ fallback" table says what each error does to a call):
   ``fatal_open_seconds`` with the reason; the trips the time closed before it forgot
   stay forgotten (the forced period itself is not healthy time).  A manual `force`
   with ``until=None`` holds until `reset`.  DISABLED admits everything and never trips.
+  A manual force keeps the trips' decay: the healthy time the key had counts on once it
+  is closed again (held in ``closed_at_ts``, paused while forced open or disabled), the
+  time forced open or disabled does not count.
 * ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
   success nor failure; in HALF_OPEN they return the probe lease.
 * The times are wall-clock times, and a wall clock can step back (an NTP correction, a
@@ -145,7 +148,8 @@ class BreakerPolicy:
     """Cap on the open time however often the circuit trips."""
     backoff: Literal["linear", "exponential"] = "linear"
     healthy_decay_seconds: float = field(default=300.0, validator=_positive)
-    """Each such span spent closed forgets one earlier trip."""
+    """Each such span spent closed forgets one earlier trip; time forced open (by hand or
+    by a fatal error) or disabled is not counted."""
     half_open_probes: int = field(default=1, validator=_positive_int)
     probe_lease_seconds: float = field(default=120.0, validator=_positive)
     """
@@ -305,10 +309,28 @@ def _closed_success_runs(
     return _trusted_state_evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
 
 
+def _healthy_since(state: CircuitBreakerState, now: float) -> float | None:
+    """
+    When ``state``'s healthy time, which decays its trips, began as a clock running at
+    ``now``: ``closed_at_ts`` while CLOSED; ``now`` less the healthy time it had when
+    forced by hand (`force`), which holds it paused: at ``opened_at_ts`` when forced
+    open (FORCED_OPEN with ``closed_at_ts`` set, and the HALF_OPEN that follows), at
+    ``updated_at_ts`` when DISABLED (which writes nothing else); ``None`` when there is
+    none (OPEN, and FORCED_OPEN by a fatal error: their trips decayed when they opened).
+    """
+    closed = state.closed_at_ts
+    s = state.state
+    if closed is None or s is _CLOSED:
+        return closed
+    paused = state.updated_at_ts if s is _DISABLED else state.opened_at_ts
+    return now - max(0.0, (closed if paused is None else paused) - closed)
+
+
 def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> int:
-    if state.open_count == 0 or state.closed_at_ts is None:
+    since = _healthy_since(state, now)
+    if state.open_count == 0 or since is None:
         return state.open_count
-    healthy = max(0.0, now - state.closed_at_ts)
+    healthy = max(0.0, now - since)
     forgotten = healthy / policy.healthy_decay_seconds  # inf for a tiny decay: all of them
     if forgotten >= state.open_count:
         return 0
@@ -366,6 +388,9 @@ def _open(
 
 
 def _close(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
+    """CLOSED with fresh counts; trips decay from ``now`` on, or go on decaying from
+    where a manual force held them (`_healthy_since`)."""
+    since = _healthy_since(state, now)
     return attrs.evolve(
         state,
         state=CircuitState.CLOSED,
@@ -374,7 +399,7 @@ def _close(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
         window=(),
         opened_at_ts=None,
         open_until_ts=None,
-        closed_at_ts=now,
+        closed_at_ts=now if since is None else since,
         leases=(),
         probe_successes=0,
         reason=None,
@@ -383,8 +408,19 @@ def _close(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
 
 
 def _force_open(
-    state: CircuitBreakerState, now: float, until: float | None, reason: str, error: str | None
+    state: CircuitBreakerState,
+    now: float,
+    until: float | None,
+    reason: str,
+    error: str | None,
+    *,
+    by_hand: bool = False,
 ) -> CircuitBreakerState:
+    """
+    FORCED_OPEN from ``now``.  Its time is no healthy time: forced ``by_hand`` (`force`),
+    the healthy time the key had is held, paused at ``opened_at_ts`` (`_healthy_since`);
+    by a fatal error, whose caller decayed the trips first, it is dropped.
+    """
     if state.state is CircuitState.FORCED_OPEN and state.open_until_ts is not None:
         # never shorten: a second fatal error can only extend the forced period
         until = None if until is None else max(until, state.open_until_ts)
@@ -395,7 +431,7 @@ def _force_open(
         opened_at_ts=now,
         open_until_ts=until,
         # time spent forced open is not healthy time: trips decay only while CLOSED
-        closed_at_ts=None,
+        closed_at_ts=_healthy_since(state, now) if by_hand else None,
         leases=(),
         probe_successes=0,
         last_error=error if error is not None else state.last_error,
@@ -700,7 +736,9 @@ def force(
     """
     Put the circuit in ``target`` by hand: FORCED_OPEN (until ``until`` or a reset),
     DISABLED (admit everything, never trip), or CLOSED (fresh counts).  Always a
-    transition: the generation increases, so outstanding tickets stop counting.
+    transition: the generation increases, so outstanding tickets stop counting.  The
+    trips' decay is kept: the healthy time the key had counts on once it is closed
+    again, the time forced open not at all (`_healthy_since`).
     """
     if state is None:
         if key is None:
@@ -709,7 +747,7 @@ def force(
     else:
         state = unstepped(state, now)  # a forced end is never shortened: by the time left
     if target is CircuitState.FORCED_OPEN:
-        return _force_open(state, now, until, reason or "forced open", None)
+        return _force_open(state, now, until, reason or "forced open", None, by_hand=True)
     if target is CircuitState.CLOSED:
         return attrs.evolve(_close(state, now), reason=reason)
     if target is CircuitState.DISABLED:
@@ -721,6 +759,7 @@ def force(
             probe_successes=0,
             opened_at_ts=None,
             open_until_ts=None,
+            closed_at_ts=_healthy_since(state, now),
             reason=reason or "disabled",
             updated_at_ts=now,
         )

@@ -651,6 +651,9 @@ class CircuitBreakerState:
     opened_at_ts: float | None = field(default=None, validator=_non_negative)
     open_until_ts: float | None = field(default=None, validator=_non_negative)
     closed_at_ts: float | None = field(default=None, validator=_non_negative)
+    """When the healthy time that decays ``open_count`` began (CLOSED); a key forced open
+    or disabled by hand keeps it, that time paused (at ``opened_at_ts``, or at
+    ``updated_at_ts`` while DISABLED)."""
     last_failure_ts: float | None = field(default=None, validator=_non_negative)
     leases: tuple[tuple[str, float], ...] = field(default=(), converter=_lease_tuple)
     probe_successes: int = field(default=0, validator=_non_negative_int)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -22,7 +25,9 @@ from empathy_models import (
     Outcome,
     RateLimitedError,
 )
+from empathy_models.abc import CircuitStateStore
 from empathy_models.backends import MemoryStateStore
+from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.exceptions import (
     AuthenticationError,
@@ -553,6 +558,94 @@ async def test_rejection_events_are_opt_in(clock: FakeClock) -> None:
 
 
 # --------------------------------------------------------------------------- inspection and control
+
+
+DECAY = BreakerPolicy(
+    consecutive_failures=1,
+    recovery_seconds=10.0,
+    max_recovery_seconds=1_000.0,
+    healthy_decay_seconds=100.0,
+)
+
+
+async def _trip_and_recover(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    """One more trip of KEY, then its probe's success closes it."""
+    await fail(breaker)
+    status = await breaker.get_status(KEY)
+    assert status.open_until_ts is not None
+    clock.set(status.open_until_ts)
+    await succeed(breaker)
+    assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+async def _forced_for(breaker: CircuitBreaker, clock: FakeClock, seconds: float) -> None:
+    """Force KEY open for ``seconds``, wait them out, and let the probe close it."""
+    await breaker.force_open(KEY, until=clock.as_datetime() + timedelta(seconds=seconds))
+    clock.advance(seconds)
+    await succeed(breaker)
+    assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+async def _next_open_seconds(breaker: CircuitBreaker, clock: FakeClock) -> float:
+    await fail(breaker)
+    status = await breaker.get_status(KEY)
+    assert status.state is CircuitState.OPEN and status.open_until_ts is not None
+    return status.open_until_ts - clock()
+
+
+async def test_a_probe_answering_after_its_lease_is_not_counted_and_says_why(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=10.0, probe_lease_seconds=30.0)
+    breaker, _ = make(clock, policy)
+    async with breaker:
+        await fail(breaker)
+        clock.advance(10)
+        with caplog.at_level(logging.WARNING, logger="empathy_models.breaker"):
+            async with breaker.guard(KEY):
+                clock.advance(31)  # a call longer than the probe's lease
+        assert (await breaker.get_status(KEY)).state is CircuitState.HALF_OPEN
+        [warning] = [r.getMessage() for r in caplog.records if "lease" in r.getMessage()]
+        assert "probe_lease_seconds=30" in warning and "31" in warning, warning
+        await succeed(breaker)  # a probe answering in time closes the key
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_manual_force_keeps_the_healthy_time_before_it_and_adds_none(
+    clock: FakeClock, store: str, tmp_path: Path
+) -> None:
+    @contextlib.asynccontextmanager
+    async def breaker() -> AsyncIterator[CircuitBreaker]:
+        held: CircuitStateStore = MemoryStateStore(clock=clock)
+        if store == "sqlite":
+            held = SQLiteStateStore(tmp_path / f"{clock():.0f}.db", clock=clock)
+        async with held, CircuitBreaker(held, DECAY, clock=clock, local_view_ttl=0) as b:
+            yield b
+
+    # one trip, then a decay period closed (forgetting it), then a force: the next trip
+    # is a first one again (10 s), not a second (20 s)
+    async with breaker() as b:
+        await _trip_and_recover(b, clock)
+        clock.advance(150)
+        await _forced_for(b, clock, 500)
+        assert await _next_open_seconds(b, clock) == pytest.approx(10.0)
+    # half a period closed before the force and half after add up to one
+    clock.advance(10_000)
+    async with breaker() as b:
+        await _trip_and_recover(b, clock)
+        clock.advance(50)
+        await _forced_for(b, clock, 500)
+        clock.advance(50)
+        assert await _next_open_seconds(b, clock) == pytest.approx(10.0)
+    # the forced time itself is no healthy time: two trips, 50 s closed, forced 500 s
+    clock.advance(10_000)
+    async with breaker() as b:
+        await _trip_and_recover(b, clock)
+        await _trip_and_recover(b, clock)
+        clock.advance(50)
+        await _forced_for(b, clock, 500)
+        assert await _next_open_seconds(b, clock) == pytest.approx(30.0)
 
 
 async def test_status_shows_live_figures_and_leaves_the_stored_state_as_it_is(

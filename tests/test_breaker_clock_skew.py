@@ -9,6 +9,7 @@ the same check through `CircuitStateStoreContract` with the breaker's clock skew
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, Circ
 from empathy_models.abc import CircuitStateStore
 from empathy_models.backends import MemoryStateStore
 from empathy_models.backends.sqlite import SQLiteStateStore
+from empathy_models.exceptions import RecordValidationError
 from empathy_models.records import Outcome
 from empathy_models.testing import FakeClock
 
@@ -68,3 +70,21 @@ async def test_a_worker_whose_clock_is_off_probes_when_the_stores_open_time_ends
         fake_clock.advance(31.0)
         assert breaker.available_hint("k")
         assert await breaker.is_available("k")
+
+
+@pytest.mark.parametrize("skew", [-3600.0, 3600.0])
+async def test_a_worker_whose_clock_is_off_forces_a_key_open_for_seconds_of_the_stores(
+    store: CircuitStateStore, fake_clock: FakeClock, skew: float
+) -> None:
+    async with CircuitBreaker(store, POLICY, clock=lambda: fake_clock() + skew) as breaker:
+        forced = await breaker.force_open("k", for_seconds=600.0, reason="maintenance")
+        assert forced.open_until_ts == pytest.approx(fake_clock() + 600.0)
+        fake_clock.advance(599.0)
+        with pytest.raises(CircuitOpenError) as raised:
+            await breaker.admit("k")
+        assert raised.value.retry_after == pytest.approx(1.0, abs=0.01)
+        with pytest.raises(RecordValidationError, match="not both"):
+            await breaker.force_open("k", until=datetime.now(UTC), for_seconds=1.0)
+        with pytest.raises(RecordValidationError, match="for_seconds"):
+            await breaker.force_open("k", for_seconds=-1.0)
+        assert not breaker.degraded

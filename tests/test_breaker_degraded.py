@@ -251,17 +251,57 @@ async def test_written_behind_successes_survive_an_outage_at_close(clock: FakeCl
     assert (await store.inner.snapshot(KEY)).window_calls == 0
 
 
-async def test_control_calls_work_while_degraded(clock: FakeClock) -> None:
+async def test_control_calls_while_the_store_is_down_raise_and_change_nothing(
+    clock: FakeClock,
+) -> None:
+    store = SwitchableStore(clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock, store_retry_interval=60.0)
+    async with breaker:
+        await breaker.force_open("other", reason="before the outage")
+        store.error = StateStoreError("down")
+        for control in (
+            lambda: breaker.force_open(KEY, reason="ops"),
+            lambda: breaker.disable(KEY),
+            lambda: breaker.reset(KEY),
+            lambda: breaker.reset(),
+        ):
+            with pytest.raises(StateStoreError, match=r"not applied.*store is unreachable"):
+                await control()
+        # this process goes on as before: the key admits, the other stays forced open
+        await succeed(breaker)
+        assert breaker.degraded
+        assert await breaker.is_available(KEY)
+        assert not await breaker.is_available("other")
+        assert sorted(s.key for s in await breaker.snapshot()) == [KEY, "other"]
+        store.error = None  # back, and nothing applied late
+        assert (await store.inner.snapshot(KEY)).state is CircuitState.CLOSED
+        assert (await store.inner.snapshot("other")).state is CircuitState.FORCED_OPEN
+
+
+async def test_a_control_call_reaching_the_store_again_is_applied_and_ends_the_outage(
+    clock: FakeClock,
+) -> None:
     store = SwitchableStore(clock)
     store.error = StateStoreError("down")
-    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(
+        store, POLICY, clock=clock, store_retry_interval=60.0, listeners=[events.append]
+    )
     async with breaker:
-        await breaker.force_open(KEY, reason="ops")
-        assert not await breaker.is_available(KEY)
-        assert [s.key for s in await breaker.snapshot()] == [KEY]
-        await breaker.reset(KEY)
-        assert await breaker.is_available(KEY)
+        await succeed(breaker)
         assert breaker.degraded
+        store.error = None  # back before the next retry is due: the control call goes there
+        forced = await breaker.force_open(KEY, reason="ops")
+        assert forced.state is CircuitState.FORCED_OPEN
+        assert (await store.inner.snapshot(KEY)).state is CircuitState.FORCED_OPEN
+        assert not is_degraded(breaker)
+        with pytest.raises(CircuitOpenError):
+            await succeed(breaker)
+        await breaker.reset(KEY)
+        assert (await store.inner.snapshot(KEY)).state is CircuitState.CLOSED
+        await succeed(breaker)
+    kinds = [e.kind for e in events]
+    assert kinds[:2] == [BreakerEventKind.STORE_DEGRADED, BreakerEventKind.STORE_RECOVERED]
 
 
 async def test_a_hung_store_counts_as_down_after_store_timeout(clock: FakeClock) -> None:

@@ -140,3 +140,50 @@ async def test_protect_refuses_what_it_cannot_await_before_any_call_counts(fn: A
         with pytest.raises(ConfigurationError, match="protect"):
             breaker.protect("k")(fn)
         assert (await breaker.get_status("k")).consecutive_failures == 0
+
+
+def _returns_agen() -> AsyncIterator[int]:
+    return _agen()
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [_agen, _gen, 42, _returns_agen],
+    ids=["async generator", "generator", "int", "returns an async generator"],
+)
+async def test_call_refuses_what_it_cannot_await_and_counts_nothing(fn: Any) -> None:
+    async with CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker:
+        with pytest.raises(ConfigurationError, match=r"CircuitBreaker\.call .*guard"):
+            await breaker.call("k", fn)
+        status = await breaker.get_status("k")
+        assert (status.state, status.consecutive_failures) == (CircuitState.CLOSED, 0)
+
+
+async def test_a_protected_function_returning_an_async_generator_is_refused_not_counted(
+    tmp_path: Path,
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=1)
+    for store in (MemoryStateStore(), f"sqlite:///{tmp_path / 'state.db'}"):
+        async with CircuitBreaker(store, policy) as breaker:
+            ask: Callable[[], Any] = breaker.protect("k")(_returns_agen)  # type: ignore[arg-type]
+            for _ in range(2):  # the store's admission, then the local view's
+                with pytest.raises(ConfigurationError, match=r"CircuitBreaker\.protect .*guard"):
+                    await ask()
+            status = await breaker.get_status("k")
+            assert (status.state, status.consecutive_failures) == (CircuitState.CLOSED, 0)
+
+
+async def test_a_probe_given_what_call_cannot_await_gets_its_lease_back() -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=1e-3)
+    async with CircuitBreaker(policy=policy) as breaker:
+        await breaker.force_open("k", until=datetime(1970, 1, 1, tzinfo=UTC))
+        with pytest.raises(ConfigurationError):
+            await breaker.call("k", _returns_agen)  # type: ignore[arg-type]
+        status = await breaker.get_status("k")
+        assert (status.state, status.probes_in_flight) == (CircuitState.HALF_OPEN, 0)
+        assert await breaker.call("k", _async_one) == 1  # the probe closes the key
+        assert (await breaker.get_status("k")).state is CircuitState.CLOSED
+
+
+async def _async_one() -> int:
+    return 1

@@ -594,6 +594,71 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
         ],
     ),
     (
+        "forcing closed keeps the trips' decay",
+        {"consecutive_failures": 1, "healthy_decay_seconds": 300.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            OK,  # closed at 60 with open_count 1
+            ("t", 200.0),
+            ("force", CLOSED, None),
+            ("t", 100.0),
+            FAIL,  # 300 s closed forgot the trip: a first one again, 60 s
+            ("expect", {"open_count": 1, "open_until": 360.0 + 60.0}),
+        ],
+    ),
+    (
+        "a manual force holds the trips' decay and adds none of its own time",
+        {"consecutive_failures": 1, "healthy_decay_seconds": 300.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            OK,  # closed at 60 with open_count 1
+            ("t", 200.0),
+            ("force", FORCED_OPEN, 1000.0),
+            ("t", 740.0),
+            OK,  # the probe closes it, 200 s of healthy time held
+            ("t", 99.0),
+            ("admit", True),
+            ("t", 1.0),
+            FAIL,  # 200 + 100 s closed forgot the trip: 60 s
+            ("expect", {"open_count": 1, "open_until": 1100.0 + 60.0}),
+        ],
+    ),
+    (
+        "a probe failing after a manual force counts the healthy time before it",
+        {"consecutive_failures": 1, "healthy_decay_seconds": 300.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            OK,
+            ("t", 300.0),
+            ("force", DISABLED, None),
+            ("force", FORCED_OPEN, 1000.0),
+            ("t", 640.0),
+            FAIL,  # the probe: the trip was forgotten before the force, a first one
+            ("expect", {"open_count": 1, "open_until": 1000.0 + 60.0}),
+        ],
+    ),
+    (
+        "time disabled holds the trips' decay too",
+        {"consecutive_failures": 1, "healthy_decay_seconds": 300.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            OK,  # closed at 60 with open_count 1
+            ("t", 100.0),
+            ("force", DISABLED, None),
+            ("t", 10_000.0),
+            ("force", DISABLED, None),  # disabled again: no time gained or lost
+            ("t", 10_000.0),
+            ("force", CLOSED, None),
+            ("t", 100.0),
+            FAIL,  # 100 + 100 s closed: the trip still counts, a second one, 120 s
+            ("expect", {"open_count": 2, "open_until": 20_260.0 + 120.0}),
+        ],
+    ),
+    (
         "reset drops tickets of the old generation and forgets trips",
         ONE,
         [

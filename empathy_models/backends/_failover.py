@@ -18,6 +18,9 @@ key's stored state) sends only that key to a fallback of its own, tried again on
 same schedule; the other keys stay on the primary.  Raised by an operation on every key
 (`snapshot_all`), it reaches the caller: one unreadable row is not an outage.
 
+An operator's change (a force, a reset) goes through `FailoverStateStore.control`
+instead: to the primary alone, raising `StateStoreError` when it fails.
+
 This is the degraded mode of `empathy_models.CircuitBreaker`, which passes its local
 views as ``known`` and turns ``on_degraded`` / ``on_recovered`` into events.
 """
@@ -254,6 +257,45 @@ class FailoverStateStore(CircuitStateStore):
         if self._fallback is None:  # the primary reset every key
             for unreadable in list(self._unreadable):
                 await self._readable_again(unreadable)
+
+    async def control(self, key: str | None, op: Op[T], what: str) -> T:
+        """
+        ``op``, an operator's change (a force, a reset: ``what``, for the error), on the
+        primary alone, degraded or not: made on a fallback, it would be lost when the
+        primary comes back (a fallback's changes are not pushed there), so it reaches the
+        store or fails.  The primary answering while degraded ends the outage (its state
+        adopted), as a retry would; answering for a key whose stored state was unreadable
+        (a reset repairs it), it takes the key back (every such key, for ``None``).
+
+        Raises:
+            StateStoreError: the primary failed or did not answer within ``timeout``:
+                ``op`` was not applied (one that timed out may yet reach the store), on
+                the primary or the fallback; or it cannot read ``key``'s stored state
+                (the store's own error, naming the key).
+        """
+        if self._bound:
+            self._check_loop()
+        if key is not None:
+            self.checked_key(key)
+        try:
+            result = await self._on_primary(op)
+        except BackendClosedError:
+            raise
+        except (BackendError, OSError) as exc:
+            if unreadable_key(exc) is not None:
+                raise
+            late = " (it may yet reach the store)" if isinstance(exc, TimeoutError) else ""
+            raise StateStoreError(
+                f"{what} was not applied{late}: the circuit state store is unreachable "
+                f"({describe(exc)}); try again once it is back (calls go on meanwhile "
+                "under the states last seen)"
+            ) from exc
+        if self._fallback is not None:
+            await self._recover(key)
+        for answered in list(self._unreadable) if key is None else [key]:
+            if answered in self._unreadable:  # the primary took a change of its state
+                await self._readable_again(answered)
+        return result
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -437,11 +437,32 @@ local function closed_successes(st, count, now)
   return n
 end
 
+-- when the healthy time that decays trips began, as a clock running at now (as
+-- circuit._healthy_since): closed_at_ts while closed; now less the healthy time a key
+-- forced by hand holds, paused at opened_at_ts when forced open (forced_open with
+-- closed_at_ts set, and the half_open after it), at updated_at_ts when disabled; nil
+-- when there is none
+local function healthy_since(st, now)
+  local closed = st.closed_at_ts
+  if closed == nil or st.state == "closed" then
+    return closed
+  end
+  local paused = st.opened_at_ts
+  if st.state == "disabled" then
+    paused = st.updated_at_ts
+  end
+  if paused == nil then
+    paused = closed
+  end
+  return now - math.max(0.0, paused - closed)
+end
+
 local function decayed_trips(st, now)
-  if st.open_count == 0 or st.closed_at_ts == nil then
+  local since = healthy_since(st, now)
+  if st.open_count == 0 or since == nil then
     return st.open_count
   end
-  local healthy = math.max(0.0, now - st.closed_at_ts)
+  local healthy = math.max(0.0, now - since)
   return math.max(0, st.open_count - math.floor(healthy / P.healthy_decay_seconds))
 end
 
@@ -484,6 +505,8 @@ local function do_open(st, now, retry_after, err, reason, trip)
 end
 
 local function do_close(st, now)
+  -- trips decay from now on, or go on from where a manual force held them
+  local since = healthy_since(st, now)
   local n = copy(st)
   n.state = "closed"
   n.generation = st.generation + 1
@@ -492,6 +515,9 @@ local function do_close(st, now)
   n.opened_at_ts = nil
   n.open_until_ts = nil
   n.closed_at_ts = now
+  if since ~= nil then
+    n.closed_at_ts = since
+  end
   n.leases = {}
   n.probe_successes = 0
   n.reason = nil
@@ -499,7 +525,9 @@ local function do_close(st, now)
   return n
 end
 
-local function do_force_open(st, now, untl, reason, err)
+-- forced open from now; by_hand (force), the healthy time the key had is held,
+-- paused at opened_at_ts; by a fatal error (its caller decayed the trips) it is dropped
+local function do_force_open(st, now, untl, reason, err, by_hand)
   if st.state == "forced_open" and st.open_until_ts ~= nil then
     -- never shorten: a second fatal error can only extend the forced period
     if untl ~= nil then
@@ -513,6 +541,9 @@ local function do_force_open(st, now, untl, reason, err)
   n.open_until_ts = untl
   -- time spent forced open is not healthy time: trips decay only while CLOSED
   n.closed_at_ts = nil
+  if by_hand then
+    n.closed_at_ts = healthy_since(st, now)
+  end
   n.leases = {}
   n.probe_successes = 0
   if err ~= nil then
@@ -794,7 +825,7 @@ end
 local function force(st, target, now, untl, reason)
   st = unstepped(st, now, false)  -- a forced end is never shortened: by the time left
   if target == "forced_open" then
-    return do_force_open(st, now, untl, py_or(reason, "forced open"), nil)
+    return do_force_open(st, now, untl, py_or(reason, "forced open"), nil, true)
   end
   if target == "closed" then
     local n = do_close(st, now)
@@ -809,6 +840,7 @@ local function force(st, target, now, untl, reason)
   n.probe_successes = 0
   n.opened_at_ts = nil
   n.open_until_ts = nil
+  n.closed_at_ts = healthy_since(st, now)
   n.reason = py_or(reason, "disabled")
   n.updated_at_ts = now
   return n
