@@ -702,10 +702,8 @@ class EmpathyLLMExecutor:
 
         It owns what it builds: the file's providers, registry, telemetry backend, breaker
         and (with ``router=True``) an `AdaptiveModelRouter` over the same telemetry, opened
-        on enter and closed on exit.  A ``telemetry_store`` URL given is built once, for
-        both; with the file's ``memory://`` telemetry, a router given that reads a
-        ``memory://`` backend lends the executor that backend, so the router reads what
-        the executor records.
+        on enter and closed on exit.  The router reads the backend the executor writes (a
+        ``telemetry_store`` URL is built once; a given router's ``memory://`` backend is lent).
 
         Args:
             path: the file; by default found like the CLI finds it (``EMPATHY_CONFIG``,
@@ -996,8 +994,7 @@ class EmpathyLLMExecutor:
         ``context.cache_ttl``, the cache is read before any routing, as by `run`: a hit is
         replayed as a stream, no routing decision made; a stream that ended whole is stored.
         Unlike `run`, a stream is not coalesced with identical calls in flight: it asks a
-        model for its first delta rather than wait for another call's whole answer, and
-        no run waits for a stream, which ends at its caller's pace.
+        model for its first delta, and no run waits for a stream (read at its caller's pace).
 
         Args:
             prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,
