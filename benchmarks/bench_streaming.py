@@ -110,9 +110,9 @@ async def _batch(
 async def bench(quick: bool) -> dict[str, Any]:
     registry = REGISTRY
     chunks_per_stream = 100 if quick else 200
-    repeats = 3 if quick else 7
-    streams = 128 if quick else 512
-    ttft_samples = 400 if quick else 2_000
+    repeats = 2 if quick else 7
+    streams = 64 if quick else 512
+    ttft_samples = 200 if quick else 2_000
     out: dict[str, Any] = {"chunks_per_stream": chunks_per_stream, "streams": streams}
     models = {
         MODEL: {"content": _words(chunks_per_stream), "output_tokens": chunks_per_stream},
