@@ -366,6 +366,18 @@ async def _weather_stream(url: str) -> tuple[list[ToolCallDelta], LLMResponse]:
         return pieces, await stream.get_final_response()
 
 
+async def _sdk_tool_calls(url: str) -> list[Any]:
+    """The tool calls the openai SDK's stream accumulator assembles from the stream at ``url``."""
+    async with (
+        openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
+        client.chat.completions.stream(
+            model=GPT, messages=[{"role": "user", "content": "Weather?"}]
+        ) as sdk_stream,
+    ):
+        final = await sdk_stream.get_final_completion()
+    return list(final.choices[0].message.tool_calls or [])
+
+
 @contextlib.asynccontextmanager
 async def _sse_server(body: bytes) -> AsyncIterator[str]:
     """A server on 127.0.0.1 answering every POST with ``body`` as an event stream."""
@@ -412,15 +424,8 @@ async def test_a_tool_name_sent_in_pieces_is_joined_as_the_openai_sdk_joins_it()
     )
     async with _sse_server(body) as url:
         pieces, response = await _weather_stream(url)
-        async with (
-            openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
-            client.chat.completions.stream(
-                model=GPT, messages=[{"role": "user", "content": "Weather?"}]
-            ) as sdk_stream,
-        ):
-            final = await sdk_stream.get_final_completion()
-    sdk_calls = final.choices[0].message.tool_calls
-    assert sdk_calls is not None and sdk_calls[0].function.name == "get_weather"
+        sdk_calls = await _sdk_tool_calls(url)
+    assert sdk_calls and sdk_calls[0].function.name == "get_weather"
     (call,) = response.tool_calls
     assert (call.id, call.name, dict(call.arguments)) == (
         "call_1",
@@ -497,14 +502,7 @@ async def test_parallel_calls_interleaved_by_index_assemble_as_the_openai_sdk_do
     )
     async with _sse_server(body) as url:
         pieces, response = await _weather_stream(url)
-        async with (
-            openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
-            client.chat.completions.stream(
-                model=GPT, messages=[{"role": "user", "content": "Weather?"}]
-            ) as sdk_stream,
-        ):
-            final = await sdk_stream.get_final_completion()
-    sdk_calls = final.choices[0].message.tool_calls or []
+        sdk_calls = await _sdk_tool_calls(url)
     expected = [(c.id, c.function.name, json.loads(c.function.arguments)) for c in sdk_calls]
     assert [(c.id, c.name, dict(c.arguments)) for c in response.tool_calls] == expected
     assert expected == [
