@@ -263,3 +263,57 @@ async def test_what_if_prices_the_prompt_size_asked_about_at_its_own_rates() -> 
         )  # fmt: skip
         expected = (prompt * in_price + 1_000 * out_price) / 1e6
         assert report.cost_per_request.estimate == pytest.approx(expected, rel=0.01)
+
+
+# free at its standard rates (a preview, a promotion), paid past its threshold
+FREE_SHORT = ModelInfo(
+    id="free-short",
+    provider="anthropic",
+    tier="capable",
+    input_price_per_mtok=0.0,
+    output_price_per_mtok=0.0,
+    context_window=1_000_000,
+    max_output_tokens=64_000,
+    long_context_threshold=200_000,
+    long_context_input_price_per_mtok=6.0,
+    long_context_output_price_per_mtok=22.5,
+)
+
+
+@pytest.mark.parametrize("calls_in", [10_000, 300_000])
+def test_a_model_free_at_standard_rates_costs_its_long_rates_on_a_long_prompt(
+    calls_in: int,
+) -> None:
+    # its long-context prices were multiples of a zero standard price: a long prompt was
+    # costed $0, met every max_cost and won every "cheapest" pick
+    registry = ModelRegistry(models=[FREE_SHORT, FLAT], price_version="free-short-1")
+    router = AdaptiveModelRouter(
+        registry,
+        policy=RoutingPolicy(explore_rate=0.0, warmup_share=0.0),
+        refresh_interval=None,
+    )
+    for info in registry.models:
+        for _ in range(30):
+            router.record_outcome(_record(info, calls_in, 1_000))
+    assert FREE_SHORT.cost(300_000, 1_000) == pytest.approx((300_000 * 6.0 + 1_000 * 22.5) / 1e6)
+
+    def decide(input_tokens: int) -> dict[str, float | None]:
+        decision = router.get_best_model(
+            "w", "s", candidates=["free-short", "flat"], input_tokens=input_tokens,
+            min_success_rate=0.0,
+        )  # fmt: skip
+        return {row.model: row.expected_cost_usd for row in decision.candidates}
+
+    assert decide(100_000)["free-short"] == 0.0
+    assert decide(300_000)["free-short"] == pytest.approx((300_000 * 6.0 + 1_000 * 22.5) / 1e6)
+    assert router.get_best_model("w", "s", input_tokens=100_000, min_success_rate=0.0).model == (
+        "free-short"
+    )
+    assert router.get_best_model("w", "s", input_tokens=300_000, min_success_rate=0.0).model == (
+        "flat"
+    )
+    decision = router.get_best_model(
+        "w", "s", candidates=["free-short"], input_tokens=300_000, max_cost=1.0,
+        min_success_rate=0.0, on_no_match="relax",
+    )  # fmt: skip
+    assert decision.candidates[0].constraints["max_cost"] is ConstraintStatus.REJECTED

@@ -113,6 +113,8 @@ class VerdictCache:
             long_from=math.inf if threshold is None else float(threshold),
             long_input_ratio=_ratio(long_in, info.input_price_per_mtok),
             long_output_ratio=_ratio(long_out, info.output_price_per_mtok),
+            long_input_extra=long_in / 1e6 if info.input_price_per_mtok == 0.0 else 0.0,
+            long_output_extra=long_out / 1e6 if info.output_price_per_mtok == 0.0 else 0.0,
         )
         return facts
 
@@ -338,8 +340,8 @@ class VerdictCache:
 
 
 def _ratio(long_price: float, price: float) -> float:
-    # a long-context price as a multiple of the standard one (1 for a free model: the
-    # router's costs are multiples of the list price)
+    # a long-context price as a multiple of the standard one (1 for a zero price, whose
+    # long-context price `ModelFacts.long_extra` adds)
     return long_price / price if price > 0.0 else 1.0
 
 
@@ -497,6 +499,12 @@ def _long_costs(ctx: Context, costs: list[float | None], input_tokens: int) -> l
             continue
         input_cost = input_tokens * slope
         long = input_cost * facts.long_input_ratio + (cost - input_cost) * facts.long_output_ratio
+        if facts.long_input_extra or facts.long_output_extra:
+            # a price that is 0 at the standard rates and not past the threshold
+            out_tokens = v.tokens_out
+            if v.prior_price is not None and ctx.prior_tokens is not None:
+                out_tokens = _prior_within(_capped(ctx.prior_tokens, ctx.cons.max_tokens), v)
+            long += facts.long_extra(input_tokens, out_tokens)
         # (NaN only from a prompt whose cost is past a float: inf - inf)
         out[i] = long if long == long else math.inf
     return out
@@ -523,6 +531,11 @@ def _within(group: list[int], costs: list[float | None], max_cost: float) -> lis
     if top is not None and top <= max_cost:  # False for NaN, which may hide a larger cost
         return group[:]
     return [i for i in group if (c := costs[i]) is not None and c <= max_cost]  # never NaN
+
+
+def _capped(tokens: float, cap: int | None) -> float:
+    # output tokens stop at max_tokens
+    return tokens if cap is None or not tokens > cap else float(cap)
 
 
 def _prior_within(prior: float, verdict: Verdict) -> float:

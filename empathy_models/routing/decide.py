@@ -97,12 +97,26 @@ class ModelFacts:
     long_from: float = math.inf
     long_input_ratio: float = 1.0
     long_output_ratio: float = 1.0
+    # the long-context price per token of an input or output price that is 0 at the
+    # standard rates (no ratio scales a zero price: a model free up to its threshold)
+    long_input_extra: float = 0.0
+    long_output_extra: float = 0.0
 
     def long_ratios(self, prompt_tokens: float) -> tuple[float, float]:
         """What the input and output prices are multiplied by for this prompt size."""
         if prompt_tokens > self.long_from:
             return self.long_input_ratio, self.long_output_ratio
         return 1.0, 1.0
+
+    def long_extra(self, prompt_tokens: float, output_tokens: float) -> float:
+        """
+        What a call of this prompt size and output costs beyond its standard prices
+        times `long_ratios`: the long-context prices of the prices that are 0 at the
+        standard rates, at list price (0 below the threshold).
+        """
+        if not prompt_tokens > self.long_from:
+            return 0.0
+        return prompt_tokens * self.long_input_extra + output_tokens * self.long_output_extra
 
 
 REPROBE_REASON: Final = "re-probe: measuring a rejected or degraded model that would be cheaper"
@@ -187,6 +201,9 @@ class Verdict:
     ttft: ConstraintStatus | None = None
     warm: bool = False  # may be given a warm-up's calls when cheaper (see `_warm_up`)
     prior_price: float | None = None  # the output price, when costed on the stage prior
+    # the output tokens a long prompt's output is costed on at a long-context price whose
+    # standard price is 0 (`ModelFacts.long_extra`; the stage prior's when ``prior_price``)
+    tokens_out: float = 0.0
 
 
 def judge(
@@ -233,7 +250,7 @@ def judge(
             _CODE[ttft] if ttft is not None else 0,
         )
     )
-    slope, const, basis, const_ni, basis_ni, prior_price = _cost_terms(
+    slope, const, basis, const_ni, basis_ni, prior_price, tokens_out = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
     # an improvement not acted on yet is re-probed like the degradation it ends
@@ -243,7 +260,7 @@ def judge(
     )
     return _new_verdict(
         model, facts, summary, success, latency, code, slope, const, basis, const_ni,
-        basis_ni, tuple(reasons), degraded, ttft, warm, prior_price,
+        basis_ni, tuple(reasons), degraded, ttft, warm, prior_price, tokens_out,
     )  # fmt: skip
 
 
@@ -344,12 +361,12 @@ def recost(
     ``v`` with its cost terms recomputed on a new stage prior: what `judge` gives for
     the same summary and ``prior_output_tokens`` (only the cost depends on the prior).
     """
-    slope, const, basis, const_ni, basis_ni, prior_price = _cost_terms(
+    slope, const, basis, const_ni, basis_ni, prior_price, tokens_out = _cost_terms(
         v.facts, v.summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
     return _new_verdict(
         v.model, v.facts, v.summary, v.success, v.latency, v.code, slope, const, basis,
-        const_ni, basis_ni, v.reasons, v.degraded, v.ttft, v.warm, prior_price,
+        const_ni, basis_ni, v.reasons, v.degraded, v.ttft, v.warm, prior_price, tokens_out,
     )  # fmt: skip
 
 
@@ -402,18 +419,18 @@ recorded at absurd costs): a finite price, so no call's cost is NaN, however few
 
 def _cost_terms(
     facts: ModelFacts | None, summary: ArmSummary, cons: Constraints, prior: float | None
-) -> tuple[float | None, float, str | None, float | None, str | None, float | None]:
+) -> tuple[float | None, float, str | None, float | None, str | None, float | None, float]:
     if facts is None:  # not in the registry: no price, no cost estimate
-        return (None, 0.0, None, None, None, None)
+        return (None, 0.0, None, None, None, None, 0.0)
     in_price = facts.input_price
     out_price = facts.output_price
     # no more output than the model writes: the executor asks it for no more
     cap = cons.max_tokens
     if cap is not None and cap > facts.max_output_tokens:
         cap = facts.max_output_tokens
+    worst = cap if cap is not None else facts.max_output_tokens
     if cons.strict_cost:
-        worst = cap if cap is not None else facts.max_output_tokens
-        return (in_price, worst * out_price, "worst_case", None, None, None)
+        return (in_price, worst * out_price, "worst_case", None, None, None, float(worst))
     out: float | None = summary.mean_output_tokens
     basis: str | None = "estimate"
     prior_price: float | None = None
@@ -429,8 +446,11 @@ def _cost_terms(
         out, basis = float(cap), "worst_case"
     elif out is not None and cap is not None and out > cap:
         out = float(cap)  # the call's output stops at max_tokens, however long the mean
+    # a free model's call costs nothing, whatever it writes: its worst case (a long
+    # prompt's output at a long-context price: the most it may write)
+    tokens_out = out if out is not None else float(worst)
     free = out is None and in_price == 0.0 and out_price == 0.0
-    if free:  # a free model's call costs nothing, whatever it writes: its worst case
+    if free:
         out, basis = 0.0, "worst_case"
     slope: float | None = in_price if out is not None else None
     const = out * out_price if out is not None else 0.0
@@ -438,14 +458,16 @@ def _cost_terms(
     basis_ni: str | None = None
     if out is not None and (mean_in := summary.mean_input_tokens) is not None:
         r_in, r_out = facts.long_ratios(mean_in)
-        const_ni, basis_ni = mean_in * in_price * r_in + const * r_out, basis
+        const_ni = mean_in * in_price * r_in + const * r_out + facts.long_extra(mean_in, tokens_out)
+        basis_ni = basis
     elif summary.mean_cost is not None:
         const_ni, basis_ni = summary.mean_cost, "observed"
     elif free:
         const_ni, basis_ni = 0.0, basis
     # (a prior-costed verdict's const_ni is the observed mean cost, or None: without a
     # success there is no mean of input tokens)
-    return (slope, const, basis if out is not None else None, const_ni, basis_ni, prior_price)
+    basis = basis if out is not None else None
+    return (slope, const, basis, const_ni, basis_ni, prior_price, tokens_out)
 
 
 # --------------------------------------------------------------------------- context
