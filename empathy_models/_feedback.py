@@ -189,6 +189,8 @@ def _spent(
     if not (_is_count(input_tokens) and _is_count(output_tokens)):
         input_tokens, output_tokens = _usage(info, completion)
     extras = _extras(completion)
+    if completion.service_tier is not None:  # at the prices of the tier that served it
+        info = info.at_service_tier(completion.service_tier)
     return input_tokens, output_tokens, info.cost(input_tokens, output_tokens, **extras), extras
 
 

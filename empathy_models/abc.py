@@ -1649,6 +1649,9 @@ class Completion:
         cached_input_tokens: those of ``input_tokens`` the provider served from its
             prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``), billed
             at the model's cached input price.
+        service_tier: the service tier the provider says served the call (OpenAI's
+            ``service_tier``: ``"default"``, ``"flex"``, ``"priority"``, ``"scale"``;
+            ``None``: not reported), by which `ModelInfo.at_service_tier` prices it.
         usage_reported: False when the answer did not report all of its usage (some
             OpenAI-compatible servers leave ``usage`` out or send null, or leave one of
             its counts out or null): a count it gave is kept, one it left out is
@@ -1677,6 +1680,7 @@ class Completion:
     web_search_requests: int = 0
     cached_input_tokens: int = 0
     usage_reported: bool = True
+    service_tier: str | None = None
 
 
 class AttemptTimeout(TimeoutError):

@@ -81,7 +81,7 @@ _OPTIONAL_PRICE_FIELDS = (
 )
 """Prices a registry entry may leave out (each then follows from the input price, or for
 the long-context ones from the standard price)."""
-_OPTIONAL_ENTRY_FIELDS = _OPTIONAL_MODEL_FIELDS + _OPTIONAL_PRICE_FIELDS
+_OPTIONAL_ENTRY_FIELDS = _OPTIONAL_MODEL_FIELDS + _OPTIONAL_PRICE_FIELDS + ("service_tier_prices",)
 
 CACHE_WRITE_MULTIPLIER: Final = 1.25
 """A prompt token written to the 5-minute prompt cache costs this times the input price
@@ -271,6 +271,81 @@ def _check_tokens(name: str, value: object) -> int:
     return check(_tokens, name, cast(int, value))
 
 
+_TIER_PRICE_FIELDS = (
+    "input_price_per_mtok",
+    "output_price_per_mtok",
+    "cached_input_price_per_mtok",
+)
+"""The prices a service tier's entry gives (the cached input price may be left out)."""
+_STANDARD_TIERS = frozenset({"default", "standard", "auto"})
+"""Service tier names that are the entry's own prices ("auto" is a request's, never an
+answer's: the answer names the tier that served it)."""
+
+
+def _to_tier_prices(value: object) -> tuple[tuple[str, tuple[float, float, float | None]], ...]:
+    # {"flex": {"input_price_per_mtok": ..., ...}, ...} as sorted (name, prices) pairs:
+    # hashable, as the frozen entry is
+    where = "service_tier_prices"
+    if value is None:
+        return ()
+    if isinstance(value, tuple):  # already converted (attrs.evolve passes it again)
+        value = {name: dict(zip(_TIER_PRICE_FIELDS, p, strict=True)) for name, p in value}
+    if not isinstance(value, Mapping):
+        raise RecordValidationError(
+            f"{where} must be a table of service tier names to their prices, got {shown(value)}",
+            path=where,
+        )
+    pairs = []
+    for name, prices in value.items():
+        if not isinstance(name, str) or not name or text_flaw(name) is not None:
+            raise RecordValidationError(
+                f"{where}: a tier name must be a non-empty string, got {shown(name)}", path=where
+            )
+        if name.lower() in _STANDARD_TIERS:
+            raise RecordValidationError(
+                f"{where}: {name!r} is the standard tier, priced by the entry's own prices",
+                path=f"{where}.{name}",
+            )
+        pairs.append((name, _tier_prices_of(prices, f"{where}.{name}")))
+    return tuple(sorted(pairs))
+
+
+def _tier_prices_of(prices: object, where: str) -> tuple[float, float, float | None]:
+    # one tier's prices, each a finite number >= 0 (the cached input price optional)
+    if not isinstance(prices, Mapping):
+        raise RecordValidationError(
+            f"{where} must be a table of {', '.join(_TIER_PRICE_FIELDS)}, got {shown(prices)}",
+            path=where,
+        )
+    unknown = sorted(map(repr, set(prices) - set(_TIER_PRICE_FIELDS)))
+    missing = [name for name in _TIER_PRICE_FIELDS[:2] if name not in prices]
+    if unknown or missing:
+        wrong = f"unknown field(s) {', '.join(unknown)}" if unknown else ""
+        wrong += ("; " if unknown and missing else "") + (
+            f"missing {', '.join(missing)}" if missing else ""
+        )
+        raise RecordValidationError(
+            f"{where}: {wrong} (expected {', '.join(_TIER_PRICE_FIELDS[:2])}; optional: "
+            f"{_TIER_PRICE_FIELDS[2]})",
+            path=where,
+        )
+    out: list[float | None] = []
+    for name in _TIER_PRICE_FIELDS:
+        price = prices.get(name)
+        plain = plain_number(price)
+        if price is None and name == _TIER_PRICE_FIELDS[2]:
+            out.append(None)
+            continue
+        if plain is None or isinstance(price, bool) or not 0.0 <= float(plain) < math.inf:
+            raise RecordValidationError(
+                f"{where}.{name} must be a finite number >= 0 (USD per million tokens), "
+                f"got {shown(price)}",
+                path=f"{where}.{name}",
+            )
+        out.append(float(plain))
+    return (cast(float, out[0]), cast(float, out[1]), out[2])
+
+
 @frozen(kw_only=True)
 class ModelInfo:
     """
@@ -309,6 +384,15 @@ class ModelInfo:
             a long-context price left out is the standard one, and the cache prices
             scale with the input price.  The threshold and at least one of the prices
             go together.
+        service_tier_prices: the prices of the provider's other service tiers, a call's
+            cost following the tier its answer reports (OpenAI's ``service_tier``:
+            ``"flex"``, ``"priority"``, ``"scale"``; `at_service_tier`): tier name ->
+            ``{"input_price_per_mtok": ..., "output_price_per_mtok": ...,
+            "cached_input_price_per_mtok": ...}`` (the cached input price optional:
+            when left out, the tier's input price).  A call at a tier not listed, or
+            at the standard one (``"default"``), is charged the entry's own prices.
+            The router and budgets' reservations plan with the standard prices (the
+            router then learns a model's real cost per call from its records).
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
@@ -319,8 +403,10 @@ class ModelInfo:
             `ConfigurationError` naming the entry), a price is negative or not
             finite, a window, ``rpm``, ``tpm`` or ``long_context_threshold`` is not an
             integer from 1 to 2**63 - 1, a long-context price comes without the
-            threshold or the threshold without a price, or a capability is not one of
-            `CAPABILITIES`.
+            threshold or the threshold without a price, a capability is not one of
+            `CAPABILITIES`, or ``service_tier_prices`` names a tier ``"default"``,
+            ``"standard"`` or ``"auto"`` or gives a price that is missing, negative,
+            not finite or not a number.
     """
 
     id: str = field(validator=_name)
@@ -352,6 +438,34 @@ class ModelInfo:
         default=None, converter=_to_float, validator=_optional_price
     )
     long_context_threshold: int | None = field(default=None, validator=_long_context)
+    service_tier_prices: tuple[tuple[str, tuple[float, float, float | None]], ...] = field(
+        default=(), converter=_to_tier_prices
+    )
+    _tiered: Mapping[str, ModelInfo] = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        tiered = {
+            name: attrs.evolve(
+                self,
+                input_price_per_mtok=prices[0],
+                output_price_per_mtok=prices[1],
+                cached_input_price_per_mtok=prices[2],
+                service_tier_prices=(),
+            )
+            for name, prices in self.service_tier_prices
+        }
+        object.__setattr__(self, "_tiered", tiered)
+
+    def at_service_tier(self, service_tier: str | None) -> ModelInfo:
+        """
+        The entry priced as a call the provider served at ``service_tier`` (the tier its
+        answer reports, such as OpenAI's ``"flex"`` or ``"priority"``): a copy with the
+        tier's input, output and cached input prices from ``service_tier_prices``, or
+        this entry for ``None``, the standard tier, or a tier it gives no prices for.
+        """
+        if service_tier is None or not self._tiered:
+            return self
+        return self._tiered.get(service_tier, self)
 
     def cost(
         self,
@@ -532,6 +646,20 @@ class ModelInfo:
                 for name in _OPTIONAL_PRICE_FIELDS
                 if getattr(self, name) is not None
             },
+            **(
+                {
+                    "service_tier_prices": {
+                        name: {
+                            key: price
+                            for key, price in zip(_TIER_PRICE_FIELDS, prices, strict=True)
+                            if price is not None
+                        }
+                        for name, prices in self.service_tier_prices
+                    }
+                }
+                if self.service_tier_prices
+                else {}
+            ),
         }
 
 

@@ -670,6 +670,30 @@ async def test_openai_sdk_accepts_audio_file_and_refusal_parts(oai: openai.Async
             await oai.chat.completions.create(model="gpt-4o-mini", messages=[bad])
 
 
+@pytest.mark.parametrize(
+    ("asked", "served"),
+    [("flex", "flex"), ("priority", "priority"), ("auto", "default"), (None, None)],
+)
+async def test_openai_sdk_sees_the_service_tier_that_served_the_call(
+    oai: openai.AsyncOpenAI, asked: Any, served: str | None
+) -> None:
+    # the answer names the tier that served it (and so prices it), whole or streamed; a
+    # request that asks for none is answered without one, as the recorded samples are
+    tier: Any = openai.NOT_GIVEN if asked is None else asked
+    messages: Any = [{"role": "user", "content": "hi"}]
+    answer = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, service_tier=tier
+    )
+    assert answer.service_tier == served
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, service_tier=tier, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [chunk async for chunk in stream]
+    assert chunks and {chunk.service_tier for chunk in chunks} == {served}
+    assert chunks[-1].usage is not None
+
+
 # --------------------------------------------------------------------------- field types
 
 
@@ -683,6 +707,7 @@ async def test_openai_sdk_accepts_audio_file_and_refusal_parts(oai: openai.Async
         ({"top_p": True}, "top_p"),
         ({"stop": 5}, "stop"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+        ({"service_tier": "cheapest"}, "service_tier"),
     ],
 )
 async def test_openai_sdk_fields_of_the_wrong_type_are_bad_requests(
@@ -705,6 +730,7 @@ async def test_openai_sdk_fields_of_the_wrong_type_are_bad_requests(
         ({"temperature": 1.5}, "temperature"),
         ({"top_k": 1.5}, "top_k"),
         ({"stream": "yes"}, "stream"),
+        ({"service_tier": "flex"}, "service_tier"),
         # a custom tool's name is letters, digits, '_' and '-', at most 128 of them
         *(
             ({"tools": [{"name": name, "input_schema": WEATHER}]}, "tools.0.custom.name")

@@ -31,7 +31,11 @@ from empathy_models import (
     Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.exceptions import InvalidResponseError
+from empathy_models.exceptions import (
+    ConfigurationError,
+    InvalidResponseError,
+    RecordValidationError,
+)
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from tests._serving import Handler, anthropic_answering, serving
@@ -398,3 +402,97 @@ async def test_an_answer_refused_as_malformed_is_recorded_and_charged_its_usage(
         assert math.isclose(record.cost_usd, per_call, rel_tol=1e-9)
     (usage,) = await quota.usages()
     assert math.isclose(usage.spent_usd, len(records) * per_call, rel_tol=1e-6)
+
+
+# gpt-5's published prices per tier: standard $1.25 / $10, flex $0.625 / $5, priority
+# $2.50 / $20 per million input / output tokens
+TIERED = ModelInfo(
+    id="gpt-tiered",
+    provider="openai",
+    tier="cheap",
+    input_price_per_mtok=1.25,
+    output_price_per_mtok=10.0,
+    context_window=400_000,
+    max_output_tokens=128_000,
+    service_tier_prices={
+        "flex": {"input_price_per_mtok": 0.625, "output_price_per_mtok": 5.0},
+        "priority": {"input_price_per_mtok": 2.5, "output_price_per_mtok": 20.0},
+    },
+)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(
+    ("asked", "prices"),
+    [
+        ("flex", (0.625, 5.0)),
+        ("priority", (2.5, 20.0)),
+        ("scale", (1.25, 10.0)),
+        (None, (1.25, 10.0)),
+    ],
+)
+async def test_openai_calls_are_priced_at_the_service_tier_the_answer_reports(
+    streamed: bool, asked: str | None, prices: tuple[float, float]
+) -> None:
+    # the answer says which tier served the call; a tier the entry gives no prices for
+    # ("scale"), or the standard one, is charged the entry's own prices
+    from empathy_models.testing import FakeLLMServer, ModelBehavior
+
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    context = ExecutionContext(workflow="w", stage="s", model="gpt-tiered", max_tokens=50)
+    extra = {"service_tier": asked} if asked is not None else None
+    async with (
+        FakeLLMServer({"gpt-tiered": ModelBehavior(output_tokens=20)}, api_key=KEY) as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            registry=ModelRegistry(models=[TIERED], price_version="tiers-1"),
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        ) as executor,
+    ):
+        if streamed:
+            async with executor.stream("hello " * 400, context, extra_body=extra) as stream:
+                async for _ in stream:
+                    pass
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run("hello " * 400, context, extra_body=extra)
+    (record,) = await telemetry.recent(limit=10)
+    (usage,) = await quota.usages()
+    billed = (record.input_tokens * prices[0] + record.output_tokens * prices[1]) / 1e6
+    assert record.input_tokens > 0 and record.output_tokens == 20
+    assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(usage.spent_usd, billed, rel_tol=1e-6)
+
+
+def test_service_tier_prices_in_a_registry_entry_and_file() -> None:
+    flex = TIERED.at_service_tier("flex")
+    assert (flex.input_price_per_mtok, flex.output_price_per_mtok) == (0.625, 5.0)
+    assert TIERED.at_service_tier("default") is TIERED
+    assert TIERED.at_service_tier(None) is TIERED
+    assert TIERED.at_service_tier("scale") is TIERED
+    # written and read back by a registry file
+    again = ModelInfo(**TIERED.to_dict())
+    assert again == TIERED and again.at_service_tier("priority").cost(10**6, 0) == 2.5
+    hash(again)
+    base = {k: v for k, v in TIERED.to_dict().items() if k != "service_tier_prices"}
+    for given, message in [
+        ({"default": {"input_price_per_mtok": 1, "output_price_per_mtok": 1}}, "standard tier"),
+        ({"flex": {"input_price_per_mtok": -1, "output_price_per_mtok": 1}}, ">= 0"),
+        ({"flex": {"input_price_per_mtok": 1}}, "missing output_price_per_mtok"),
+        ({"flex": {"input_price_per_mtok": 1, "output_price_per_mtok": 1, "x": 1}}, "'x'"),
+        ({"": {"input_price_per_mtok": 1, "output_price_per_mtok": 1}}, "non-empty"),
+        (["flex"], "table of service tier names"),
+    ]:
+        with pytest.raises(RecordValidationError, match=message) as caught:
+            ModelInfo(**base, service_tier_prices=given)
+        assert (caught.value.path or "").startswith("service_tier_prices")
+    with pytest.raises(ConfigurationError, match=r"models\[0\]\.service_tier_prices\.flex"):
+        ModelRegistry.from_dict(
+            {
+                "price_version": "v",
+                "models": [{**base, "service_tier_prices": {"flex": {"input_price_per_mtok": 1}}}],
+            }
+        )

@@ -278,6 +278,7 @@ class StreamDecoder:
         "output_tokens",
         "response_id",
         "response_model",
+        "service_tier",
         "stop_reason",
         "unseen_bytes",
         "unseen_pieces",
@@ -308,6 +309,7 @@ class StreamDecoder:
         self.stop_reason: str | None = None
         self.response_id: str | None = None
         self.response_model: object = None  # the model id the stream reported, as sent
+        self.service_tier: str | None = None  # the tier the stream said served it
         self.finished = False
         self.error: ProviderError | None = None
         self.unseen_bytes = 0
@@ -662,6 +664,11 @@ class OpenAIStreamDecoder(StreamDecoder):
                         self.stop_reason = reason
         usage = chunk.get("usage")
         if isinstance(usage, dict):
+            # the tier that served the call, which prices it (every chunk names it: read
+            # with the usage only, off the path of the text's chunks)
+            tier = chunk.get("service_tier")
+            if isinstance(tier, str):
+                self.service_tier = tier
             # a count a later usage chunk leaves out keeps the one reported before it
             given = self._tokens(usage, "prompt_tokens")
             if given is not None:

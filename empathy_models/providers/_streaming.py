@@ -638,6 +638,7 @@ class HTTPCompletionStream(CompletionStream):
             cache_read_tokens=decoder.cache_read_tokens,
             web_search_requests=decoder.web_search_requests,
             cached_input_tokens=decoder.cached_input_tokens,
+            service_tier=decoder.service_tier,
         )
 
     def _reset_left(self) -> float | None:

@@ -183,6 +183,7 @@ class OpenAIProvider(HTTPProvider):
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
+            service_tier=reader.optional_str(data, "service_tier"),
             **usage,
         )
 

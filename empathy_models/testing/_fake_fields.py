@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, TypeAlias
 from .._validators import shown
 from ._fake_checks import Problem, json_type
 
-__all__ = ["anthropic_field_problem", "openai_field_problem"]
+__all__ = ["anthropic_field_problem", "openai_field_problem", "openai_served_tier"]
 
 _Kind: TypeAlias = Literal["number", "integer", "boolean", "string", "object", "list"]
 _Field: TypeAlias = tuple[str, _Kind, float | None, float | None]
@@ -112,12 +112,40 @@ def _openai_field(
     return None
 
 
+_OPENAI_TIERS: Final = ("auto", "default", "flex", "scale", "priority")
+"""The ``service_tier`` values Chat Completions accepts, in its message's order."""
+_ANTHROPIC_TIERS: Final = ("auto", "standard_only")
+"""The ``service_tier`` values the Messages API accepts."""
+
+
+def openai_served_tier(body: Mapping[str, Any]) -> str | None:
+    """
+    The ``service_tier`` an answer to ``body`` reports: the one asked for, ``"default"``
+    for ``"auto"`` (a project without a tier's commitment is served at the standard
+    one), or None, not reported, when none was asked for (as in the recorded samples of
+    the API's answers, `tests/data`).
+    """
+    asked = body.get("service_tier")
+    if asked is None or asked not in _OPENAI_TIERS:
+        return None
+    return "default" if asked == "auto" else str(asked)
+
+
 def openai_field_problem(body: Mapping[str, Any]) -> Problem | None:
     """Chat Completions' 400 (message, param, code) for a field of the wrong type or range."""
     for name, kind, low, high in _OPENAI_FIELDS:
         value = body.get(name)
         if value is not None and (problem := _openai_field(name, kind, low, high, value)):
             return problem
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _OPENAI_TIERS:
+        listed = ", ".join(repr(t) for t in _OPENAI_TIERS[:-1])
+        return (
+            f"Invalid value: {shown(tier)}. Supported values are: {listed}, and "
+            f"{_OPENAI_TIERS[-1]!r}.",
+            "service_tier",
+            "invalid_value",
+        )
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str):
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -161,6 +189,9 @@ def anthropic_field_problem(body: Mapping[str, Any]) -> str | None:
         value = body.get(name)
         if value is not None and (problem := _anthropic_field(name, kind, low, high, value)):
             return problem
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _ANTHROPIC_TIERS:
+        return "service_tier: Input should be 'auto' or 'standard_only'"
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         if not isinstance(system, list):

@@ -37,6 +37,7 @@ from attrs import field, frozen
 
 from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
+from ._fake_fields import openai_served_tier
 from ._fake_wire import anthropic_usage
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -129,27 +130,24 @@ def _openai_events(
     input_tokens: int,
     output_tokens: int,
     truncated: bool,
-    include_usage: bool,
+    body: Mapping[str, Any],
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
     scripted: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
-    """(opening, one event per piece, closing, the error event) for OpenAI; ``scripted``:
-    the usage object to send instead of the counts (`FakeReply.usage`)."""
-    created = int(time.time())
+    """(opening, one event per piece, closing, the error event) for OpenAI's answer to
+    ``body``; ``scripted``: the usage object to send instead of the counts
+    (`FakeReply.usage`).  Every chunk names the service tier asked for (`openai_served_tier`)."""
+    options = body.get("stream_options")
+    include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
+    head: dict[str, Any] = {"id": f"chatcmpl-{number:024d}", "object": "chat.completion.chunk"}
+    head |= {"created": int(time.time()), "model": model}
+    if (tier := openai_served_tier(body)) is not None:
+        head["service_tier"] = tier
+    head["system_fingerprint"] = "fp_fake"
 
     def chunk(choices: list[Any], **extra: Any) -> bytes:
-        return _data(
-            {
-                "id": f"chatcmpl-{number:024d}",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": "fp_fake",
-                "choices": choices,
-                **extra,
-            }
-        )
+        return _data({**head, "choices": choices, **extra})
 
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
@@ -353,8 +351,6 @@ async def serve_stream(
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         opening, chunks, ending, error = _openai_events(
             model,
             number,
@@ -362,7 +358,7 @@ async def serve_stream(
             usage[0],
             usage[1],
             truncated,
-            include_usage,
+            body,
             calls,
             stop_reason,
             scripted,

@@ -75,7 +75,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from aiohttp import web
 
@@ -92,6 +92,7 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
+from ._fake_fields import openai_served_tier
 from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
 from ._fake_rpm import RpmBucket
@@ -121,6 +122,22 @@ _STREAMED_FAULTS: Final = {
     "truncated": "reset",
 }
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+
+
+def _answered(
+    api: Api,
+    payload: dict[str, Any],
+    reply: FakeReply | None,
+    content: str,
+    body: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``payload`` with ``reply`` applied, and in OpenAI's format the service tier the
+    request asked for (`openai_served_tier`), which prices the call."""
+    if reply is not None:
+        apply_reply(api, payload, reply, content)
+    if api == OPENAI and (tier := openai_served_tier(body)) is not None:
+        payload["service_tier"] = tier
+    return payload
 
 
 class FakeLLMServer(Controls):
@@ -377,9 +394,7 @@ class FakeLLMServer(Controls):
             payload = self._replies.success(
                 api, model, content, input_tokens, out, truncated, cache=cache
             )
-            if reply is not None:
-                apply_reply(api, payload, reply, content)
-            return json_response(payload)
+            return json_response(_answered(api, payload, reply, content, body))
         return await serve_fault(
             self._replies,
             self._closing,
