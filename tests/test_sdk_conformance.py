@@ -694,6 +694,46 @@ async def test_openai_sdk_sees_the_service_tier_that_served_the_call(
     assert chunks[-1].usage is not None
 
 
+async def test_openai_sdk_answer_ends_before_a_stop_sequence(oai: openai.AsyncOpenAI) -> None:
+    # the fake answers "Reply from gpt-4o-mini."; the API leaves the sequence out
+    messages: Any = [{"role": "user", "content": "hi"}]
+    answer = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, stop=["zzz", " from"]
+    )
+    assert answer.choices[0].message.content == "Reply"
+    assert answer.choices[0].finish_reason == "stop"
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, stop="from", stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Reply " and chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_anthropic_sdk_answer_ends_before_a_stop_sequence(
+    ant: anthropic.AsyncAnthropic,
+) -> None:
+    # the fake answers "Reply from claude-haiku-4-5."
+    ask: Any = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stop_sequences": ["zzz", " from"],
+    }
+    for message in (
+        await ant.messages.create(**ask),
+        await _streamed_message(ant, ask),
+    ):
+        assert [block.type for block in message.content] == ["text"]
+        assert message.content[0].text == "Reply"
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " from")
+
+
+async def _streamed_message(ant: anthropic.AsyncAnthropic, ask: Any) -> Any:
+    async with ant.messages.stream(**ask) as stream:
+        return await stream.get_final_message()
+
+
 # --------------------------------------------------------------------------- field types
 
 

@@ -237,6 +237,7 @@ def _anthropic_events(
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
     scripted: Mapping[str, Any] | None = None,
+    stop_sequence: str | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """
     (opening, one event per piece, closing, the error event) for Anthropic; ``usage``:
@@ -291,7 +292,7 @@ def _anthropic_events(
                 "type": "message_delta",
                 "delta": {
                     "stop_reason": stop_reason or reason,
-                    "stop_sequence": None,
+                    "stop_sequence": stop_sequence,
                 },
                 "usage": {"output_tokens": output_tokens} if scripted is None else dict(scripted),
             },
@@ -334,6 +335,7 @@ async def serve_stream(
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
     scripted: Mapping[str, Any] | None = None,
+    stop_sequence: str | None = None,
 ) -> web.StreamResponse:
     """
     Answer ``request`` with the events of ``content`` and then ``calls`` (tool calls,
@@ -347,7 +349,7 @@ async def serve_stream(
     pieces = split_text(content, behavior.chunk_chars)
     if api == "anthropic":
         opening, chunks, ending, error = _anthropic_events(
-            model, number, pieces, usage, truncated, calls, stop_reason, scripted
+            model, number, pieces, usage, truncated, calls, stop_reason, scripted, stop_sequence
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:

@@ -96,6 +96,7 @@ from ._fake_fields import openai_served_tier
 from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
 from ._fake_rpm import RpmBucket
+from ._fake_stop import cut_at_stop, stop_whole
 from ._fake_stream import StreamBehavior, serve_stream
 from ._fake_tools import AutoReplyRefused, FakeReply, apply_reply, auto_reply, streamed_calls
 from ._fake_wire import ANTHROPIC, OPENAI, Api, Replies, api_of, json_response
@@ -131,13 +132,22 @@ def _answered(
     content: str,
     body: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """``payload`` with ``reply`` applied, and in OpenAI's format the service tier the
-    request asked for (`openai_served_tier`), which prices the call."""
+    """``payload`` with ``reply`` applied, ended at a stop sequence (`stop_whole`), and in
+    OpenAI's format with the service tier the request asked for (`openai_served_tier`),
+    which prices the call."""
     if reply is not None:
         apply_reply(api, payload, reply, content)
+    stop_whole(api, body, payload)
     if api == OPENAI and (tier := openai_served_tier(body)) is not None:
         payload["service_tier"] = tier
     return payload
+
+
+def _stop_reason(api: Api, reply: FakeReply | None, stop: str | None) -> str | None:
+    """A stream's stop reason: the reply's, else Anthropic's for a stop sequence met."""
+    if reply is not None and reply.stop_reason is not None:
+        return reply.stop_reason
+    return "stop_sequence" if stop is not None and api == ANTHROPIC else None
 
 
 class FakeLLMServer(Controls):
@@ -429,6 +439,9 @@ class FakeLLMServer(Controls):
         if reply is not None:
             content = reply.text(content) or ""
             calls = streamed_calls(api, reply)
+        stop = None if calls else cut_at_stop(api, body, content)[1]
+        if stop is not None:  # the text ends before a stop sequence
+            content, truncated = cut_at_stop(api, body, content)[0], False
         return await serve_stream(
             request,
             api=api,
@@ -442,6 +455,7 @@ class FakeLLMServer(Controls):
             closing=self._closing,
             fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
             calls=calls,
-            stop_reason=None if reply is None else reply.stop_reason,
+            stop_reason=_stop_reason(api, reply, stop),
+            stop_sequence=stop,
             scripted=None if reply is None else reply.usage,
         )
