@@ -734,6 +734,28 @@ async def _streamed_message(ant: anthropic.AsyncAnthropic, ask: Any) -> Any:
         return await stream.get_final_message()
 
 
+async def test_anthropic_sdk_counts_the_tokens_a_request_is_billed(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic
+) -> None:
+    ask: Any = {
+        "model": "claude-haiku-4-5",
+        "system": "be brief",
+        "messages": [{"role": "user", "content": "what is the weather in Paris?"}],
+        "tools": [{"name": "weather", "input_schema": WEATHER}],
+    }
+    counted = await ant.messages.count_tokens(**ask)
+    answer = await ant.messages.create(**ask, max_tokens=64)
+    assert counted.input_tokens == answer.usage.input_tokens > 0
+    assert server.requests("claude-haiku-4-5") == 1  # a count is no model's request
+    with pytest.raises(anthropic.BadRequestError, match="messages"):
+        await ant.messages.count_tokens(model="claude-haiku-4-5", messages=[])
+    async with anthropic.AsyncAnthropic(
+        api_key="wrong", base_url=server.anthropic_base_url, max_retries=0
+    ) as wrong:
+        with pytest.raises(anthropic.AuthenticationError):
+            await wrong.messages.count_tokens(**ask)
+
+
 # --------------------------------------------------------------------------- field types
 
 

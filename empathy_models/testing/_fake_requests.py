@@ -112,13 +112,17 @@ def _require_str(api: Api, body: Mapping[str, Any], name: str) -> str:
     return value
 
 
-async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
+async def read_anthropic(
+    request: web.Request, api_key: str | None, *, counting: bool = False
+) -> Accepted:
     """
     Read an Anthropic Messages request as the real API checks it.
 
     Args:
         request: The request.
         api_key: The key the server wants; None for any key.
+        counting: a token count's request (``/v1/messages/count_tokens``), which takes
+            no ``max_tokens``.
 
     Returns:
         The accepted request.
@@ -138,10 +142,10 @@ async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
         raise Reject(400, "anthropic-version: header is required")
     body = await _read_json(request, ANTHROPIC)
     model = _require_str(ANTHROPIC, body, "model")
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+    max_tokens = None if counting else body.get("max_tokens")
+    if not counting and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
         raise Reject(400, "max_tokens: Field required")
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise Reject(400, "max_tokens: Input should be greater than 0")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

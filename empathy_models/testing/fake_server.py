@@ -16,8 +16,9 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
         assert server.requests("claude-haiku-4-5") == 3
 
 Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
-and ``anthropic-version``) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization:
-Bearer``).
+and ``anthropic-version``), its token count ``POST /v1/messages/count_tokens`` (the
+input tokens the same request is billed) and ``POST /v1/chat/completions`` (OpenAI:
+``Authorization: Bearer``).
 Requests are validated as the real APIs do (missing fields, and fields of the wrong
 type or out of range -> 400, missing or wrong key -> 401, unknown model -> 404 when no
 default behaviour is set) and errors come back in each API's own body shape; so are
@@ -213,6 +214,7 @@ class FakeLLMServer(Controls):
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._json_errors])
         app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/chat/completions", self._openai)
         runner = web.AppRunner(
             app,
@@ -318,6 +320,17 @@ class FakeLLMServer(Controls):
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(ANTHROPIC, request, read_anthropic)
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """
+        Anthropic's token count: the input tokens the same request to ``/v1/messages``
+        is billed (with its prompt cache's writes and reads), not a model's request.
+        """
+        try:
+            accepted = await read_anthropic(request, self._api_key, counting=True)
+        except Reject as reject:
+            return self._replies.error(ANTHROPIC, reject.status, reject.message)
+        return json_response({"input_tokens": estimate_tokens(accepted.text)})
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(OPENAI, request, read_openai)
