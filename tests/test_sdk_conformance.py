@@ -793,6 +793,10 @@ async def test_openai_sdk_fields_of_the_wrong_type_are_bad_requests(
         ({"top_k": 1.5}, "top_k"),
         ({"stream": "yes"}, "stream"),
         ({"service_tier": "flex"}, "service_tier"),
+        # extended thinking: a budget of at least 1,024 tokens, below max_tokens (16 here)
+        ({"thinking": {"type": "enabled", "budget_tokens": 1000}}, "thinking.enabled.budget"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "`max_tokens` must be"),
+        ({"thinking": {"type": "enabled"}}, "thinking.enabled.budget_tokens"),
         # a custom tool's name is letters, digits, '_' and '-', at most 128 of them
         *(
             ({"tools": [{"name": name, "input_schema": WEATHER}]}, "tools.0.custom.name")

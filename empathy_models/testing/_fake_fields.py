@@ -183,6 +183,31 @@ def _anthropic_field(
     return None
 
 
+MIN_THINKING_BUDGET: Final = 1024
+"""The fewest tokens extended thinking may be given (``thinking.budget_tokens``)."""
+
+
+def _thinking_problem(body: Mapping[str, Any]) -> str | None:
+    # manual extended thinking: a budget of at least 1,024 tokens, below max_tokens (the
+    # other types, "adaptive", "disabled", "between_tools", take no budget; which ones a
+    # model accepts depends on the model, left unchecked)
+    thinking = body.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        return "thinking.enabled.budget_tokens: Field required"
+    if budget < MIN_THINKING_BUDGET:
+        return (
+            "thinking.enabled.budget_tokens: Input should be greater than or equal to "
+            f"{MIN_THINKING_BUDGET}"
+        )
+    most = body.get("max_tokens")
+    if isinstance(most, int) and budget >= most:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`."
+    return None
+
+
 def anthropic_field_problem(body: Mapping[str, Any]) -> str | None:
     """The Messages API's 400 message for a field of the wrong type or range; None if fine."""
     for name, kind, low, high in _ANTHROPIC_FIELDS:
@@ -192,6 +217,8 @@ def anthropic_field_problem(body: Mapping[str, Any]) -> str | None:
     tier = body.get("service_tier")
     if tier is not None and tier not in _ANTHROPIC_TIERS:
         return "service_tier: Input should be 'auto' or 'standard_only'"
+    if (thinking := _thinking_problem(body)) is not None:
+        return thinking
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         if not isinstance(system, list):
