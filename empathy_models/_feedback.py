@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -107,6 +108,15 @@ WEB_SEARCH_REQUESTS: Final = "empathy_models.web_search_requests"
 CACHED_INPUT_TOKENS: Final = "empathy_models.cached_input_tokens"
 """The metadata key of the input tokens a call's provider served from its prompt cache
 (among ``input_tokens``; OpenAI's ``cached_tokens``)."""
+
+SERVICE_TIER: Final = "empathy_models.service_tier"
+"""The metadata key of the service tier a call's answer reported (OpenAI's
+``service_tier``, Anthropic's ``usage.service_tier``) when not the standard one: the
+tier whose prices its cost is at, where its registry entry gives them
+(`ModelInfo.at_service_tier`)."""
+
+_TIER_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""A service tier name a record keeps (a provider's odd value is left out)."""
 
 _EXTRAS: Final = (
     ("cache_write_tokens", CACHE_WRITE_TOKENS),
@@ -758,13 +768,19 @@ def _flagged(
     A record's ``metadata``, saying which of its token counts are estimated
     (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`: also the output of a ``completion`` whose
     usage was not all reported, `Completion.usage_reported`) and what cache and web-search counts
-    its call was billed for (``extras``, under the keys of `_EXTRAS`); as it is when none.
+    its call was billed for (``extras``, under the keys of `_EXTRAS`) and the service tier
+    it was served at (`SERVICE_TIER`); as it is when none.
     """
     if completion is not None and not completion.usage_reported:
         output_estimated = True
-    if not (input_estimated or output_estimated or extras):
+    tier = None if completion is None else completion.service_tier
+    if tier is not None and (tier in ("default", "standard") or not _TIER_NAME.fullmatch(tier)):
+        tier = None
+    if not (input_estimated or output_estimated or extras or tier):
         return metadata
     flags: dict[str, JSONScalar] = {INPUT_ESTIMATED: True} if input_estimated else {}
+    if tier is not None:
+        flags[SERVICE_TIER] = tier
     if output_estimated:
         flags[OUTPUT_ESTIMATED] = True
     for name, key in _EXTRAS:

@@ -1651,7 +1651,9 @@ class Completion:
             at the model's cached input price.
         service_tier: the service tier the provider says served the call (OpenAI's
             ``service_tier``: ``"default"``, ``"flex"``, ``"priority"``, ``"scale"``;
-            ``None``: not reported), by which `ModelInfo.at_service_tier` prices it.
+            Anthropic's ``usage.service_tier``: ``"standard"``, ``"priority"``,
+            ``"batch"``; ``None``: not reported), by which `ModelInfo.at_service_tier`
+            prices it.
         usage_reported: False when the answer did not report all of its usage (some
             OpenAI-compatible servers leave ``usage`` out or send null, or leave one of
             its counts out or null): a count it gave is kept, one it left out is

@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 from aiohttp import web
 
@@ -465,6 +466,51 @@ async def test_openai_calls_are_priced_at_the_service_tier_the_answer_reports(
     assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
     assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
     assert math.isclose(usage.spent_usd, billed, rel_tol=1e-6)
+    # the record says which tier it was served at (the standard one: nothing)
+    served = None if asked in (None, "auto") else asked
+    assert record.metadata.get("empathy_models.service_tier") == served
+
+
+CLAUDE_TIERED = attrs.evolve(
+    CLAUDE,
+    id="claude-tiered",
+    service_tier_prices={"priority": {"input_price_per_mtok": 2.0, "output_price_per_mtok": 9.0}},
+)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(("tier", "prices"), [("priority", (2.0, 9.0)), ("standard", (1.0, 5.0))])
+async def test_anthropic_calls_are_priced_at_the_service_tier_their_usage_reports(
+    streamed: bool, tier: str, prices: tuple[float, float]
+) -> None:
+    from empathy_models.testing import FakeLLMServer, FakeReply
+
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(workflow="w", stage="s", model="claude-tiered", max_tokens=50)
+    reported = {"input_tokens": 1000, "output_tokens": 20, "service_tier": tier}
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+            registry=ModelRegistry(models=[CLAUDE_TIERED], price_version="tiers-1"),
+            telemetry_store=telemetry,
+        ) as executor,
+    ):
+        server.script("claude-tiered", [FakeReply(content="hi", usage=reported)])
+        if streamed:
+            async with executor.stream("hello", context) as stream:
+                async for _ in stream:
+                    pass
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run("hello", context)
+    (record,) = await telemetry.recent(limit=10)
+    billed = (1000 * prices[0] + 20 * prices[1]) / 1e6
+    assert (record.input_tokens, record.output_tokens) == (1000, 20)
+    assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
+    served = None if tier == "standard" else tier
+    assert record.metadata.get("empathy_models.service_tier") == served
 
 
 def test_service_tier_prices_in_a_registry_entry_and_file() -> None:

@@ -795,6 +795,8 @@ class AnthropicStreamDecoder(StreamDecoder):
                 self.input_tokens = self._tokens(usage, "input_tokens")
                 self.output_tokens = self._tokens(usage, "output_tokens")
                 self._extras(usage)
+                if isinstance(usage.get("service_tier"), str):
+                    self.service_tier = usage["service_tier"]
         elif kind == "message_delta":
             delta = body.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):

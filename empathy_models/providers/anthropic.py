@@ -139,6 +139,7 @@ class AnthropicProvider(HTTPProvider):
         content = "".join(parts)
         tool_calls = anthropic_tool_calls(reader, blocks, "response.content")
         usage = answer_usage(self._usage(reader, data), content, tool_calls)
+        given = data.get("usage")  # its service tier ("standard", "priority", "batch")
         return Completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
@@ -146,6 +147,9 @@ class AnthropicProvider(HTTPProvider):
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
+            service_tier=(
+                reader.optional_str(given, "service_tier") if isinstance(given, Mapping) else None
+            ),
             **usage,
         )
 
