@@ -253,7 +253,7 @@ class Attempts:
                 if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
                 estimate = limiter.estimate(
-                    m, tokens, run.max_output(m), cache_write=run.cache_write
+                    run.priced(m), tokens, run.max_output(m), cache_write=run.cache_write
                 )
                 fits = estimate < error.needed_usd and (
                     estimate <= error.remaining_usd
@@ -491,7 +491,7 @@ class Attempts:
         try:
             return await limiter.admit(
                 run.context,
-                info,
+                run.priced(info),
                 run.estimate(),
                 run.max_output(info),
                 None if deadline_at is None else deadline_at - self.ex._clock(),

@@ -236,6 +236,13 @@ def _json_len(value: object) -> int:
     return utf8_size(_COMPACT.encode(value))
 
 
+def _asked_tier(options: Mapping[str, Any]) -> str | None:
+    # the service tier ``extra_body`` asks for (OpenAI's "flex", "priority", ...)
+    extra = options.get("extra_body")
+    tier = extra.get("service_tier") if isinstance(extra, Mapping) else None
+    return tier if isinstance(tier, str) else None
+
+
 def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
     """
     The prompt-cache writes ``options`` ask for, which a call is billed at the cache
@@ -356,6 +363,7 @@ class _Run:
         "output_cap",
         "prompt_text",
         "request_id",
+        "service_tier",
         "system",
         "task_type",
     )
@@ -386,6 +394,8 @@ class _Run:
         # the prompt-cache writes the request asks for: its prompt's worst case is
         # reserved at the cache write price (`Limiter.estimate`)
         self.cache_write = None if options is NO_OPTIONS else _cache_write(options)
+        # the service tier ``extra_body`` asks for: budgets reserve at its prices (`priced`)
+        self.service_tier = None if options is NO_OPTIONS else _asked_tier(options)
         # the output the request may be billed, when extra_body raises or lifts the
         # context's max_tokens (`max_output`)
         self.output_cap = (
@@ -400,6 +410,15 @@ class _Run:
         routes, self.decision = plan
         self.original = routes[0]
         return routes
+
+    def priced(self, info: ModelInfo) -> ModelInfo:
+        """
+        ``info`` at the prices of the service tier the request asks for
+        (``extra_body["service_tier"]``, `ModelInfo.at_service_tier`), which budgets
+        reserve a call at; ``info`` when it asks for none or one the entry does not price.
+        """
+        tier = self.service_tier
+        return info if tier is None else info.at_service_tier(tier)
 
     def max_output(self, info: ModelInfo) -> int:
         """

@@ -391,8 +391,9 @@ class ModelInfo:
             "cached_input_price_per_mtok": ...}`` (the cached input price optional:
             when left out, the tier's input price).  A call at a tier not listed, or
             at the standard one (``"default"``), is charged the entry's own prices.
-            The router and budgets' reservations plan with the standard prices (the
-            router then learns a model's real cost per call from its records).
+            Budgets reserve a call at the prices of the tier its ``extra_body`` asks for;
+            the router plans with the standard prices (and learns a model's real cost
+            per call from its records).
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is

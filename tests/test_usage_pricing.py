@@ -542,3 +542,28 @@ def test_service_tier_prices_in_a_registry_entry_and_file() -> None:
                 "models": [{**base, "service_tier_prices": {"flex": {"input_price_per_mtok": 1}}}],
             }
         )
+
+
+async def test_a_budget_reserves_a_call_at_the_service_tier_it_asks_for() -> None:
+    # up to 10,000 output tokens: $0.10 at the standard price, $0.20 at priority; a
+    # budget of $0.15 covers the first and refuses the second before any call
+    from empathy_models import BudgetExceededError
+    from empathy_models.testing import FakeLLMServer
+
+    context = ExecutionContext(workflow="w", stage="s", model="gpt-tiered", max_tokens=10_000)
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            registry=ModelRegistry(models=[TIERED], price_version="tiers-1"),
+            telemetry_store=MemoryTelemetryBackend(),
+            budgets=[Budget(limit_usd=0.15)],
+            quota_store=MemoryQuotaStore(),
+        ) as executor,
+    ):
+        with pytest.raises(BudgetExceededError):
+            await executor.run("hi", context, extra_body={"service_tier": "priority"})
+        assert server.requests("gpt-tiered") == 0
+        await executor.run("hi", context, extra_body={"service_tier": "flex"})
+        await executor.run("hi", context)
+        assert server.requests("gpt-tiered") == 2
