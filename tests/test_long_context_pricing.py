@@ -317,3 +317,27 @@ def test_a_model_free_at_standard_rates_costs_its_long_rates_on_a_long_prompt(
         min_success_rate=0.0, on_no_match="relax",
     )  # fmt: skip
     assert decision.candidates[0].constraints["max_cost"] is ConstraintStatus.REJECTED
+
+
+def test_an_unmeasured_model_free_at_standard_rates_costs_its_long_worst_case() -> None:
+    # nothing measured its output: a long prompt's output at the long price is the most
+    # it may write (max_tokens, else its max_output_tokens), never $0
+    registry = ModelRegistry(models=[FREE_SHORT, FLAT], price_version="free-short-1")
+    router = AdaptiveModelRouter(
+        registry, policy=RoutingPolicy(explore_rate=0.0), refresh_interval=None
+    )
+    extras: list[dict[str, Any]] = [{}, {"max_tokens": 1_000}]
+    extras.append({"max_tokens": 1_000, "strict_cost": True})
+    for extra in extras:
+        decision = router.get_best_model(
+            "w", "s", candidates=["free-short"], input_tokens=300_000, min_success_rate=0.0,
+            **extra,
+        )  # fmt: skip
+        out = extra.get("max_tokens", FREE_SHORT.max_output_tokens)
+        (row,) = decision.candidates
+        assert row.expected_cost_usd == pytest.approx((300_000 * 6.0 + out * 22.5) / 1e6)
+        decision = router.get_best_model(
+            "w", "s", candidates=["free-short"], input_tokens=100_000, min_success_rate=0.0,
+            **extra,
+        )  # fmt: skip
+        assert decision.candidates[0].expected_cost_usd == 0.0
