@@ -756,6 +756,25 @@ async def test_anthropic_sdk_counts_the_tokens_a_request_is_billed(
             await wrong.messages.count_tokens(**ask)
 
 
+async def test_openai_sdk_gets_the_n_choices_it_asks_for(oai: openai.AsyncOpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    one = await oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    three = await oai.chat.completions.create(model="gpt-4o-mini", messages=messages, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert one.usage is not None and three.usage is not None
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens  # each billed
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, n=2, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    texts = ["", ""]
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [one.choices[0].message.content] * 2
+
+
 # --------------------------------------------------------------------------- field types
 
 

@@ -13,7 +13,12 @@ from typing import Any, Final, Literal, TypeAlias
 from .._validators import shown
 from ._fake_checks import Problem, json_type
 
-__all__ = ["anthropic_field_problem", "openai_field_problem", "openai_served_tier"]
+__all__ = [
+    "anthropic_field_problem",
+    "choices_asked",
+    "openai_field_problem",
+    "openai_served_tier",
+]
 
 _Kind: TypeAlias = Literal["number", "integer", "boolean", "string", "object", "list"]
 _Field: TypeAlias = tuple[str, _Kind, float | None, float | None]
@@ -129,6 +134,12 @@ def openai_served_tier(body: Mapping[str, Any]) -> str | None:
     if asked is None or asked not in _OPENAI_TIERS:
         return None
     return "default" if asked == "auto" else str(asked)
+
+
+def choices_asked(body: Mapping[str, Any]) -> int:
+    """The choices an OpenAI request asks for (``n``; 1 when not given)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def openai_field_problem(body: Mapping[str, Any]) -> Problem | None:

@@ -37,7 +37,7 @@ from attrs import field, frozen
 
 from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
-from ._fake_fields import openai_served_tier
+from ._fake_fields import choices_asked, openai_served_tier
 from ._fake_wire import anthropic_usage
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -123,6 +123,19 @@ def _argument_pieces(arguments: str) -> list[str]:
     return [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
 
 
+_OPENAI_ERROR_EVENT: Final = _data(
+    {
+        "error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+)
+"""The error event OpenAI sends when a stream fails mid-way."""
+
+
 def _openai_events(
     model: str,
     number: int,
@@ -137,7 +150,9 @@ def _openai_events(
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """(opening, one event per piece, closing, the error event) for OpenAI's answer to
     ``body``; ``scripted``: the usage object to send instead of the counts
-    (`FakeReply.usage`).  Every chunk names the service tier asked for (`openai_served_tier`)."""
+    (`FakeReply.usage`).  Every chunk names the service tier asked for (`openai_served_tier`)
+    and carries each of the ``n`` choices asked for, alike (`choices_asked`)."""
+    n = choices_asked(body)
     options = body.get("stream_options")
     include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
     head: dict[str, Any] = {"id": f"chatcmpl-{number:024d}", "object": "chat.completion.chunk"}
@@ -150,7 +165,10 @@ def _openai_events(
         return _data({**head, "choices": choices, **extra})
 
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        return [
+            {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            for i in range(n)
+        ]
 
     calls = calls or []
     # an answer that is only tool calls opens with "content": null, as the API's does
@@ -182,23 +200,12 @@ def _openai_events(
     if include_usage:
         usage = {
             "prompt_tokens": input_tokens,
-            "completion_tokens": output_tokens,
-            "total_tokens": input_tokens + output_tokens,
+            "completion_tokens": output_tokens * n,
+            "total_tokens": input_tokens + output_tokens * n,
         }
         closing += chunk([], usage=usage if scripted is None else dict(scripted))
     closing += b"data: [DONE]\n\n"
-    error = _data(
-        {
-            "error": {
-                "message": "The server had an error while processing your request. Sorry "
-                "about that!",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        }
-    )
-    return opening, chunks, closing, error
+    return opening, chunks, closing, _OPENAI_ERROR_EVENT
 
 
 def _anthropic_tool_blocks(calls: list[StreamedCall], first: int) -> list[bytes]:

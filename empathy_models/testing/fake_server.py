@@ -74,6 +74,7 @@ from the event loop that entered it.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
@@ -93,7 +94,7 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
-from ._fake_fields import openai_served_tier
+from ._fake_fields import choices_asked, openai_served_tier
 from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
 from ._fake_rpm import RpmBucket
@@ -135,12 +136,19 @@ def _answered(
 ) -> dict[str, Any]:
     """``payload`` with ``reply`` applied, ended at a stop sequence (`stop_whole`), and in
     OpenAI's format with the service tier the request asked for (`openai_served_tier`),
-    which prices the call."""
+    which prices the call, and the ``n`` choices it asked for (`choices_asked`)."""
     if reply is not None:
         apply_reply(api, payload, reply, content)
     stop_whole(api, body, payload)
     if api == OPENAI and (tier := openai_served_tier(body)) is not None:
         payload["service_tier"] = tier
+    if api == OPENAI and (n := choices_asked(body)) > 1:  # alike, each billed
+        choice = payload["choices"][0]
+        payload["choices"] = [{**copy.deepcopy(choice), "index": i} for i in range(n)]
+        if reply is None or reply.usage is None:  # a scripted usage is sent as given
+            usage = payload["usage"]
+            usage["completion_tokens"] *= n
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return payload
 
 
