@@ -406,7 +406,7 @@ async def test_anthropic_sdk_unknown_route_and_headers(
     server: FakeLLMServer, ant: anthropic.AsyncAnthropic
 ) -> None:
     with pytest.raises(anthropic.NotFoundError) as raised:
-        await ant.models.list()
+        await ant.messages.batches.list()  # no batches here
     assert isinstance(raised.value.body, dict) and raised.value.body["type"] == "error"
     raw = await ant.messages.with_raw_response.create(
         model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
@@ -773,6 +773,32 @@ async def test_openai_sdk_gets_the_n_choices_it_asks_for(oai: openai.AsyncOpenAI
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
     assert texts == [one.choices[0].message.content] * 2
+
+
+async def test_sdks_list_and_retrieve_the_models_the_server_serves() -> None:
+    behaviors = {"gpt-4o-mini": ModelBehavior(), "claude-haiku-4-5": ModelBehavior()}
+    async with (
+        FakeLLMServer(behaviors, api_key=KEY, default=None) as fake,
+        openai.AsyncOpenAI(api_key=KEY, base_url=fake.openai_base_url, max_retries=0) as oai,
+        anthropic.AsyncAnthropic(
+            api_key=KEY, base_url=fake.anthropic_base_url, max_retries=0
+        ) as ant,
+    ):
+        listed = [model.id async for model in oai.models.list()]
+        assert listed == ["claude-haiku-4-5", "gpt-4o-mini"]
+        assert (await oai.models.retrieve("gpt-4o-mini")).id == "gpt-4o-mini"
+        with pytest.raises(openai.NotFoundError):
+            await oai.models.retrieve("gpt-unknown")
+        assert [model.id async for model in ant.models.list()] == listed
+        assert (await ant.models.retrieve("claude-haiku-4-5")).id == "claude-haiku-4-5"
+        with pytest.raises(anthropic.NotFoundError):
+            await ant.models.retrieve("claude-unknown")
+        async with openai.AsyncOpenAI(
+            api_key="wrong", base_url=fake.openai_base_url, max_retries=0
+        ) as wrong:
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.models.list()
+        assert fake.requests() == 0  # no model's request
 
 
 # --------------------------------------------------------------------------- field types

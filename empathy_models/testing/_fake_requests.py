@@ -18,7 +18,7 @@ from ._fake_fields import anthropic_field_problem, openai_field_problem
 from ._fake_prompt import Marks, anthropic_prompt, openai_prompt
 from ._fake_wire import ANTHROPIC, OPENAI, Api
 
-__all__ = ["MAX_BODY_BYTES", "Accepted", "Reject", "read_anthropic", "read_openai"]
+__all__ = ["MAX_BODY_BYTES", "Accepted", "Reject", "authenticate", "read_anthropic", "read_openai"]
 
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 """The largest request body the server reads; a larger one gets 413."""
@@ -73,6 +73,31 @@ def _check_key(api: Api, key: str, api_key: str | None) -> None:
             else "Incorrect API key provided. You can find your API key in your account."
         )
         raise Reject(401, message)
+
+
+def authenticate(api: Api, request: web.Request, api_key: str | None) -> None:
+    """
+    Check a request's key (``api_key``; None: any) and, for Anthropic, its version
+    header, as each API does, raising `Reject` with its error.
+    """
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if api == ANTHROPIC:
+        key = request.headers.get("x-api-key")
+        if not key and scheme.lower() == "bearer":
+            key = bearer.strip()  # the official SDK sends its api_key this way
+        if not key:
+            raise Reject(401, "x-api-key header is required")
+        _check_key(ANTHROPIC, key, api_key)
+        if not request.headers.get("anthropic-version"):
+            raise Reject(400, "anthropic-version: header is required")
+        return
+    if scheme.lower() != "bearer" or not bearer.strip():
+        raise Reject(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth.",
+        )
+    _check_key(OPENAI, bearer.strip(), api_key)
 
 
 def _not_json(name: str) -> Any:
@@ -131,15 +156,7 @@ async def read_anthropic(
         Reject: With the API's error for a missing or wrong key, a missing version
             header, a body that is not a JSON object, or a missing or invalid field.
     """
-    key = request.headers.get("x-api-key")
-    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
-    if not key and scheme.lower() == "bearer":
-        key = bearer.strip()  # the official SDK sends its api_key this way
-    if not key:
-        raise Reject(401, "x-api-key header is required")
-    _check_key(ANTHROPIC, key, api_key)
-    if not request.headers.get("anthropic-version"):
-        raise Reject(400, "anthropic-version: header is required")
+    authenticate(ANTHROPIC, request, api_key)
     body = await _read_json(request, ANTHROPIC)
     model = _require_str(ANTHROPIC, body, "model")
     max_tokens = None if counting else body.get("max_tokens")
@@ -179,15 +196,7 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
         Reject: With the API's error for a missing or wrong key, a body that is not a
             JSON object, or a missing or invalid field.
     """
-    auth = request.headers.get("Authorization", "")
-    scheme, _, key = auth.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise Reject(
-            401,
-            "You didn't provide an API key. You need to provide your API key in an "
-            "Authorization header using Bearer auth.",
-        )
-    _check_key(OPENAI, key.strip(), api_key)
+    authenticate(OPENAI, request, api_key)
     body = await _read_json(request, OPENAI)
     model = _require_str(OPENAI, body, "model")
     messages = body.get("messages")

@@ -17,8 +17,9 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
 
 Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
 and ``anthropic-version``), its token count ``POST /v1/messages/count_tokens`` (the
-input tokens the same request is billed) and ``POST /v1/chat/completions`` (OpenAI:
-``Authorization: Bearer``).
+input tokens the same request is billed), ``POST /v1/chat/completions`` (OpenAI:
+``Authorization: Bearer``), and in either API's shape ``GET /v1/models`` (the models
+given a behaviour) and ``GET /v1/models/{id}`` (a model it serves, else 404).
 Requests are validated as the real APIs do (missing fields, and fields of the wrong
 type or out of range -> 400, missing or wrong key -> 401, unknown model -> 404 when no
 default behaviour is set) and errors come back in each API's own body shape; so are
@@ -95,8 +96,16 @@ from ._fake_behavior import (
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
 from ._fake_fields import choices_asked, openai_served_tier
+from ._fake_models import model_list, model_object
 from ._fake_prompt import CacheUsage, PromptCache
-from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
+from ._fake_requests import (
+    MAX_BODY_BYTES,
+    Accepted,
+    Reject,
+    authenticate,
+    read_anthropic,
+    read_openai,
+)
 from ._fake_rpm import RpmBucket
 from ._fake_stop import cut_at_stop, stop_whole
 from ._fake_stream import StreamBehavior, serve_stream
@@ -224,6 +233,8 @@ class FakeLLMServer(Controls):
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model}", self._models)
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -339,6 +350,23 @@ class FakeLLMServer(Controls):
         except Reject as reject:
             return self._replies.error(ANTHROPIC, reject.status, reject.message)
         return json_response({"input_tokens": estimate_tokens(accepted.text)})
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        """
+        The models endpoints in the API the request speaks (`api_of`): the models with a
+        behaviour, or one model (any, with a default behaviour); not a model's request.
+        """
+        api = api_of(request)
+        try:
+            authenticate(api, request, self._api_key)
+        except Reject as reject:
+            return self._replies.error(api, reject.status, reject.message)
+        model = request.match_info.get("model")
+        if model is None:
+            return json_response(model_list(api, sorted(self._behaviors)))
+        if self._behaviors.get(model, self._default) is None:
+            return self._replies.unknown_model(api, model)
+        return json_response(model_object(api, model))
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(OPENAI, request, read_openai)
