@@ -801,6 +801,33 @@ async def test_sdks_list_and_retrieve_the_models_the_server_serves() -> None:
         assert fake.requests() == 0  # no model's request
 
 
+async def test_openai_sdk_gets_the_logprobs_it_asks_for(oai: openai.AsyncOpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "hi"}]
+    plain = await oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    assert plain.choices[0].logprobs is None
+    answer = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, logprobs=True, top_logprobs=3
+    )
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert "".join(t.token for t in logprobs.content) == answer.choices[0].message.content
+    assert all(
+        len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in logprobs.content
+    )
+    assert all(bytes(t.bytes or []) == t.token.encode() for t in logprobs.content)
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, logprobs=True, stream=True
+    )
+    tokens = [
+        token.token
+        async for chunk in stream
+        for choice in chunk.choices
+        if choice.logprobs is not None
+        for token in choice.logprobs.content or []
+    ]
+    assert "".join(tokens) == answer.choices[0].message.content
+
+
 # --------------------------------------------------------------------------- field types
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "anthropic_field_problem",
     "choices_asked",
     "openai_field_problem",
+    "openai_logprobs",
     "openai_served_tier",
 ]
 
@@ -140,6 +141,31 @@ def choices_asked(body: Mapping[str, Any]) -> int:
     """The choices an OpenAI request asks for (``n``; 1 when not given)."""
     n = body.get("n")
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
+def openai_logprobs(body: Mapping[str, Any], text: str) -> dict[str, Any] | None:
+    """
+    A choice's ``logprobs`` for ``text`` when ``body`` asks for them (``logprobs``: true):
+    a token per 4 characters (the fake's count), each as likely as can be, with the
+    ``top_logprobs`` alternatives asked for (the token first); None when not asked.
+    """
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    most = top if isinstance(top, int) and not isinstance(top, bool) else 0
+
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        {
+            **token(piece, 0.0),
+            "top_logprobs": [token(piece, 0.0)]
+            + [token(f"<alt{i}>", -10.0 - i) for i in range(1, most)],
+        }
+        for piece in (text[i : i + 4] for i in range(0, len(text), 4))
+    ]
+    return {"content": content, "refusal": None}
 
 
 def openai_field_problem(body: Mapping[str, Any]) -> Problem | None:

@@ -37,7 +37,7 @@ from attrs import field, frozen
 
 from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
-from ._fake_fields import choices_asked, openai_served_tier
+from ._fake_fields import choices_asked, openai_logprobs, openai_served_tier
 from ._fake_wire import anthropic_usage
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -164,9 +164,11 @@ def _openai_events(
     def chunk(choices: list[Any], **extra: Any) -> bytes:
         return _data({**head, "choices": choices, **extra})
 
-    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
+    def choice(
+        delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
+    ) -> list[Any]:
         return [
-            {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             for i in range(n)
         ]
 
@@ -177,7 +179,8 @@ def _openai_events(
             {"role": "assistant", "content": "" if pieces or not calls else None, "refusal": None}
         )
     )
-    chunks = [chunk(choice({"content": piece})) for piece in pieces]
+    # each piece with its logprobs when asked (`openai_logprobs`)
+    chunks = [chunk(choice({"content": p}, None, openai_logprobs(body, p))) for p in pieces]
     for index, (call_id, name, arguments) in enumerate(calls):
         start = {"name": name, "arguments": ""}
         chunks.append(

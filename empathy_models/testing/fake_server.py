@@ -95,7 +95,7 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
-from ._fake_fields import choices_asked, openai_served_tier
+from ._fake_fields import choices_asked, openai_logprobs, openai_served_tier
 from ._fake_models import model_list, model_object
 from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import (
@@ -145,12 +145,16 @@ def _answered(
 ) -> dict[str, Any]:
     """``payload`` with ``reply`` applied, ended at a stop sequence (`stop_whole`), and in
     OpenAI's format with the service tier the request asked for (`openai_served_tier`),
-    which prices the call, and the ``n`` choices it asked for (`choices_asked`)."""
+    which prices the call, its text's ``logprobs`` when asked (`openai_logprobs`), and the
+    ``n`` choices it asked for (`choices_asked`)."""
     if reply is not None:
         apply_reply(api, payload, reply, content)
     stop_whole(api, body, payload)
     if api == OPENAI and (tier := openai_served_tier(body)) is not None:
         payload["service_tier"] = tier
+    if api == OPENAI and body.get("logprobs") is True:
+        text = payload["choices"][0]["message"].get("content")
+        payload["choices"][0]["logprobs"] = openai_logprobs(body, text or "")
     if api == OPENAI and (n := choices_asked(body)) > 1:  # alike, each billed
         choice = payload["choices"][0]
         payload["choices"] = [{**copy.deepcopy(choice), "index": i} for i in range(n)]
