@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -327,7 +329,7 @@ async def test_a_spool_that_cannot_be_placed_keeps_no_record_from_the_store(
     async with SQLiteTelemetryBackend(db, spool=False) as again:
         assert len(await again.recent(limit=100)) == 10
     (said,) = [r.getMessage() for r in caplog.records if "spool" in r.getMessage()]
-    assert "cannot read the spool" in said and "EMPATHY_HOME='relative/home'" in said
+    assert "cannot replay the spool" in said and "EMPATHY_HOME='relative/home'" in said
 
 
 async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: Path) -> None:
@@ -345,3 +347,71 @@ async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: P
         stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
         assert (stored, telemetry.failed) == (["new0", "new1", "old0", "old1", "old2"], 1)
     assert spool.files() == []
+
+
+# ------------------------------------------- the spool's files out of reach for a while
+
+
+def _deny_spool_renames(
+    monkeypatch: pytest.MonkeyPatch, home: Path, only: str = ""
+) -> dict[str, bool]:
+    """
+    Make every rename in the spool (of the files whose names start with ``only``) fail
+    with ``PermissionError`` while ``denied["on"]`` (what a directory made read-only,
+    or a file taken by another user, does).
+    """
+    real = os.rename
+    denied = {"on": True}
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(src)
+        if denied["on"] and path.is_relative_to(home / "spool") and path.name.startswith(only):
+            raise PermissionError(13, "Permission denied", str(src))
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return denied
+
+
+async def test_a_spool_file_that_cannot_be_claimed_is_replayed_once_it_can(
+    tmp_path: Path,
+    empathy_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the PermissionError of the claim's rename ended the flusher: new records waited
+    # for a flush to restart it, and the spool was never replayed again by this process
+    db = tmp_path / "calls.db"
+    Spool(f"sqlite:{db}").write(_records(3, "old"))
+    denied = _deny_spool_renames(monkeypatch, empathy_home)
+    with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+        async with SQLiteTelemetryBackend(db, flush_interval=0.01) as telemetry:
+            await telemetry.record_many(_records(2, "new"))
+            with anyio.fail_after(5):
+                while telemetry.written < 2:  # noqa: ASYNC110 - by the flusher, no flush asked
+                    await anyio.sleep(0.01)
+            denied["on"] = False
+            await telemetry.flush()
+            stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["new0", "new1", "old0", "old1", "old2"]
+    assert Spool(f"sqlite:{db}").files() == []
+    said = [r.getMessage() for r in caplog.records if "PermissionError" in r.getMessage()]
+    assert len(said) == 1 and "replayed later" in said[0]
+    assert not [r for r in caplog.records if "flusher failed" in r.getMessage()]
+
+
+async def test_a_spool_file_that_cannot_be_claimed_holds_up_no_other(
+    tmp_path: Path, empathy_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first file's PermissionError ended the replay: every file after it waited too
+    db = tmp_path / "calls.db"
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(2, "stuck"))
+    spool.write(_records(2, "free"))
+    first = spool.files()[0].name
+    _deny_spool_renames(monkeypatch, empathy_home, only=first)
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["free0", "free1"]
+    assert [path.name for path in spool.files()] == [first]

@@ -235,7 +235,17 @@ class Spool:
             return []
         for name in list(names):
             if name.startswith(".") and name.endswith(_TMP):
-                found = self._left_behind(name)
+                try:
+                    found = self._left_behind(name)
+                except OSError as exc:  # out of reach (its mode, say): the others go on
+                    logger.warning(
+                        "telemetry spool %s: cannot take up %s, left by a writer (%s: %s)",
+                        self.target,
+                        name,
+                        type(exc).__name__,
+                        exc.strerror or exc,
+                    )
+                    continue
                 if found is not None:
                     names.append(found)
         out = []
