@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from empathy_models import LLMCallRecord
@@ -415,3 +416,28 @@ async def test_a_spool_file_that_cannot_be_claimed_holds_up_no_other(
         stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
     assert stored == ["free0", "free1"]
     assert [path.name for path in spool.files()] == [first]
+
+
+# ------------------------------------------- a burst past max_queue, then aclose
+
+
+@pytest.mark.parametrize(
+    ("burst", "spilling", "spooled"), [(11, False, 0), (11, True, 10), (35, False, 20)]
+)
+async def test_a_burst_past_max_queue_closed_at_once_leaves_nothing_in_the_spool(
+    tmp_path: Path, burst: int, spilling: bool, spooled: int
+) -> None:
+    # the spill task wrote its file after the flusher had ended: with the store up at
+    # close, the records stayed in the spool (and out of the store) until another
+    # process opened it; those still waiting for the spill task at close are written
+    # to the store instead of going through the spool
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db, max_queue=10) as telemetry:
+        await telemetry.recent()  # open
+        await telemetry.record_many(_records(burst))
+        if spilling:
+            await anyio.lowlevel.checkpoint()  # the spill task starts writing its file
+    assert (telemetry.written, telemetry.failed, telemetry.spooled) == (burst, 0, spooled)
+    assert Spool(f"sqlite:{db}").files() == []
+    async with SQLiteTelemetryBackend(db, spool=False) as again:
+        assert len(await again.recent(limit=100)) == burst

@@ -138,6 +138,16 @@ class _Spiller:
             )
         self._wake.set()
 
+    def give_back_overflow(self, queue: list[LLMCallRecord]) -> None:
+        """
+        On close: put the records waiting for the spill task (not yet being written) at
+        the head of ``queue``, which is written to the store, and spooled only if the
+        store cannot take them by ``close_timeout``.
+        """
+        if self.overflow:
+            queue[:0] = self.overflow
+            self.overflow = []
+
     def stop(self) -> None:
         """Let the spill task end once it has spilled what it holds (on close)."""
         self.closing = True

@@ -55,6 +55,9 @@ microsecond), whatever state the store is in.
   failed probe (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
+  Records still waiting for the spill task are written with the queue, and a spill
+  being written when it closes is replayed once on disk, so a store that is up at
+  close is left nothing in the spool (but records it failed on alone, held back).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
   on SIGTERM has its queued records written synchronously (SQLite) or spooled,
   within a bounded time, and only then warned about (``-W error`` loses nothing).  The
@@ -498,7 +501,12 @@ class _Batcher:
                     continue
                 if not self.queue:
                     if self.closing:
-                        return
+                        if spill.spilling is None:
+                            return
+                        # a spill still being written: replay it once it is, the
+                        # store up, so that closing leaves nothing in the spool needlessly
+                        await self._ledger.progress.wait()
+                        continue
                     self._wake.clear()
                     with anyio.move_on_after(spill.replay_wait()):
                         await self._wake.wait()
@@ -637,8 +645,9 @@ class _Batcher:
 
     async def aclose(self) -> None:
         """
-        Write everything waiting within ``close_timeout`` seconds, spool the rest, and
-        stop the flusher and spill tasks.
+        Write everything waiting within ``close_timeout`` seconds (the records waiting
+        for the spill task, and the spool, included), spool the rest, and stop the
+        flusher and spill tasks.
 
         From another event loop than the flusher's (which no longer runs there), what
         is queued is written synchronously, as at exit (`exit_flush`), and the tasks are
@@ -653,6 +662,7 @@ class _Batcher:
             _live.discard(self)
             return
         self.closing = True
+        self._spill.give_back_overflow(self.queue)
         if self._task is None and self.queue:
             self.start()
         self._wake.set()
