@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -92,13 +92,16 @@ class Spool:
     """
     The spool directory of one store, named by ``target`` (a description without secrets).
 
-    The directory is resolved from ``$EMPATHY_HOME`` when first used.
+    The directory is resolved from ``$EMPATHY_HOME`` when first used.  ``former``: the
+    targets earlier versions named the store by, whose directories' files are listed
+    (and so replayed) with this one's; each is removed once it holds nothing.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, former: Sequence[str] = ()) -> None:
         self.target = target
         self._digest = hashlib.sha256(target.encode("utf-8", "backslashreplace")).hexdigest()[:24]
         self._directory: Path | None = None
+        self._former = tuple(Spool(name) for name in dict.fromkeys(former) if name != target)
 
     def __repr__(self) -> str:
         return f"Spool({self.target!r})"
@@ -225,9 +228,20 @@ class Spool:
     def files(self) -> list[Path]:
         """
         Spool files waiting for replay, abandoned claims and the files of writers that
-        ended before renaming them included: oldest first, the files of held records
-        after the others.
+        ended before renaming them included, those of the ``former`` directories too:
+        oldest first, the files of held records after the others.
         """
+        found = self._files()
+        for spool in self._former:
+            older = spool._files()
+            if not older:
+                with contextlib.suppress(OSError):  # absent, or a file being written
+                    os.rmdir(spool.directory)
+            found.extend(older)
+        return sorted(found, key=lambda path: (self.is_held(path), path.name))
+
+    def _files(self) -> list[Path]:
+        """`files` of this directory alone."""
         directory = self.directory
         try:
             names = os.listdir(directory)
@@ -295,7 +309,9 @@ class Spool:
             )
         return records, bad
 
-    @staticmethod
-    def remove(claimed: Path) -> None:
-        """Delete a file whose records are all stored."""
+    def remove(self, claimed: Path) -> None:
+        """Delete a file whose records are all stored (and its directory, if former and empty)."""
         claimed.unlink(missing_ok=True)
+        if claimed.parent != self.directory:
+            with contextlib.suppress(OSError):  # files left in it
+                os.rmdir(claimed.parent)

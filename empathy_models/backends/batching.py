@@ -731,6 +731,17 @@ class _Batcher:
                 self.inflight = None
 
 
+def _spool(inner: TelemetryBackend) -> Spool:
+    """
+    ``inner``'s spool (see `BatchingTelemetryBackend`): named by `_spool_target`, and
+    listing the files of the targets it gives as ``former_spool_targets`` too.
+    """
+    former = getattr(inner, "former_spool_targets", ())
+    if not isinstance(former, tuple | list) or not all(isinstance(t, str) for t in former):
+        former = ()
+    return Spool(_spool_target(inner), former)
+
+
 def _spool_target(inner: TelemetryBackend) -> str:
     """
     What names ``inner``'s store for its spool (see `BatchingTelemetryBackend`).  Python's
@@ -771,7 +782,9 @@ class BatchingTelemetryBackend(TelemetryBackend):
     opening that store replays it: its ``spool_target`` (a string naming the store
     without secrets) when it has one, else its class and repr, or its class alone when
     the repr is Python's default (which names the object, not the store).  A backend
-    class whose instances may keep different stores gives a ``spool_target``.
+    class whose instances may keep different stores gives a ``spool_target``; one that
+    named its store otherwise before gives those names as ``former_spool_targets`` (a
+    tuple of strings), whose spools are replayed too.
 
     Raises:
         ConfigurationError: a bad setting.
@@ -810,7 +823,7 @@ class BatchingTelemetryBackend(TelemetryBackend):
             flush_interval=flush_interval,
             max_queue=max_queue,
             on_full=on_full,
-            spool=Spool(_spool_target(inner)) if use_spool else None,
+            spool=_spool(inner) if use_spool else None,
             close_timeout=close_timeout,
             exit_flush=exit_flush,
         )
