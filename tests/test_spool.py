@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import signal
@@ -441,3 +442,29 @@ async def test_a_burst_past_max_queue_closed_at_once_leaves_nothing_in_the_spool
     assert Spool(f"sqlite:{db}").files() == []
     async with SQLiteTelemetryBackend(db, spool=False) as again:
         assert len(await again.recent(limit=100)) == burst
+
+
+async def test_a_spool_file_that_cannot_be_read_is_replayed_once_it_can(
+    tmp_path: Path, empathy_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the file was taken for written: left under this process's claim, and not tried
+    # again by this process (nor by any other while it lived)
+    db = tmp_path / "calls.db"
+    Spool(f"sqlite:{db}").write(_records(3, "old"))
+    real = builtins.open
+    denied = {"on": True}
+
+    def unreadable(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if denied["on"] and isinstance(file, Path) and file.is_relative_to(empathy_home):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", unreadable)
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.flush()
+        assert await telemetry.recent(limit=100) == []
+        denied["on"] = False
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["old0", "old1", "old2"]
+    assert Spool(f"sqlite:{db}").files() == []

@@ -372,13 +372,8 @@ class _Spiller:
         """
         ledger = self._ledger
         writer = self._writer
-        try:
-            records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
-        except OSError as exc:
-            logger.warning(
-                "%s: cannot read spool file %s (%s)", ledger.owner, claimed, _describe(exc)
-            )
-            return "written"
+        # a file that cannot be read raises: given back, and tried again later
+        records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
         ledger.failed += bad
         was_held = spool.is_held(claimed)
         held: list[LLMCallRecord] = []
