@@ -468,3 +468,47 @@ async def test_a_spool_file_that_cannot_be_read_is_replayed_once_it_can(
         stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
     assert stored == ["old0", "old1", "old2"]
     assert Spool(f"sqlite:{db}").files() == []
+
+
+class GatedStore(ThirdPartyStore):
+    """`ThirdPartyStore` whose writes wait for ``gate``; counts the records it is given."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = anyio.Event()
+        self.entered = anyio.Event()
+        self.given = 0
+
+    @property
+    def spool_target(self) -> str:
+        return f"gated:{self._db.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.given += len(records)
+        await super().record_many(records)
+
+
+async def test_a_file_one_backend_is_replaying_is_not_replayed_by_another_in_the_process(
+    tmp_path: Path,
+) -> None:
+    # a claim under this process's id was taken for one an interrupted replay left: a
+    # second backend of the same store in the process (an executor's and a router's)
+    # replayed the file the first was replaying, each record twice
+    db = tmp_path / "calls.db"
+    first, second = GatedStore(db), GatedStore(db)
+    Spool(first.spool_target).write(_records(5))
+    second.gate.set()
+    async with BatchingTelemetryBackend(first) as one:
+        await first.entered.wait()  # replaying the file, the store not answering yet
+        async with BatchingTelemetryBackend(second) as two:
+            await two.flush()
+            assert second.given == 0
+            first.gate.set()
+            await one.flush()
+            assert sorted(r.call_id for r in await one.recent(limit=100)) == [
+                f"r{i}" for i in range(5)
+            ]
+    assert (first.given, second.given) == (5, 0)
+    assert Spool(first.spool_target).files() == []

@@ -318,6 +318,8 @@ class _Spiller:
                     raise
                 fault = exc
                 continue
+            finally:
+                spool.done(claimed)
             if replayed in ("failed", "stopped"):
                 return replayed
             held = held or replayed == "held"

@@ -14,7 +14,8 @@ and replayed (a line cut short counted unreadable), or deleted when it was the r
 of a claimed file, which still holds every record.  The writer holds a ``flock`` on
 the temporary file until it is renamed (where ``fcntl`` exists), so a writer this
 process cannot see (another PID namespace) keeps its file.  Replaying
-claims a file by renaming it (two processes never replay the same file at once),
+claims a file by renaming it (two processes, or two replays in one process, never
+replay the same file at once),
 writes its records and deletes it; one that fails partway gives the file back
 holding only the records it did not write.  Records the store failed on alone (see
 `empathy_models.backends._batch_writer`) go to files of their own, named ``held-...``,
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,10 +64,14 @@ else:
 _writing: set[str] = set()
 """The temporary files this process is writing (the spill's thread), by name."""
 
+_replaying: set[str] = set()
+"""The claimed files a replay in this process is at (`Spool.claim` to `Spool.done`), by path."""
+_replaying_lock = threading.Lock()
+
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # a claim of ours still on disk was abandoned by an interrupted replay
+        return False  # a claim of ours no replay is at was abandoned by an interrupted one
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -268,19 +274,38 @@ class Spool:
                 out.append(directory / name)
             elif _CLAIMED in name:
                 pid = name.rsplit(_CLAIMED, 1)[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    out.append(directory / name)
+                path = directory / name
+                if pid.isdigit() and not _alive(int(pid)) and str(path) not in _replaying:
+                    out.append(path)
         return out
 
     def claim(self, path: Path) -> Path | None:
-        """Rename ``path`` to a claim of this process; None when another process took it."""
+        """
+        Rename ``path`` to a claim of this process; None when another process, or
+        another replay in this one, took it.  Each claim is ended with `done`.
+        """
         base = path.name.split(_CLAIMED, 1)[0]
         claimed = path.with_name(f"{base}{_CLAIMED}{os.getpid()}")
+        with _replaying_lock:  # the claims are made on worker threads
+            if str(claimed) in _replaying:
+                return None
+            _replaying.add(str(claimed))
         try:
             os.rename(path, claimed)
-        except FileNotFoundError:
-            return None
+        except BaseException as exc:
+            _replaying.discard(str(claimed))
+            if isinstance(exc, FileNotFoundError):
+                return None
+            raise
         return claimed
+
+    @staticmethod
+    def done(claimed: Path) -> None:
+        """
+        The replay of ``claimed`` is over (the file removed, given back, or left under
+        this process's claim for the next listing to take up).
+        """
+        _replaying.discard(str(claimed))
 
     def release(self, claimed: Path) -> None:
         """Give a claimed file back (its replay failed; it is replayed later)."""
