@@ -23,7 +23,7 @@ from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
 from empathy_models.records import ModelPerformance
-from tests.test_batching import _records
+from tests.test_batching import ChokingSQLite, _records
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -512,3 +512,23 @@ async def test_a_file_one_backend_is_replaying_is_not_replayed_by_another_in_the
             ]
     assert (first.given, second.given) == (5, 0)
     assert Spool(first.spool_target).files() == []
+
+
+async def test_a_burst_spilled_while_a_held_record_waits_is_replayed_at_close(
+    tmp_path: Path,
+) -> None:
+    # a record the store failed on alone put the replay off for its backoff: a burst
+    # spilled meanwhile and closed at once stayed in the spool with it, the store up
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    async with BatchingTelemetryBackend(inner, max_batch=10, max_queue=10) as telemetry:
+        await telemetry.record_many([*_records(1, "poison"), *_records(3, "old")])
+        await telemetry.flush()  # the poison record held back, in the spool
+        await telemetry.record_many(_records(11, "burst"))
+        await anyio.lowlevel.checkpoint()  # the spill task starts writing its file
+    files = Spool(inner.spool_target).files()
+    assert [r.call_id for path in files for r in Spool(inner.spool_target).read(path)[0]] == [
+        "poison0"
+    ]
+    async with SQLiteTelemetryBackend(inner.path, spool=False) as reader:
+        stored = {r.call_id for r in await reader.recent(limit=100)}
+    assert stored == {r.call_id for r in [*_records(3, "old"), *_records(11, "burst")]}

@@ -291,12 +291,16 @@ class _Spiller:
         "held" when records were held back, "failed" or "stopped" at the file where the
         replay stopped (`_replay_file`).  A file that fails with an `OSError` (it cannot
         be renamed, say) is given back, or left to a later replay, and the replay goes
-        on with the next; the error is raised once the others are replayed.
+        on with the next; the error is raised once the others are replayed.  On close,
+        the files of held records are left for the next replay (the next process's),
+        so that a close, which hurries the replay, costs none of them a strike.
         """
         paths = await anyio.to_thread.run_sync(spool.files)
         held = False
         fault: OSError | None = None
         for path in paths:
+            if self.closing and spool.is_held(path):
+                continue  # not tried again at close: retried after the backoff, next time
             try:
                 claimed = await anyio.to_thread.run_sync(spool.claim, path)
             except OSError as exc:

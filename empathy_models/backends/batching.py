@@ -55,9 +55,11 @@ microsecond), whatever state the store is in.
   failed probe (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
-  Records still waiting for the spill task are written with the queue, and a spill
-  being written when it closes is replayed once on disk, so a store that is up at
-  close is left nothing in the spool (but records it failed on alone, held back).
+  Records still waiting for the spill task are written with the queue, a spill being
+  written when it closes is replayed once on disk, and the spool is replayed as by a
+  flush (its backoff cut short) unless the store is down, so a store that is up at
+  close is left nothing in the spool but the records it failed on alone (held back,
+  whose files a close leaves for the next replay).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
   on SIGTERM has its queued records written synchronously (SQLite) or spooled,
   within a bounded time, and only then warned about (``-W error`` loses nothing).  The
@@ -506,6 +508,8 @@ class _Batcher:
                         # a spill still being written: replay it once it is, the
                         # store up, so that closing leaves nothing in the spool needlessly
                         await self._ledger.progress.wait()
+                        if writer.outage_since is None:
+                            spill.hurry()
                         continue
                     self._wake.clear()
                     with anyio.move_on_after(spill.replay_wait()):
@@ -663,6 +667,8 @@ class _Batcher:
             return
         self.closing = True
         self._spill.give_back_overflow(self.queue)
+        if self._writer.outage_since is None:
+            self._spill.hurry()  # the spool too, as a flush, unless the store is down
         if self._task is None and self.queue:
             self.start()
         self._wake.set()
