@@ -860,11 +860,10 @@ async def _set_in(
 ) -> None:
     cache: ResponseCache | None = executor._cache
     assert cache is not None
-    try:
-        # a clear that came while the write was under way must not be undone by it
+    if holder is None:
         await cache.set(key, value, ttl)
-        if cache._generation != generation:
-            await cache.delete(key)
-    finally:
-        if holder is not None:  # after the entry: a waiting process finds it
-            await _released(executor, key, holder)
+    else:  # the lease let go once the entry is there: a waiting process finds it
+        await cache.set_and_release(key, value, ttl, holder)
+    # a clear that came while the write was under way must not be undone by it
+    if cache._generation != generation:
+        await cache.delete(key)

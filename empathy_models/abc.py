@@ -1328,7 +1328,8 @@ class ResponseCache(AsyncResource):
         Take the lease on ``key`` (a short "computing" mark, kept apart from the entries:
         `get`, `clear` and ``max_entries`` never see it) for ``holder``, for ``ttl``
         seconds, atomically: None when it is now ``holder``'s (it was free, expired, or
-        ``holder``'s already, then renewed for ``ttl``); else ``(other_holder,
+        ``holder``'s already, then renewed for ``ttl``, kept
+        `MAX_LEASE_TTL` at most); else ``(other_holder,
         seconds_left)`` of the live lease another holds, unchanged.  A backend without
         leases (``leases`` False, this default) grants every caller, so each asks a
         model as it did before leases.
@@ -1336,7 +1337,7 @@ class ResponseCache(AsyncResource):
         Raises:
             TypeError, ValueError: ``ttl`` is not a finite number of seconds above 0.
         """
-        _lease_ttl(ttl)
+        lease_ttl(ttl)
         return None
 
     async def release_lease(self, key: str, holder: str) -> bool:
@@ -1345,6 +1346,18 @@ class ResponseCache(AsyncResource):
         one taking it since (True then); another's stays.
         """
         return False
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """
+        `set`, then `release_lease` of ``holder``'s lease on ``key``, also when `set`
+        failed: how a run that held the lease stores its answer, so that the runs
+        waiting for it find the entry once the lease is gone.  This default makes two
+        calls; a backend may do both in one round trip.
+        """
+        try:
+            await self.set(key, value, ttl)
+        finally:
+            await self.release_lease(key, holder)
 
     @abc.abstractmethod
     async def clear(self) -> int:
@@ -1356,13 +1369,24 @@ class ResponseCache(AsyncResource):
         """
 
 
-def _lease_ttl(ttl: float) -> float:
-    """``ttl`` of `ResponseCache.acquire_lease`: a finite number above 0 (at most a day)."""
+MAX_LEASE_TTL: Final = 86_400.0
+"""The longest a lease is kept (a day), however long its ``ttl``."""
+
+
+def lease_ttl(ttl: float) -> float:
+    """
+    The ``ttl`` of `ResponseCache.acquire_lease` checked, as every backend keeps it:
+    `MAX_LEASE_TTL` at most.
+
+    Raises:
+        TypeError: ``ttl`` is not a number.
+        ValueError: ``ttl`` is not a finite number of seconds above 0.
+    """
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
     if not 0 < ttl < math.inf:
         raise ValueError(f"ttl must be a finite number of seconds above 0, got {ttl!r}")
-    return min(float(ttl), 86_400.0)
+    return min(float(ttl), MAX_LEASE_TTL)
 
 
 def _letting_go(clear: Callable[[Any], Awaitable[int]]) -> Callable[[Any], Awaitable[int]]:

@@ -55,6 +55,7 @@ answer, or it expires (see `empathy_models._cached.lead_or_wait`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -68,15 +69,17 @@ from typing import Any, Final
 import aiosqlite
 
 from ._validators import MAX_SIZE, check, failure, integer, shown
-from .abc import Message, ResponseCache, _lease_ttl
+from .abc import MAX_LEASE_TTL, Message, ResponseCache, lease_ttl
 from .exceptions import ConfigurationError, StateStoreError
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_LEASE_TTL",
     "MAX_TTL",
     "MemoryResponseCache",
     "SQLiteResponseCache",
     "cache_from_url",
+    "lease_ttl",
     "request_key",
 ]
 
@@ -187,7 +190,7 @@ class MemoryResponseCache(ResponseCache):
 
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
         self._check_open()
-        ttl = _lease_ttl(ttl)
+        ttl = lease_ttl(ttl)
         now = self._clock()
         held = self._leases.get(key)
         if held is not None and held[0] != holder and held[1] > now:
@@ -369,6 +372,10 @@ class SQLiteResponseCache(ResponseCache):
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             await self.delete(key)  # refused: no earlier value is left to be served
             return
+        await self._set(key, value, ttl, None)
+
+    async def _set(self, key: str, value: bytes, ttl: float, holder: str | None) -> None:
+        """One write transaction: the entry, the trim, and ``holder``'s lease let go."""
         self._writes += 1
         sweep = self._writes % 100 == 1
 
@@ -378,6 +385,11 @@ class SQLiteResponseCache(ResponseCache):
             await conn.execute(_TRIM, (self.max_entries,))
             if sweep:  # one write in a hundred also drops what expired
                 await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))
+            if holder is not None:
+                await conn.execute(
+                    "DELETE FROM response_cache_lease WHERE key = ? AND holder = ?",
+                    (_sql_key(key), holder),
+                )
 
         async def job(conn: aiosqlite.Connection) -> None:
             await self._prepare(conn)
@@ -420,7 +432,7 @@ class SQLiteResponseCache(ResponseCache):
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
         """One write transaction: the lease read, and taken when free (by wall-clock time)."""
         self._check_open()
-        ttl = _lease_ttl(ttl)
+        ttl = lease_ttl(ttl)
         self._writes += 1
         sweep = self._writes % 100 == 1
 
@@ -431,6 +443,19 @@ class SQLiteResponseCache(ResponseCache):
             )
 
         return await self._db.run(job)
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """`set` and `release_lease` in one write transaction (a refused value: in turn)."""
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await super().set_and_release(key, value, ttl, holder)
+            return
+        try:
+            await self._set(key, value, ttl, holder)
+        except Exception:
+            with contextlib.suppress(Exception):  # rolled back: let go on its own
+                await self.release_lease(key, holder)
+            raise
 
     async def release_lease(self, key: str, holder: str) -> bool:
         self._check_open()

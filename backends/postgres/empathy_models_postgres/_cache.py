@@ -6,9 +6,9 @@ import hashlib
 import math
 from typing import Any, Final
 
-from empathy_models.abc import ResponseCache, _lease_ttl
+from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL, lease_ttl
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
@@ -234,7 +234,7 @@ class PostgresResponseCache(ResponseCache):
         committed after the statement's snapshot took it.
         """
         self._check_open()
-        ttl = _lease_ttl(ttl)
+        ttl = lease_ttl(ttl)
         pool = await self._db.pool(self._migrations)
         stored = _stored_key(key)
         async with self._db.errors("acquire_lease"):

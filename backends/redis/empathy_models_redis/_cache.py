@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from typing import Any, Final
@@ -10,9 +11,9 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
-from empathy_models.abc import ResponseCache, _lease_ttl
+from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL, lease_ttl
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._store import (
@@ -59,6 +60,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _RELEASE_SHA: Final = hashlib.sha1(_RELEASE.encode("ascii")).hexdigest()
+
+# SET KEYS[1] ARGV[1] PX ARGV[2], then the lease KEYS[2] let go if ARGV[3]'s
+_SET_RELEASING: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+_SET_RELEASING_SHA: Final = hashlib.sha1(_SET_RELEASING.encode("ascii")).hexdigest()
 
 _RAW: Final = {NEVER_DECODE: True}
 """redis-py's option to leave a reply as bytes, whatever the client decodes."""
@@ -175,7 +184,7 @@ class RedisResponseCache(ResponseCache):
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
         """One Lua script: ``SET NX PX`` the lease key, else its holder and time left."""
         self._check_open()
-        px = max(1, round(_lease_ttl(ttl) * 1000))
+        px = max(1, round(lease_ttl(ttl) * 1000))
         lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
         try:
             reply = await evalsha_once(
@@ -187,6 +196,22 @@ class RedisResponseCache(ResponseCache):
             return None
         held, left = reply
         return bytes(held).decode("utf-8", "replace"), max(int(left), 0) / 1000.0
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """`set` and `release_lease` in one Lua script (a refused value: in turn)."""
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await super().set_and_release(key, value, ttl, holder)
+            return
+        px = max(1, round(min(ttl, MAX_TTL) * 1000))
+        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        args = [2, self._key(key), lease, value, px, holder]
+        try:
+            await evalsha_once(self._client, _SET_RELEASING_SHA, _SET_RELEASING, args)
+        except (RedisError, OSError) as exc:
+            with contextlib.suppress(StateStoreError):  # not run: let go on its own
+                await self.release_lease(key, holder)
+            raise self._error("set", exc) from exc
 
     async def release_lease(self, key: str, holder: str) -> bool:
         self._check_open()

@@ -41,7 +41,8 @@ class ResponseCacheContract:
     clears); any string a key, kept apart from every other; concurrent writers; a
     shared cache showing one instance's entries to another; close and use after close;
     for a backend with ``leases``: a lease held by one holder (of concurrent takers,
-    in every instance) until released or expired, apart from the entries and clear.
+    in every instance) until released or expired, apart from the entries and clear,
+    and `ResponseCache.set_and_release` storing, then letting go of the holder's lease.
     """
 
     @pytest.fixture
@@ -252,6 +253,26 @@ class ResponseCacheContract:
                 await cache.acquire_lease(key, "fourth", ttl)
         with pytest.raises(TypeError, match="ttl"):
             await cache.acquire_lease(key, "fourth", "30")  # type: ignore[arg-type]
+
+    async def test_set_and_release_stores_then_lets_go_of_the_holders_lease(
+        self, cache: ResponseCache
+    ) -> None:
+        if not cache.leases:
+            pytest.skip(f"{type(cache).__name__} keeps no leases")
+        key, other, refused = _key(), _key(), _key()
+        for k in (key, other, refused):
+            assert await cache.acquire_lease(k, "holder", 30) is None
+        await cache.set_and_release(key, b"answer", 60, "holder")
+        assert await cache.get(key) == b"answer"
+        assert await cache.acquire_lease(key, "next", 30) is None
+        await cache.set_and_release(other, b"answer", 60, "not the holder")  # another's stays
+        assert await cache.get(other) == b"answer"
+        assert (await cache.acquire_lease(other, "next", 30) or ("",))[0] == "holder"
+        # a value it refuses: no entry (nor an earlier one), and the lease let go all the same
+        await cache.set(refused, b"earlier", 60)
+        await cache.set_and_release(refused, b"x", float("nan"), "holder")
+        assert await cache.get(refused) is None
+        assert await cache.acquire_lease(refused, "next", 30) is None
 
     async def test_a_lease_goes_to_one_of_concurrent_takers(
         self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
