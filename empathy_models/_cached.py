@@ -14,6 +14,11 @@ stopped waiting for too, judged when that time is up) puts the cache in a degrad
 seconds calls skip it (``cache_skipped``), then it is tried again.  A run whose deadline
 left it less time than the store took misses, and the store stays in use.
 An in-process `MemoryResponseCache` is used as is.
+
+Runs of one request that miss while a run of the same executor asks a model wait for
+its answer (`Flight`, `follow`); on a store shared by processes with leases, the run
+that leads in its process takes the request's lease there first, or waits for another
+process's answer while that process holds it (`lead_or_wait`).
 """
 
 from __future__ import annotations
