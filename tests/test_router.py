@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -1181,6 +1182,29 @@ async def test_tier_upgrade_ring_is_seeded_from_the_store(clock: FakeClock) -> N
     async with make(clock, telemetry_store=store, refresh_interval=None) as router:
         advice = router.recommend_tier_upgrade(WF, ST)
     assert advice.window == 20 and advice.failures == 10 and advice.should_upgrade
+
+
+def test_a_limit_of_negative_zero_is_zero(clock: FakeClock) -> None:
+    # -0.0 (a budget's remainder, 0.0 * -1) passed the checks as it came: a reason read
+    # "> max $-0.000000" and the decision carried max_cost=-0.0 and min_success_rate=-0.0
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 40)
+    d = router.get_best_model(
+        WF,
+        ST,
+        candidates=["nano"],
+        input_tokens=500,
+        max_tokens=100,
+        max_cost=-0.0,
+        min_success_rate=-0.0,
+        on_no_match="nano",
+    )
+    assert (d.max_cost, d.min_success_rate) == (0.0, 0.0)
+    assert math.copysign(1.0, d.max_cost) == math.copysign(1.0, d.min_success_rate) == 1.0  # type: ignore[arg-type]
+    [reason] = by_model(d)["nano"].reasons  # type: ignore[attr-defined]
+    assert reason.endswith("> max $0.000000"), reason
+    out = d.to_dict()
+    assert repr((out["max_cost"], out["min_success_rate"])) == "(0.0, 0.0)"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
