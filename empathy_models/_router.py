@@ -966,5 +966,13 @@ class AdaptiveModelRouter:
                 ),
             )
         return stats_from(
-            workflow, shown, days, perfs, z=self.policy.z, min_sample_size=self.MIN_SAMPLE_SIZE
+            workflow,
+            shown,
+            days,
+            perfs,
+            z=self.policy.z,
+            min_sample_size=self.MIN_SAMPLE_SIZE,
+            tier_of=lambda model: (
+                None if (f := self._verdicts.model_facts(model)) is None else f.tier
+            ),
         )

@@ -1089,6 +1089,26 @@ async def test_stats_report_per_model_with_bounds_and_warnings(clock: FakeClock)
     assert empty["telemetry"] == "ok" and "no calls recorded" in empty["message"]
 
 
+async def test_stats_give_the_registry_tier_of_a_model_whose_calls_carry_none(
+    clock: FakeClock,
+) -> None:
+    # calls recorded without a tier (record_outcome's own records, another writer) showed
+    # tier None in the stats, "-" in `routing stats`, while tier advice took the
+    # registry's; the tier a call was recorded with still wins
+    store = MemoryTelemetryBackend()
+    await store.record_many(
+        [
+            rec(clock, "mini", True),
+            rec(clock, "nano", True, tier=ModelTier.PREMIUM),
+            attrs.evolve(rec(clock, "mini", True), model="gone"),
+        ]
+    )
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        stats = await router.get_routing_stats(WF, ST)
+    tiers = {m: s.tier for m, s in stats.performance_by_model.items()}
+    assert tiers == {"mini": "cheap", "nano": "premium", "gone": None}
+
+
 async def test_stats_warnings_name_the_confidence_of_the_bounds_they_quote(
     clock: FakeClock,
 ) -> None:
