@@ -858,7 +858,8 @@ class RoutingDecision:
 
     ``policy_applied`` is ``None`` when an eligible candidate was chosen, otherwise the
     no-match policy that acted (``"relax"`` or ``"pinned"``); ``relaxed`` lists the
-    constraints dropped, in the order they were dropped.  ``exploration`` is true when
+    constraints dropped (only those the pick needed dropped), in the policy's
+    ``relax_order``.  ``exploration`` is true when
     a model was picked to learn about it, and ``exploration_kind`` says why: ``"unproven"``
     (no candidate is proven yet: the likeliest to comply is measured), ``"warm-up"`` (a
     cheaper challenger's first calls, in one stretch), ``"budget"`` (the exploration

@@ -29,6 +29,7 @@ from empathy_models import (
     BreakerPolicy,
     CircuitState,
     LLMCallRecord,
+    ModelRegistry,
     ModelTier,
     Outcome,
     state_store_from_url,
@@ -986,6 +987,23 @@ def test_routing_best_with_nothing_qualifying_fails_with_reasons(home: Path, db:
     )
     assert result.returncode == 1
     assert "claude-haiku-4-5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_routing_best_of_a_tier_the_registry_has_no_model_of_is_a_usage_error(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    # it failed with exit 1 saying "no candidate models for docs/write", not why
+    registry = tmp_path / "cheap-only.json"
+    registry.write_text(
+        json.dumps(
+            {"price_version": "t", "models": [ModelRegistry.default().get("gpt-4o-mini").to_dict()]}
+        )
+    )
+    args = ("routing", "best", "docs", "write", "--db", str(db), "--registry", str(registry))
+    result = cli(home, *args, "--tier", "premium")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--tier premium: the registry has no premium model" in result.stderr
+    assert "gpt-4o-mini" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_routing_upgrades_flags_the_failing_stage(home: Path, db: Path) -> None:
