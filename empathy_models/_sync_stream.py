@@ -32,7 +32,7 @@ from .exceptions import NotOpenError
 if TYPE_CHECKING:
     from ._values import AttemptSummary, LLMResponse
     from .streaming import LLMStream, StreamManager
-    from .sync import _LoopThread
+    from .sync import SyncExecutor, _LoopThread
 
 __all__ = ["SyncStream", "SyncStreamManager"]
 
@@ -90,13 +90,15 @@ class SyncStream:
         "_loop",
         "_manager",
         "_opening",
+        "_owner",
         "_reading",
         "_ready",
         "_stream",
     )
 
-    def __init__(self, loop: _LoopThread, manager: StreamManager, limit: float | None) -> None:
-        self._loop = loop
+    def __init__(self, owner: SyncExecutor, manager: StreamManager, limit: float | None) -> None:
+        self._owner = owner  # kept open while its stream is read (its GC would close it)
+        self._loop: _LoopThread = owner._worker
         self._manager = manager
         self._stream: LLMStream = manager._stream
         self._limit = limit  # seconds per wait; None: no limit

@@ -597,7 +597,7 @@ class SyncExecutor:
             return executor.stream(prompt, context, **options)
 
         manager = self._worker.call(plan, limit)
-        return SyncStreamManager(SyncStream(self._worker, manager, limit))
+        return SyncStreamManager(SyncStream(self, manager, limit))
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """

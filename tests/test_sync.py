@@ -1078,3 +1078,12 @@ def test_a_streams_deadline_bounds_the_callers_reading_of_pieces_already_there(
                 next(stream)
         (record,) = _recent(llm)
     assert record.outcome is Outcome.CANCELLED
+
+
+def test_a_stream_keeps_a_sync_executor_nothing_else_holds_open(server: FakeLLMServer) -> None:
+    _streams(server)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://").stream(
+        "Count", HAIKU
+    ) as stream:
+        gc.collect()  # the executor is referred to by the stream alone
+        assert list(stream) == WORDS
