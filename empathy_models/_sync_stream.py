@@ -117,7 +117,7 @@ class SyncStream:
     def text(self) -> str:
         """The text yielded to the caller so far."""
         text = self._stream.text  # the pieces handed over included
-        waiting = sum(len(piece) for piece in self._ready if type(piece) is str)
+        waiting = sum(len(piece) for piece in tuple(self._ready) if type(piece) is str)
         return text[: len(text) - waiting]
 
     @property
@@ -151,9 +151,12 @@ class SyncStream:
     def __next__(self) -> str:
         ready = self._ready
         while True:
-            if not ready and not self._read():
-                raise StopIteration
-            piece = ready.popleft()
+            try:
+                piece = ready.popleft()
+            except IndexError:  # (or cleared meanwhile by a `close` in another thread)
+                if not self._read():
+                    raise StopIteration from None
+                continue
             if type(piece) is str:
                 return piece
 
@@ -165,8 +168,14 @@ class SyncStream:
         other.
         """
         ready = self._ready
-        while ready or self._read():
-            yield ready.popleft()
+        while True:
+            try:
+                piece = ready.popleft()
+            except IndexError:  # (or cleared meanwhile by a `close` in another thread)
+                if not self._read():
+                    return
+                continue
+            yield piece
 
     def get_final_response(self) -> LLMResponse:
         """
