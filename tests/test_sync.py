@@ -953,11 +953,12 @@ def test_a_stream_waiting_past_its_timeout_is_cancelled_and_recorded(
 
 
 def test_a_streams_timeout_bounds_each_wait_not_the_whole_answer(server: FakeLLMServer) -> None:
-    # eight chunks 50 ms apart take at least 350 ms: past the timeout, each gap well inside
-    _streams(server, chunk_interval_ms=50)
+    # eight chunks 250 ms apart take at least 1.75 s: past the timeout, each gap well
+    # inside it (a machine busy with other work may stall a gap by a second)
+    _streams(server, chunk_interval_ms=250)
     with (
         SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm,
-        llm.stream("Count", HAIKU, timeout=0.3) as stream,
+        llm.stream("Count", HAIKU, timeout=1.5) as stream,
     ):
         assert list(stream) == WORDS
 
