@@ -178,8 +178,10 @@ class _BreakerListener:
                     attributes["empathy_models.breaker.generation"] = event.generation
             elif event.error:
                 attributes["empathy_models.breaker.error"] = event.error[:_TEXT_LIMIT]
+            # a task a run started (a breaker's send of its successes) keeps that run's
+            # state after it ended: what such a task sees later is no event of its spans
             state = _current.get()
-            if state is None or state.obs is not self.obs:
+            if state is None or state.obs is not self.obs or state.over:
                 return
             span = state.attempt if state.attempt is not None else state.span
             span.add_event(f"empathy_models.breaker.{kind}", attributes)

@@ -106,8 +106,9 @@ class _RunTrace:
         # a failed attempt's span, kept until the executor decides to retry (the wait
         # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
-        # a stream's run span has ended (`Instrumentation.stream_ended`, which the
-        # stream's ways to end may reach twice: the first one ends it)
+        # the run span has ended (a stream's: `Instrumentation.stream_ended`, which the
+        # stream's ways to end may reach twice, the first one ending it); tasks the run
+        # started, which keep this state, then add nothing to its spans
         self.over = False
 
 

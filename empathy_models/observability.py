@@ -542,6 +542,7 @@ class Instrumentation:
                     self._failed("ending the run span")
                 finally:  # the caller's context back, whatever OpenTelemetry raised
                     self._restore(context_token, run_token)
+                state.over = True
                 self._end(span, end)
 
         functools.update_wrapper(traced, method)

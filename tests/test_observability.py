@@ -487,6 +487,32 @@ async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
     }
 
 
+async def test_a_state_change_seen_after_a_run_ended_is_no_event_of_its_span(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # exact mode on a shared store: the run's success is sent by a task the run started,
+    # which sees another worker's force only after the run ended
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    ours, other = CircuitBreaker(url, local_view_ttl=0), CircuitBreaker(url, local_view_ttl=0)
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with ours, other, make(server, otel, breaker=ours, retry=RetryPolicy.none()) as ex:
+        await ex.run(PROMPT, ctx)
+        await other.force_open("anthropic:claude-fake-haiku", for_seconds=60)
+        response = await ex.run(PROMPT, ctx)
+    assert response.model == "gpt-fake-mini"
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    first, _ = sorted(
+        (s for s in otel.spans() if s.name == "run support/answer"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.end_time is not None
+    assert all((e.timestamp or 0) <= first.end_time for e in first.events)
+    transitions = otel.points("empathy_models.breaker.transitions")
+    assert [(p.attributes["empathy_models.breaker.to"], p.value) for p in transitions] == [
+        ("forced_open", 1)
+    ]
+
+
 # --------------------------------------------------------------------------- content
 
 
