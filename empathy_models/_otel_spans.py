@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._run import _Run
     from ._values import LLMResponse
     from .abc import Completion, CompletionRequest, Message, Provider
+    from .content import Tool
     from .observability import Instrumentation
     from .records import LLMCallRecord, Ticket
 
@@ -427,7 +428,8 @@ def _attempt_attributes(
     Returns:
         A new attribute dictionary: with ``gen_ai.output.type`` when the request asks
         for a JSON answer, and ``gen_ai.request.seed`` when it sends a seed (both
-        conditionally required by the conventions).
+        conditionally required by the conventions); when ``capture``, the messages, the
+        system instructions and the tools offered.
     """
     attributes = dict(common)
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
@@ -451,7 +453,29 @@ def _attempt_attributes(
             attributes["gen_ai.system_instructions"] = json.dumps(
                 [{"type": "text", "content": request.system}], ensure_ascii=False
             )
+        if request.tools:
+            attributes["gen_ai.tool.definitions"] = _tool_definitions(request.tools)
     return attributes
+
+
+def _tool_definitions(tools: Iterable[Tool]) -> str:
+    """
+    ``gen_ai.tool.definitions``: the tools offered to the model, in the conventions'
+    schema (a function's name, description, empty when it has none, and parameters).
+    """
+    return json.dumps(
+        [
+            {
+                "type": "function",
+                "name": tool.name,
+                "description": tool.description or "",
+                "parameters": tool.parameters,
+            }
+            for tool in tools
+        ],
+        ensure_ascii=False,
+        default=str,
+    )
 
 
 def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:

@@ -67,11 +67,13 @@ span when the executor is done with it.
 ``uri`` / ``blob`` (images), ``tool_call`` and ``tool_call_response`` parts, and the
 output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
 ``tool_call``, ``content_filter``; ``gen_ai.response.finish_reasons`` keeps the
-provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
-for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
-(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
-recorded: no attribute, event or status holds a header or a URL with credentials (an
-image's ``uri`` part is its URL with a password and secret query options masked).
+provider's), and ``gen_ai.tool.definitions`` (the tools offered to the model: each
+function's name, description and parameters, in the conventions' schema), is recorded
+only for runs with ``ExecutionContext(record_text=True)``, or for every run when
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true`` (or ``span_only`` /
+``span_and_event``) when the executor is built.  API keys are never recorded: no
+attribute, event or status holds a header or a URL with credentials (an image's
+``uri`` part is its URL with a password and secret query options masked).
 
 **Failures.**  A tracer, span processor or meter that raises never fails a call (see
 `Instrumentation`), and one signal's failure leaves the other whole: a run whose span

@@ -516,16 +516,22 @@ async def test_a_state_change_seen_after_a_run_ended_is_no_event_of_its_span(
 # --------------------------------------------------------------------------- content
 
 
-CONTENT_KEYS = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions")
+CONTENT_KEYS = (
+    "gen_ai.input.messages",
+    "gen_ai.output.messages",
+    "gen_ai.system_instructions",
+    "gen_ai.tool.definitions",
+)
 
 
 async def test_no_content_is_recorded_unless_opted_in(server: FakeLLMServer, otel: Otel) -> None:
     ctx = ExecutionContext(workflow="support", stage="answer", tier="cheap", system="Be brief.")
+    tool = Tool(name="track", description="Track a parcel by its number.")
     async with make(server, otel) as executor:
-        response = await executor.run(PROMPT, ctx)
+        response = await executor.run(PROMPT, ctx, tools=[tool])
     texts = every_text(otel)
     assert not any(key in texts for key in CONTENT_KEYS)
-    assert not any(PROMPT in t or "Be brief." in t for t in texts)
+    assert not any(PROMPT in t or "Be brief." in t or "Track a" in t for t in texts)
     assert not any(response.content in t for t in texts)
 
 
@@ -646,6 +652,15 @@ async def test_recorded_messages_follow_the_conventions_message_schema(
                 {"type": "tool_call", "id": call.id, "name": "weather", "arguments": call.arguments}
             ],
             "finish_reason": "tool_call",  # Anthropic's "tool_use"
+        }
+    ]
+    # the tools the model was offered, in the conventions' tool definition schema
+    assert json.loads(str(attempt.attributes["gen_ai.tool.definitions"])) == [
+        {
+            "type": "function",
+            "name": "weather",
+            "description": "",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
         }
     ]
 
