@@ -8,6 +8,7 @@ change is counted once.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Final
 
 from ._otel_names import _KEY, _TEXT_LIMIT, BREAKER_STATE_VALUES, _Attrs
@@ -183,7 +184,15 @@ class _BreakerListener:
             state = _current.get()
             if state is None or state.obs is not self.obs or state.over:
                 return
-            span = state.attempt if state.attempt is not None else state.span
-            span.add_event(f"empathy_models.breaker.{kind}", attributes)
+            name = f"empathy_models.breaker.{kind}"
+            if state.attempt is None:
+                state.span.add_event(name, attributes)
+                return
+            # the attempt's span ends where its call did, which is known once the
+            # feedback that caused this event is over: added then (`attempt_ended`)
+            held = state.events
+            if held is None:
+                held = state.events = []
+            held.append((name, attributes, time.time_ns()))
         except Exception:
             self.obs._failed("recording a breaker event")

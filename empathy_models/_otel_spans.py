@@ -61,6 +61,7 @@ class _RunTrace:
         "context",
         "context_token",
         "ended",
+        "events",
         "headers_token",
         "obs",
         "over",
@@ -107,10 +108,23 @@ class _RunTrace:
         # a failed attempt's span, kept until the executor decides to retry (the wait
         # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
+        # the breaker's events of the attempt in flight, as (name, attributes, time):
+        # added to its span once its end is known, no later than it (`_add_events`)
+        self.events: list[tuple[str, _Attrs, int]] | None = None
         # the run span has ended (a stream's: `Instrumentation.stream_ended`, which the
         # stream's ways to end may reach twice, the first one ending it); tasks the run
         # started, which keep this state, then add nothing to its spans
         self.over = False
+
+
+def _add_events(span: Span, events: Iterable[tuple[str, _Attrs, int]], end: int | None) -> None:
+    """
+    Add an attempt's breaker events to its span, each stamped when it happened or, when
+    that was after ``end`` (the span's end: where its call ended, before the feedback
+    that caused them), at ``end``.
+    """
+    for name, attributes, at in events:
+        span.add_event(name, attributes, at if end is None else min(at, end))
 
 
 _current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)

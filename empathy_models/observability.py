@@ -55,7 +55,8 @@ before the same model is tried again, ``empathy_models.retry.delay_s``).
 ``clock``.  An attempt span: where its call record's ``latency_ms`` ends (what
 ``gen_ai.client.operation.duration`` records; ``time_to_first_chunk`` is the record's
 ``ttft_ms``), before the feedback on the call (the telemetry write, the breaker's
-report); for a streamed call, when its answer arrived (`CompletionStream.ended_at`, or
+report: a state change that report causes is an event of the span stamped at its end);
+for a streamed call, when its answer arrived (`CompletionStream.ended_at`, or
 when the executor first saw it whole), however long the caller then took to read it.  A
 run span that answered (``run()``, a stream read to its end, an answer from the cache):
 where the response's ``latency_ms`` ends.  Opened just before their clocks start, spans
@@ -157,6 +158,7 @@ from ._otel_names import (
     _Attrs,
 )
 from ._otel_spans import (
+    _add_events,
     _admitted_event,
     _answer_attributes,
     _answered_attributes,
@@ -829,6 +831,7 @@ class Instrumentation:
         if span is None:
             return
         state.attempt = None
+        events, state.events = state.events, None
         error_type = None
         if completion is None and error is not None:
             error_type = record.error_type or type(error).__name__
@@ -846,6 +849,8 @@ class Instrumentation:
         try:
             if sent is not None:
                 end = _wall_ns(self._clock, sent + record.latency_ms / 1e3, state.attempt_ns)
+            if events is not None:
+                _add_events(span, events, end)
             if completion is not None:
                 if state.recording:
                     tokens = _input_tokens(record, completion)  # its cached prompt tokens too
@@ -897,7 +902,10 @@ class Instrumentation:
         span, state.attempt = state.attempt, None
         if span is not None:  # left open by an error the executor did not expect
             self._release(state)
+            events, state.events = state.events, None
             try:
+                if events is not None:
+                    _add_events(span, events, None)
                 span.set_attribute(_ERROR_TYPE, "_OTHER")
                 span.set_status(self._status(self._error, "the attempt did not finish"))
             except Exception:

@@ -474,6 +474,10 @@ async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
     failed = otel.span("chat claude-fake-haiku")
     changed = [e for e in failed.events if e.name == "empathy_models.breaker.state_changed"]
     assert len(changed) == 1
+    # the span ends where the call did, before the feedback that tripped the circuit:
+    # the trip is stamped no later than that end, as the retry event is
+    assert failed.end_time is not None
+    assert all(e.timestamp <= failed.end_time for e in failed.events)
     assert changed[0].attributes is not None
     assert changed[0].attributes["empathy_models.breaker.to"] == "open"
     assert changed[0].attributes["empathy_models.breaker.key"] == "anthropic:claude-fake-haiku"
