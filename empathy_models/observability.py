@@ -88,26 +88,26 @@ leaves the spans complete, and the cost counter (summed in process) still counts
 
 **Metrics.**
 
-=============================================  =========  ====================================
-instrument                                     unit       attributes
-=============================================  =========  ====================================
-``gen_ai.client.operation.duration``           s          operation, provider, request and
-(histogram, the spec's buckets)                           response model, server, error.type
-``gen_ai.client.token.usage`` (histogram)      {token}    ... and ``gen_ai.token.type``
-``gen_ai.client.operation.time_to_first_chunk``  s        when a provider reports a first
-                                                          chunk time (streaming)
-``empathy_models.client.cost`` (counter)       USD        provider, model, workflow, stage
-``empathy_models.breaker.state`` (gauge)       1          ``empathy_models.breaker.key``; 0
-                                                          closed, 1 half-open, 2 open,
-                                                          3 forced open, 4 disabled
-``empathy_models.breaker.transitions``         1          key, ``.from``, ``.to``
-``empathy_models.router.picks`` (counter)      1          model, ``.exploration`` (true:
-                                                          an exploration pick), workflow,
-                                                          stage
-``empathy_models.telemetry.queue_depth``       {record}   records accepted, not yet written
-``empathy_models.telemetry.records``           {record}   ``.result``: written, failed,
-(counter)                                                 spooled, dropped
-=============================================  =========  ====================================
+===============================================  ============  ====================================
+instrument                                       unit          attributes
+===============================================  ============  ====================================
+``gen_ai.client.operation.duration``             s             operation, provider, request and
+(histogram, the spec's buckets)                                response model, server, error.type
+``gen_ai.client.token.usage`` (histogram)        {token}       ... and ``gen_ai.token.type``
+``gen_ai.client.operation.time_to_first_chunk``  s             when a provider reports a first
+                                                               chunk time (streaming)
+``empathy_models.client.cost`` (counter)         USD           provider, model, workflow, stage
+``empathy_models.breaker.state`` (gauge)         {state}       ``empathy_models.breaker.key``; 0
+                                                               closed, 1 half-open, 2 open,
+                                                               3 forced open, 4 disabled
+``empathy_models.breaker.transitions``           {transition}  key, ``.from``, ``.to``
+``empathy_models.router.picks`` (counter)        {pick}        model, ``.exploration`` (true:
+                                                               an exploration pick), workflow,
+                                                               stage
+``empathy_models.telemetry.queue_depth``         {record}      records accepted, not yet written
+``empathy_models.telemetry.records``             {record}      ``.result``: written, failed,
+(counter)                                                      spooled, dropped
+===============================================  ============  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
 not operations and are not measured.  The tokens are those of answered attempts, as

@@ -757,6 +757,39 @@ async def test_genai_metrics_follow_the_conventions(
     assert "unproven" in kinds
 
 
+async def test_metric_units_follow_the_conventions_naming_rules(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a count is annotated in curly braces ({token}); "1" is the unit of a ratio, which
+    # none of these is (an OTLP-to-Prometheus translation names a gauge in "1" *_ratio)
+    server.script("claude-fake-haiku", [503])
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3, refresh_interval=None)
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with (
+        router,
+        breaker,
+        make(server, otel, telemetry_store=telemetry, router=router, breaker=breaker) as executor,
+    ):
+        await executor.run(PROMPT, CTX)
+        data = otel.reader.get_metrics_data()
+    assert data is not None
+    units = {
+        metric.name: metric.unit
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    assert units == {
+        "gen_ai.client.operation.duration": "s",
+        "gen_ai.client.token.usage": "{token}",
+        "empathy_models.client.cost": "USD",
+        "empathy_models.router.picks": "{pick}",
+        "empathy_models.breaker.transitions": "{transition}",
+        "empathy_models.breaker.state": "{state}",
+    }  # (the telemetry's record counts, in {record}: a memory backend keeps none)
+
+
 async def test_anthropic_prompt_cache_tokens_are_input_tokens(
     server: FakeLLMServer, otel: Otel
 ) -> None:
