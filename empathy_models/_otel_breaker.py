@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .records import Ticket
 
 
+_DISABLED: Final = BREAKER_STATE_VALUES["disabled"]
+
 MAX_KEY_STATES: Final = 4096
 """How many keys' states the gauge holds before a new key lets go of the closed ones."""
 
@@ -140,6 +142,31 @@ class _BreakerListener:
                 states[key] = value
             else:
                 states.add(key, value)
+
+    def circuits(self, tickets: Iterable[Ticket]) -> list[str]:
+        """
+        The circuit state of each admitted key: half-open for a probe (a ticket with a
+        lease), else disabled where the gauge holds the key so (a disabled key admits
+        without a lease, as a closed one does), else closed.
+
+        Args:
+            tickets: The admission's tickets.
+        """
+        known: KeyStates | None = None
+        breaker = self.breaker
+        if breaker is not None:
+            try:  # whichever listener of this breaker records the states
+                known = self.meters.breaker_states.get(breaker)
+            except TypeError:
+                known = None
+        return [
+            "half_open"
+            if t.lease_id is not None
+            else "disabled"
+            if known is not None and known.get(t.key) == _DISABLED
+            else "closed"
+            for t in tickets
+        ]
 
     def admitted(self, tickets: Iterable[Ticket]) -> None:
         """

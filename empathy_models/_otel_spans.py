@@ -492,23 +492,21 @@ def _tool_definitions(tools: Iterable[Tool]) -> str:
     )
 
 
-def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:
+def _admitted_event(admitted: Sequence[Ticket], circuits: list[str]) -> _Attrs:
     """
     The ``empathy_models.breaker.admitted`` event's attributes: one event for the
     admission, whichever breaker keys it went through.
 
     Args:
         admitted: The breaker's tickets for the call (at least one).
+        circuits: Their keys' states (`_BreakerListener.circuits`).
 
     Returns:
-        The keys, their states (a ticket with a lease is a half-open probe) and whether
-        the call is a probe.
+        The keys, their states and whether the call is a probe (a ticket with a lease).
     """
     return {
         _KEY: [t.key for t in admitted],
-        "empathy_models.breaker.state": [
-            "half_open" if t.lease_id is not None else "closed" for t in admitted
-        ],
+        "empathy_models.breaker.state": circuits,
         "empathy_models.breaker.probe": any(t.lease_id is not None for t in admitted),
     }
 

@@ -786,7 +786,10 @@ class Instrumentation:
             state.attempt = span
             admitted = [t for t in tickets if t is not None]
             if admitted and state.recording:
-                span.add_event("empathy_models.breaker.admitted", _admitted_event(admitted))
+                circuits = self._breakers.circuits(admitted)
+                span.add_event(
+                    "empathy_models.breaker.admitted", _admitted_event(admitted, circuits)
+                )
                 self._breakers.admitted(admitted)
             current = self._in_context(span)
             if state.recording:  # the current span for HTTP instrumentation below us

@@ -491,6 +491,31 @@ async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
     }
 
 
+async def test_an_admission_through_a_disabled_circuit_says_so(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a disabled key admits every call without a lease, as a closed one does: the
+    # admission event gives the state the gauge holds, not "closed"
+    breaker = CircuitBreaker()
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with breaker, make(server, otel, breaker=breaker) as ex:
+        await breaker.disable("anthropic:claude-fake-haiku")
+        await ex.run(PROMPT, ctx)
+        gauge = {
+            p.attributes["empathy_models.breaker.key"]: p.value
+            for p in otel.points("empathy_models.breaker.state")
+        }
+    assert gauge == {"anthropic": 0, "anthropic:claude-fake-haiku": 4}
+    (admitted,) = [
+        e for e in otel.span("chat claude-fake-haiku").events if e.name.endswith(".admitted")
+    ]
+    assert dict(admitted.attributes or {}) == {
+        "empathy_models.breaker.key": ("anthropic", "anthropic:claude-fake-haiku"),
+        "empathy_models.breaker.state": ("closed", "disabled"),
+        "empathy_models.breaker.probe": False,
+    }
+
+
 async def test_a_state_change_seen_after_a_run_ended_is_no_event_of_its_span(
     server: FakeLLMServer, otel: Otel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
