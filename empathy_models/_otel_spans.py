@@ -183,6 +183,7 @@ _FINISH_REASONS: Final[Mapping[str, str]] = {
     "end_turn": "stop",  # Anthropic
     "stop_sequence": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",  # cut off at the context window
     "tool_use": "tool_call",
     "refusal": "content_filter",
     "tool_calls": "tool_call",  # OpenAI

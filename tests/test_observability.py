@@ -694,6 +694,28 @@ async def test_recorded_messages_follow_the_conventions_message_schema(
     ]
 
 
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("max_tokens", "length"),
+        ("model_context_window_exceeded", "length"),  # Anthropic: cut off at the window
+        ("refusal", "content_filter"),
+    ],
+)
+async def test_a_cut_off_answers_finish_reason_is_the_conventions(
+    server: FakeLLMServer, otel: Otel, stop_reason: str, finish_reason: str
+) -> None:
+    server.script("claude-fake-haiku", [FakeReply(content="Your parcel", stop_reason=stop_reason)])
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku", record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, ctx)
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert attempt.attributes["gen_ai.response.finish_reasons"] == (stop_reason,)
+    (message,) = json.loads(str(attempt.attributes["gen_ai.output.messages"]))
+    assert message["finish_reason"] == finish_reason
+
+
 async def test_a_recorded_image_urls_credentials_are_masked(
     server: FakeLLMServer, otel: Otel
 ) -> None:
