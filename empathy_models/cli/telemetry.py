@@ -91,7 +91,9 @@ def register(subparsers: SubParsers) -> None:
         description="Write every call record (every attempt, whatever its outcome), oldest "
         "first, as CSV with a header or as JSON lines, to stdout or --output; at most the "
         "newest --limit (1,000,000 unless given), a note on stderr saying when older "
-        "records were left out.",
+        "records were left out. A CSV text cell that a spreadsheet would read as a formula "
+        "(starting with =, +, -, @, a tab or a carriage return) is written after a ' ; "
+        "JSON lines keep every value as stored.",
     )
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
@@ -242,7 +244,18 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula (OWASP's CSV injection list)."""
+
+
 def _csv_value(value: object) -> object:
+    """
+    A record's value as a CSV cell: lists and mappings as JSON, None empty, and a text
+    that a spreadsheet would run as a formula (an answer, a prompt, a provider's error:
+    text the exporter cannot vouch for) after a ``'``, which shows it as text.
+    """
+    if isinstance(value, str):
+        return "'" + value if value.startswith(_FORMULA_STARTS) else value
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     if value is None:
