@@ -925,9 +925,10 @@ class CircuitBreaker(AsyncResource):
         Raises:
             RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
                 finite number >= 0, or both.
-            StateStoreError: the store is unreachable (or did not answer in time): nothing
-                was forced, here or in any other process (degraded mode's per-process
-                state would lose it when the store is back); try again then.
+            StateStoreError: the store is unreachable: nothing was forced, here or in
+                any other process (degraded mode's per-process state would lose it when
+                the store is back); try again then.  One that did not answer within
+                ``store_timeout`` may yet apply it late (the error says so).
         """
         self._check_open()
         return await _forced(self, key, _FORCED_OPEN, "force_open", until, reason, for_seconds)
