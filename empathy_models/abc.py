@@ -15,6 +15,8 @@ import asyncio
 import functools
 import inspect
 import math
+import os
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -689,6 +691,23 @@ def force_for(
     except OverflowError:
         until = datetime.max.replace(tzinfo=UTC)
     return store.force(key, state, until=until, reason=reason)
+
+
+def reset_command(key: str, store: str) -> str:
+    """
+    The command that resets ``key`` in the state store ``store`` (a SQLite file's path,
+    a URL shown without its password; empty: the name left to the reader), for the
+    error of a key whose stored state cannot be read: quoted for a POSIX shell, with
+    ``--db`` (without it the CLI resets the default store, not this one).
+    """
+    if not store:
+        db = "<this store's URL>"
+    else:  # a path as the CLI reads it from any directory
+        db = shlex.quote(store if "://" in store else os.path.abspath(store))
+    return (
+        f"empathy-models breaker reset --db {db} "
+        f"{'-- ' if key.startswith('-') else ''}{shlex.quote(key)}"
+    )
 
 
 @functools.cache

@@ -149,7 +149,8 @@ async def test_a_stream_does_not_wait_for_an_identical_run_in_flight(
     # instead of waiting for the run's whole answer
     async with http_executor(server, REGISTRY, cache="memory://") as executor:
         first = asyncio.create_task(executor.run("What is GCRA?", CTX))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            await server.wait_for_requests(1)  # the run is in flight, its answer 300 ms off
         async with executor.stream("What is GCRA?", CTX) as stream:
             text = "".join([delta async for delta in stream])
             response = await stream.get_final_response()

@@ -785,6 +785,10 @@ def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_pat
     args = ("telemetry", "export", "--format", "jsonl", "--db", str(db), "-o", "-")
     assert len(ok(cli(home, *args, cwd=tmp_path)).splitlines()) == _RECORDS
     assert not (tmp_path / "-").exists()
+    # "./-" is the file named "-", as for other commands (pathlib reads it as "-")
+    result = cli(home, *args[:-1], "./-", cwd=tmp_path)
+    assert ok(result) == "" and result.stderr.endswith(" to ./-\n")
+    assert len((tmp_path / "-").read_text().splitlines()) == _RECORDS
     odd = tmp_path / "calls\nexport.csv"  # a path is shown quoted when it needs it
     result = cli(home, "telemetry", "export", "--format", "csv", "--db", str(db), "-o", str(odd))
     assert f"to {str(odd)!r}" in result.stderr

@@ -98,7 +98,7 @@ def register(subparsers: SubParsers) -> None:
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
     export.add_argument(
-        "--output", "-o", type=path_arg, default=None, help="file (default, or '-': stdout)"
+        "--output", "-o", type=_output_arg, default=None, help="file (default, or '-': stdout)"
     )
     export.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
     export.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
@@ -279,6 +279,14 @@ def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
             bar.advance()
 
 
+def _output_arg(text: str) -> Path | None:
+    """
+    ``--output``: ``None`` for ``-`` (stdout), else the file's path (`path_arg`), told
+    apart as written: ``./-`` is the file named ``-``, though a `Path` of either is "-".
+    """
+    return None if text == "-" else path_arg(text)
+
+
 def _check_output(output: Path, url: str) -> None:
     """
     Refuse an ``--output`` that is the SQLite database being exported (or its
@@ -305,7 +313,7 @@ def _check_output(output: Path, url: str) -> None:
 def cmd_telemetry_export(args: argparse.Namespace) -> int:
     """Write the matching records, oldest first, as CSV (with a header) or JSON lines."""
     url = db_url(args.db)
-    to_file = args.output is not None and str(args.output) != "-"  # ("./-" names a file)
+    to_file = args.output is not None  # "-" is None (`_output_arg`), "./-" a file
     if to_file:
         _check_output(args.output, url)
 
@@ -338,5 +346,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             _write(records, args.format, out)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
-    print(f"Wrote {len(records)} record(s) to {shown_name(str(args.output))}", file=sys.stderr)
+    name = str(args.output)
+    name = "./-" if name == "-" else name  # the file, not stdout
+    print(f"Wrote {len(records)} record(s) to {shown_name(name)}", file=sys.stderr)
     return 0
