@@ -288,7 +288,7 @@ async def test_a_migration_longer_than_command_timeout_is_not_cut_short(
         async with anyio.create_task_group() as tg:
             tg.start_soon(finish_later)
             async with PostgresQuotaStore(
-                postgres_url, command_timeout=0.5, server_settings={"statement_timeout": "500"}
+                postgres_url, command_timeout=1.0, server_settings={"statement_timeout": "1000"}
             ) as store:
                 with anyio.fail_after(20):
                     grant = await store.reserve(
