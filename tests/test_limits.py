@@ -175,6 +175,32 @@ def test_bad_executor_options_raise_configuration_error(server: FakeLLMServer) -
         make(server, budgets=[Budget(limit_usd=1)], quota_store="nosuch://x")
 
 
+def test_limits_naming_no_provider_or_model_of_the_executor_are_refused(
+    server: FakeLLMServer,
+) -> None:
+    # a typo would otherwise leave the calls it meant unlimited, silently
+    with pytest.raises(ConfigurationError, match=r"rate_limits.*'opneai'.*anthropic, openai"):
+        make(server, rate_limits={"opneai": RateLimit(rpm=1)})
+    with pytest.raises(ConfigurationError, match=r"Budget.*'gpt-chaep'.*no model"):
+        make(server, budgets=[Budget(limit_usd=1, scope="model", value="gpt-chaep")])
+    with pytest.raises(ConfigurationError, match=r"Budget.*'opneai'.*no provider"):
+        make(server, budgets=[Budget(limit_usd=1, scope="provider", value="opneai")])
+    make(  # a provider's name or a registry model's id: accepted
+        server,
+        rate_limits={"openai": RateLimit(rpm=1), "claude-other": RateLimit(tpm=100)},
+        budgets=[Budget(limit_usd=1, scope="model", value="gpt-dear"), Budget(limit_usd=1)],
+    )
+    # a provider the registry knows, not given to this worker: a shared configuration
+    only_openai = [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)]
+    EmpathyLLMExecutor(
+        only_openai,
+        registry=REGISTRY,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"anthropic": RateLimit(rpm=1)},
+        budgets=[Budget(limit_usd=1, scope="provider", value="anthropic")],
+    )
+
+
 # --------------------------------------------------------------------------- budgets
 
 
