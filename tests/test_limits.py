@@ -1096,6 +1096,28 @@ async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_i
         ModelRegistry.from_dict({"price_version": "x", "models": [{**limited.to_dict(), "rpm": 0}]})
 
 
+async def test_a_rate_limit_named_by_both_the_provider_and_its_model_counts_once(
+    server: FakeLLMServer,
+) -> None:
+    # a provider serving one model of the same name: the limit is one schedule, and a
+    # call takes one place in it (it took two, the second a minute out at 1 rpm)
+    registry = ModelRegistry(models=[_model("solo", "solo", 5.0)], price_version="solo-1")
+    provider = OpenAIProvider(name="solo", api_key=KEY, base_url=server.openai_base_url)
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"solo": RateLimit(rpm=1)},
+        rate_limit_wait=0.0,
+    ) as executor:
+        assert (await executor.run("hello", ExecutionContext(max_tokens=10))).model == "solo"
+        with pytest.raises(AllRoutesFailedError) as info:
+            await executor.run("hello", ExecutionContext(max_tokens=10))
+    (busy,) = info.value.exceptions
+    assert isinstance(busy, LocalRateLimitError) and "rpm:solo" in str(busy)
+    assert server.requests() == 1
+
+
 # --------------------------------------------------------------------------- streaming
 
 

@@ -547,7 +547,7 @@ class Limiter:
 
     def _rates_for(self, info: ModelInfo) -> list[tuple[str, RateLimit]]:
         out = []
-        for target in (info.provider, info.id):
+        for target in dict.fromkeys((info.provider, info.id)):  # a model named as its provider once
             limit = self.rate_limits.get(target)
             if limit is None and target == info.id and (info.rpm or info.tpm):
                 limit = self._from_registry.get(info.id)
