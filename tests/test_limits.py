@@ -139,6 +139,12 @@ def test_budget_keys_name_the_scope_value_and_window() -> None:
     assert docs.key_for("docs") == "workflow=docs/600s"
     assert docs.key_for("other") is None
     assert Budget(limit_usd=1, scope="model", name="models").key_for("m") == "models:m"
+    # a window in whole seconds, as the CLI takes it, however long; never two in one
+    assert Budget(limit_usd=1, window=30 * 86400).key_for(None) == "global/2592000s"
+    assert Budget(limit_usd=1, window=MAX_WINDOW).key_for(None) == "global/3155760000s"
+    assert Budget(limit_usd=1, window=1.5).key_for(None) == "global/1.5s"
+    assert Budget(limit_usd=1, window=1234567).key_for(None) == "global/1234567s"
+    assert Budget(limit_usd=1, window=1234568).key_for(None) == "global/1234568s"
 
 
 def test_windows_are_calendar_windows_in_utc() -> None:
