@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, cast
 
 from ._planner import _key_hint
-from ._validators import MAX_SIZE, check, failure, integer, shown
+from ._validators import MAX_SIZE, check, failure, integer, number, shown
 from .abc import CircuitStateStore, Provider, QuotaStore, TelemetryBackend
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -254,6 +254,9 @@ def _store_of(router: object) -> TelemetryBackend | None:
     return store if isinstance(store, MemoryTelemetryBackend) else None
 
 
+_wait = number(failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0")
+
+
 def limiter_for(
     registry: ModelRegistry,
     providers: Mapping[str, Provider],
@@ -275,6 +278,7 @@ def limiter_for(
             provider nor a model (`_check_targets`).
     """
     if budgets or rate_limits or any(m.rpm or m.tpm for m in registry):
+        max_wait = check(_wait, "rate_limit_wait", max_wait)  # the executor's name for it
         limiter = Limiter(
             budgets,
             rate_limits,

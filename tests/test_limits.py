@@ -181,6 +181,26 @@ def test_bad_executor_options_raise_configuration_error(server: FakeLLMServer) -
         make(server, budgets=[Budget(limit_usd=1)], quota_store="nosuch://x")
 
 
+def test_a_limiters_own_options_are_checked_naming_them() -> None:
+    from empathy_models.limits import Limiter
+
+    bad_options: tuple[tuple[str, Any], ...] = (
+        ("store_timeout", -1),
+        ("store_timeout", float("nan")),
+        ("store_timeout", "5"),
+        ("retry_interval", 0),
+        ("retry_interval", "x"),
+        ("sleep", None),
+        ("monotonic", 3),
+    )
+    for name, bad in bad_options:
+        with pytest.raises(ConfigurationError, match=f"^{name} "):
+            Limiter([Budget(limit_usd=1)], None, None, **{name: bad})
+    with pytest.raises(ConfigurationError, match=r"^max_wait "):
+        Limiter(None, {"openai": RateLimit(rpm=1)}, None, max_wait=-1)
+    assert Limiter(None, {"openai": RateLimit(rpm=1)}, None, store_timeout=None).max_wait == 30
+
+
 def test_limits_naming_no_provider_or_model_of_the_executor_are_refused(
     server: FakeLLMServer,
 ) -> None:

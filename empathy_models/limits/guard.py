@@ -208,6 +208,29 @@ class Hold:
 _max_wait = number(
     failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0"
 )
+_seconds = number(
+    failure(ConfigurationError), low=0, low_open=True, why="must be a finite number of seconds > 0"
+)
+
+
+def _timing(
+    max_wait: float, retry_interval: float, store_timeout: float | None, **clocks: object
+) -> tuple[float, float, float | None]:
+    """
+    A `Limiter`'s ``max_wait``, ``retry_interval`` and ``store_timeout`` (None: none) as
+    plain floats, its ``clocks`` (``sleep``, ``monotonic``) callables.
+
+    Raises:
+        ConfigurationError: naming the argument that is not.
+    """
+    for name, value in clocks.items():
+        if not callable(value):
+            raise ConfigurationError(f"{name} must be callable, got {shown(value)}")
+    return (
+        float(check(_max_wait, "max_wait", max_wait)),
+        float(check(_seconds, "retry_interval", retry_interval)),
+        None if store_timeout is None else float(check(_seconds, "store_timeout", store_timeout)),
+    )
 
 
 def _check_budgets(budgets: object) -> tuple[Budget, ...]:
@@ -373,14 +396,14 @@ class Limiter:
     ) -> None:
         self.budgets = _check_budgets(budgets)
         self.rate_limits = _check_rates(rate_limits)
-        self.max_wait = float(check(_max_wait, "rate_limit_wait", max_wait))
+        self.max_wait, retry_interval, self._store_timeout = _timing(
+            max_wait, retry_interval, store_timeout, sleep=sleep, monotonic=monotonic
+        )
         self.owns_store = store is None or isinstance(store, str)
         self.store: QuotaStore = quota_store_from_url("memory://" if store is None else store)
         self._local = MemoryQuotaStore(clock=wall_clock)
-        self._store_timeout = store_timeout
         self._sleep = sleep
-        self._wall = wall_clock
-        self._mono = monotonic
+        self._wall, self._mono = wall_clock, monotonic
         self._outage = Outage(
             logger,
             f"quota store {self.store!r}",
