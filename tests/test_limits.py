@@ -845,6 +845,24 @@ async def test_every_route_rate_limited_raises_local_rate_limit_errors(
     assert server.requests() == 2
 
 
+async def test_a_call_too_large_for_the_token_burst_says_so_not_to_retry_later(
+    server: FakeLLMServer,
+) -> None:
+    # 4,000 tokens against a burst of 1,000 a minute: three minutes even when idle
+    limits = {"openai": RateLimit(tpm=1000), "anthropic": RateLimit(tpm=1000)}
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=4000)
+    async with make(server, rate_limits=limits) as executor:
+        for _ in range(2):  # the same refusal every time, however long one waits
+            with pytest.raises(AllRoutesFailedError) as info:
+                await executor.run("hello", pinned)
+            busy = info.value.exceptions[0]
+            assert isinstance(busy, LocalRateLimitError)
+            message = str(busy)
+            assert "more than the burst of tpm:openai (1000 tokens)" in message, message
+            assert "even when it is idle" in message and "burst_tokens" in message, message
+    assert server.requests() == 0
+
+
 async def test_calls_wait_for_their_place_and_unused_tokens_are_given_back(
     server: FakeLLMServer,
 ) -> None:

@@ -768,13 +768,7 @@ class Limiter:
                 )
                 self._booked[key] = self._mono() + grant.wait
                 if not grant.granted:
-                    raise LocalRateLimitError(
-                        f"rate limit {key} ({per_minute} per minute) has no capacity within "
-                        f"{allowed:.2f} s (next in {grant.wait:.2f} s); {info.id} not called",
-                        provider=info.provider,
-                        model=info.id,
-                        retry_after=grant.wait,
-                    )
+                    raise _no_place(key, (per_minute, cost, burst), allowed, grant.wait, info)
                 wait = max(wait, grant.wait)
         await _waited(hold, wait, self, while_waiting)
 
@@ -858,6 +852,35 @@ class Limiter:
             await _settle_rates(self, hold, rates, pushback, failed)
         finally:
             hold.done = True
+
+
+def _no_place(
+    key: str, limit: tuple[int, float, int], allowed: float, wait: float, info: ModelInfo
+) -> LocalRateLimitError:
+    """
+    The refusal of a place in ``key``'s schedule that comes in ``wait`` seconds, past the
+    ``allowed`` wait; ``limit``: the schedule's count per minute, the call's cost and the
+    burst.  A call costing more than the burst waits ``(cost - burst)`` intervals even
+    when the schedule is idle: when that alone is past ``allowed``, no later try does
+    better, and the error says so and what to change.
+    """
+    per_minute, cost, burst = limit
+    idle_wait = (cost - burst) * 60.0 / per_minute
+    if idle_wait > allowed:
+        why = (
+            f"a call of {cost:.0f} tokens is more than the burst of {key} ({burst} tokens): "
+            f"it waits {idle_wait:.2f} s even when it is idle, past the {allowed:.2f} s it "
+            "may wait; lower max_tokens, or raise rate_limit_wait (or the RateLimit's "
+            "burst_tokens)"
+        )
+    else:
+        why = f"no capacity within {allowed:.2f} s (next in {wait:.2f} s)"
+    return LocalRateLimitError(
+        f"rate limit {key} ({per_minute} per minute): {why}; {info.id} not called",
+        provider=info.provider,
+        model=info.id,
+        retry_after=wait,
+    )
 
 
 async def _push_back(limiter: Limiter, store: QuotaStore, key: str, seconds: float) -> None:
