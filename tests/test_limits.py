@@ -1032,6 +1032,18 @@ async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeL
     assert server.requests("gpt-cheap") == 1
 
 
+async def test_a_call_too_large_for_the_burst_leaves_the_route_to_the_small_ones(
+    server: FakeLLMServer,
+) -> None:
+    # the large call's wait is its own size, not the schedule's load: openai is idle
+    limits = {"openai": RateLimit(tpm=1000)}
+    async with make(server, rate_limits=limits) as executor:
+        large = await executor.run("hello", ExecutionContext(tier="cheap", max_tokens=4000))
+        small = await executor.run("hello", ExecutionContext(tier="cheap", max_tokens=10))
+    assert large.model == "claude-other"
+    assert small.fallback_chain == ("gpt-cheap",)
+
+
 async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     server: FakeLLMServer,
 ) -> None:

@@ -766,7 +766,8 @@ class Limiter:
                     partial(self._acquire_into, hold, key, cost, interval, burst, allowed, held),
                     until,
                 )
-                self._booked[key] = self._mono() + grant.wait
+                # booked by the load: the wait a call beyond the burst has when idle is its own
+                self._booked[key] = self._mono() + grant.wait - max(0.0, (cost - burst) * interval)
                 if not grant.granted:
                     raise _no_place(key, (per_minute, cost, burst), allowed, grant.wait, info)
                 wait = max(wait, grant.wait)
