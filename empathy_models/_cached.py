@@ -14,6 +14,11 @@ stopped waiting for too, judged when that time is up) puts the cache in a degrad
 seconds calls skip it (``cache_skipped``), then it is tried again.  A run whose deadline
 left it less time than the store took misses, and the store stays in use.
 An in-process `MemoryResponseCache` is used as is.
+
+Runs of one request that miss while a run of the same executor asks a model wait for
+its answer (`Flight`, `follow`); on a store shared by processes with leases, the run
+that leads in its process takes the request's lease there first, or waits for another
+process's answer while that process holds it (`lead_or_wait`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import sys
 from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import attrs
 
@@ -44,12 +49,14 @@ if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
 
 __all__ = [
+    "LEASE_SECONDS",
     "RETRY_INTERVAL",
     "STORE_TIMEOUT",
     "UNCACHED_STOPS",
     "Flight",
     "cache_key_of",
     "follow",
+    "lead_or_wait",
     "lookup",
     "read_or_lead",
     "store",
@@ -64,6 +71,14 @@ STORE_TIMEOUT = 1.0
 
 RETRY_INTERVAL = 5.0
 """Seconds calls skip a cache store after it failed, before it is tried again."""
+
+LEASE_SECONDS = 30.0
+"""The longest a run holds its request's lease in a shared cache store (`lead_or_wait`;
+less when its deadline comes sooner): past it, a crashed holder's lease has expired."""
+
+_POLL_FIRST = 0.01
+_POLL_MOST = 0.25
+"""Seconds between a waiting run's reads of the entry: doubling from the first to the most."""
 
 UNCACHED_STOPS = frozenset({"content_filter", "refusal"})
 """Stop reasons of answers never cached: cut by OpenAI's (or Azure's) content filter, or
@@ -262,10 +277,12 @@ class Flight:
     cache store it skips while degraded: the runs that waited do not depend on the
     store).  ``deadline_at`` is the leading run's (the executor's clock; ``None``:
     none).  The leading run holds it as a context manager around its call: leaving it,
-    however the call ended, wakes the runs that wait.
+    however the call ended, wakes the runs that wait, and lets go of the request's
+    lease in a shared store (``lease``: the executor and the holder's name, see
+    `lead_or_wait`) unless `store` took it over, to let go once the entry is written.
     """
 
-    __slots__ = ("deadline_at", "ended", "flights", "key", "value")
+    __slots__ = ("deadline_at", "ended", "flights", "key", "lease", "value")
 
     def __init__(self, flights: dict[str, Any], key: str, deadline_at: float | None) -> None:
         self.flights = flights
@@ -273,6 +290,7 @@ class Flight:
         self.deadline_at = deadline_at
         self.ended = asyncio.Event()
         self.value: bytes | None = None  # the entry stored for ``key`` meanwhile
+        self.lease: tuple[EmpathyLLMExecutor, str] | None = None
 
     def __enter__(self) -> None:
         return None
@@ -281,6 +299,10 @@ class Flight:
         if self.flights.get(self.key) is self:
             del self.flights[self.key]
         self.ended.set()
+        lease, self.lease = self.lease, None
+        if lease is not None:  # no answer stored: the runs of other processes ask now
+            executor, holder = lease
+            executor._fb.behind.background(_released(executor, self.key, holder))
 
 
 async def follow(
@@ -347,7 +369,114 @@ async def read_or_lead(
         hit = await lookup(
             executor, key, ctx, task_type, messages, system, options, start, followed.value
         )
+    elif led is not None and _coalesces(executor, ctx):
+        try:
+            hit = await lead_or_wait(
+                executor, led, ctx, task_type, messages, system, options, start, deadline_at
+            )
+        except BaseException:
+            led.__exit__()  # cancelled while waiting: the runs waiting for it ask now
+            raise
+        if hit is not None:  # another process's run stored it: this one asked no model
+            led.__exit__()
+            return hit, key, None
     return hit, key, led
+
+
+def _coalesces(executor: EmpathyLLMExecutor, ctx: ExecutionContext) -> bool:
+    """Whether a run leading in this process takes its request's lease in the store."""
+    cache = executor._cache
+    return cache is not None and ctx.cache_coalesce and cache.leases and cache.shared
+
+
+async def lead_or_wait(
+    executor: EmpathyLLMExecutor,
+    led: Flight,
+    ctx: ExecutionContext,
+    task_type: str,
+    messages: Sequence[Message],
+    system: str | None,
+    options: Mapping[str, Any],
+    start: float,
+    deadline_at: float | None,
+) -> LLMResponse | None:
+    """
+    For a run that leads ``led.key`` in this process, on a cache store shared by
+    processes: take the request's lease in the store (`ResponseCache.acquire_lease`, for
+    `LEASE_SECONDS` at most, no longer than the run's deadline) and return None: the
+    run asks a model, ``led.lease`` let go once its answer is written (or it failed).
+    While a run of another process holds the lease, wait instead: read the entry at
+    growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return it (a hit)
+    once stored; the run asks a model itself (None) when the holder let go with no
+    answer (or its lease expired: this run then holds it) or another took it since,
+    when the lease may outlast this run's deadline (as `follow`), or when the store
+    does not answer (`_take`, as a read).
+    """
+    holder = os.urandom(16).hex()
+    waited_for = None
+    delay = _POLL_FIRST
+    while True:
+        ttl = LEASE_SECONDS
+        if deadline_at is not None:
+            ttl = min(ttl, deadline_at - executor._clock())
+            if ttl <= 0.0:
+                return None  # its time ran out: it goes on as such
+        if executor._cache_outage.skip():
+            return None  # the store is skipped for now (its read was counted): no lease
+        led.lease = (executor, holder)  # let go, also when the take lands late
+        held = await _take(executor, led.key, holder, ttl, deadline_at)
+        if held is None:
+            return None
+        led.lease = None
+        if waited_for is not None and held[0] != waited_for:
+            return None  # let go with no answer and taken since: ask alongside
+        waited_for, left = held
+        if deadline_at is not None and executor._clock() + left > deadline_at:
+            return None  # it may outlast this run: ask a model alongside it
+        await asyncio.sleep(max(min(delay, left), _POLL_FIRST))
+        delay = min(2 * delay, _POLL_MOST)
+        hit = await lookup(executor, led.key, ctx, task_type, messages, system, options, start)
+        if hit is not None:
+            return hit
+
+
+async def _take(
+    executor: EmpathyLLMExecutor, key: str, holder: str, ttl: float, deadline_at: float | None
+) -> tuple[str, float] | None:
+    """
+    `ResponseCache.acquire_lease` bounded as a read (`_get`): the live lease another
+    holds, or None: taken, or no answer (failed or late, counted as a read's), when
+    the run asks a model as it would without leases.
+    """
+    cache = executor._cache
+    assert cache is not None
+    outage = executor._cache_outage
+    within = STORE_TIMEOUT
+    if deadline_at is not None:
+        within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
+    take = _Read(executor, within)
+    try:
+        return await executor._fb.behind.run(
+            take.of(cache.acquire_lease(key, holder, ttl)), within, carried=False, late=take.late
+        )
+    except Expired:
+        take.late()
+    except Exception as exc:
+        executor.cache_errors += 1
+        outage.failed(exc)
+        logger.debug("response cache lease failed", exc_info=True)
+    return None
+
+
+async def _released(executor: EmpathyLLMExecutor, key: str, holder: str) -> None:
+    """Let go of ``holder``'s lease on ``key``, at most `STORE_TIMEOUT`; failures logged."""
+    cache = executor._cache
+    assert cache is not None
+    try:
+        async with asyncio.timeout(STORE_TIMEOUT):
+            await cache.release_lease(key, holder)
+    except Exception:  # it expires all the same
+        logger.debug("response cache lease release failed", exc_info=True)
 
 
 async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None) -> bytes | None:
@@ -388,6 +517,9 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
     return None
 
 
+_T = TypeVar("_T")
+
+
 class _Read:
     """
     One read of a cache store, judged on the store's time (`STORE_TIMEOUT` from when
@@ -404,7 +536,7 @@ class _Read:
         self.started = asyncio.get_running_loop().time()
         self.ended = False
 
-    async def of(self, operation: Awaitable[bytes | None]) -> bytes | None:
+    async def of(self, operation: Awaitable[_T]) -> _T:
         try:
             return await operation
         finally:
@@ -671,7 +803,13 @@ async def store(
         else:
             generation = cache._generation
             executor._cache_pending[key] = (generation, value)
-            executor._fb.behind.background(_write(executor, key, value, ctx.cache_ttl, generation))
+            lease = None if flight is None else flight.lease
+            if lease is not None:  # let go once the entry is written (other processes read it)
+                flight.lease = None  # type: ignore[union-attr]
+            holder = None if lease is None else lease[1]
+            executor._fb.behind.background(
+                _write(executor, key, value, ctx.cache_ttl, generation, holder)
+            )
         return
     try:
         await cache.set(key, value, ctx.cache_ttl)
@@ -681,21 +819,29 @@ async def store(
 
 
 async def _write(
-    executor: EmpathyLLMExecutor, key: str, value: bytes, ttl: float, generation: int
+    executor: EmpathyLLMExecutor,
+    key: str,
+    value: bytes,
+    ttl: float,
+    generation: int,
+    holder: str | None = None,
 ) -> None:
     """
     A write behind: at most `STORE_TIMEOUT` seconds (it lands later, if ever); until
     then this process's reads of ``key`` get ``value`` (``_cache_pending``).  Not made
     when the cache was cleared since the answer came, and undone when it was cleared
-    while the write was under way (`ResponseCache._let_go`).
+    while the write was under way (`ResponseCache._let_go`).  ``holder``'s lease on
+    ``key`` is let go once the write ended, however.
     """
     cache = executor._cache
     assert cache is not None
     try:
         if cache._generation == generation:
             await executor._fb.behind.run(
-                _set_in(cache, key, value, ttl, generation), STORE_TIMEOUT
+                _set_in(executor, key, value, ttl, generation, holder), STORE_TIMEOUT
             )
+        elif holder is not None:
+            await _released(executor, key, holder)
     except Expired:
         executor.cache_errors += 1
         executor._cache_outage.failed(TimeoutError(f"no answer within {STORE_TIMEOUT:g} s"))
@@ -710,9 +856,19 @@ async def _write(
 
 
 async def _set_in(
-    cache: ResponseCache, key: str, value: bytes, ttl: float, generation: int
+    executor: EmpathyLLMExecutor,
+    key: str,
+    value: bytes,
+    ttl: float,
+    generation: int,
+    holder: str | None,
 ) -> None:
+    cache: ResponseCache | None = executor._cache
+    assert cache is not None
+    if holder is None:
+        await cache.set(key, value, ttl)
+    else:  # the lease let go once the entry is there: a waiting process finds it
+        await cache.set_and_release(key, value, ttl, holder)
     # a clear that came while the write was under way must not be undone by it
-    await cache.set(key, value, ttl)
     if cache._generation != generation:
         await cache.delete(key)

@@ -574,7 +574,7 @@ class EmpathyLLMExecutor:
             by provider name or model id; a call waits for its place (at most
             ``rate_limit_wait`` seconds and the deadline), else the next route is tried.
             A registry model's ``rpm`` / ``tpm`` apply too, unless a limit is given here
-            for that model id.
+            for that model id; any other name raises `ConfigurationError`.
         quota_store: where budgets and rate limits are counted: a `QuotaStore` or a URL
             (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
             by every worker; default ``memory://`` (this process only).
@@ -632,8 +632,7 @@ class EmpathyLLMExecutor:
         )
         self._session = session
         self._sleep = sleep
-        self._clock = clock
-        self._wall_clock = wall_clock
+        self._clock, self._wall_clock = clock, wall_clock
         self._owns_telemetry = isinstance(telemetry_store, str)
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
@@ -665,6 +664,7 @@ class EmpathyLLMExecutor:
         self._cache_pending: dict[str, tuple[int, bytes]] = {}  # (generation, value): `_cached`
         self._limiter = limiter_for(
             self._registry,
+            self._providers,
             budgets,
             rate_limits,
             quota_store,

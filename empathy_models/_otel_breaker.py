@@ -8,6 +8,7 @@ change is counted once.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Final
 
 from ._otel_names import _KEY, _TEXT_LIMIT, BREAKER_STATE_VALUES, _Attrs
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from .observability import Instrumentation
     from .records import Ticket
 
+
+_DISABLED: Final = BREAKER_STATE_VALUES["disabled"]
 
 MAX_KEY_STATES: Final = 4096
 """How many keys' states the gauge holds before a new key lets go of the closed ones."""
@@ -140,6 +143,31 @@ class _BreakerListener:
             else:
                 states.add(key, value)
 
+    def circuits(self, tickets: Iterable[Ticket]) -> list[str]:
+        """
+        The circuit state of each admitted key: half-open for a probe (a ticket with a
+        lease), else disabled where the gauge holds the key so (a disabled key admits
+        without a lease, as a closed one does), else closed.
+
+        Args:
+            tickets: The admission's tickets.
+        """
+        known: KeyStates | None = None
+        breaker = self.breaker
+        if breaker is not None:
+            try:  # whichever listener of this breaker records the states
+                known = self.meters.breaker_states.get(breaker)
+            except TypeError:
+                known = None
+        return [
+            "half_open"
+            if t.lease_id is not None
+            else "disabled"
+            if known is not None and known.get(t.key) == _DISABLED
+            else "closed"
+            for t in tickets
+        ]
+
     def admitted(self, tickets: Iterable[Ticket]) -> None:
         """
         Record the state of keys first seen through an admission (closed, or half-open
@@ -178,10 +206,20 @@ class _BreakerListener:
                     attributes["empathy_models.breaker.generation"] = event.generation
             elif event.error:
                 attributes["empathy_models.breaker.error"] = event.error[:_TEXT_LIMIT]
+            # a task a run started (a breaker's send of its successes) keeps that run's
+            # state after it ended: what such a task sees later is no event of its spans
             state = _current.get()
-            if state is None or state.obs is not self.obs:
+            if state is None or state.obs is not self.obs or state.over:
                 return
-            span = state.attempt if state.attempt is not None else state.span
-            span.add_event(f"empathy_models.breaker.{kind}", attributes)
+            name = f"empathy_models.breaker.{kind}"
+            if state.attempt is None:
+                state.span.add_event(name, attributes)
+                return
+            # the attempt's span ends where its call did, which is known once the
+            # feedback that caused this event is over: added then (`attempt_ended`)
+            held = state.events
+            if held is None:
+                held = state.events = []
+            held.append((name, attributes, time.time_ns()))
         except Exception:
             self.obs._failed("recording a breaker event")

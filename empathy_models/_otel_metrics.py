@@ -58,7 +58,7 @@ class _Meters:
         )
         self.transitions = meter.create_counter(
             "empathy_models.breaker.transitions",
-            unit="1",
+            unit="{transition}",
             description="Circuit breaker state changes seen by this process.",
         )
         # The cost and pick counters are summed here on the call path (a dict update) and
@@ -75,7 +75,7 @@ class _Meters:
         meter.create_observable_counter(
             "empathy_models.router.picks",
             callbacks=[self._observe_picks],
-            unit="1",
+            unit="{pick}",
             description="Routing decisions; exploration=true counts exploration picks.",
         )
         self.live: WeakSet[Instrumentation] = WeakSet()
@@ -89,7 +89,7 @@ class _Meters:
         meter.create_observable_gauge(
             "empathy_models.breaker.state",
             callbacks=[self._observe_breakers],
-            unit="1",
+            unit="{state}",
             description="Circuit state per breaker key: 0 closed, 1 half-open, 2 open, "
             "3 forced open, 4 disabled.",
         )

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._run import _Run
     from ._values import LLMResponse
     from .abc import Completion, CompletionRequest, Message, Provider
+    from .content import Tool
     from .observability import Instrumentation
     from .records import LLMCallRecord, Ticket
 
@@ -60,6 +61,7 @@ class _RunTrace:
         "context",
         "context_token",
         "ended",
+        "events",
         "headers_token",
         "obs",
         "over",
@@ -106,9 +108,23 @@ class _RunTrace:
         # a failed attempt's span, kept until the executor decides to retry (the wait
         # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
-        # a stream's run span has ended (`Instrumentation.stream_ended`, which the
-        # stream's ways to end may reach twice: the first one ends it)
+        # the breaker's events of the attempt in flight, as (name, attributes, time):
+        # added to its span once its end is known, no later than it (`_add_events`)
+        self.events: list[tuple[str, _Attrs, int]] | None = None
+        # the run span has ended (a stream's: `Instrumentation.stream_ended`, which the
+        # stream's ways to end may reach twice, the first one ending it); tasks the run
+        # started, which keep this state, then add nothing to its spans
         self.over = False
+
+
+def _add_events(span: Span, events: Iterable[tuple[str, _Attrs, int]], end: int | None) -> None:
+    """
+    Add an attempt's breaker events to its span, each stamped when it happened or, when
+    that was after ``end`` (the span's end: where its call ended, before the feedback
+    that caused them), at ``end``.
+    """
+    for name, attributes, at in events:
+        span.add_event(name, attributes, at if end is None else min(at, end))
 
 
 _current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)
@@ -167,6 +183,7 @@ _FINISH_REASONS: Final[Mapping[str, str]] = {
     "end_turn": "stop",  # Anthropic
     "stop_sequence": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",  # cut off at the context window
     "tool_use": "tool_call",
     "refusal": "content_filter",
     "tool_calls": "tool_call",  # OpenAI
@@ -426,7 +443,8 @@ def _attempt_attributes(
     Returns:
         A new attribute dictionary: with ``gen_ai.output.type`` when the request asks
         for a JSON answer, and ``gen_ai.request.seed`` when it sends a seed (both
-        conditionally required by the conventions).
+        conditionally required by the conventions); when ``capture``, the messages, the
+        system instructions and the tools offered.
     """
     attributes = dict(common)
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
@@ -450,26 +468,46 @@ def _attempt_attributes(
             attributes["gen_ai.system_instructions"] = json.dumps(
                 [{"type": "text", "content": request.system}], ensure_ascii=False
             )
+        if request.tools:
+            attributes["gen_ai.tool.definitions"] = _tool_definitions(request.tools)
     return attributes
 
 
-def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:
+def _tool_definitions(tools: Iterable[Tool]) -> str:
+    """
+    ``gen_ai.tool.definitions``: the tools offered to the model, in the conventions'
+    schema (a function's name, description, empty when it has none, and parameters).
+    """
+    return json.dumps(
+        [
+            {
+                "type": "function",
+                "name": tool.name,
+                "description": tool.description or "",
+                "parameters": tool.parameters,
+            }
+            for tool in tools
+        ],
+        ensure_ascii=False,
+        default=str,
+    )
+
+
+def _admitted_event(admitted: Sequence[Ticket], circuits: list[str]) -> _Attrs:
     """
     The ``empathy_models.breaker.admitted`` event's attributes: one event for the
     admission, whichever breaker keys it went through.
 
     Args:
         admitted: The breaker's tickets for the call (at least one).
+        circuits: Their keys' states (`_BreakerListener.circuits`).
 
     Returns:
-        The keys, their states (a ticket with a lease is a half-open probe) and whether
-        the call is a probe.
+        The keys, their states and whether the call is a probe (a ticket with a lease).
     """
     return {
         _KEY: [t.key for t in admitted],
-        "empathy_models.breaker.state": [
-            "half_open" if t.lease_id is not None else "closed" for t in admitted
-        ],
+        "empathy_models.breaker.state": circuits,
         "empathy_models.breaker.probe": any(t.lease_id is not None for t in admitted),
     }
 

@@ -798,9 +798,9 @@ class AdaptiveModelRouter:
             max_cost, max_latency_ms, min_success_rate: the constraints (the last defaults to
                 the policy's ``default_min_success_rate``); cost: `decide.cost_factor`.
             on_no_match: with no candidate eligible or explorable: ``"raise"``; ``"relax"``
-                drops constraints in the policy's ``relax_order`` until one qualifies (listed
-                in ``relaxed``); any other string is a pinned model id, returned with
-                ``policy_applied="pinned"`` unless its circuit is open.
+                drops constraints in the policy's ``relax_order`` until one qualifies, but
+                none it still would with (``relaxed``); any other string is a pinned model
+                id, returned with ``policy_applied="pinned"`` unless its circuit is open.
             unavailable: ids with an open circuit, excluded (``"circuit open"``).
             strict_cost: hold ``max_cost`` against the worst case (``max_tokens`` output
                 tokens, defaulting to the model's maximum); needs ``input_tokens``.
@@ -966,5 +966,13 @@ class AdaptiveModelRouter:
                 ),
             )
         return stats_from(
-            workflow, shown, days, perfs, z=self.policy.z, min_sample_size=self.MIN_SAMPLE_SIZE
+            workflow,
+            shown,
+            days,
+            perfs,
+            z=self.policy.z,
+            min_sample_size=self.MIN_SAMPLE_SIZE,
+            tier_of=lambda model: (
+                None if (f := self._verdicts.model_facts(model)) is None else f.tier
+            ),
         )

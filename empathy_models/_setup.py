@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar, cast
 
 from ._planner import _key_hint
-from ._validators import MAX_SIZE, check, failure, integer, shown
+from ._validators import MAX_SIZE, check, failure, integer, number, shown
 from .abc import CircuitStateStore, Provider, QuotaStore, TelemetryBackend
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -254,8 +254,12 @@ def _store_of(router: object) -> TelemetryBackend | None:
     return store if isinstance(store, MemoryTelemetryBackend) else None
 
 
+_wait = number(failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0")
+
+
 def limiter_for(
     registry: ModelRegistry,
+    providers: Mapping[str, Provider],
     budgets: Sequence[Budget] | Budget | None,
     rate_limits: Mapping[str, RateLimit] | None,
     quota_store: QuotaStore | str | None,
@@ -268,9 +272,14 @@ def limiter_for(
     """
     A `Limiter` when a budget or a rate limit (given, or a model's) applies; else None.
     It times its waits and the run's deadline by the executor's ``clock``.
+
+    Raises:
+        ConfigurationError: an invalid budget or rate limit, or one naming neither a
+            provider nor a model (`_check_targets`).
     """
     if budgets or rate_limits or any(m.rpm or m.tpm for m in registry):
-        return Limiter(
+        max_wait = check(_wait, "rate_limit_wait", max_wait)  # the executor's name for it
+        limiter = Limiter(
             budgets,
             rate_limits,
             quota_store,
@@ -279,4 +288,40 @@ def limiter_for(
             wall_clock=wall_clock,
             monotonic=clock,
         )
+        _check_targets(limiter, registry, providers)
+        return limiter
     return None
+
+
+def _check_targets(
+    limiter: Limiter, registry: ModelRegistry, providers: Mapping[str, Provider]
+) -> None:
+    """
+    Refuse a rate limit keyed by, or a provider or model budget for, a name that is
+    neither a provider (of ``providers`` or of a model of ``registry``) nor a model id
+    of ``registry``: it could never apply, and a typo would leave the calls it was
+    meant for unlimited.  (A provider the registry knows but this executor was not
+    given passes: a configuration several workers share may name it.)
+
+    Raises:
+        ConfigurationError: naming the unknown name and the providers known.
+    """
+    named = set(providers).union(m.provider for m in registry)
+    known = f"providers: {', '.join(sorted(named))}; or a model id of the registry"
+    for name in limiter.rate_limits:
+        if name not in named and name not in registry:
+            raise ConfigurationError(
+                f"rate_limits[{shown(name)}] names no provider and no model ({known})"
+            )
+    for budget in limiter.budgets:
+        if budget.value is None:
+            continue
+        if budget.scope == "provider" and budget.value not in named:
+            raise ConfigurationError(
+                f"Budget(scope='provider', value={shown(budget.value)}) names no provider ({known})"
+            )
+        if budget.scope == "model" and budget.value not in registry:
+            raise ConfigurationError(
+                f"Budget(scope='model', value={shown(budget.value)}) names no model of the "
+                f"registry ({known})"
+            )

@@ -177,6 +177,10 @@ class ExecutionContext:
             Streams too: a hit is replayed as a stream, and a stream that ended whole
             stores its answer (one left early or interrupted, never).
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
+        cache_coalesce: on a miss in a cache store shared by processes (``leases``), take
+            the request's lease in the store before asking a model (one write), so that
+            the same request's runs in other processes wait for this answer instead of
+            asking too; False saves that write (each process then asks on its own).
 
     Raises:
         ConfigurationError: an invalid value, naming the field and the value.
@@ -202,6 +206,7 @@ class ExecutionContext:
     record_text: bool = field(default=False, validator=_ctx_bool)
     cache_ttl: float | None = field(default=None, validator=_ctx_positive)
     cache_sampled: bool = field(default=False, validator=_ctx_bool)
+    cache_coalesce: bool = field(default=True, validator=_ctx_bool)
     max_ttft_ms: float | None = field(default=None, validator=_ctx_positive)
 
     def __attrs_post_init__(self) -> None:

@@ -15,6 +15,8 @@ import asyncio
 import functools
 import inspect
 import math
+import os
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -691,6 +693,23 @@ def force_for(
     return store.force(key, state, until=until, reason=reason)
 
 
+def reset_command(key: str, store: str) -> str:
+    """
+    The command that resets ``key`` in the state store ``store`` (a SQLite file's path,
+    a URL shown without its password; empty: the name left to the reader), for the
+    error of a key whose stored state cannot be read: quoted for a POSIX shell, with
+    ``--db`` (without it the CLI resets the default store, not this one).
+    """
+    if not store:
+        db = "<this store's URL>"
+    else:  # a path as the CLI reads it from any directory
+        db = shlex.quote(store if "://" in store else os.path.abspath(store))
+    return (
+        f"empathy-models breaker reset --db {db} "
+        f"{'-- ' if key.startswith('-') else ''}{shlex.quote(key)}"
+    )
+
+
 @functools.cache
 def _takes_for_seconds(store_type: type[CircuitStateStore]) -> bool:
     """Whether ``store_type.force`` takes ``for_seconds`` (by name or ``**kwargs``)."""
@@ -1253,7 +1272,8 @@ class ResponseCache(AsyncResource):
     passed, then ``None``; a value larger than the backend's ``max_value_bytes`` is not
     stored; backends with ``max_entries`` evict (oldest first) past it.  Keys are hex
     digests: the executor never puts a prompt in a key.  ``shared`` backends show one
-    process's entries to the others.
+    process's entries to the others.  Backends with ``leases`` keep a lease per key
+    (`acquire_lease`, `release_lease`), taken atomically by one holder at a time.
     """
 
     shared: ClassVar[bool] = False
@@ -1315,6 +1335,49 @@ class ResponseCache(AsyncResource):
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True when it was held."""
 
+    leases: ClassVar[bool] = False
+    """
+    True for a backend whose `acquire_lease` is atomic across every process using the
+    store (the contract holds it to that); the executor coalesces identical runs of
+    several processes through such a store (`ExecutionContext.cache_coalesce`).
+    """
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        """
+        Take the lease on ``key`` (a short "computing" mark, kept apart from the entries:
+        `get`, `clear` and ``max_entries`` never see it) for ``holder``, for ``ttl``
+        seconds, atomically: None when it is now ``holder``'s (it was free, expired, or
+        ``holder``'s already, then renewed for ``ttl``, kept
+        `MAX_LEASE_TTL` at most); else ``(other_holder,
+        seconds_left)`` of the live lease another holds, unchanged.  A backend without
+        leases (``leases`` False, this default) grants every caller, so each asks a
+        model as it did before leases.
+
+        Raises:
+            TypeError, ValueError: ``ttl`` is not a finite number of seconds above 0.
+        """
+        lease_ttl(ttl)
+        return None
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        """
+        Remove ``key``'s lease if ``holder`` holds it, or held it and it expired with no
+        one taking it since (True then); another's stays.
+        """
+        return False
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """
+        `set`, then `release_lease` of ``holder``'s lease on ``key``, also when `set`
+        failed: how a run that held the lease stores its answer, so that the runs
+        waiting for it find the entry once the lease is gone.  This default makes two
+        calls; a backend may do both in one round trip.
+        """
+        try:
+            await self.set(key, value, ttl)
+        finally:
+            await self.release_lease(key, holder)
+
     @abc.abstractmethod
     async def clear(self) -> int:
         """
@@ -1323,6 +1386,26 @@ class ResponseCache(AsyncResource):
         (Every subclass's `clear` also lets go of the answers the executor decoded from
         the cache: no override needs to.)
         """
+
+
+MAX_LEASE_TTL: Final = 86_400.0
+"""The longest a lease is kept (a day), however long its ``ttl``."""
+
+
+def lease_ttl(ttl: float) -> float:
+    """
+    The ``ttl`` of `ResponseCache.acquire_lease` checked, as every backend keeps it:
+    `MAX_LEASE_TTL` at most.
+
+    Raises:
+        TypeError: ``ttl`` is not a number.
+        ValueError: ``ttl`` is not a finite number of seconds above 0.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    if not 0 < ttl < math.inf:
+        raise ValueError(f"ttl must be a finite number of seconds above 0, got {ttl!r}")
+    return min(float(ttl), MAX_LEASE_TTL)
 
 
 def _letting_go(clear: Callable[[Any], Awaitable[int]]) -> Callable[[Any], Awaitable[int]]:

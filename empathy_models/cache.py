@@ -42,10 +42,20 @@ executor waits for a read at most a second (and half the time left of the run's
 deadline), writes answers behind, and skips a store that failed or stalled for a few
 seconds (one warning per outage on ``empathy_models.cache``; ``cache_errors`` and
 ``cache_skipped`` count); the call goes to a model.
+
+Coalescing: copies of a request that miss while a run of the same executor asks a
+model for it wait for that run's answer.  Every backend here also keeps a lease per
+key (``leases``: `ResponseCache.acquire_lease`, `ResponseCache.release_lease`, taken
+atomically by one holder, kept apart from the entries), through which the executors of
+several processes sharing a SQLite, Redis or PostgreSQL cache do the same: the first
+to miss takes the lease (one write; ``ExecutionContext(cache_coalesce=False)`` skips
+it) and the others read the entry until it is stored, the lease is let go with no
+answer, or it expires (see `empathy_models._cached.lead_or_wait`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -59,15 +69,17 @@ from typing import Any, Final
 import aiosqlite
 
 from ._validators import MAX_SIZE, check, failure, integer, shown
-from .abc import Message, ResponseCache
+from .abc import MAX_LEASE_TTL, Message, ResponseCache, lease_ttl
 from .exceptions import ConfigurationError, StateStoreError
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_LEASE_TTL",
     "MAX_TTL",
     "MemoryResponseCache",
     "SQLiteResponseCache",
     "cache_from_url",
+    "lease_ttl",
     "request_key",
 ]
 
@@ -134,6 +146,7 @@ class MemoryResponseCache(ResponseCache):
         self.max_value_bytes = _check_bound("max_value_bytes", max_value_bytes)
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._leases: dict[str, tuple[str, float]] = {}  # key: (holder, expires at)
 
     def __repr__(self) -> str:
         return f"MemoryResponseCache(entries={len(self._data)}, max_entries={self.max_entries})"
@@ -173,6 +186,28 @@ class MemoryResponseCache(ResponseCache):
         self._data.clear()
         return count
 
+    leases = True
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        self._check_open()
+        ttl = lease_ttl(ttl)
+        now = self._clock()
+        held = self._leases.get(key)
+        if held is not None and held[0] != holder and held[1] > now:
+            return held[0], held[1] - now
+        if held is None and len(self._leases) >= self.max_entries:  # crashed holders' leases
+            self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
+        self._leases[key] = (holder, now + ttl)
+        return None
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        self._check_open()
+        held = self._leases.get(key)
+        if held is None or held[0] != holder:
+            return False
+        del self._leases[key]
+        return True
+
 
 _CREATE: Final = (
     "CREATE TABLE IF NOT EXISTS response_cache ("
@@ -191,6 +226,12 @@ _SIZE: Final = (
     "CREATE TRIGGER response_cache_removed AFTER DELETE ON response_cache"
     " BEGIN UPDATE response_cache_size SET n = n - 1 WHERE id = 0; END",
     "INSERT OR REPLACE INTO response_cache_size (id, n) SELECT 0, count(*) FROM response_cache",
+)
+
+# the leases (`ResponseCache.acquire_lease`), apart from the entries: by wall-clock expiry
+_LEASES: Final = (
+    "CREATE TABLE IF NOT EXISTS response_cache_lease ("
+    " key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID"
 )
 
 _HAS_SIZE: Final = (
@@ -286,6 +327,7 @@ class SQLiteResponseCache(ResponseCache):
 
             async def create(c: aiosqlite.Connection) -> None:
                 await c.execute(_CREATE)
+                await c.execute(_LEASES)
                 row = await _fetchone(c, _HAS_SIZE)
                 if row is None or row[0] != 4:  # made whole, and the entries counted
                     await c.execute("DROP TRIGGER IF EXISTS response_cache_added")
@@ -330,6 +372,10 @@ class SQLiteResponseCache(ResponseCache):
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             await self.delete(key)  # refused: no earlier value is left to be served
             return
+        await self._set(key, value, ttl, None)
+
+    async def _set(self, key: str, value: bytes, ttl: float, holder: str | None) -> None:
+        """One write transaction: the entry, the trim, and ``holder``'s lease let go."""
         self._writes += 1
         sweep = self._writes % 100 == 1
 
@@ -339,6 +385,11 @@ class SQLiteResponseCache(ResponseCache):
             await conn.execute(_TRIM, (self.max_entries,))
             if sweep:  # one write in a hundred also drops what expired
                 await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))
+            if holder is not None:
+                await conn.execute(
+                    "DELETE FROM response_cache_lease WHERE key = ? AND holder = ?",
+                    (_sql_key(key), holder),
+                )
 
         async def job(conn: aiosqlite.Connection) -> None:
             await self._prepare(conn)
@@ -375,6 +426,73 @@ class SQLiteResponseCache(ResponseCache):
             return await self._db.transaction(conn, body)
 
         return int(await self._db.run(job))
+
+    leases = True
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        """One write transaction: the lease read, and taken when free (by wall-clock time)."""
+        self._check_open()
+        ttl = lease_ttl(ttl)
+        self._writes += 1
+        sweep = self._writes % 100 == 1
+
+        async def job(conn: aiosqlite.Connection) -> tuple[str, float] | None:
+            await self._prepare(conn)
+            return await self._db.transaction(
+                conn, partial(_take_lease, key=_sql_key(key), holder=holder, ttl=ttl, sweep=sweep)
+            )
+
+        return await self._db.run(job)
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """`set` and `release_lease` in one write transaction (a refused value: in turn)."""
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await super().set_and_release(key, value, ttl, holder)
+            return
+        try:
+            await self._set(key, value, ttl, holder)
+        except Exception:
+            with contextlib.suppress(Exception):  # rolled back: let go on its own
+                await self.release_lease(key, holder)
+            raise
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        self._check_open()
+
+        async def body(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(
+                "DELETE FROM response_cache_lease WHERE key = ? AND holder = ?",
+                (_sql_key(key), holder),
+            )
+            return cursor.rowcount
+
+        async def job(conn: aiosqlite.Connection) -> int:
+            await self._prepare(conn)
+            return await self._db.transaction(conn, body)
+
+        return bool(await self._db.run(job))
+
+
+async def _take_lease(
+    conn: aiosqlite.Connection, key: str | bytes, holder: str, ttl: float, sweep: bool
+) -> tuple[str, float] | None:
+    """`SQLiteResponseCache.acquire_lease`'s transaction: read the lease, take it if free."""
+    from .backends.sqlite._conn import _fetchone
+
+    now = time.time()
+    if sweep:  # one take in a hundred drops the leases crashed holders left
+        await conn.execute("DELETE FROM response_cache_lease WHERE expires_at <= ?", (now,))
+    row = await _fetchone(
+        conn, "SELECT holder, expires_at FROM response_cache_lease WHERE key = ?", (key,)
+    )
+    if row is not None and row[0] != holder and row[1] > now:
+        return str(row[0]), float(row[1]) - now
+    await conn.execute(
+        "INSERT OR REPLACE INTO response_cache_lease (key, holder, expires_at) VALUES (?, ?, ?)",
+        (key, holder, now + ttl),
+    )
+    return None
 
 
 def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:

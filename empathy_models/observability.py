@@ -55,7 +55,8 @@ before the same model is tried again, ``empathy_models.retry.delay_s``).
 ``clock``.  An attempt span: where its call record's ``latency_ms`` ends (what
 ``gen_ai.client.operation.duration`` records; ``time_to_first_chunk`` is the record's
 ``ttft_ms``), before the feedback on the call (the telemetry write, the breaker's
-report); for a streamed call, when its answer arrived (`CompletionStream.ended_at`, or
+report: a state change that report causes is an event of the span stamped at its end);
+for a streamed call, when its answer arrived (`CompletionStream.ended_at`, or
 when the executor first saw it whole), however long the caller then took to read it.  A
 run span that answered (``run()``, a stream read to its end, an answer from the cache):
 where the response's ``latency_ms`` ends.  Opened just before their clocks start, spans
@@ -67,11 +68,13 @@ span when the executor is done with it.
 ``uri`` / ``blob`` (images), ``tool_call`` and ``tool_call_response`` parts, and the
 output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
 ``tool_call``, ``content_filter``; ``gen_ai.response.finish_reasons`` keeps the
-provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
-for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
-(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
-recorded: no attribute, event or status holds a header or a URL with credentials (an
-image's ``uri`` part is its URL with a password and secret query options masked).
+provider's), and ``gen_ai.tool.definitions`` (the tools offered to the model: each
+function's name, description and parameters, in the conventions' schema), is recorded
+only for runs with ``ExecutionContext(record_text=True)``, or for every run when
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true`` (or ``span_only`` /
+``span_and_event``) when the executor is built.  API keys are never recorded: no
+attribute, event or status holds a header or a URL with credentials (an image's
+``uri`` part is its URL with a password and secret query options masked).
 
 **Failures.**  A tracer, span processor or meter that raises never fails a call (see
 `Instrumentation`), and one signal's failure leaves the other whole: a run whose span
@@ -85,26 +88,26 @@ leaves the spans complete, and the cost counter (summed in process) still counts
 
 **Metrics.**
 
-=============================================  =========  ====================================
-instrument                                     unit       attributes
-=============================================  =========  ====================================
-``gen_ai.client.operation.duration``           s          operation, provider, request and
-(histogram, the spec's buckets)                           response model, server, error.type
-``gen_ai.client.token.usage`` (histogram)      {token}    ... and ``gen_ai.token.type``
-``gen_ai.client.operation.time_to_first_chunk``  s        when a provider reports a first
-                                                          chunk time (streaming)
-``empathy_models.client.cost`` (counter)       USD        provider, model, workflow, stage
-``empathy_models.breaker.state`` (gauge)       1          ``empathy_models.breaker.key``; 0
-                                                          closed, 1 half-open, 2 open,
-                                                          3 forced open, 4 disabled
-``empathy_models.breaker.transitions``         1          key, ``.from``, ``.to``
-``empathy_models.router.picks`` (counter)      1          model, ``.exploration`` (true:
-                                                          an exploration pick), workflow,
-                                                          stage
-``empathy_models.telemetry.queue_depth``       {record}   records accepted, not yet written
-``empathy_models.telemetry.records``           {record}   ``.result``: written, failed,
-(counter)                                                 spooled, dropped
-=============================================  =========  ====================================
+===============================================  ============  ====================================
+instrument                                       unit          attributes
+===============================================  ============  ====================================
+``gen_ai.client.operation.duration``             s             operation, provider, request and
+(histogram, the spec's buckets)                                response model, server, error.type
+``gen_ai.client.token.usage`` (histogram)        {token}       ... and ``gen_ai.token.type``
+``gen_ai.client.operation.time_to_first_chunk``  s             when a provider reports a first
+                                                               chunk time (streaming)
+``empathy_models.client.cost`` (counter)         USD           provider, model, workflow, stage
+``empathy_models.breaker.state`` (gauge)         {state}       ``empathy_models.breaker.key``; 0
+                                                               closed, 1 half-open, 2 open,
+                                                               3 forced open, 4 disabled
+``empathy_models.breaker.transitions``           {transition}  key, ``.from``, ``.to``
+``empathy_models.router.picks`` (counter)        {pick}        model, ``.exploration`` (true:
+                                                               an exploration pick), workflow,
+                                                               stage
+``empathy_models.telemetry.queue_depth``         {record}      records accepted, not yet written
+``empathy_models.telemetry.records``             {record}      ``.result``: written, failed,
+(counter)                                                      spooled, dropped
+===============================================  ============  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
 not operations and are not measured.  The tokens are those of answered attempts, as
@@ -155,6 +158,7 @@ from ._otel_names import (
     _Attrs,
 )
 from ._otel_spans import (
+    _add_events,
     _admitted_event,
     _answer_attributes,
     _answered_attributes,
@@ -542,6 +546,7 @@ class Instrumentation:
                     self._failed("ending the run span")
                 finally:  # the caller's context back, whatever OpenTelemetry raised
                     self._restore(context_token, run_token)
+                state.over = True
                 self._end(span, end)
 
         functools.update_wrapper(traced, method)
@@ -781,7 +786,10 @@ class Instrumentation:
             state.attempt = span
             admitted = [t for t in tickets if t is not None]
             if admitted and state.recording:
-                span.add_event("empathy_models.breaker.admitted", _admitted_event(admitted))
+                circuits = self._breakers.circuits(admitted)
+                span.add_event(
+                    "empathy_models.breaker.admitted", _admitted_event(admitted, circuits)
+                )
                 self._breakers.admitted(admitted)
             current = self._in_context(span)
             if state.recording:  # the current span for HTTP instrumentation below us
@@ -826,6 +834,7 @@ class Instrumentation:
         if span is None:
             return
         state.attempt = None
+        events, state.events = state.events, None
         error_type = None
         if completion is None and error is not None:
             error_type = record.error_type or type(error).__name__
@@ -843,6 +852,8 @@ class Instrumentation:
         try:
             if sent is not None:
                 end = _wall_ns(self._clock, sent + record.latency_ms / 1e3, state.attempt_ns)
+            if events is not None:
+                _add_events(span, events, end)
             if completion is not None:
                 if state.recording:
                     tokens = _input_tokens(record, completion)  # its cached prompt tokens too
@@ -894,7 +905,10 @@ class Instrumentation:
         span, state.attempt = state.attempt, None
         if span is not None:  # left open by an error the executor did not expect
             self._release(state)
+            events, state.events = state.events, None
             try:
+                if events is not None:
+                    _add_events(span, events, None)
                 span.set_attribute(_ERROR_TYPE, "_OTHER")
                 span.set_status(self._status(self._error, "the attempt did not finish"))
             except Exception:

@@ -26,6 +26,7 @@ from attrs import field, frozen
 
 from ._fast import trusted_constructor, trusted_evolver
 from ._validators import (
+    check,
     failure,
     instance_of,
     integer,
@@ -332,6 +333,18 @@ def _str_tuple(value: object) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- statistics
 
 
+_wilson_fail = failure(ValueError)
+_count = integer(
+    _wilson_fail,
+    low=0,
+    high=_INT_LIMIT - 1,
+    type_why="must be an integer",
+    why="must be >= 0",
+    high_why="must be < 2**63",
+)
+_quantile = number(_wilson_fail, low=0, low_open=True, why="must be a finite number > 0")
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """
     Return the Wilson score interval ``(lower, upper)`` for ``successes`` out of ``n``.
@@ -346,9 +359,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
         z: the normal quantile (1.96: 95%).
 
     Raises:
-        ValueError: ``successes`` outside ``0..n`` (for ``n > 0``).
+        ValueError: ``successes`` or ``n`` not an integer from 0 to 2**63 - 1,
+            ``successes`` above ``n`` (for ``n > 0``), or ``z`` not a finite number > 0.
     """
-    if n > 0 and (successes < 0 or successes > n):
+    successes = check(_count, "successes", successes)
+    n = check(_count, "n", n)
+    z = check(_quantile, "z", z)
+    if n > 0 and successes > n:
         raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
     return wilson_bounds(successes, n, z)
 
@@ -858,7 +875,8 @@ class RoutingDecision:
 
     ``policy_applied`` is ``None`` when an eligible candidate was chosen, otherwise the
     no-match policy that acted (``"relax"`` or ``"pinned"``); ``relaxed`` lists the
-    constraints dropped, in the order they were dropped.  ``exploration`` is true when
+    constraints dropped (only those the pick needed dropped), in the policy's
+    ``relax_order``.  ``exploration`` is true when
     a model was picked to learn about it, and ``exploration_kind`` says why: ``"unproven"``
     (no candidate is proven yet: the likeliest to comply is measured), ``"warm-up"`` (a
     cheaper challenger's first calls, in one stretch), ``"budget"`` (the exploration

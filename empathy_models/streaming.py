@@ -956,6 +956,22 @@ def open_stream(
     return StreamManager(stream)
 
 
+def _ready_pieces(stream: LLMStream, limit: int) -> list[str | ToolCallDelta]:
+    """
+    Up to ``limit`` pieces that ``stream`` has taken from the provider and not yet
+    delivered, delivered now (as `StreamEvents` delivers them without waiting), for
+    `empathy_models.sync`'s batches.  None while the run's deadline bounds the reading:
+    each read checks it then, so each piece is read on its own.
+    """
+    ready = stream._ready
+    if not ready or stream._state != "streaming" or stream._deadline_at is not None:
+        return []
+    taken: list[str | ToolCallDelta] = []
+    while ready and len(taken) < limit:
+        taken.append(stream._delivered(ready.popleft()))
+    return taken
+
+
 class StreamEvents:
     """What `LLMStream.events` returns: an async iterator over every piece."""
 

@@ -11,10 +11,10 @@ A synchronous facade for scripts and notebooks: `SyncExecutor`.
         print(answer.content)
 
 It owns one event loop, run by a background thread, and one `EmpathyLLMExecutor` on
-it, reused by every `SyncExecutor.run` (one HTTP session, one breaker view, one
-router), so a script does not rebuild an executor per call.  Calls may come from any
-thread, concurrently; in a notebook whose own loop is running, `run` works as well
-(it blocks that cell only, not the private loop).
+it, reused by every `SyncExecutor.run` and `SyncExecutor.stream` (one HTTP session, one
+breaker view, one router), so a script does not rebuild an executor per call.  Calls
+may come from any thread, concurrently; in a notebook whose own loop is running, `run`
+and `stream` work as well (they block that cell only, not the private loop).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from ._executor import (
     SYNC_LOOPS,
@@ -43,12 +43,16 @@ from ._executor import (
     _Router,
 )
 from ._loops import submit
+from ._sync_stream import SyncStream, SyncStreamManager
 from ._validators import check, failure, number
 from .abc import Provider, TelemetryBackend
 from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
 
-__all__ = ["SyncExecutor"]
+if TYPE_CHECKING:
+    from .streaming import StreamManager
+
+__all__ = ["SyncExecutor", "SyncStream", "SyncStreamManager"]
 
 T = TypeVar("T")
 
@@ -133,9 +137,10 @@ class _LoopThread:
         if self.on_loop_thread():
             # the loop would wait for a call it can only run once this one returns
             raise ConfigurationError(
-                "SyncExecutor.run() or .call() called from inside one of its own calls "
-                "(code running on its event loop), where it would wait for itself; there, "
-                "await the EmpathyLLMExecutor directly (`await llm.executor.run(...)`, "
+                "SyncExecutor.run(), .stream() or .call() called from inside one of its "
+                "own calls (code running on its event loop), where it would wait for "
+                "itself; there, await the EmpathyLLMExecutor directly (`await "
+                "llm.executor.run(...)`, `async with llm.executor.stream(...)`, "
                 "`await fn(...)`)"
             )
 
@@ -353,16 +358,19 @@ class SyncExecutor:
 
     `from_config` builds it from ``empathy.toml``, as `EmpathyLLMExecutor.from_config`.
     `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
-    blocks until the answer, and raises what it raises.  `call` runs any other coroutine
-    on the same loop (``llm.call(router.get_routing_stats, "docs")``).  Calling `run` or
+    blocks until the answer, and raises what it raises; `stream` is
+    `EmpathyLLMExecutor.stream` read with ``with`` and ``for`` (a `SyncStream`).
+    `call` runs any other coroutine on the same loop
+    (``llm.call(router.get_routing_stats, "docs")``).  Calling `run`, `stream` or
     `call` after `close` raises `NotOpenError` (a `RuntimeError`), and so does a call
-    still running in another thread when `close` is called: `close` cancels it first.
-    Code running on the private loop (a coroutine given to `call`) cannot use `run`,
-    `call` or `close`, which would wait for it: they raise `ConfigurationError` there.
+    (or a stream's read) still running in another thread when `close` is called:
+    `close` cancels it first.  Code running on the private loop (a coroutine given to
+    `call`) cannot use `run`, `stream`, `call` or `close`, which would wait for it:
+    they raise `ConfigurationError` there.
 
     It belongs to the process that built it: its loop thread does not survive
     `os.fork`, so in a forked child (``gunicorn --preload``, multiprocessing's
-    ``fork``) `run`, `call` and `executor` raise `NotOpenError` at once, and the
+    ``fork``) `run`, `stream`, `call` and `executor` raise `NotOpenError` at once, and the
     child's exit (or `close`) leaves it to the parent.  Build one per process.
 
     Args:
@@ -531,6 +539,65 @@ class SyncExecutor:
             self._hooks_pending = not install_exit_hooks_from_caller()
         limit = None if timeout is None or math.isinf(timeout) else timeout
         return self._worker.call(lambda: executor.run(prompt, context, **options), limit)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        context: ExecutionContext | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> SyncStreamManager:
+        """
+        Answer ``prompt`` as a stream of text deltas (see `EmpathyLLMExecutor.stream`
+        and `empathy_models.streaming`), read from synchronous code::
+
+            with llm.stream("Tell me a story", ExecutionContext(workflow="chat")) as stream:
+                for delta in stream:
+                    print(delta, end="", flush=True)
+                response = stream.get_final_response()
+
+        The stream is read on the private loop; ``for event in stream.events()`` yields
+        the tool calls' pieces beside the text.  Leaving the block early (``break``, an
+        exception, Ctrl-C) closes the response there and records the attempt as
+        ``cancelled``, as leaving ``async with`` does.
+
+        Args:
+            prompt: as for `EmpathyLLMExecutor.stream`.
+            context: as for `EmpathyLLMExecutor.stream`.
+            timeout: seconds each wait may take, a number > 0 (``None`` or ``inf``: no
+                limit): entering the block (routing, up to the first delta), then each
+                wait for the next delta.  On expiry (or Ctrl-C) the wait is cancelled on
+                the loop, the stream closed and recorded as cancelled, and
+                `TimeoutError` raised (`KeyboardInterrupt` on Ctrl-C).
+            **options: ``tools``, ``tool_choice``, ``response_format``, ``stop``, ``top_p``,
+                ``seed``, ``extra_body``, passed on.
+
+        Returns:
+            A `SyncStreamManager`: ``with`` it to get the `SyncStream`.
+
+        Raises:
+            ConfigurationError: ``timeout`` is not a number > 0 or None, or bad input
+                (here, before anything is sent).
+            NotOpenError: (a `RuntimeError`) after `close` (here, or from a read of a
+                stream that `close` ended).
+            ConfigurationError: when called from code running on the executor's own
+                loop (a coroutine given to `call`), where it would wait for itself; use
+                ``async with self.executor.stream(...)`` there instead.
+            Exception: whatever `EmpathyLLMExecutor.stream` raises, here, from ``with``
+                or from a read (`AllRoutesFailedError`, `StreamInterruptedError`, ...).
+        """
+        timeout = check(_timeout, "timeout", timeout)
+        executor = self._open()
+        if self._hooks_pending:
+            self._hooks_pending = not install_exit_hooks_from_caller()
+        limit = None if timeout is None or math.isinf(timeout) else timeout
+
+        async def plan() -> StreamManager:  # on the loop, as the router's state is there
+            return executor.stream(prompt, context, **options)
+
+        manager = self._worker.call(plan, limit)
+        return SyncStreamManager(SyncStream(self, manager, limit))
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """

@@ -105,6 +105,7 @@ from .evidence import BUCKET_SECONDS, EvidenceBucket, bucket_start_of, rollup
 from .exceptions import ConfigurationError
 from .records import LLMCallRecord
 from .registry import ModelRegistry
+from .routing._args import opt_number
 from .routing.policy import RoutingPolicy
 from .routing.reports import named
 
@@ -283,6 +284,7 @@ class _Checked(NamedTuple):
     max_tokens: int | None
     seed: int
     min_success_rate: float | None
+    limits: tuple[float | None, float | None, float | None]  # cost, latency, ttft
 
 
 def _check_simulation(
@@ -294,13 +296,16 @@ def _check_simulation(
     min_success_rate: object,
     tokens: tuple[object, object],
     seed: object,
+    limits: tuple[object, object, object],
 ) -> tuple[list[str], _Checked]:
     """
     Check `simulate_policy`'s arguments, in the order they are listed there.
 
     Returns:
         The candidates, without repeats (default: the models seen in the window), and
-        the numbers (of other types, numpy's, as the plain ones they stand for).
+        the numbers (of other types, numpy's or a Decimal, as the plain ones they stand
+        for; a zero limit as 0.0), ``limits`` being ``max_cost``, ``max_latency_ms``
+        and ``max_ttft_ms``, checked as the router checks them.
 
     Raises:
         ConfigurationError: an argument is invalid, or there is nothing to evaluate.
@@ -331,18 +336,27 @@ def _check_simulation(
         raise ConfigurationError(
             f"candidate model ids must be non-empty strings, got {shown(names)}"
         )
+    cost, latency, ttft = limits
+    checked_limits = (
+        opt_number("max_cost", cost),
+        opt_number("max_latency_ms", latency, positive=True),
+        opt_number("max_ttft_ms", ttft, positive=True),
+    )
     rate = None if min_success_rate is None else plain_number(min_success_rate)
     if min_success_rate is not None and (rate is None or not 0.0 <= rate <= 1.0):
         raise ConfigurationError(
             f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
         )
+    rate = None if rate is None else float(rate) + 0.0  # (-0.0 as 0.0)
     if not names:
         raise ConfigurationError(
             f"no calls recorded for {evidence.workflow}/{evidence.stage} from "
             f"{evidence.since.isoformat()} to {evidence.until.isoformat()} (days="
             f"{evidence.days:g} before now), and no candidates given: nothing to evaluate"
         )
-    return names, _Checked(requests, replicates, input_tokens, max_tokens, cast(int, seed), rate)
+    return names, _Checked(
+        requests, replicates, input_tokens, max_tokens, cast(int, seed), rate, checked_limits
+    )
 
 
 async def simulate_policy(
@@ -386,11 +400,11 @@ async def simulate_policy(
         ConfigurationError: invalid arguments (a pin outside the registry), or a replay past 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
-    tokens = (input_tokens, max_tokens)
+    tokens, limits = (input_tokens, max_tokens), (max_cost, max_latency_ms, max_ttft_ms)
     names, checked = _check_simulation(
-        evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
+        evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed, limits
     )
-    requests, replicates, input_tokens, max_tokens, seed, min_success_rate = checked
+    requests, replicates, input_tokens, max_tokens, seed, min_success_rate, limits = checked
     _check_pin(on_no_match, registry)
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
@@ -411,11 +425,11 @@ async def simulate_policy(
             candidates=names,
             input_tokens=asked,
             max_tokens=max_tokens,
-            max_cost=max_cost,
-            max_latency_ms=max_latency_ms,
+            max_cost=limits[0],
+            max_latency_ms=limits[1],
             min_success_rate=min_success_rate,
             on_no_match=on_no_match,
-            max_ttft_ms=max_ttft_ms,
+            max_ttft_ms=limits[2],
         ),
         requests=requests,
         seed=seed,

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import shlex
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -150,6 +151,27 @@ async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repa
         async with breaker.guard("anthropic"):
             pass
         assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)
+
+
+async def test_the_repair_command_an_unreadable_row_names_repairs_it_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the message said `empathy-models breaker reset KEY`: without --db the CLI resets
+    # the default store (empathy.toml's, or $EMPATHY_HOME's), not this one, and a key
+    # with a space was two arguments
+    db = tmp_path / "my state.db"
+    key = "team a/gpt-4o"
+    async with state_store_from_url(f"sqlite:///{db}") as store:
+        await store.force(key, CircuitState.FORCED_OPEN, reason="seed a row")
+    _corrupt(db, key)
+    async with state_store_from_url(f"sqlite:///{db}") as store:
+        with pytest.raises(StateStoreError) as info:
+            await store.snapshot(key)
+    command = shlex.split(str(info.value).split("`")[1])
+    assert command[:3] == ["empathy-models", "breaker", "reset"], command
+    assert await anyio.to_thread.run_sync(cli_main, command[1:]) == 0, capsys.readouterr()
+    async with state_store_from_url(f"sqlite:///{db}") as store:
+        assert (await store.snapshot(key)).state is CircuitState.CLOSED
 
 
 @contextlib.asynccontextmanager

@@ -7,6 +7,7 @@ the breaker fall back to its per-process store.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,10 +147,30 @@ def _returns_agen() -> AsyncIterator[int]:
     return _agen()
 
 
+class _Client:
+    """Methods, bound as `CircuitBreaker.call` is often given them."""
+
+    async def ask(self, n: int) -> int:
+        return n
+
+    async def pieces(self) -> AsyncIterator[int]:
+        yield 1
+
+    def pieces_of_a_sync_method(self) -> Iterator[int]:
+        yield 1
+
+
 @pytest.mark.parametrize(
     "fn",
-    [_agen, _gen, 42, _returns_agen],
-    ids=["async generator", "generator", "int", "returns an async generator"],
+    [_agen, _gen, 42, _returns_agen, _Client().pieces, _Client().pieces_of_a_sync_method],
+    ids=[
+        "async generator",
+        "generator",
+        "int",
+        "returns an async generator",
+        "async generator method",
+        "generator method",
+    ],
 )
 async def test_call_refuses_what_it_cannot_await_and_counts_nothing(fn: Any) -> None:
     async with CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker:
@@ -157,6 +178,13 @@ async def test_call_refuses_what_it_cannot_await_and_counts_nothing(fn: Any) -> 
             await breaker.call("k", fn)
         status = await breaker.get_status("k")
         assert (status.state, status.consecutive_failures) == (CircuitState.CLOSED, 0)
+
+
+async def test_call_awaits_a_bound_coroutine_method_and_a_partial_of_one() -> None:
+    async with CircuitBreaker() as breaker:
+        assert await breaker.call("k", _Client().ask, 3) == 3
+        assert await breaker.call("k", functools.partial(_Client().ask, 4)) == 4
+        assert (await breaker.get_status("k")).state is CircuitState.CLOSED
 
 
 async def test_a_protected_function_returning_an_async_generator_is_refused_not_counted(

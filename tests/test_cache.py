@@ -469,6 +469,8 @@ def test_cache_options_are_checked(server: FakeLLMServer) -> None:
         ExecutionContext(cache_ttl=0)
     with pytest.raises(ConfigurationError):
         ExecutionContext(cache_sampled="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cache_coalesce"):
+        ExecutionContext(cache_coalesce=None)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         make(server, cache="nosuch://x")
     with pytest.raises(ConfigurationError):

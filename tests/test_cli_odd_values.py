@@ -115,10 +115,10 @@ def test_huge_costs_and_latencies_print_short_in_routing_stats(
     assert "big / all stages: 20 calls in 7 day(s), success 100.0%, avg cost $1e+300" in out
     big, small = out.split("\n\n")
     assert _rows(big, "model") == [
-        [MODEL, "-", "20", "100.0%", "83.9%-100.0%", "1e+300", "1e+300", "$1e+300"]
+        [MODEL, "cheap", "20", "100.0%", "83.9%-100.0%", "1e+300", "1e+300", "$1e+300"]
     ]
     assert _rows(small, "model") == [
-        [MODEL, "-", "20", "100.0%", "83.9%-100.0%", "12.0", "12.0", "$0.001000"]
+        [MODEL, "cheap", "20", "100.0%", "83.9%-100.0%", "12.0", "12.0", "$0.001000"]
     ]
     assert max(len(line) for line in out.splitlines()) < 100, out
 

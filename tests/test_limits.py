@@ -139,6 +139,12 @@ def test_budget_keys_name_the_scope_value_and_window() -> None:
     assert docs.key_for("docs") == "workflow=docs/600s"
     assert docs.key_for("other") is None
     assert Budget(limit_usd=1, scope="model", name="models").key_for("m") == "models:m"
+    # a window in whole seconds, as the CLI takes it, however long; never two in one
+    assert Budget(limit_usd=1, window=30 * 86400).key_for(None) == "global/2592000s"
+    assert Budget(limit_usd=1, window=MAX_WINDOW).key_for(None) == "global/3155760000s"
+    assert Budget(limit_usd=1, window=1.5).key_for(None) == "global/1.5s"
+    assert Budget(limit_usd=1, window=1234567).key_for(None) == "global/1234567s"
+    assert Budget(limit_usd=1, window=1234568).key_for(None) == "global/1234568s"
 
 
 def test_windows_are_calendar_windows_in_utc() -> None:
@@ -173,6 +179,52 @@ def test_bad_executor_options_raise_configuration_error(server: FakeLLMServer) -
         make(server, budgets=[Budget(limit_usd=1), Budget(limit_usd=2)])
     with pytest.raises(ConfigurationError, match="unknown backend scheme"):
         make(server, budgets=[Budget(limit_usd=1)], quota_store="nosuch://x")
+
+
+def test_a_limiters_own_options_are_checked_naming_them() -> None:
+    from empathy_models.limits import Limiter
+
+    bad_options: tuple[tuple[str, Any], ...] = (
+        ("store_timeout", -1),
+        ("store_timeout", float("nan")),
+        ("store_timeout", "5"),
+        ("retry_interval", 0),
+        ("retry_interval", "x"),
+        ("sleep", None),
+        ("monotonic", 3),
+    )
+    for name, bad in bad_options:
+        with pytest.raises(ConfigurationError, match=f"^{name} "):
+            Limiter([Budget(limit_usd=1)], None, None, **{name: bad})
+    with pytest.raises(ConfigurationError, match=r"^max_wait "):
+        Limiter(None, {"openai": RateLimit(rpm=1)}, None, max_wait=-1)
+    assert Limiter(None, {"openai": RateLimit(rpm=1)}, None, store_timeout=None).max_wait == 30
+
+
+def test_limits_naming_no_provider_or_model_of_the_executor_are_refused(
+    server: FakeLLMServer,
+) -> None:
+    # a typo would otherwise leave the calls it meant unlimited, silently
+    with pytest.raises(ConfigurationError, match=r"rate_limits.*'opneai'.*anthropic, openai"):
+        make(server, rate_limits={"opneai": RateLimit(rpm=1)})
+    with pytest.raises(ConfigurationError, match=r"Budget.*'gpt-chaep'.*no model"):
+        make(server, budgets=[Budget(limit_usd=1, scope="model", value="gpt-chaep")])
+    with pytest.raises(ConfigurationError, match=r"Budget.*'opneai'.*no provider"):
+        make(server, budgets=[Budget(limit_usd=1, scope="provider", value="opneai")])
+    make(  # a provider's name or a registry model's id: accepted
+        server,
+        rate_limits={"openai": RateLimit(rpm=1), "claude-other": RateLimit(tpm=100)},
+        budgets=[Budget(limit_usd=1, scope="model", value="gpt-dear"), Budget(limit_usd=1)],
+    )
+    # a provider the registry knows, not given to this worker: a shared configuration
+    only_openai = [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)]
+    EmpathyLLMExecutor(
+        only_openai,
+        registry=REGISTRY,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"anthropic": RateLimit(rpm=1)},
+        budgets=[Budget(limit_usd=1, scope="provider", value="anthropic")],
+    )
 
 
 # --------------------------------------------------------------------------- budgets
@@ -793,6 +845,24 @@ async def test_every_route_rate_limited_raises_local_rate_limit_errors(
     assert server.requests() == 2
 
 
+async def test_a_call_too_large_for_the_token_burst_says_so_not_to_retry_later(
+    server: FakeLLMServer,
+) -> None:
+    # 4,000 tokens against a burst of 1,000 a minute: three minutes even when idle
+    limits = {"openai": RateLimit(tpm=1000), "anthropic": RateLimit(tpm=1000)}
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=4000)
+    async with make(server, rate_limits=limits) as executor:
+        for _ in range(2):  # the same refusal every time, however long one waits
+            with pytest.raises(AllRoutesFailedError) as info:
+                await executor.run("hello", pinned)
+            busy = info.value.exceptions[0]
+            assert isinstance(busy, LocalRateLimitError)
+            message = str(busy)
+            assert "more than the burst of tpm:openai (1000 tokens)" in message, message
+            assert "even when it is idle" in message and "burst_tokens" in message, message
+    assert server.requests() == 0
+
+
 async def test_calls_wait_for_their_place_and_unused_tokens_are_given_back(
     server: FakeLLMServer,
 ) -> None:
@@ -962,6 +1032,18 @@ async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeL
     assert server.requests("gpt-cheap") == 1
 
 
+async def test_a_call_too_large_for_the_burst_leaves_the_route_to_the_small_ones(
+    server: FakeLLMServer,
+) -> None:
+    # the large call's wait is its own size, not the schedule's load: openai is idle
+    limits = {"openai": RateLimit(tpm=1000)}
+    async with make(server, rate_limits=limits) as executor:
+        large = await executor.run("hello", ExecutionContext(tier="cheap", max_tokens=4000))
+        small = await executor.run("hello", ExecutionContext(tier="cheap", max_tokens=10))
+    assert large.model == "claude-other"
+    assert small.fallback_chain == ("gpt-cheap",)
+
+
 async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     server: FakeLLMServer,
 ) -> None:
@@ -1068,6 +1150,28 @@ async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_i
             assert (await executor.run("hello", pinned)).model == "gpt-cheap"
     with pytest.raises(ConfigurationError, match="rpm"):
         ModelRegistry.from_dict({"price_version": "x", "models": [{**limited.to_dict(), "rpm": 0}]})
+
+
+async def test_a_rate_limit_named_by_both_the_provider_and_its_model_counts_once(
+    server: FakeLLMServer,
+) -> None:
+    # a provider serving one model of the same name: the limit is one schedule, and a
+    # call takes one place in it (it took two, the second a minute out at 1 rpm)
+    registry = ModelRegistry(models=[_model("solo", "solo", 5.0)], price_version="solo-1")
+    provider = OpenAIProvider(name="solo", api_key=KEY, base_url=server.openai_base_url)
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"solo": RateLimit(rpm=1)},
+        rate_limit_wait=0.0,
+    ) as executor:
+        assert (await executor.run("hello", ExecutionContext(max_tokens=10))).model == "solo"
+        with pytest.raises(AllRoutesFailedError) as info:
+            await executor.run("hello", ExecutionContext(max_tokens=10))
+    (busy,) = info.value.exceptions
+    assert isinstance(busy, LocalRateLimitError) and "rpm:solo" in str(busy)
+    assert server.requests() == 1
 
 
 # --------------------------------------------------------------------------- streaming

@@ -474,6 +474,10 @@ async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
     failed = otel.span("chat claude-fake-haiku")
     changed = [e for e in failed.events if e.name == "empathy_models.breaker.state_changed"]
     assert len(changed) == 1
+    # the span ends where the call did, before the feedback that tripped the circuit:
+    # the trip is stamped no later than that end, as the retry event is
+    assert failed.end_time is not None
+    assert all(e.timestamp <= failed.end_time for e in failed.events)
     assert changed[0].attributes is not None
     assert changed[0].attributes["empathy_models.breaker.to"] == "open"
     assert changed[0].attributes["empathy_models.breaker.key"] == "anthropic:claude-fake-haiku"
@@ -487,19 +491,76 @@ async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
     }
 
 
+async def test_an_admission_through_a_disabled_circuit_says_so(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a disabled key admits every call without a lease, as a closed one does: the
+    # admission event gives the state the gauge holds, not "closed"
+    breaker = CircuitBreaker()
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with breaker, make(server, otel, breaker=breaker) as ex:
+        await breaker.disable("anthropic:claude-fake-haiku")
+        await ex.run(PROMPT, ctx)
+        gauge = {
+            p.attributes["empathy_models.breaker.key"]: p.value
+            for p in otel.points("empathy_models.breaker.state")
+        }
+    assert gauge == {"anthropic": 0, "anthropic:claude-fake-haiku": 4}
+    (admitted,) = [
+        e for e in otel.span("chat claude-fake-haiku").events if e.name.endswith(".admitted")
+    ]
+    assert dict(admitted.attributes or {}) == {
+        "empathy_models.breaker.key": ("anthropic", "anthropic:claude-fake-haiku"),
+        "empathy_models.breaker.state": ("closed", "disabled"),
+        "empathy_models.breaker.probe": False,
+    }
+
+
+async def test_a_state_change_seen_after_a_run_ended_is_no_event_of_its_span(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # exact mode on a shared store: the run's success is sent by a task the run started,
+    # which sees another worker's force only after the run ended
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    ours, other = CircuitBreaker(url, local_view_ttl=0), CircuitBreaker(url, local_view_ttl=0)
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with ours, other, make(server, otel, breaker=ours, retry=RetryPolicy.none()) as ex:
+        await ex.run(PROMPT, ctx)
+        await other.force_open("anthropic:claude-fake-haiku", for_seconds=60)
+        response = await ex.run(PROMPT, ctx)
+    assert response.model == "gpt-fake-mini"
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    first, _ = sorted(
+        (s for s in otel.spans() if s.name == "run support/answer"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.end_time is not None
+    assert all((e.timestamp or 0) <= first.end_time for e in first.events)
+    transitions = otel.points("empathy_models.breaker.transitions")
+    assert [(p.attributes["empathy_models.breaker.to"], p.value) for p in transitions] == [
+        ("forced_open", 1)
+    ]
+
+
 # --------------------------------------------------------------------------- content
 
 
-CONTENT_KEYS = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions")
+CONTENT_KEYS = (
+    "gen_ai.input.messages",
+    "gen_ai.output.messages",
+    "gen_ai.system_instructions",
+    "gen_ai.tool.definitions",
+)
 
 
 async def test_no_content_is_recorded_unless_opted_in(server: FakeLLMServer, otel: Otel) -> None:
     ctx = ExecutionContext(workflow="support", stage="answer", tier="cheap", system="Be brief.")
+    tool = Tool(name="track", description="Track a parcel by its number.")
     async with make(server, otel) as executor:
-        response = await executor.run(PROMPT, ctx)
+        response = await executor.run(PROMPT, ctx, tools=[tool])
     texts = every_text(otel)
     assert not any(key in texts for key in CONTENT_KEYS)
-    assert not any(PROMPT in t or "Be brief." in t for t in texts)
+    assert not any(PROMPT in t or "Be brief." in t or "Track a" in t for t in texts)
     assert not any(response.content in t for t in texts)
 
 
@@ -622,6 +683,37 @@ async def test_recorded_messages_follow_the_conventions_message_schema(
             "finish_reason": "tool_call",  # Anthropic's "tool_use"
         }
     ]
+    # the tools the model was offered, in the conventions' tool definition schema
+    assert json.loads(str(attempt.attributes["gen_ai.tool.definitions"])) == [
+        {
+            "type": "function",
+            "name": "weather",
+            "description": "",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("max_tokens", "length"),
+        ("model_context_window_exceeded", "length"),  # Anthropic: cut off at the window
+        ("refusal", "content_filter"),
+    ],
+)
+async def test_a_cut_off_answers_finish_reason_is_the_conventions(
+    server: FakeLLMServer, otel: Otel, stop_reason: str, finish_reason: str
+) -> None:
+    server.script("claude-fake-haiku", [FakeReply(content="Your parcel", stop_reason=stop_reason)])
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku", record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, ctx)
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert attempt.attributes["gen_ai.response.finish_reasons"] == (stop_reason,)
+    (message,) = json.loads(str(attempt.attributes["gen_ai.output.messages"]))
+    assert message["finish_reason"] == finish_reason
 
 
 async def test_a_recorded_image_urls_credentials_are_masked(
@@ -710,6 +802,39 @@ async def test_genai_metrics_follow_the_conventions(
     kinds = [(s.attributes or {}).get("empathy_models.route.exploration_kind") for s in runs]
     assert kinds == [r.routing_decision and r.routing_decision.exploration_kind for r in responses]
     assert "unproven" in kinds
+
+
+async def test_metric_units_follow_the_conventions_naming_rules(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a count is annotated in curly braces ({token}); "1" is the unit of a ratio, which
+    # none of these is (an OTLP-to-Prometheus translation names a gauge in "1" *_ratio)
+    server.script("claude-fake-haiku", [503])
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3, refresh_interval=None)
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with (
+        router,
+        breaker,
+        make(server, otel, telemetry_store=telemetry, router=router, breaker=breaker) as executor,
+    ):
+        await executor.run(PROMPT, CTX)
+        data = otel.reader.get_metrics_data()
+    assert data is not None
+    units = {
+        metric.name: metric.unit
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    assert units == {
+        "gen_ai.client.operation.duration": "s",
+        "gen_ai.client.token.usage": "{token}",
+        "empathy_models.client.cost": "USD",
+        "empathy_models.router.picks": "{pick}",
+        "empathy_models.breaker.transitions": "{transition}",
+        "empathy_models.breaker.state": "{state}",
+    }  # (the telemetry's record counts, in {record}: a memory backend keeps none)
 
 
 async def test_anthropic_prompt_cache_tokens_are_input_tokens(

@@ -345,3 +345,6 @@ async def test_a_breaker_trip_is_an_event_of_the_streamed_attempt_that_caused_it
         assert [
             (c["empathy_models.breaker.key"], c["empathy_models.breaker.to"]) for c in changed
         ] == [(key, "open")]
+        span = otel.span(name)  # stamped within the span, which ends before the feedback
+        assert span.end_time is not None
+        assert all(e.timestamp <= span.end_time for e in span.events)

@@ -277,8 +277,8 @@ def test_sync_recipe(keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[s
         )
         code = code.replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
         exec(compile(code, str(README), "exec"), {})
-        assert server.requests() == 2
-    assert len(capsys.readouterr().out.strip().splitlines()) >= 2
+        assert server.requests() == 3
+    assert capsys.readouterr().out.strip().endswith("tokens)")
 
 
 async def test_opentelemetry_block_prints_spans_and_metrics(

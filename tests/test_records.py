@@ -243,6 +243,31 @@ def test_wilson_interval_known_values() -> None:
         wilson_interval(11, 10)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((0, -1), r"n must be >= 0, got -1"),
+        ((3, -5), r"n must be >= 0, got -5"),
+        ((1.5, 3), r"successes must be an integer, got 1.5"),
+        ((True, 2), r"successes must be an integer, got True"),
+        ((1, 2.0), r"n must be an integer, got 2.0"),
+        ((-1, 0), r"successes must be >= 0, got -1"),
+        ((1, 2**80), r"n must be < 2\*\*63"),
+        ((1, 2, -1.96), r"z must be a finite number > 0, got -1.96"),
+        ((1, 2, 0), r"z must be a finite number > 0, got 0"),
+        ((1, 2, math.nan), r"z must be a finite number > 0, got nan"),
+        ((1, 2, math.inf), r"z must be a finite number > 0, got inf"),
+    ],
+)
+def test_wilson_interval_refuses_what_is_no_count_or_quantile(
+    args: tuple[Any, ...], message: str
+) -> None:
+    # before, a negative n or z gave an interval ((0, 1), or a certain (0.5, 0.5)), and
+    # a huge n an OverflowError naming no argument
+    with pytest.raises(ValueError, match=message):
+        wilson_interval(*args)
+
+
 def test_model_performance_rates_and_quality() -> None:
     perf = ModelPerformance(model="m", sample_size=10, successes=9, avg_cost_usd=0.02)
     assert perf.success_rate == 0.9 and perf.failures == 1

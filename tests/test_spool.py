@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from empathy_models import LLMCallRecord
@@ -19,7 +23,7 @@ from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
 from empathy_models.records import ModelPerformance
-from tests.test_batching import _records
+from tests.test_batching import ChokingSQLite, _records
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -327,7 +331,7 @@ async def test_a_spool_that_cannot_be_placed_keeps_no_record_from_the_store(
     async with SQLiteTelemetryBackend(db, spool=False) as again:
         assert len(await again.recent(limit=100)) == 10
     (said,) = [r.getMessage() for r in caplog.records if "spool" in r.getMessage()]
-    assert "cannot read the spool" in said and "EMPATHY_HOME='relative/home'" in said
+    assert "cannot replay the spool" in said and "EMPATHY_HOME='relative/home'" in said
 
 
 async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: Path) -> None:
@@ -345,3 +349,186 @@ async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: P
         stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
         assert (stored, telemetry.failed) == (["new0", "new1", "old0", "old1", "old2"], 1)
     assert spool.files() == []
+
+
+# ------------------------------------------- the spool's files out of reach for a while
+
+
+def _deny_spool_renames(
+    monkeypatch: pytest.MonkeyPatch, home: Path, only: str = ""
+) -> dict[str, bool]:
+    """
+    Make every rename in the spool (of the files whose names start with ``only``) fail
+    with ``PermissionError`` while ``denied["on"]`` (what a directory made read-only,
+    or a file taken by another user, does).
+    """
+    real = os.rename
+    denied = {"on": True}
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(src)
+        if denied["on"] and path.is_relative_to(home / "spool") and path.name.startswith(only):
+            raise PermissionError(13, "Permission denied", str(src))
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return denied
+
+
+async def test_a_spool_file_that_cannot_be_claimed_is_replayed_once_it_can(
+    tmp_path: Path,
+    empathy_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the PermissionError of the claim's rename ended the flusher: new records waited
+    # for a flush to restart it, and the spool was never replayed again by this process
+    db = tmp_path / "calls.db"
+    Spool(f"sqlite:{db}").write(_records(3, "old"))
+    denied = _deny_spool_renames(monkeypatch, empathy_home)
+    with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+        async with SQLiteTelemetryBackend(db, flush_interval=0.01) as telemetry:
+            await telemetry.record_many(_records(2, "new"))
+            with anyio.fail_after(5):
+                while telemetry.written < 2:  # noqa: ASYNC110 - by the flusher, no flush asked
+                    await anyio.sleep(0.01)
+            denied["on"] = False
+            await telemetry.flush()
+            stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["new0", "new1", "old0", "old1", "old2"]
+    assert Spool(f"sqlite:{db}").files() == []
+    said = [r.getMessage() for r in caplog.records if "PermissionError" in r.getMessage()]
+    assert len(said) == 1 and "replayed later" in said[0]
+    assert not [r for r in caplog.records if "flusher failed" in r.getMessage()]
+
+
+async def test_a_spool_file_that_cannot_be_claimed_holds_up_no_other(
+    tmp_path: Path, empathy_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first file's PermissionError ended the replay: every file after it waited too
+    db = tmp_path / "calls.db"
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(2, "stuck"))
+    spool.write(_records(2, "free"))
+    first = spool.files()[0].name
+    _deny_spool_renames(monkeypatch, empathy_home, only=first)
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["free0", "free1"]
+    assert [path.name for path in spool.files()] == [first]
+
+
+# ------------------------------------------- a burst past max_queue, then aclose
+
+
+@pytest.mark.parametrize(
+    ("burst", "spilling", "spooled"), [(11, False, 0), (11, True, 10), (35, False, 20)]
+)
+async def test_a_burst_past_max_queue_closed_at_once_leaves_nothing_in_the_spool(
+    tmp_path: Path, burst: int, spilling: bool, spooled: int
+) -> None:
+    # the spill task wrote its file after the flusher had ended: with the store up at
+    # close, the records stayed in the spool (and out of the store) until another
+    # process opened it; those still waiting for the spill task at close are written
+    # to the store instead of going through the spool
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db, max_queue=10) as telemetry:
+        await telemetry.recent()  # open
+        await telemetry.record_many(_records(burst))
+        if spilling:
+            await anyio.lowlevel.checkpoint()  # the spill task starts writing its file
+    assert (telemetry.written, telemetry.failed, telemetry.spooled) == (burst, 0, spooled)
+    assert Spool(f"sqlite:{db}").files() == []
+    async with SQLiteTelemetryBackend(db, spool=False) as again:
+        assert len(await again.recent(limit=100)) == burst
+
+
+async def test_a_spool_file_that_cannot_be_read_is_replayed_once_it_can(
+    tmp_path: Path, empathy_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the file was taken for written: left under this process's claim, and not tried
+    # again by this process (nor by any other while it lived)
+    db = tmp_path / "calls.db"
+    Spool(f"sqlite:{db}").write(_records(3, "old"))
+    real = builtins.open
+    denied = {"on": True}
+
+    def unreadable(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if denied["on"] and isinstance(file, Path) and file.is_relative_to(empathy_home):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", unreadable)
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.flush()
+        assert await telemetry.recent(limit=100) == []
+        denied["on"] = False
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+    assert stored == ["old0", "old1", "old2"]
+    assert Spool(f"sqlite:{db}").files() == []
+
+
+class GatedStore(ThirdPartyStore):
+    """`ThirdPartyStore` whose writes wait for ``gate``; counts the records it is given."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = anyio.Event()
+        self.entered = anyio.Event()
+        self.given = 0
+
+    @property
+    def spool_target(self) -> str:
+        return f"gated:{self._db.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.given += len(records)
+        await super().record_many(records)
+
+
+async def test_a_file_one_backend_is_replaying_is_not_replayed_by_another_in_the_process(
+    tmp_path: Path,
+) -> None:
+    # a claim under this process's id was taken for one an interrupted replay left: a
+    # second backend of the same store in the process (an executor's and a router's)
+    # replayed the file the first was replaying, each record twice
+    db = tmp_path / "calls.db"
+    first, second = GatedStore(db), GatedStore(db)
+    Spool(first.spool_target).write(_records(5))
+    second.gate.set()
+    async with BatchingTelemetryBackend(first) as one:
+        await first.entered.wait()  # replaying the file, the store not answering yet
+        async with BatchingTelemetryBackend(second) as two:
+            await two.flush()
+            assert second.given == 0
+            first.gate.set()
+            await one.flush()
+            assert sorted(r.call_id for r in await one.recent(limit=100)) == [
+                f"r{i}" for i in range(5)
+            ]
+    assert (first.given, second.given) == (5, 0)
+    assert Spool(first.spool_target).files() == []
+
+
+async def test_a_burst_spilled_while_a_held_record_waits_is_replayed_at_close(
+    tmp_path: Path,
+) -> None:
+    # a record the store failed on alone put the replay off for its backoff: a burst
+    # spilled meanwhile and closed at once stayed in the spool with it, the store up
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    async with BatchingTelemetryBackend(inner, max_batch=10, max_queue=10) as telemetry:
+        await telemetry.record_many([*_records(1, "poison"), *_records(3, "old")])
+        await telemetry.flush()  # the poison record held back, in the spool
+        await telemetry.record_many(_records(11, "burst"))
+        await anyio.lowlevel.checkpoint()  # the spill task starts writing its file
+    files = Spool(inner.spool_target).files()
+    assert [r.call_id for path in files for r in Spool(inner.spool_target).read(path)[0]] == [
+        "poison0"
+    ]
+    async with SQLiteTelemetryBackend(inner.path, spool=False) as reader:
+        stored = {r.call_id for r in await reader.recent(limit=100)}
+    assert stored == {r.call_id for r in [*_records(3, "old"), *_records(11, "burst")]}

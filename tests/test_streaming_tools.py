@@ -567,6 +567,32 @@ async def test_parallel_calls_at_one_index_without_ids_are_told_apart(
     assert [p.index for p in pieces] == [0, 0, 1]
 
 
+async def test_braces_and_escapes_in_a_calls_strings_neither_end_nor_join_calls() -> None:
+    """
+    A server sending the name with every piece, and calls at one index told apart by
+    their arguments being a whole object: a ``}`` or an escaped quote inside a string
+    (a piece may end on the escaping backslash) ends no call, and a call that is whole
+    is, whatever its strings hold.
+    """
+    named = {"name": "get_weather"}
+    body = _calls_body(
+        [_indexed(0, id="call_1", **named, arguments="")],
+        [_indexed(0, **named, arguments='{"city": "Oslo }')],
+        [_indexed(0, **named, arguments=" \\")],
+        [_indexed(0, **named, arguments='"}')],
+        [_indexed(0, **named, arguments='", "unit": "c"}')],
+        [_indexed(0, **named, arguments='{"city": "Rome\\')],
+        [_indexed(0, **named, arguments='\\", "unit": "f"}')],
+    )
+    async with _sse_server(body) as url:
+        pieces, response = await _weather_stream(url)
+    assert [(c.name, dict(c.arguments)) for c in response.tool_calls] == [
+        ("get_weather", {"city": 'Oslo } "}', "unit": "c"}),
+        ("get_weather", {"city": "Rome\\", "unit": "f"}),
+    ]
+    assert [p.index for p in pieces] == [0, 0, 0, 0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("named", [False, True])
 async def test_a_server_changing_a_calls_id_mid_call_gives_one_call(named: bool) -> None:
     """

@@ -7,7 +7,9 @@ every call, concurrent callers from threads, a timeout that cancels, and a clean
 
 from __future__ import annotations
 
+import _thread
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -18,6 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anyio
@@ -34,12 +37,14 @@ from empathy_models import (
     NotOpenError,
     OpenAIProvider,
     Outcome,
+    StreamInterruptedError,
 )
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.content import ToolCallDelta
 from empathy_models.sync import SyncExecutor
-from empathy_models.testing import FakeLLMServer
+from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior, StreamBehavior
 
-from ._fakes import CHEAP_ONLY, KEY
+from ._fakes import CHEAP_ONLY, KEY, WEATHER
 from ._threaded_server import threaded_fake_server
 
 REGISTRY = CHEAP_ONLY
@@ -817,3 +822,269 @@ def test_one_ctrl_c_during_close_still_closes_the_executor_and_writes_its_record
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["interrupted", "records", "1"], done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- stream()
+
+WORDS = ["one", " two", " three", " four", " five", " six", " seven", " eight"]
+HAIKU = ExecutionContext(workflow="script", stage="stream", model="claude-fake-haiku")
+
+
+def _streams(server: FakeLLMServer, **stream: Any) -> None:
+    """The pinned model answers ``WORDS``, one word per chunk, streamed as ``stream`` says."""
+    behavior = ModelBehavior(
+        content="".join(WORDS), output_tokens=(8, 8), stream=StreamBehavior(**stream)
+    )
+    server.set_behavior("claude-fake-haiku", behavior)
+
+
+def _recent(llm: SyncExecutor) -> list[LLMCallRecord]:
+    telemetry = llm.executor.telemetry_store
+    assert telemetry is not None
+    return sorted(llm.call(telemetry.recent, limit=100), key=lambda r: r.timestamp)
+
+
+def test_a_stream_yields_its_deltas_then_the_response(server: FakeLLMServer) -> None:
+    _streams(server)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        with llm.stream("Count to eight", HAIKU, timeout=30) as stream:
+            deltas = list(stream)
+            assert stream.text == "".join(WORDS)
+            response = stream.get_final_response()
+        assert stream.response is response
+        (record,) = _recent(llm)
+    assert deltas == WORDS
+    assert response.content == "".join(WORDS) and response.output_tokens == 8
+    assert response.ttft_ms is not None and stream.model == "claude-fake-haiku"
+    assert record.outcome is Outcome.SUCCESS and record.call_id == response.attempts[0].call_id
+
+
+def test_a_streams_events_carry_its_tool_calls(server: FakeLLMServer) -> None:
+    call = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    server.script("claude-fake-haiku", [FakeReply(content="Let me look.", tool_calls=[call])])
+    with (
+        SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm,
+        llm.stream("Weather in Oslo?", HAIKU, tools=[WEATHER]) as stream,
+    ):
+        events = list(stream.events())
+        response = stream.get_final_response()
+    texts = [e for e in events if isinstance(e, str)]
+    pieces = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert "".join(texts) == "Let me look." and pieces
+    assert json.loads("".join(p.arguments for p in pieces)) == {"city": "Oslo"}
+    assert [(c.name, dict(c.arguments)) for c in response.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+
+
+def test_get_final_response_reads_what_is_left_of_a_stream(server: FakeLLMServer) -> None:
+    _streams(server, chunk_interval_ms=5)
+    with (
+        SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm,
+        llm.stream("Count to eight", HAIKU) as stream,
+    ):
+        first = next(stream)
+        response = stream.get_final_response()
+        assert list(stream) == []
+    assert first == "one" and response.content == stream.text == "".join(WORDS)
+
+
+@pytest.mark.parametrize("leave", ["break", "exception", "ctrl-c"])
+def test_leaving_a_stream_early_closes_it_on_the_loop_and_records_cancelled(
+    server: FakeLLMServer, leave: str
+) -> None:
+    _streams(server, chunk_interval_ms=5)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        with (
+            contextlib.suppress(ValueError, KeyboardInterrupt),
+            llm.stream("Count to eight", HAIKU, timeout=30) as stream,
+        ):
+            for delta in stream:
+                if delta == " two":
+                    if leave == "exception":
+                        raise ValueError("the caller failed")
+                    if leave == "ctrl-c":
+                        raise KeyboardInterrupt
+                    break
+        assert stream.text == "one two"  # pieces read but not yielded are not counted
+        assert list(stream) == []  # closed: nothing more is read
+        with pytest.raises(RuntimeError, match="closed before it finished"):
+            stream.get_final_response()
+        (record,) = _recent(llm)
+        assert llm.run("still there?", CHEAP, timeout=30).content
+    assert record.outcome is Outcome.CANCELLED and record.ttft_ms is not None
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_while_a_stream_waits_closes_it_and_records_cancelled(
+    server: FakeLLMServer,
+) -> None:
+    _streams(server, fault_after=2, fault="hang")
+    waiting = threading.Event()
+
+    def interrupt() -> None:
+        waiting.wait(30)
+        _thread.interrupt_main()
+
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt), llm.stream("Count", HAIKU) as stream:
+            assert [next(stream), next(stream)] == WORDS[:2]
+            waiting.set()
+            next(stream)  # the server says no more (a hang guard: the fixture's timeout)
+        (record,) = _recent(llm)
+        assert record.outcome is Outcome.CANCELLED
+        assert llm.run("still there?", CHEAP, timeout=30).content
+
+
+def test_a_stream_waiting_past_its_timeout_is_cancelled_and_recorded(
+    server: FakeLLMServer,
+) -> None:
+    _streams(server, fault_after=2, fault="hang")
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        with llm.stream("Count", HAIKU, timeout=0.3) as stream:
+            assert [next(stream), next(stream)] == WORDS[:2]
+            with pytest.raises(TimeoutError, match=r"^no answer within timeout=0.3 s"):
+                next(stream)
+            assert list(stream) == [] and stream.text == "one two"
+        (record,) = _recent(llm)
+        assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
+        assert llm.run("still there?", CHEAP, timeout=30).content
+
+
+def test_a_streams_timeout_bounds_each_wait_not_the_whole_answer(server: FakeLLMServer) -> None:
+    # eight chunks 250 ms apart take at least 1.75 s: past the timeout, each gap well
+    # inside it (a machine busy with other work may stall a gap by a second)
+    _streams(server, chunk_interval_ms=250)
+    with (
+        SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm,
+        llm.stream("Count", HAIKU, timeout=1.5) as stream,
+    ):
+        assert list(stream) == WORDS
+
+
+def test_a_stream_timeout_before_the_first_delta_cancels_the_opening(
+    server: FakeLLMServer,
+) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        manager = llm.stream("Count", HAIKU, timeout=0.3)
+        with pytest.raises(TimeoutError), manager:
+            pytest.fail("entered a stream that never answered")  # pragma: no cover
+        (record,) = _recent(llm)
+        assert record.outcome is Outcome.CANCELLED
+
+
+def test_a_stream_refuses_a_bad_timeout_or_input_before_anything_is_sent(
+    server: FakeLLMServer,
+) -> None:
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        for bad in (-1, 0, math.nan, "5", True):
+            with pytest.raises(ConfigurationError, match=r"^timeout must be a number > 0"):
+                llm.stream("hello", HAIKU, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="empty"):
+            llm.stream("   ", HAIKU)
+        assert server.requests() == 0
+    with pytest.raises(NotOpenError, match="closed"):
+        llm.stream("hello", HAIKU)
+
+
+def test_a_stream_is_read_from_another_thread_one_thread_at_a_time(
+    server: FakeLLMServer,
+) -> None:
+    _streams(server, fault_after=1, fault="hang")
+    raised: list[BaseException] = []
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        with llm.stream("Count", HAIKU) as stream:
+
+            def read() -> None:
+                try:
+                    next(stream)
+                except BaseException as exc:
+                    raised.append(exc)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            reader.join(30)
+            assert raised == [] and stream.text == "one"  # the first delta, in that thread
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()  # waits for a piece that does not come
+            while not stream._lock.locked() and reader.is_alive():
+                time.sleep(0.005)
+            with pytest.raises(RuntimeError, match="another thread is reading"):
+                next(stream)
+        reader.join(30)  # leaving the block closed the stream under the waiting read
+    assert not reader.is_alive()
+    assert [type(e) for e in raised] == [StopIteration]  # it ended as a read after close
+
+
+def test_close_ends_a_stream_read_in_another_thread(server: FakeLLMServer, tmp_path: Path) -> None:
+    _streams(server, fault_after=1, fault="hang")
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url)
+    raised: list[BaseException] = []
+    opened = threading.Event()
+
+    def read() -> None:
+        try:
+            with llm.stream("Count", HAIKU) as stream:
+                opened.set()
+                list(stream)
+        except BaseException as exc:
+            raised.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    opened.wait(30)
+    llm.close()
+    reader.join(10)
+    assert not reader.is_alive(), "the stream's read still blocked after close()"
+    assert len(raised) == 1 and isinstance(raised[0], NotOpenError), raised
+    assert [r.outcome for r in _records(tmp_path / "calls.db")] == [Outcome.CANCELLED]
+
+
+def test_a_stream_works_in_a_notebooks_running_loop_and_is_refused_on_its_own(
+    server: FakeLLMServer,
+) -> None:
+    _streams(server)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+
+        async def cell() -> list[str]:  # a notebook cell: its loop running, blocked
+            with llm.stream("Count", HAIKU) as stream:
+                return list(stream)
+
+        assert asyncio.run(cell()) == WORDS
+
+        async def inside() -> object:
+            return llm.stream("nested", HAIKU)
+
+        error = _call_from_a_thread(llm, inside)
+        assert isinstance(error, ConfigurationError), error
+        assert "async with llm.executor.stream(" in str(error)
+    assert server.requests() == 1
+
+
+def test_a_streams_deadline_bounds_the_callers_reading_of_pieces_already_there(
+    server: FakeLLMServer,
+) -> None:
+    _streams(server)  # the whole answer at once: every piece there before it is read
+    context = ExecutionContext(workflow="script", model="claude-fake-haiku", deadline=0.5)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="memory://") as llm:
+        with llm.stream("Count", context) as stream:
+            entered = time.monotonic()  # the deadline counts from before this
+            assert [next(stream), next(stream)] == WORDS[:2]  # the rest read with the second
+            while time.monotonic() < entered + 0.5:
+                time.sleep(0.05)
+            with pytest.raises(StreamInterruptedError, match="deadline"):
+                next(stream)
+        (record,) = _recent(llm)
+    assert record.outcome is Outcome.CANCELLED
+
+
+def test_a_stream_keeps_a_sync_executor_nothing_else_holds_open(server: FakeLLMServer) -> None:
+    _streams(server)
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://").stream(
+        "Count", HAIKU
+    ) as stream:
+        gc.collect()  # the executor is referred to by the stream alone
+        assert list(stream) == WORDS

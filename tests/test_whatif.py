@@ -11,6 +11,7 @@ import math
 import shutil
 import statistics
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -416,6 +417,30 @@ async def test_counts_of_another_integer_type_are_taken_as_the_plain_integers() 
         min_success_rate=Fraction(3, 4),  # type: ignore[arg-type]
     )
     assert other == plain
+
+
+async def test_limits_of_other_number_types_are_reported_as_the_plain_numbers() -> None:
+    # the router takes a Decimal or -0.0 as the plain float; the report kept them as
+    # given: its to_dict() was no JSON (Decimal) and showed min_success_rate=-0.0
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    quick: dict[str, Any] = {"registry": REGISTRY, "requests": 5, "replicates": 2}
+    report = await simulate_policy(
+        evidence,
+        max_cost=Decimal("0.5"),  # type: ignore[arg-type]
+        max_latency_ms=Decimal("9000"),  # type: ignore[arg-type]
+        max_ttft_ms=Fraction(9000),  # type: ignore[arg-type]
+        min_success_rate=-0.0,
+        **quick,
+    )
+    limits = [report.constraints[k] for k in ("max_cost", "max_latency_ms", "max_ttft_ms")]
+    assert repr(limits) == "[0.5, 9000.0, 9000.0]"
+    assert repr(report.constraints["min_success_rate"]) == "0.0"
+    json.dumps(report.to_dict())
+    # refused before any draw, naming the limit, as the router refuses it
+    with pytest.raises(ConfigurationError, match=r"^max_cost must be a finite number"):
+        await simulate_policy(evidence, max_cost="0.5", **quick)  # type: ignore[arg-type]
 
 
 async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:

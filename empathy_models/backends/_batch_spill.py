@@ -12,7 +12,10 @@ A replay that leaves records in the spool (the store failed, or held records bac
 see `empathy_models.backends._batch_writer`) is tried again after a backoff of its
 own, so the flusher writes the queue meanwhile.  Records held back go to files of
 their own, replayed after the other files (`_spool.Spool`), one record at a time, so
-that records the store fails on hold up no other.
+that records the store fails on hold up no other.  A spool file that cannot be listed,
+renamed, read or rewritten (an `OSError`: a file or directory whose mode forbids it,
+say) is left where it is while the other files are replayed, and tried again after
+the same backoff; one warning is logged for a run of such failures.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class _Spiller:
         "_backoff",
         "_ledger",
         "_spool",
+        "_spool_fault",
         "_wake",
         "_warned",
         "_writer",
@@ -104,6 +108,7 @@ class _Spiller:
         self._backoff = MIN_BACKOFF
         self.closing = False
         self._warned = False
+        self._spool_fault: BaseException | None = None  # the spool's latest failure in a row
         self.task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -132,6 +137,16 @@ class _Spiller:
                 self._run(), name=f"empathy-models telemetry spill for {self._ledger.owner}"
             )
         self._wake.set()
+
+    def give_back_overflow(self, queue: list[LLMCallRecord]) -> None:
+        """
+        On close: put the records waiting for the spill task (not yet being written) at
+        the head of ``queue``, which is written to the store, and spooled only if the
+        store cannot take them by ``close_timeout``.
+        """
+        if self.overflow:
+            queue[:0] = self.overflow
+            self.overflow = []
 
     def stop(self) -> None:
         """Let the spill task end once it has spilled what it holds (on close)."""
@@ -238,38 +253,83 @@ class _Spiller:
         if spool is None:
             return
         self.replaying = True
-        held = False
         try:
-            try:
-                paths = await anyio.to_thread.run_sync(spool.files)
-            except (OSError, ConfigurationError) as exc:  # ConfigurationError: EMPATHY_HOME
-                logger.warning("%s: cannot read the spool (%s)", self._ledger.owner, _describe(exc))
-                return
-            for path in paths:
-                claimed = await anyio.to_thread.run_sync(spool.claim, path)
-                if claimed is None:
-                    continue
-                try:
-                    replayed = await self._replay_file(spool, claimed)
-                except BaseException:
-                    # cut short (aclose past close_timeout): give the file back, or its
-                    # claim, under this process's id, keeps every other process from
-                    # replaying it while this one lives (a chunk written meanwhile is
-                    # skipped by the next replay)
-                    with contextlib.suppress(OSError):
-                        spool.release(claimed)
-                    raise
-                if replayed in ("failed", "stopped"):
-                    self._set_back()
-                    return
-                held = held or replayed == "held"
-            if held:
+            replayed = await self._replay_files(spool)
+        except (OSError, ConfigurationError) as exc:  # ConfigurationError: EMPATHY_HOME
+            self._unreachable(exc)
+            self._set_back()
+        else:
+            if self._spool_fault is not None:
+                logger.warning("%s: the spool can be replayed again", self._ledger.owner)
+                self._spool_fault = None
+            if replayed in ("failed", "stopped", "held"):
                 self._set_back()
             else:
                 self._backoff = MIN_BACKOFF
         finally:
             self.replaying = False
             self._ledger.signal_progress()
+
+    def _unreachable(self, exc: BaseException) -> None:
+        """
+        The spool could not be listed, or a file of it renamed, read or rewritten
+        (``exc``): warn at the first such failure in a row, the records staying in the
+        spool for a later replay.
+        """
+        first = self._spool_fault is None
+        self._spool_fault = exc
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s: cannot replay the spool (%s); its records stay in it and are replayed later",
+            self._ledger.owner,
+            _describe(exc),
+        )
+
+    async def _replay_files(self, spool: Spool) -> _Replayed:
+        """
+        Replay the spool's files in order (`replay`): "written" when every file was,
+        "held" when records were held back, "failed" or "stopped" at the file where the
+        replay stopped (`_replay_file`).  A file that fails with an `OSError` (it cannot
+        be renamed, say) is given back, or left to a later replay, and the replay goes
+        on with the next; the error is raised once the others are replayed.  On close,
+        the files of held records are left for the next replay (the next process's),
+        so that a close, which hurries the replay, costs none of them a strike.
+        """
+        paths = await anyio.to_thread.run_sync(spool.files)
+        held = False
+        fault: OSError | None = None
+        for path in paths:
+            if self.closing and spool.is_held(path):
+                continue  # not tried again at close: retried after the backoff, next time
+            try:
+                claimed = await anyio.to_thread.run_sync(spool.claim, path)
+            except OSError as exc:
+                fault = exc
+                continue
+            if claimed is None:
+                continue
+            try:
+                replayed = await self._replay_file(spool, claimed)
+            except BaseException as exc:
+                # cut short (aclose past close_timeout): give the file back, or its
+                # claim, under this process's id, keeps every other process from
+                # replaying it while this one lives (a chunk written meanwhile is
+                # skipped by the next replay); a claim that cannot be given back is
+                # one this process's next listing takes up again
+                with contextlib.suppress(OSError):
+                    spool.release(claimed)
+                if not isinstance(exc, OSError):
+                    raise
+                fault = exc
+                continue
+            finally:
+                spool.done(claimed)
+            if replayed in ("failed", "stopped"):
+                return replayed
+            held = held or replayed == "held"
+        if fault is not None:
+            raise fault
+        return "held" if held else "written"
 
     async def _give_back(self, spool: Spool, claimed: Path, rest: list[LLMCallRecord]) -> None:
         """Give ``claimed`` back holding ``rest``; as it was, if it cannot be rewritten."""
@@ -318,13 +378,8 @@ class _Spiller:
         """
         ledger = self._ledger
         writer = self._writer
-        try:
-            records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
-        except OSError as exc:
-            logger.warning(
-                "%s: cannot read spool file %s (%s)", ledger.owner, claimed, _describe(exc)
-            )
-            return "written"
+        # a file that cannot be read raises: given back, and tried again later
+        records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
         ledger.failed += bad
         was_held = spool.is_held(claimed)
         held: list[LLMCallRecord] = []

@@ -14,7 +14,8 @@ and replayed (a line cut short counted unreadable), or deleted when it was the r
 of a claimed file, which still holds every record.  The writer holds a ``flock`` on
 the temporary file until it is renamed (where ``fcntl`` exists), so a writer this
 process cannot see (another PID namespace) keeps its file.  Replaying
-claims a file by renaming it (two processes never replay the same file at once),
+claims a file by renaming it (two processes, or two replays in one process, never
+replay the same file at once),
 writes its records and deletes it; one that fails partway gives the file back
 holding only the records it did not write.  Records the store failed on alone (see
 `empathy_models.backends._batch_writer`) go to files of their own, named ``held-...``,
@@ -32,8 +33,9 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -62,10 +64,14 @@ else:
 _writing: set[str] = set()
 """The temporary files this process is writing (the spill's thread), by name."""
 
+_replaying: set[str] = set()
+"""The claimed files a replay in this process is at (`Spool.claim` to `Spool.done`), by path."""
+_replaying_lock = threading.Lock()
+
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # a claim of ours still on disk was abandoned by an interrupted replay
+        return False  # a claim of ours no replay is at was abandoned by an interrupted one
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,13 +98,16 @@ class Spool:
     """
     The spool directory of one store, named by ``target`` (a description without secrets).
 
-    The directory is resolved from ``$EMPATHY_HOME`` when first used.
+    The directory is resolved from ``$EMPATHY_HOME`` when first used.  ``former``: the
+    targets earlier versions named the store by, whose directories' files are listed
+    (and so replayed) with this one's; each is removed once it holds nothing.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, former: Sequence[str] = ()) -> None:
         self.target = target
         self._digest = hashlib.sha256(target.encode("utf-8", "backslashreplace")).hexdigest()[:24]
         self._directory: Path | None = None
+        self._former = tuple(Spool(name) for name in dict.fromkeys(former) if name != target)
 
     def __repr__(self) -> str:
         return f"Spool({self.target!r})"
@@ -225,9 +234,20 @@ class Spool:
     def files(self) -> list[Path]:
         """
         Spool files waiting for replay, abandoned claims and the files of writers that
-        ended before renaming them included: oldest first, the files of held records
-        after the others.
+        ended before renaming them included, those of the ``former`` directories too:
+        oldest first, the files of held records after the others.
         """
+        found = self._files()
+        for spool in self._former:
+            older = spool._files()
+            if not older:
+                with contextlib.suppress(OSError):  # absent, or a file being written
+                    os.rmdir(spool.directory)
+            found.extend(older)
+        return sorted(found, key=lambda path: (self.is_held(path), path.name))
+
+    def _files(self) -> list[Path]:
+        """`files` of this directory alone."""
         directory = self.directory
         try:
             names = os.listdir(directory)
@@ -235,7 +255,17 @@ class Spool:
             return []
         for name in list(names):
             if name.startswith(".") and name.endswith(_TMP):
-                found = self._left_behind(name)
+                try:
+                    found = self._left_behind(name)
+                except OSError as exc:  # out of reach (its mode, say): the others go on
+                    logger.warning(
+                        "telemetry spool %s: cannot take up %s, left by a writer (%s: %s)",
+                        self.target,
+                        name,
+                        type(exc).__name__,
+                        exc.strerror or exc,
+                    )
+                    continue
                 if found is not None:
                     names.append(found)
         out = []
@@ -244,19 +274,38 @@ class Spool:
                 out.append(directory / name)
             elif _CLAIMED in name:
                 pid = name.rsplit(_CLAIMED, 1)[1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    out.append(directory / name)
+                path = directory / name
+                if pid.isdigit() and not _alive(int(pid)) and str(path) not in _replaying:
+                    out.append(path)
         return out
 
     def claim(self, path: Path) -> Path | None:
-        """Rename ``path`` to a claim of this process; None when another process took it."""
+        """
+        Rename ``path`` to a claim of this process; None when another process, or
+        another replay in this one, took it.  Each claim is ended with `done`.
+        """
         base = path.name.split(_CLAIMED, 1)[0]
         claimed = path.with_name(f"{base}{_CLAIMED}{os.getpid()}")
+        with _replaying_lock:  # the claims are made on worker threads
+            if str(claimed) in _replaying:
+                return None
+            _replaying.add(str(claimed))
         try:
             os.rename(path, claimed)
-        except FileNotFoundError:
-            return None
+        except BaseException as exc:
+            _replaying.discard(str(claimed))
+            if isinstance(exc, FileNotFoundError):
+                return None
+            raise
         return claimed
+
+    @staticmethod
+    def done(claimed: Path) -> None:
+        """
+        The replay of ``claimed`` is over (the file removed, given back, or left under
+        this process's claim for the next listing to take up).
+        """
+        _replaying.discard(str(claimed))
 
     def release(self, claimed: Path) -> None:
         """Give a claimed file back (its replay failed; it is replayed later)."""
@@ -285,7 +334,9 @@ class Spool:
             )
         return records, bad
 
-    @staticmethod
-    def remove(claimed: Path) -> None:
-        """Delete a file whose records are all stored."""
+    def remove(self, claimed: Path) -> None:
+        """Delete a file whose records are all stored (and its directory, if former and empty)."""
         claimed.unlink(missing_ok=True)
+        if claimed.parent != self.directory:
+            with contextlib.suppress(OSError):  # files left in it
+                os.rmdir(claimed.parent)

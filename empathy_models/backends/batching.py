@@ -55,6 +55,11 @@ microsecond), whatever state the store is in.
   failed probe (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
+  Records still waiting for the spill task are written with the queue, a spill being
+  written when it closes is replayed once on disk, and the spool is replayed as by a
+  flush (its backoff cut short) unless the store is down, so a store that is up at
+  close is left nothing in the spool but the records it failed on alone (held back,
+  whose files a close leaves for the next replay).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
   on SIGTERM has its queued records written synchronously (SQLite) or spooled,
   within a bounded time, and only then warned about (``-W error`` loses nothing).  The
@@ -498,7 +503,14 @@ class _Batcher:
                     continue
                 if not self.queue:
                     if self.closing:
-                        return
+                        if spill.spilling is None:
+                            return
+                        # a spill still being written: replay it once it is, the
+                        # store up, so that closing leaves nothing in the spool needlessly
+                        await self._ledger.progress.wait()
+                        if writer.outage_since is None:
+                            spill.hurry()
+                        continue
                     self._wake.clear()
                     with anyio.move_on_after(spill.replay_wait()):
                         await self._wake.wait()
@@ -637,8 +649,9 @@ class _Batcher:
 
     async def aclose(self) -> None:
         """
-        Write everything waiting within ``close_timeout`` seconds, spool the rest, and
-        stop the flusher and spill tasks.
+        Write everything waiting within ``close_timeout`` seconds (the records waiting
+        for the spill task, and the spool, included), spool the rest, and stop the
+        flusher and spill tasks.
 
         From another event loop than the flusher's (which no longer runs there), what
         is queued is written synchronously, as at exit (`exit_flush`), and the tasks are
@@ -653,6 +666,9 @@ class _Batcher:
             _live.discard(self)
             return
         self.closing = True
+        self._spill.give_back_overflow(self.queue)
+        if self._writer.outage_since is None:
+            self._spill.hurry()  # the spool too, as a flush, unless the store is down
         if self._task is None and self.queue:
             self.start()
         self._wake.set()
@@ -721,6 +737,17 @@ class _Batcher:
                 self.inflight = None
 
 
+def _spool(inner: TelemetryBackend) -> Spool:
+    """
+    ``inner``'s spool (see `BatchingTelemetryBackend`): named by `_spool_target`, and
+    listing the files of the targets it gives as ``former_spool_targets`` too.
+    """
+    former = getattr(inner, "former_spool_targets", ())
+    if not isinstance(former, tuple | list) or not all(isinstance(t, str) for t in former):
+        former = ()
+    return Spool(_spool_target(inner), former)
+
+
 def _spool_target(inner: TelemetryBackend) -> str:
     """
     What names ``inner``'s store for its spool (see `BatchingTelemetryBackend`).  Python's
@@ -761,7 +788,9 @@ class BatchingTelemetryBackend(TelemetryBackend):
     opening that store replays it: its ``spool_target`` (a string naming the store
     without secrets) when it has one, else its class and repr, or its class alone when
     the repr is Python's default (which names the object, not the store).  A backend
-    class whose instances may keep different stores gives a ``spool_target``.
+    class whose instances may keep different stores gives a ``spool_target``; one that
+    named its store otherwise before gives those names as ``former_spool_targets`` (a
+    tuple of strings), whose spools are replayed too.
 
     Raises:
         ConfigurationError: a bad setting.
@@ -800,7 +829,7 @@ class BatchingTelemetryBackend(TelemetryBackend):
             flush_interval=flush_interval,
             max_queue=max_queue,
             on_full=on_full,
-            spool=Spool(_spool_target(inner)) if use_spool else None,
+            spool=_spool(inner) if use_spool else None,
             close_timeout=close_timeout,
             exit_flush=exit_flush,
         )

@@ -9,7 +9,8 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from empathy_models.limits import MAX_WINDOW, NANO, SCOPES, BudgetUsage, quota_store_from_url
+from empathy_models import Budget, ConfigurationError
+from empathy_models.limits import NANO, SCOPES, BudgetUsage, quota_store_from_url
 
 from ._common import (
     CliError,
@@ -63,13 +64,14 @@ _KEY_SHAPES = (
 
 
 def _window_label(text: str) -> bool:
+    """True when ``text`` is a window as a `Budget`'s key has it (whole seconds: "600s")."""
     if text in ("hour", "day", "month"):
         return True
     try:
-        seconds = float(text.removesuffix("s"))
-    except ValueError:
+        budget = Budget(limit_usd=0, window=float(text.removesuffix("s")))
+    except (ValueError, ConfigurationError):
         return False
-    return text.endswith("s") and 1 <= seconds <= MAX_WINDOW and f"{seconds:g}s" == text
+    return text.endswith("s") and budget.window_label == text
 
 
 def key_flaw(key: str) -> str | None:

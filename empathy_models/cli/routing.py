@@ -399,10 +399,19 @@ def _best_candidates(args: argparse.Namespace, registry: ModelRegistry) -> list[
     The candidates ``--tier`` or ``--candidates`` name, or ``None`` for the stage's own.
 
     Raises:
-        CliError: ``--candidates`` is empty or names a model the registry does not know.
+        CliError: ``--tier`` names a tier the registry has no model of, ``--candidates``
+            is empty or names a model the registry does not know.
     """
     if args.tier is not None:
-        return [m.id for m in registry.for_tier(args.tier)]
+        tier = [m.id for m in registry.for_tier(args.tier)]
+        if not tier:
+            raise CliError(
+                f"--tier {args.tier}: the registry has no {args.tier} model (its models: "
+                f"{', '.join(sorted(m.id for m in registry.models)) or 'none'}; pass "
+                "--registry FILE for your own models)",
+                code=2,
+            )
+        return tier
     if args.candidates is None:
         return None
     candidates: list[str] = [c.strip() for c in args.candidates.split(",") if c.strip()]

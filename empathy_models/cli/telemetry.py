@@ -91,12 +91,14 @@ def register(subparsers: SubParsers) -> None:
         description="Write every call record (every attempt, whatever its outcome), oldest "
         "first, as CSV with a header or as JSON lines, to stdout or --output; at most the "
         "newest --limit (1,000,000 unless given), a note on stderr saying when older "
-        "records were left out.",
+        "records were left out. A CSV text cell that a spreadsheet would read as a formula "
+        "(starting with =, +, -, @, a tab or a carriage return) is written after a ' ; "
+        "JSON lines keep every value as stored.",
     )
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
     export.add_argument(
-        "--output", "-o", type=path_arg, default=None, help="file (default, or '-': stdout)"
+        "--output", "-o", type=_output_arg, default=None, help="file (default, or '-': stdout)"
     )
     export.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
     export.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
@@ -242,7 +244,18 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula (OWASP's CSV injection list)."""
+
+
 def _csv_value(value: object) -> object:
+    """
+    A record's value as a CSV cell: lists and mappings as JSON, None empty, and a text
+    that a spreadsheet would run as a formula (an answer, a prompt, a provider's error:
+    text the exporter cannot vouch for) after a ``'``, which shows it as text.
+    """
+    if isinstance(value, str):
+        return "'" + value if value.startswith(_FORMULA_STARTS) else value
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     if value is None:
@@ -264,6 +277,14 @@ def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
         for record in records:
             writer.writerow({k: _csv_value(v) for k, v in record.to_dict().items()})
             bar.advance()
+
+
+def _output_arg(text: str) -> Path | None:
+    """
+    ``--output``: ``None`` for ``-`` (stdout), else the file's path (`path_arg`), told
+    apart as written: ``./-`` is the file named ``-``, though a `Path` of either is "-".
+    """
+    return None if text == "-" else path_arg(text)
 
 
 def _check_output(output: Path, url: str) -> None:
@@ -292,7 +313,7 @@ def _check_output(output: Path, url: str) -> None:
 def cmd_telemetry_export(args: argparse.Namespace) -> int:
     """Write the matching records, oldest first, as CSV (with a header) or JSON lines."""
     url = db_url(args.db)
-    to_file = args.output is not None and str(args.output) != "-"  # ("./-" names a file)
+    to_file = args.output is not None  # "-" is None (`_output_arg`), "./-" a file
     if to_file:
         _check_output(args.output, url)
 
@@ -325,5 +346,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             _write(records, args.format, out)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
-    print(f"Wrote {len(records)} record(s) to {shown_name(str(args.output))}", file=sys.stderr)
+    name = str(args.output)
+    name = "./-" if name == "-" else name  # the file, not stdout
+    print(f"Wrote {len(records)} record(s) to {shown_name(name)}", file=sys.stderr)
     return 0

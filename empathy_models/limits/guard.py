@@ -208,6 +208,29 @@ class Hold:
 _max_wait = number(
     failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0"
 )
+_seconds = number(
+    failure(ConfigurationError), low=0, low_open=True, why="must be a finite number of seconds > 0"
+)
+
+
+def _timing(
+    max_wait: float, retry_interval: float, store_timeout: float | None, **clocks: object
+) -> tuple[float, float, float | None]:
+    """
+    A `Limiter`'s ``max_wait``, ``retry_interval`` and ``store_timeout`` (None: none) as
+    plain floats, its ``clocks`` (``sleep``, ``monotonic``) callables.
+
+    Raises:
+        ConfigurationError: naming the argument that is not.
+    """
+    for name, value in clocks.items():
+        if not callable(value):
+            raise ConfigurationError(f"{name} must be callable, got {shown(value)}")
+    return (
+        float(check(_max_wait, "max_wait", max_wait)),
+        float(check(_seconds, "retry_interval", retry_interval)),
+        None if store_timeout is None else float(check(_seconds, "store_timeout", store_timeout)),
+    )
 
 
 def _check_budgets(budgets: object) -> tuple[Budget, ...]:
@@ -373,14 +396,14 @@ class Limiter:
     ) -> None:
         self.budgets = _check_budgets(budgets)
         self.rate_limits = _check_rates(rate_limits)
-        self.max_wait = float(check(_max_wait, "rate_limit_wait", max_wait))
+        self.max_wait, retry_interval, self._store_timeout = _timing(
+            max_wait, retry_interval, store_timeout, sleep=sleep, monotonic=monotonic
+        )
         self.owns_store = store is None or isinstance(store, str)
         self.store: QuotaStore = quota_store_from_url("memory://" if store is None else store)
         self._local = MemoryQuotaStore(clock=wall_clock)
-        self._store_timeout = store_timeout
         self._sleep = sleep
-        self._wall = wall_clock
-        self._mono = monotonic
+        self._wall, self._mono = wall_clock, monotonic
         self._outage = Outage(
             logger,
             f"quota store {self.store!r}",
@@ -547,7 +570,7 @@ class Limiter:
 
     def _rates_for(self, info: ModelInfo) -> list[tuple[str, RateLimit]]:
         out = []
-        for target in (info.provider, info.id):
+        for target in dict.fromkeys((info.provider, info.id)):  # a model named as its provider once
             limit = self.rate_limits.get(target)
             if limit is None and target == info.id and (info.rpm or info.tpm):
                 limit = self._from_registry.get(info.id)
@@ -743,15 +766,10 @@ class Limiter:
                     partial(self._acquire_into, hold, key, cost, interval, burst, allowed, held),
                     until,
                 )
-                self._booked[key] = self._mono() + grant.wait
+                # booked by the load: the wait a call beyond the burst has when idle is its own
+                self._booked[key] = self._mono() + grant.wait - max(0.0, (cost - burst) * interval)
                 if not grant.granted:
-                    raise LocalRateLimitError(
-                        f"rate limit {key} ({per_minute} per minute) has no capacity within "
-                        f"{allowed:.2f} s (next in {grant.wait:.2f} s); {info.id} not called",
-                        provider=info.provider,
-                        model=info.id,
-                        retry_after=grant.wait,
-                    )
+                    raise _no_place(key, (per_minute, cost, burst), allowed, grant.wait, info)
                 wait = max(wait, grant.wait)
         await _waited(hold, wait, self, while_waiting)
 
@@ -835,6 +853,35 @@ class Limiter:
             await _settle_rates(self, hold, rates, pushback, failed)
         finally:
             hold.done = True
+
+
+def _no_place(
+    key: str, limit: tuple[int, float, int], allowed: float, wait: float, info: ModelInfo
+) -> LocalRateLimitError:
+    """
+    The refusal of a place in ``key``'s schedule that comes in ``wait`` seconds, past the
+    ``allowed`` wait; ``limit``: the schedule's count per minute, the call's cost and the
+    burst.  A call costing more than the burst waits ``(cost - burst)`` intervals even
+    when the schedule is idle: when that alone is past ``allowed``, no later try does
+    better, and the error says so and what to change.
+    """
+    per_minute, cost, burst = limit
+    idle_wait = (cost - burst) * 60.0 / per_minute
+    if idle_wait > allowed:
+        why = (
+            f"a call of {cost:.0f} tokens is more than the burst of {key} ({burst} tokens): "
+            f"it waits {idle_wait:.2f} s even when it is idle, past the {allowed:.2f} s it "
+            "may wait; lower max_tokens, or raise rate_limit_wait (or the RateLimit's "
+            "burst_tokens)"
+        )
+    else:
+        why = f"no capacity within {allowed:.2f} s (next in {wait:.2f} s)"
+    return LocalRateLimitError(
+        f"rate limit {key} ({per_minute} per minute): {why}; {info.id} not called",
+        provider=info.provider,
+        model=info.id,
+        retry_after=wait,
+    )
 
 
 async def _push_back(limiter: Limiter, store: QuotaStore, key: str, seconds: float) -> None:

@@ -206,7 +206,8 @@ class Budget:
 
     @property
     def window_label(self) -> str:
-        return self.window if isinstance(self.window, str) else f"{self.window:g}s"
+        """How the window reads in the budget's key: its name, or `seconds_label`."""
+        return self.window if isinstance(self.window, str) else seconds_label(self.window)
 
     @property
     def per_value(self) -> bool:
@@ -226,6 +227,15 @@ class Budget:
     def window_bounds(self, now: float) -> tuple[float, float]:
         """(start, end) in UTC epoch seconds of the window holding ``now``."""
         return window_bounds(self.window, now)
+
+
+def seconds_label(seconds: float) -> str:
+    """
+    A window of ``seconds`` as a budget key has it: the whole number of seconds
+    (``"2592000s"``, however long), or the shortest decimal of a fraction (``"1.5s"``),
+    so that no two windows share a key and an operator types it as it is counted.
+    """
+    return f"{int(seconds)}s" if seconds.is_integer() else f"{seconds!r}s"
 
 
 def window_bounds(window: str | float, now: float) -> tuple[float, float]:

@@ -27,6 +27,7 @@ be; a numeric code, as OpenRouter sends, is the HTTP status it names:
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeGuard
@@ -55,6 +56,58 @@ __all__ = [
     "SSEDecoder",
     "StreamDecoder",
 ]
+
+_JSON_MARKS: Final = re.compile(r'[][{}"\\]')
+"""The characters that open or close a JSON value's nesting or string, and escapes."""
+
+
+class _Nesting:
+    """
+    How far a tool call's argument pieces are read for the end of their JSON value: the
+    pieces read, the brackets and braces left open, inside a string or not, and whether
+    the last piece ended on a string's escaping backslash.  Each piece is read once, so
+    telling whether a call is whole (`StreamDecoder._starts_call`) costs its new pieces
+    only, not a parse of all its arguments at every piece.
+    """
+
+    __slots__ = ("depth", "escaped", "in_string", "read")
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def closed(self, parts: list[str]) -> bool:
+        """Whether ``parts`` (the call's pieces, the ones read before first) leave no
+        bracket, brace or string open."""
+        for part in parts[self.read :]:
+            self._take(part)
+        self.read = len(parts)
+        return self.depth == 0 and not self.in_string
+
+    def _take(self, text: str) -> None:
+        depth, in_string = self.depth, self.in_string
+        skip = 0 if self.escaped else -1  # the index of a character a backslash escapes
+        for mark in _JSON_MARKS.finditer(text):
+            at = mark.start()
+            if at == skip:
+                continue
+            char = mark.group()
+            if in_string:
+                if char == "\\":
+                    skip = at + 1
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "{[":
+                depth += 1
+            elif char in "}]":
+                depth -= 1
+        self.depth, self.in_string = depth, in_string
+        self.escaped = skip == len(text)  # a backslash ended it (or an empty piece)
+
 
 _scan: Final = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 """``(value, end)`` of the JSON value at an index (the C scanner `json.loads` uses)."""
@@ -259,6 +312,7 @@ class StreamDecoder:
     __slots__ = (
         "_calls",
         "_model",
+        "_nestings",
         "_pos",
         "_provider",
         "_queue",
@@ -321,6 +375,7 @@ class StreamDecoder:
         self._reason_seen = False  # a finish reason came (OpenAI: `whole_at_eof`)
         self._calls: list[tuple[str | None, str | None, list[str]]] = []
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
+        self._nestings: dict[int, _Nesting] = {}  # a call's place -> its pieces' nesting
 
     @property
     def whole_at_eof(self) -> bool:
@@ -405,6 +460,11 @@ class StreamDecoder:
             return False
         last = next((part for part in reversed(parts) if part.strip()), "")
         if not last.rstrip().endswith("}"):  # the cheap test first: no object ends here
+            return False
+        nesting = self._nestings.get(index)
+        if nesting is None:
+            nesting = self._nestings[index] = _Nesting()
+        if not nesting.closed(parts):  # each piece read once: no parse of every prefix
             return False
         try:
             return isinstance(json.loads("".join(parts)), dict)

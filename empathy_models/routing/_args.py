@@ -53,7 +53,7 @@ def opt_number(name: str, value: object, *, positive: bool = False) -> float | N
         raise ConfigurationError(
             f"{name} must be {'> 0' if positive else '>= 0'}, got {shown(value)}"
         )
-    return float(number)
+    return float(number) + 0.0  # (-0.0 as 0.0)
 
 
 def positive_number(name: str, value: float) -> float:
@@ -81,9 +81,9 @@ def decision_limits(
     ``on_no_match``, which must be a non-empty string).
 
     Exact floats and ints in range take the fast way; anything else gets the full
-    check (which also converts ints to floats).
+    check (which also converts ints to floats); a zero limit is 0.0, never -0.0.
     """
-    if max_cost is not None and (type(max_cost) is not float or not 0.0 <= max_cost < _INF):
+    if max_cost is not None and (type(max_cost) is not float or not 0.0 < max_cost < _INF):
         max_cost = opt_number("max_cost", max_cost)
     if max_latency_ms is not None and (
         type(max_latency_ms) is not float or not 0.0 < max_latency_ms < _INF
@@ -96,10 +96,12 @@ def decision_limits(
         rate = (
             min_success_rate if type(min_success_rate) is float else plain_number(min_success_rate)
         )
-        if rate is None or not 0.0 <= rate <= 1.0:
-            raise ConfigurationError(
-                f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
-            )
+        if rate is None or not 0.0 < rate <= 1.0:
+            if rate != 0.0:  # (None and NaN too)
+                raise ConfigurationError(
+                    f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
+                )
+            rate = 0.0  # (-0.0 too)
         min_success_rate = rate
     if input_tokens is not None and (
         type(input_tokens) is not int or not 0 <= input_tokens <= _MAX_COUNT

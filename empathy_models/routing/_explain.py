@@ -279,22 +279,23 @@ class Decider:
         blocked: Collection[str],
         now: float,
     ) -> RoutingDecision | None:
-        # drop constraints in the policy's relax_order until a candidate qualifies
+        # drop constraints in the policy's relax_order until a candidate qualifies, then
+        # keep after all those dropped on the way that a candidate still qualifies with
+        cons = ctx.cons
         relaxed: list[str] = []
-        cons = active = ctx.cons
         for name in self.policy.relax_order:
-            if name not in active.given:
+            if name not in cons.given:
                 continue
-            active = active.without(name)
             relaxed.append(name)
-            loose = self.verdicts.context(
-                workflow or None, stage or None, ctx.models, limits_of(active)
-            )
-            lcosts, el, ex, pr = classify(loose, input_tokens, blocked)
-            picked = select(loose, lcosts, el, ex, pr, self.rng, self.policy, budget=False)
-            if picked is None:
+            found = self._loose(workflow, stage, ctx, relaxed, input_tokens, blocked)
+            if found is None:
                 continue
-            index, kind, why = picked
+            for earlier in reversed(relaxed[:-1]):  # the most valued first
+                fewer = [n for n in relaxed if n != earlier]
+                kept = self._loose(workflow, stage, ctx, fewer, input_tokens, blocked)
+                if kept is not None:
+                    relaxed, found = fewer, kept
+            loose, lcosts, (index, kind, why) = found
             met, detail = _unmet_detail(ctx.verdicts[index], costs[index], cons)
             return self.decide(
                 workflow,
@@ -314,6 +315,26 @@ class Decider:
                 shown=ctx,
             )
         return None
+
+    def _loose(
+        self,
+        workflow: str,
+        stage: str | None,
+        ctx: Context,
+        dropped: list[str],
+        input_tokens: int | None,
+        blocked: Collection[str],
+    ) -> tuple[Context, list[float | None], tuple[int, str | None, str]] | None:
+        # the selection in ``ctx`` without the constraints ``dropped`` (None: none qualifies)
+        active = ctx.cons
+        for name in dropped:
+            active = active.without(name)
+        loose = self.verdicts.context(
+            workflow or None, stage or None, ctx.models, limits_of(active)
+        )
+        lcosts, el, ex, pr = classify(loose, input_tokens, blocked)
+        picked = select(loose, lcosts, el, ex, pr, self.rng, self.policy, budget=False)
+        return None if picked is None else (loose, lcosts, picked)
 
     def _pin(
         self,

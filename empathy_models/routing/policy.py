@@ -173,7 +173,10 @@ class RoutingPolicy:
         warmup_share: that share (default 1.0: all).
         relax_order: the order ``on_no_match="relax"`` drops constraints in (default
             time to first token, latency, then success rate, then cost last because it
-            is a budget); a constraint not listed is never dropped.
+            is a budget) until a candidate qualifies; one dropped on the way that a
+            candidate still qualifies with is then kept (the later ones in this order
+            first), so only the constraints the pick needed dropped are; a constraint
+            not listed is never dropped.
         prior_alpha, prior_beta: Beta prior of the Thompson draws (never counted toward
             a verdict).
         seed_stage_limit: how many workflow stages get their recent-outcome window (for

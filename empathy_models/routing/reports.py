@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -66,7 +66,8 @@ class ModelStats:
     (95% by default, the confidence ``sample_size_warning`` names); latency figures are of
     successful calls, ``ttft_p50`` / ``ttft_p95`` (time to first token) of streamed
     successful calls (None when the model never streamed); ``sample_size_warning`` says
-    when the sample is too small to trust (``None`` otherwise).
+    when the sample is too small to trust (``None`` otherwise); ``tier`` is the one its
+    newest call was recorded with, else the registry's (``None``: neither says).
     """
 
     calls: int
@@ -152,8 +153,12 @@ def stats_from(
     *,
     z: float,
     min_sample_size: int,
+    tier_of: Callable[[str], ModelTier | None] = lambda _: None,
 ) -> RoutingStats:
-    """`RoutingStats` of a backend's aggregate rows (at least one)."""
+    """
+    `RoutingStats` of a backend's aggregate rows (at least one); a model's tier is the
+    one its newest call was recorded with, else ``tier_of(model)`` (the registry's).
+    """
     merged = merge_performances(perfs)
     level = f"{math.erf(z / math.sqrt(2.0)) * 100.0:.3g}%"  # the bounds' confidence
     total = sum(p.sample_size for p in merged.values())
@@ -179,7 +184,7 @@ def stats_from(
             avg_latency_ms=p.avg_latency_ms,
             p50=p.latency_p50_ms,
             p95=p.latency_p95_ms,
-            tier=p.tier.value if p.tier is not None else None,
+            tier=tier.value if (tier := p.tier or tier_of(model)) is not None else None,
             sample_size_warning=warning,
             ttft_p50=p.ttft_p50_ms,
             ttft_p95=p.ttft_p95_ms,

@@ -179,13 +179,22 @@ class Unanswering(TelemetryBackend):
     async def _recent(self, **filters: Any) -> Any: ...
     async def _purge(self, *, before: datetime) -> int: return 0
 
+async def tick() -> None:
+    # a program's event loop wakes now and then (timers, I/O), and with it the SIGTERM
+    # handler: one with nothing but the stuck write to wait for may have gone to sleep
+    # right after the signal came, and would sleep for ever
+    while True:
+        await asyncio.sleep(0.05)
+
 async def main() -> None:
+    ticking = asyncio.create_task(tick())
     async with BatchingTelemetryBackend(Unanswering(), close_timeout=0.2) as telemetry:
         await telemetry.record_many([
             LLMCallRecord(provider="p", model="m", outcome="success", call_id=f"c{i}",
                           timestamp=datetime(2026, 1, 1, tzinfo=UTC), latency_ms=1.0)
             for i in range(20)
         ])
+    ticking.cancel()
     print("closed without SIGTERM")
 
 asyncio.run(main())

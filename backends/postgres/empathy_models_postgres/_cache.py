@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL, lease_ttl
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
@@ -23,6 +23,31 @@ _MIGRATIONS: Final = (
         " expires_at timestamptz NOT NULL)",
         "CREATE INDEX IF NOT EXISTS {i_response_cache_expiry} ON {t_response_cache} (expires_at)",
     ),
+    # version 2: the leases (`PostgresResponseCache.acquire_lease`), apart from the entries
+    (
+        "CREATE TABLE IF NOT EXISTS {t_response_cache_lease} ("
+        " key text PRIMARY KEY,"
+        " holder text NOT NULL,"
+        " expires_at timestamptz NOT NULL)",
+    ),
+)
+
+# one statement: the lease taken when free, expired or the holder's (then renewed);
+# whether it was, and the lease as this statement's snapshot saw it otherwise
+_TAKE: Final = (
+    "WITH taken AS (INSERT INTO {lease} AS l (key, holder, expires_at)"
+    " VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))"
+    " ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder,"
+    " expires_at = EXCLUDED.expires_at"
+    " WHERE l.expires_at <= clock_timestamp() OR l.holder = EXCLUDED.holder RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM taken), holder,"
+    " extract(epoch FROM expires_at - clock_timestamp())::float8"
+    " FROM (SELECT 1) AS one LEFT JOIN {lease} ON key = $1"
+)
+
+_HELD: Final = (
+    "SELECT holder, extract(epoch FROM expires_at - clock_timestamp())::float8"
+    " FROM {lease} WHERE key = $1"
 )
 
 CACHE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -113,6 +138,7 @@ class PostgresResponseCache(ResponseCache):
             create=create,
         )
         self._table = self._db.table("response_cache")
+        self._lease = self._db.table("response_cache_lease")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
         self._writes = 0
 
@@ -166,6 +192,10 @@ class PostgresResponseCache(ResponseCache):
                     f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table}"
                     " WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
                 )
+                await conn.execute(  # and the leases crashed holders left
+                    f"DELETE FROM {self._lease} WHERE key IN (SELECT key FROM {self._lease}"
+                    " WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
+                )
                 await conn.execute(
                     f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table}"
                     f" WHERE key IN (SELECT key FROM {self._table} ORDER BY expires_at DESC"
@@ -194,3 +224,47 @@ class PostgresResponseCache(ResponseCache):
                 "SELECT count(*) FROM gone WHERE expires_at > clock_timestamp()",
             )
         return int(count)
+
+    leases = True
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        """
+        One statement (an upsert kept only when the lease is free, expired or
+        ``holder``'s), by the database's clock; a second read when a holder that
+        committed after the statement's snapshot took it.
+        """
+        self._check_open()
+        ttl = lease_ttl(ttl)
+        pool = await self._db.pool(self._migrations)
+        stored = _stored_key(key)
+        async with self._db.errors("acquire_lease"):
+            for _ in range(3):
+                took, held, left = await self._db.statement(
+                    pool, "fetchrow", _TAKE.format(lease=self._lease), stored, holder, ttl
+                )
+                if took:
+                    return None
+                if held is None:  # taken by a session the statement's snapshot did not see
+                    row = await self._db.statement(
+                        pool, "fetchrow", _HELD.format(lease=self._lease), stored
+                    )
+                    if row is None:
+                        continue  # let go meanwhile: try again
+                    held, left = row
+                return str(held), max(float(left), 0.0)
+        # let go each time it was found held (a race hardly ever lost thrice): left to
+        # the caller as no lease at all, whose run then asks as it would without leases
+        return None
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("release_lease"):
+            status: str = await self._db.statement(
+                pool,
+                "execute",
+                f"DELETE FROM {self._lease} WHERE key = $1 AND holder = $2",
+                _stored_key(key),
+                holder,
+            )
+        return status.endswith(" 1")

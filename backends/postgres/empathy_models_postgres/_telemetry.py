@@ -42,6 +42,7 @@ from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
 from empathy_models.serialization import from_dict, to_dict
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest as _digest
+from ._spool_key import spool_target
 
 __all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
 
@@ -376,6 +377,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             empty_when_missing=True,
         )
         self.batch_size = batch_size
+        self._spool_targets = spool_target(
+            self._db.target, self._db.pool_options, self._db.schema, self._db.table_prefix
+        )
         self._calls = self._db.table("calls")
         self._evidence_table = self._db.table("evidence")
         self._evidence_version = self._db.table("evidence_version")
@@ -415,10 +419,18 @@ class PostgresTelemetryBackend(TelemetryBackend):
 
     @property
     def spool_target(self) -> str:
-        """Names these tables (without credentials) for the batching engine's spool."""
-        return (
-            f"postgresql:{self._db.target}:schema={self._db.schema}:prefix={self._db.table_prefix}"
-        )
+        """
+        Names these tables (without credentials) for the batching engine's spool: the
+        DSN shown, the schema and prefix, and a digest of what else picks them (the
+        connection options, ``PG*`` environment variables: see `_spool_key`).
+        """
+        return self._spool_targets[0]
+
+    @property
+    def former_spool_targets(self) -> tuple[str, ...]:
+        """The name earlier versions gave these tables' spool, replayed too, if another."""
+        target, former = self._spool_targets
+        return () if former == target else (former,)
 
     @property
     def persistent(self) -> bool:

@@ -279,7 +279,10 @@ async def test_a_migration_longer_than_command_timeout_is_not_cut_short(
         await other.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
 
         async def finish_later() -> None:
-            await anyio.sleep(2.5)  # two and a half command_timeouts
+            # once the migration's watch asked twice whether it runs: two command_timeouts
+            # (a sleep from here could end before the migration even began waiting)
+            with anyio.fail_after(20):
+                await _until_watched_twice(other)
             await other.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
 
         async with anyio.create_task_group() as tg:
@@ -296,3 +299,18 @@ async def test_a_migration_longer_than_command_timeout_is_not_cut_short(
         await other.close()
     said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
     assert not [m for m in said if "failed" in m], said
+
+
+async def _until_watched_twice(conn: asyncpg.Connection) -> None:
+    """Until a migration watch's session has started two queries (its checks)."""
+    started: set[object] = set()
+    while len(started) < 2:
+        started.update(
+            row["query_start"]
+            for row in await conn.fetch(
+                "SELECT query_start FROM pg_stat_activity WHERE query_start IS NOT NULL"
+                " AND application_name = 'empathy-models migration watch'"
+                " AND datname = current_database()"
+            )
+        )
+        await anyio.sleep(0.02)

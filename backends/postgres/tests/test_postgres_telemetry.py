@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,7 +14,7 @@ import pytest
 from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
 
 from empathy_models import cache_from_url, quota_store_from_url, state_store_from_url
-from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.backends import MemoryTelemetryBackend, redact_url, telemetry_from_url
 from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.evidence import rollup
@@ -265,8 +266,9 @@ async def test_purges_at_once_take_turns_without_waiting_for_each_other(
                     f"SELECT 1 FROM {backend._evidence_table} ORDER BY bucket_start "
                     "LIMIT 1 FOR UPDATE"
                 )
-                with anyio.fail_after(0.9):  # within command_timeout: it did not wait
-                    assert await backend.purge(before=cutoff) == old - 1
+                # while the rows stay held: a purge waiting for them would fail at
+                # command_timeout, as would the wait for the other purge's commit
+                assert await backend.purge(before=cutoff) == old - 1
         finally:
             await other.close()
         assert await backend.purge(before=cutoff) == 1  # the one held meanwhile
@@ -541,3 +543,78 @@ async def test_a_migration_longer_than_the_open_goes_on_instead_of_starting_over
     said = [r.getMessage() for r in caplog.records if r.name.endswith("postgres")]
     assert not [m for m in said if "no answer" in m], said
     assert [m for m in said if "migrating" in m], said
+
+
+# ------------------------------------------- each store's spool its own
+
+
+async def test_stores_told_apart_by_their_connection_options_keep_spools_of_their_own(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    # the spool was named by the DSN shown alone: two stores told apart by a connection
+    # option (here the search_path that picks their tables) shared one, and the records
+    # one left in it were replayed into the other
+    other = f"{postgres_schema}_b"
+    await execute(postgres_dsn, f'CREATE SCHEMA "{postgres_schema}"; CREATE SCHEMA "{other}"')
+
+    def store(schema: str) -> PostgresTelemetryBackend:
+        return PostgresTelemetryBackend(postgres_dsn, server_settings={"search_path": schema})
+
+    try:
+        left = random_records(21, 3)
+        Spool(store(postgres_schema).spool_target).write(left)  # as an outage left them
+        async with BatchingTelemetryBackend(store(other)) as telemetry:
+            await telemetry.flush()
+            assert await telemetry.recent(limit=100) == []
+        async with BatchingTelemetryBackend(store(postgres_schema)) as telemetry:
+            await telemetry.flush()
+            stored = await telemetry.recent(limit=100)
+        assert sorted(r.call_id for r in stored) == sorted(r.call_id for r in left)
+    finally:
+        await execute(postgres_dsn, f'DROP SCHEMA IF EXISTS "{other}" CASCADE')
+
+
+async def test_a_spool_named_as_earlier_versions_named_it_is_replayed(
+    postgres_dsn: str, postgres_schema: str, empathy_home: Path
+) -> None:
+    await execute(postgres_dsn, f'CREATE SCHEMA "{postgres_schema}"')
+    inner = PostgresTelemetryBackend(postgres_dsn, server_settings={"search_path": postgres_schema})
+    (former,) = inner.former_spool_targets
+    assert former == f"postgresql:{redact_url(postgres_dsn)}:schema=None:prefix=empathy_"
+    left = random_records(22, 3)
+    Spool(former).write(left)
+    async with BatchingTelemetryBackend(inner) as telemetry:
+        await telemetry.flush()
+        stored = await telemetry.recent(limit=100)
+    assert sorted(r.call_id for r in stored) == sorted(r.call_id for r in left)
+    assert list((empathy_home / "spool").iterdir()) == []  # the former directory removed
+
+
+def test_a_spool_is_named_by_what_picks_the_database_and_never_by_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def target(dsn: str, **options: Any) -> str:
+        return PostgresTelemetryBackend(dsn, **options).spool_target
+
+    monkeypatch.delenv("PGDATABASE", raising=False)
+    bare = target("postgresql://app:s3cret@db.internal")
+    monkeypatch.setenv("PGDATABASE", "orders")
+    orders = target("postgresql://app:s3cret@db.internal")
+    monkeypatch.setenv("PGDATABASE", "billing")
+    billing = target("postgresql://app:s3cret@db.internal")
+    assert len({bare, orders, billing}) == 3  # the database asyncpg takes from PGDATABASE
+    # a database the DSN names itself is not PGDATABASE's, nor the password part of it
+    assert target("postgresql://app:s3cret@db.internal/x") == target(
+        "postgresql://app:rotated@db.internal/x"
+    )
+    assert target("postgresql://app:s3cret@db.internal/x") == (
+        "postgresql:postgresql://app:***@db.internal/x:schema=None:prefix=empathy_"
+    )
+    told = {
+        target("postgresql://app:s3cret@db.internal/x", database="y"),
+        target("postgresql://app:s3cret@db.internal/x", host="other"),
+        target("postgresql://app:s3cret@db.internal/x", user="ops"),
+        target("postgresql://app:s3cret@db.internal/x"),
+    }
+    assert len(told) == 4
+    assert not [t for t in [bare, orders, billing, *told] if "s3cret" in t or "rotated" in t]

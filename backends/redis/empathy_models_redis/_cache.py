@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from typing import Any, Final
 
@@ -11,7 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL, lease_ttl
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._store import (
@@ -20,6 +22,7 @@ from ._store import (
     RedisCircuitStateStore,
     _DefaultText,
     close_owned,
+    evalsha_once,
 )
 
 __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
@@ -29,6 +32,42 @@ DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
 
 _CLEAR_BATCH: Final = 500
 """The most keys `RedisResponseCache.clear` asks one SCAN page or one DEL for."""
+
+_LEASE_MARK: Final = b"\xff"
+"""The byte after the prefix of every lease key: no key's UTF-8 holds it, so no lease
+key is an entry's (`clear` leaves them to expire)."""
+
+# take the lease KEYS[1] for ARGV[1] for ARGV[2] ms when free (or renew the holder's):
+# nil; else the holder's name and the milliseconds it has left
+_TAKE: Final = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return nil
+end
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then  -- no time to live (another program's key): taken over
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return nil
+end
+return {held, left}
+"""
+_TAKE_SHA: Final = hashlib.sha1(_TAKE.encode("ascii")).hexdigest()
+
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RELEASE_SHA: Final = hashlib.sha1(_RELEASE.encode("ascii")).hexdigest()
+
+# SET KEYS[1] ARGV[1] PX ARGV[2], then the lease KEYS[2] let go if ARGV[3]'s
+_SET_RELEASING: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+_SET_RELEASING_SHA: Final = hashlib.sha1(_SET_RELEASING.encode("ascii")).hexdigest()
 
 _RAW: Final = {NEVER_DECODE: True}
 """redis-py's option to leave a reply as bytes, whatever the client decodes."""
@@ -140,6 +179,49 @@ class RedisResponseCache(ResponseCache):
         except (RedisError, OSError) as exc:
             raise self._error("delete", exc) from exc
 
+    leases = True
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        """One Lua script: ``SET NX PX`` the lease key, else its holder and time left."""
+        self._check_open()
+        px = max(1, round(lease_ttl(ttl) * 1000))
+        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        try:
+            reply = await evalsha_once(
+                self._client, _TAKE_SHA, _TAKE, [1, lease, holder, px], raw=True
+            )
+        except (RedisError, OSError) as exc:
+            raise self._error("acquire_lease", exc) from exc
+        if reply is None:
+            return None
+        held, left = reply
+        return bytes(held).decode("utf-8", "replace"), max(int(left), 0) / 1000.0
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        """`set` and `release_lease` in one Lua script (a refused value: in turn)."""
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await super().set_and_release(key, value, ttl, holder)
+            return
+        px = max(1, round(min(ttl, MAX_TTL) * 1000))
+        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        args = [2, self._key(key), lease, value, px, holder]
+        try:
+            await evalsha_once(self._client, _SET_RELEASING_SHA, _SET_RELEASING, args)
+        except (RedisError, OSError) as exc:
+            with contextlib.suppress(StateStoreError):  # not run: let go on its own
+                await self.release_lease(key, holder)
+            raise self._error("set", exc) from exc
+
+    async def release_lease(self, key: str, holder: str) -> bool:
+        self._check_open()
+        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        try:
+            reply = await evalsha_once(self._client, _RELEASE_SHA, _RELEASE, [1, lease, holder])
+        except (RedisError, OSError) as exc:
+            raise self._error("release_lease", exc) from exc
+        return bool(reply)
+
     async def clear(self) -> int:
         self._check_open()
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
@@ -153,7 +235,10 @@ class RedisResponseCache(ResponseCache):
             # counts only what it removed.
             client: Any = self._client
             batch: list[bytes] = []
+            leases = self._prefix_bytes + _LEASE_MARK
             async for key in client.scan_iter(match=pattern, count=_CLEAR_BATCH, **_RAW):
+                if key.startswith(leases):
+                    continue  # a lease, no entry: left to expire
                 batch.append(key)
                 if len(batch) == _CLEAR_BATCH:
                     deleted += await self._client.delete(*batch)

@@ -37,7 +37,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from empathy_models.abc import ChangeFeed, CircuitStateStore
+from empathy_models.abc import ChangeFeed, CircuitStateStore, reset_command
 from empathy_models.backends import redact_url, shown, url_flaw
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import (
@@ -161,22 +161,31 @@ def _text(value: object, encoding: str = "utf-8", errors: str = "strict") -> str
     return str(value)
 
 
-def _unreadable(target: str, key: str, why: object) -> StateStoreError:
-    """That ``key``'s stored state cannot be read: its fault alone (a reset repairs it)."""
+def _unreadable(store: RedisCircuitStateStore, key: str, why: object) -> StateStoreError:
+    """
+    That ``key``'s stored state cannot be read: its fault alone (a reset repairs it, by
+    the command the error gives: with the store's URL when the CLI's ``--db`` reaches the
+    same keys, the default prefix's).
+    """
+    target = store._target
+    url = target if store.prefix == DEFAULT_PREFIX else ""
     return StateStoreError(
         f"Redis state store {target}: unreadable state for {key!r}: {why}; repair it with "
-        f"`empathy-models breaker reset {key}`",
+        f"`{reset_command(key, url)}`",
         target=target,
         key=key,
     )
 
 
-def _store_error(target: str, what: str, exc: BaseException, key: str | None) -> StateStoreError:
+def _store_error(
+    store: RedisCircuitStateStore, what: str, exc: BaseException, key: str | None
+) -> StateStoreError:
     """``what`` failed with ``exc``; the script's refusal of ``key``'s unreadable state
     (``UNREADABLE <why>``) names the key."""
     text = str(exc)
+    target = store._target
     if key is not None and isinstance(exc, ResponseError) and text.startswith("UNREADABLE "):
-        return _unreadable(target, key, text.removeprefix("UNREADABLE "))
+        return _unreadable(store, key, text.removeprefix("UNREADABLE "))
     return StateStoreError(
         f"Redis state store {target}: {what} failed: {type(exc).__name__}: {exc}", target=target
     )
@@ -396,7 +405,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         return self.prefix + writable_name(key, "a breaker key", self._encoding)
 
     def _error(self, what: str, exc: BaseException, key: str | None = None) -> StateStoreError:
-        return _store_error(self._target, what, exc, key)
+        return _store_error(self, what, exc, key)
 
     def _entry(self, key: str) -> list[Any]:
         try:
@@ -561,7 +570,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         try:
             return _state_from_fields(key, fields) if base is None else _state_with(base, fields)
         except (ValueError, ArithmeticError, RecordValidationError) as exc:
-            raise _unreadable(self._target, key, exc) from exc
+            raise _unreadable(self, key, exc) from exc
 
     def change_feed(self) -> ChangeFeed:
         """

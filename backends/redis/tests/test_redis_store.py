@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio.to_thread
 import pytest
 import redis.asyncio as aioredis
 from empathy_models_redis import (
     DEFAULT_KEY_TTL,
+    DEFAULT_PREFIX,
     RedisCircuitStateStore,
     RedisQuotaStore,
     RedisResponseCache,
@@ -27,6 +30,7 @@ from empathy_models import CircuitBreaker
 from empathy_models.backends import state_store_from_url, telemetry_from_url
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.circuit import BreakerPolicy
+from empathy_models.cli import main as cli_main
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
 
@@ -276,6 +280,34 @@ async def test_an_unreadable_key_degrades_that_key_only_and_reset_repairs_it(
     finally:
         await client.aclose()
     assert repaired.state is CircuitState.CLOSED and repaired.generation >= 1
+
+
+async def test_the_repair_command_an_unreadable_key_names_repairs_it_as_given(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # the message said `empathy-models breaker reset KEY`: the CLI's default store, not
+    # this one, and a key with a space was two arguments. With the default prefix the
+    # command names this store; with another, which no --db URL reaches, it says so.
+    key = f"repair me {uuid.uuid4().hex}"
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with RedisCircuitStateStore(redis_url) as store:
+            await store.force(key, CircuitState.FORCED_OPEN, reason="seed a key")
+            await client.hset(DEFAULT_PREFIX + key, "state", "nonsense")
+            with pytest.raises(StateStoreError) as info:
+                await store.snapshot(key)
+            command = shlex.split(str(info.value).split("`")[1])
+            assert command[:4] == ["empathy-models", "breaker", "reset", "--db"], command
+            assert await anyio.to_thread.run_sync(cli_main, command[1:]) == 0
+            assert (await store.snapshot(key)).state is CircuitState.CLOSED
+        async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store:
+            await store.force("k", CircuitState.FORCED_OPEN, reason="seed a key")
+            await client.hset(redis_prefix + "k", "state", "nonsense")
+            with pytest.raises(StateStoreError, match=r"--db <this store's URL> k`"):
+                await store.snapshot("k")
+    finally:
+        await client.delete(DEFAULT_PREFIX + key)
+        await client.aclose()
 
 
 async def test_a_disabled_key_is_held_until_a_reset(redis_url: str, redis_prefix: str) -> None:

@@ -17,7 +17,7 @@ from typing import Final, TypeVar, cast
 import aiosqlite
 import anyio.lowlevel
 
-from ...abc import TransactionalStateStore
+from ...abc import TransactionalStateStore, reset_command
 from ...exceptions import (
     StateStoreError,
 )
@@ -143,7 +143,7 @@ class SQLiteStateStore(TransactionalStateStore):
             raise StateStoreError(
                 f"SQLite database {self._path}: the circuit state of {key!r} is unreadable "
                 f"({type(exc).__name__}: {str(exc)[:200]}); repair it with "
-                f"`empathy-models breaker reset {key}`",
+                f"`{reset_command(key, '' if self._path == MEMORY else self._path)}`",
                 target=self._path,
                 key=key,
             ) from exc

@@ -39,7 +39,10 @@ class ResponseCacheContract:
     ``max_value_bytes`` not stored; a refused set leaving no earlier value; delete and
     clear (counting the unexpired entries it removed, each once between concurrent
     clears); any string a key, kept apart from every other; concurrent writers; a
-    shared cache showing one instance's entries to another; close and use after close.
+    shared cache showing one instance's entries to another; close and use after close;
+    for a backend with ``leases``: a lease held by one holder (of concurrent takers,
+    in every instance) until released or expired, apart from the entries and clear,
+    and `ResponseCache.set_and_release` storing, then letting go of the holder's lease.
     """
 
     @pytest.fixture
@@ -69,13 +72,20 @@ class ResponseCacheContract:
         assert await cache.get(_key()) is None
 
     async def test_entries_expire(self, cache: ResponseCache) -> None:
-        short, long, unread = _key(), _key(), _key()
+        short, long, unread, leased = _key(), _key(), _key(), _key()
         await cache.set(short, b"short", 0.5)
         await cache.set(long, b"long", 60)
         await cache.set(unread, b"unread", 0.5)
+        if cache.leases:  # a lease expires too (one sleep for both)
+            assert await cache.acquire_lease(leased, "crashed", 0.5) is None
+            assert await cache.acquire_lease(long, "long", 60) is None
         await anyio.sleep(1.2)
         assert await cache.get(short) is None
         assert await cache.get(long) == b"long"
+        if cache.leases:
+            assert await cache.acquire_lease(leased, "next", 60) is None
+            held = await cache.acquire_lease(long, "next", 60)
+            assert held is not None and held[0] == "long"
         # an expired entry the backend has not dropped yet is not counted by clear
         assert await cache.clear() == 1
 
@@ -207,6 +217,83 @@ class ResponseCacheContract:
             key = _key()
             await cache.set(key, b"from one", 60)
             assert await other.get(key) == b"from one"
+
+    async def test_a_lease_is_one_holders_until_released(
+        self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
+    ) -> None:
+        if not cache.leases:
+            pytest.skip(f"{type(cache).__name__} keeps no leases")
+        key, odd = _key(), _key() + "\ud800"
+        assert await cache.acquire_lease(key, "first", 30) is None
+        held = await cache.acquire_lease(key, "second", 30)
+        assert held is not None and held[0] == "first" and 0 < held[1] <= 30, held
+        assert await cache.acquire_lease(key, "first", 30) is None  # renewed by its holder
+        # apart from the entries: no entry, not counted nor removed by clear
+        assert await cache.get(key) is None
+        await cache.set(key, b"answer", 60)
+        assert await cache.clear() == 1
+        assert (await cache.acquire_lease(key, "second", 30) or ("",))[0] == "first"
+        # apart from every other key's lease
+        assert await cache.acquire_lease(odd, "second", 30) is None
+        assert await cache.acquire_lease(odd[:-1] + "x", "second", 30) is None
+        assert await cache.release_lease(key, "second") is False  # another's stays
+        assert (await cache.acquire_lease(key, "second", 30) or ("",))[0] == "first"
+        if cache.shared:
+            async with cache_from_url(cache_url, **cache_options) as other:
+                assert (await other.acquire_lease(key, "third", 30) or ("",))[0] == "first"
+                assert await other.release_lease(key, "first") is True
+                assert await cache.acquire_lease(key, "third", 30) is None
+        else:
+            assert await cache.release_lease(key, "first") is True
+            assert await cache.acquire_lease(key, "third", 30) is None
+        assert await cache.release_lease(key, "third") is True
+        assert await cache.release_lease(key, "third") is False
+        for ttl in (0, -1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="ttl"):
+                await cache.acquire_lease(key, "fourth", ttl)
+        with pytest.raises(TypeError, match="ttl"):
+            await cache.acquire_lease(key, "fourth", "30")  # type: ignore[arg-type]
+
+    async def test_set_and_release_stores_then_lets_go_of_the_holders_lease(
+        self, cache: ResponseCache
+    ) -> None:
+        if not cache.leases:
+            pytest.skip(f"{type(cache).__name__} keeps no leases")
+        key, other, refused = _key(), _key(), _key()
+        for k in (key, other, refused):
+            assert await cache.acquire_lease(k, "holder", 30) is None
+        await cache.set_and_release(key, b"answer", 60, "holder")
+        assert await cache.get(key) == b"answer"
+        assert await cache.acquire_lease(key, "next", 30) is None
+        await cache.set_and_release(other, b"answer", 60, "not the holder")  # another's stays
+        assert await cache.get(other) == b"answer"
+        assert (await cache.acquire_lease(other, "next", 30) or ("",))[0] == "holder"
+        # a value it refuses: no entry (nor an earlier one), and the lease let go all the same
+        await cache.set(refused, b"earlier", 60)
+        await cache.set_and_release(refused, b"x", float("nan"), "holder")
+        assert await cache.get(refused) is None
+        assert await cache.acquire_lease(refused, "next", 30) is None
+
+    async def test_a_lease_goes_to_one_of_concurrent_takers(
+        self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
+    ) -> None:
+        if not cache.leases:
+            pytest.skip(f"{type(cache).__name__} keeps no leases")
+        key = _key()
+        other = cache_from_url(cache_url, **cache_options) if cache.shared else cache
+        async with contextlib.AsyncExitStack() as stack:
+            if other is not cache:
+                await stack.enter_async_context(other)
+            taken: list[str] = []
+
+            async def take(which: ResponseCache, holder: str) -> None:
+                if await which.acquire_lease(key, holder, 30) is None:
+                    taken.append(holder)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(take, cache if i % 2 else other, f"holder {i}")
+        assert len(taken) == 1, taken
 
     async def test_use_after_close_raises(self, cache: ResponseCache) -> None:
         await cache.aclose()
