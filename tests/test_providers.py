@@ -161,6 +161,23 @@ async def test_success_in_both_formats(provider: HTTPProvider, server: FakeLLMSe
     assert all(KEY not in value for value in seen.headers.values())
 
 
+async def test_anthropic_answers_with_a_thinking_block_give_their_text(
+    server: FakeLLMServer,
+) -> None:
+    # the fake opens an answer with extended thinking with a thinking block, as the API
+    # does: the text is the answer's, whole or streamed, the thought no delta
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    async with make_provider("anthropic", server) as provider:
+        asked = req(max_tokens=2048, extra_body=thinking)
+        completion = await provider.complete(asked)
+        assert completion.content == "hello there" and completion.output_tokens == 7
+        stream = await provider.stream(asked)
+        pieces = [str(piece) async for piece in stream]
+        await stream.aclose()
+        assert "".join(pieces) == "hello there"
+        assert stream.completion().output_tokens == 7
+
+
 async def test_max_tokens_cap_is_reported_as_the_stop_reason(provider: HTTPProvider) -> None:
     completion = await provider.complete(req(max_tokens=3))
     assert completion.output_tokens == 3

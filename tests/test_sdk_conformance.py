@@ -828,6 +828,30 @@ async def test_openai_sdk_gets_the_logprobs_it_asks_for(oai: openai.AsyncOpenAI)
     assert "".join(tokens) == answer.choices[0].message.content
 
 
+async def test_anthropic_sdk_gets_a_thinking_block_when_it_turns_thinking_on(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic
+) -> None:
+    ask: Any = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 2048,
+        "messages": [{"role": "user", "content": "hi"}],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    plain = await ant.messages.create(**{**ask, "thinking": {"type": "disabled"}})
+    assert [block.type for block in plain.content] == ["text"]
+    for message in (await ant.messages.create(**ask), await _streamed_message(ant, ask)):
+        thought, text = message.content
+        assert thought.type == "thinking" and thought.thinking and thought.signature
+        assert text.type == "text" and text.text == "Reply from claude-haiku-4-5."
+    # a tool call after the thinking block, streamed (the blocks numbered after it)
+    call = {"name": "weather", "arguments": {"city": "Paris", "unit": "c"}}
+    server.script("claude-haiku-4-5", [FakeReply(content="", tool_calls=[call])])
+    tools: Any = [{"name": "weather", "input_schema": WEATHER}]
+    message = await _streamed_message(ant, {**ask, "tools": tools})
+    assert [block.type for block in message.content] == ["thinking", "tool_use"]
+    assert message.content[1].input == {"city": "Paris", "unit": "c"}
+
+
 # --------------------------------------------------------------------------- field types
 
 

@@ -14,11 +14,14 @@ from .._validators import shown
 from ._fake_checks import Problem, json_type
 
 __all__ = [
+    "SIGNATURE",
+    "THOUGHT",
     "anthropic_field_problem",
     "choices_asked",
     "openai_field_problem",
     "openai_logprobs",
     "openai_served_tier",
+    "thinking_asked",
 ]
 
 _Kind: TypeAlias = Literal["number", "integer", "boolean", "string", "object", "list"]
@@ -218,6 +221,18 @@ def _anthropic_field(
     if high is not None and value > high:
         return f"{name}: Input should be less than or equal to {high:g}"
     return None
+
+
+THOUGHT: Final = "Thinking about the request."
+"""The thought of the thinking block an answer with extended thinking opens with."""
+SIGNATURE: Final = "ZmFrZS1zaWduYXR1cmU="
+"""That block's signature (opaque, as the API's; base64 of "fake-signature")."""
+
+
+def thinking_asked(body: Mapping[str, Any]) -> bool:
+    """Whether an Anthropic request turns extended thinking on (``"type": "enabled"``)."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, Mapping) and thinking.get("type") == "enabled"
 
 
 MIN_THINKING_BUDGET: Final = 1024

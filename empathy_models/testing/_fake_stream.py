@@ -37,7 +37,14 @@ from attrs import field, frozen
 
 from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
-from ._fake_fields import choices_asked, openai_logprobs, openai_served_tier
+from ._fake_fields import (
+    SIGNATURE,
+    THOUGHT,
+    choices_asked,
+    openai_logprobs,
+    openai_served_tier,
+    thinking_asked,
+)
 from ._fake_wire import anthropic_usage
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -238,6 +245,26 @@ def _anthropic_tool_blocks(calls: list[StreamedCall], first: int) -> list[bytes]
     return chunks
 
 
+def _anthropic_thinking() -> bytes:
+    """The events of a thinking block at index 0: its thought, then its signature."""
+    start = {"type": "thinking", "thinking": "", "signature": ""}
+    deltas = [
+        {"type": "thinking_delta", "thinking": THOUGHT},
+        {"type": "signature_delta", "signature": SIGNATURE},
+    ]
+    return (
+        _data(
+            {"type": "content_block_start", "index": 0, "content_block": start},
+            "content_block_start",
+        )
+        + b"".join(
+            _data({"type": "content_block_delta", "index": 0, "delta": d}, "content_block_delta")
+            for d in deltas
+        )
+        + _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
+    )
+
+
 def _anthropic_events(
     model: str,
     number: int,
@@ -245,16 +272,20 @@ def _anthropic_events(
     usage: tuple[int, int, tuple[int, int, int] | None],
     truncated: bool,
     calls: list[StreamedCall] | None = None,
-    stop_reason: str | None = None,
+    ending: tuple[str | None, str | None] = (None, None),
     scripted: Mapping[str, Any] | None = None,
-    stop_sequence: str | None = None,
+    body: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """
-    (opening, one event per piece, closing, the error event) for Anthropic; ``usage``:
-    the input and output tokens and the prompt cache's counts (`anthropic_usage`);
-    ``scripted``: the usage object ``message_start`` and ``message_delta`` send instead
-    (`FakeReply.usage`).
+    (opening, one event per piece, closing, the error event) for Anthropic's answer to
+    ``body``; ``usage``: the input and output tokens and the prompt cache's counts
+    (`anthropic_usage`); ``ending``: the stop reason and stop sequence (None: the
+    usual); ``scripted``: the usage object ``message_start`` and ``message_delta`` send
+    instead (`FakeReply.usage`).  A request with extended thinking (`thinking_asked`)
+    gets a thinking block first, the text and tool blocks numbered after it.
     """
+    stop_reason, stop_sequence = ending
+    first = 1 if body is not None and thinking_asked(body) else 0  # the text block's index
     input_tokens, output_tokens, cache = usage
     message: dict[str, Any] = {
         "id": f"msg_{number:024d}",
@@ -269,31 +300,27 @@ def _anthropic_events(
     calls = calls or []
     text_block = bool(pieces) or not calls  # an answer of tool calls only has no text block
     opening = _data({"type": "message_start", "message": message}, "message_start")
+    opening += _anthropic_thinking() if first else b""
     if text_block:
-        opening += _data(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        )
+        block = {"type": "content_block_start", "index": first}
+        block["content_block"] = {"type": "text", "text": ""}
+        opening += _data(block, "content_block_start")
     opening += b'event: ping\ndata: {"type": "ping"}\n\n'
     chunks = [
         _data(
             {
                 "type": "content_block_delta",
-                "index": 0,
+                "index": first,
                 "delta": {"type": "text_delta", "text": piece},
             },
             "content_block_delta",
         )
         for piece in pieces
     ]
-    text_stop = _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
+    text_stop = _data({"type": "content_block_stop", "index": first}, "content_block_stop")
     if calls and text_block:
         chunks.append(text_stop)
-    chunks.extend(_anthropic_tool_blocks(calls, first=int(text_block)))
+    chunks.extend(_anthropic_tool_blocks(calls, first=first + int(text_block)))
     reason = "max_tokens" if truncated else ("tool_use" if calls else "end_turn")
     closing = (
         (b"" if calls else text_stop)
@@ -358,23 +385,14 @@ async def serve_stream(
     behavior = DEFAULT_STREAM if behavior is None else behavior
     pieces = split_text(content, behavior.chunk_chars)
     if api == "anthropic":
+        ending_as = (stop_reason, stop_sequence)
         opening, chunks, ending, error = _anthropic_events(
-            model, number, pieces, usage, truncated, calls, stop_reason, scripted, stop_sequence
+            model, number, pieces, usage, truncated, calls, ending_as, scripted, body
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:
-        opening, chunks, ending, error = _openai_events(
-            model,
-            number,
-            pieces,
-            usage[0],
-            usage[1],
-            truncated,
-            body,
-            calls,
-            stop_reason,
-            scripted,
-        )
+        given = (usage[0], usage[1], truncated, body, calls, stop_reason, scripted)
+        opening, chunks, ending, error = _openai_events(model, number, pieces, *given)
         headers = {"x-request-id": f"req_{number:024d}"}
     malformed = _malformed(api, number)
     fault_after = behavior.fault_after

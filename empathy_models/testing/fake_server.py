@@ -46,7 +46,10 @@ request that marks parts for prompt caching (``cache_control``, e.g. through
 marked prefix writes it (``cache_creation_input_tokens``, split by TTL in
 ``cache_creation``), a later one for the same model reads it
 (``cache_read_input_tokens``), the rest is ``input_tokens`` (no minimum length, no
-expiry).
+expiry).  As the APIs do, an answer ends before the request's first stop sequence it
+holds, an Anthropic answer with extended thinking on opens with a thinking block, and
+an OpenAI answer carries the ``n`` choices, the ``logprobs`` and the ``service_tier``
+asked for.
 
 What happens to one request, in order: authentication and validation; model lookup;
 the context-window check (when the behaviour has one); the latency draw (sleeping that
@@ -95,7 +98,14 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
-from ._fake_fields import choices_asked, openai_logprobs, openai_served_tier
+from ._fake_fields import (
+    SIGNATURE,
+    THOUGHT,
+    choices_asked,
+    openai_logprobs,
+    openai_served_tier,
+    thinking_asked,
+)
 from ._fake_models import model_list, model_object
 from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import (
@@ -143,13 +153,17 @@ def _answered(
     content: str,
     body: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """``payload`` with ``reply`` applied, ended at a stop sequence (`stop_whole`), and in
+    """``payload`` with ``reply`` applied, ended at a stop sequence (`stop_whole`), opened
+    with a thinking block when the request turns thinking on (`thinking_asked`), and in
     OpenAI's format with the service tier the request asked for (`openai_served_tier`),
     which prices the call, its text's ``logprobs`` when asked (`openai_logprobs`), and the
     ``n`` choices it asked for (`choices_asked`)."""
     if reply is not None:
         apply_reply(api, payload, reply, content)
     stop_whole(api, body, payload)
+    if api == ANTHROPIC and thinking_asked(body):  # its thinking block first
+        block = {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}
+        payload["content"].insert(0, block)
     if api == OPENAI and (tier := openai_served_tier(body)) is not None:
         payload["service_tier"] = tier
     if api == OPENAI and body.get("logprobs") is True:
