@@ -38,6 +38,7 @@ WEATHER: dict[str, Any] = {
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
+THINKING: dict[str, Any] = {"type": "enabled", "budget_tokens": 1024}
 PERSON: dict[str, Any] = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 1}},
@@ -893,6 +894,17 @@ async def test_openai_sdk_fields_of_the_wrong_type_are_bad_requests(
         ({"thinking": {"type": "enabled", "budget_tokens": 1000}}, "thinking.enabled.budget"),
         ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "`max_tokens` must be"),
         ({"thinking": {"type": "enabled"}}, "thinking.enabled.budget_tokens"),
+        # nor a temperature but 1, nor a forced tool
+        ({"max_tokens": 2048, "thinking": THINKING, "temperature": 0.5}, "`temperature`"),
+        (
+            {
+                "max_tokens": 2048,
+                "thinking": THINKING,
+                "tools": [{"name": "weather", "input_schema": WEATHER}],
+                "tool_choice": {"type": "any"},
+            },
+            "Thinking may not be enabled",
+        ),
         # a custom tool's name is letters, digits, '_' and '-', at most 128 of them
         *(
             ({"tools": [{"name": name, "input_schema": WEATHER}]}, "tools.0.custom.name")

@@ -257,6 +257,17 @@ def _thinking_problem(body: Mapping[str, Any]) -> str | None:
     most = body.get("max_tokens")
     if isinstance(most, int) and budget >= most:
         return "`max_tokens` must be greater than `thinking.budget_tokens`."
+    return _with_thinking(body)
+
+
+def _with_thinking(body: Mapping[str, Any]) -> str | None:
+    # what extended thinking does not go with: a temperature but 1, a forced tool
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        return "`temperature` may only be set to 1 when thinking is enabled."
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping) and choice.get("type") in ("any", "tool"):
+        return "Thinking may not be enabled when tool_choice forces tool use."
     return None
 
 
