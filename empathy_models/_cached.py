@@ -407,7 +407,8 @@ async def lead_or_wait(
     run asks a model, ``led.lease`` let go once its answer is written (or it failed).
     While a run of another process holds the lease, wait instead: read the entry at
     growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return it (a hit)
-    once stored; the run asks a model itself (None) when the holder let go with no
+    once stored, also when this run took the lease after its holder let go (read once
+    more then); the run asks a model itself (None) when the holder let go with no
     answer (or its lease expired: this run then holds it) or another took it since,
     when the lease may outlast this run's deadline (as `follow`), or when the store
     does not answer (`_take`, as a read).
@@ -426,7 +427,10 @@ async def lead_or_wait(
         led.lease = (executor, holder)  # let go, also when the take lands late
         held = await _take(executor, led.key, holder, ttl, deadline_at)
         if held is None:
-            return None
+            if waited_for is None:
+                return None
+            # the holder may have stored its answer and let go since this run's last read
+            return await lookup(executor, led.key, ctx, task_type, messages, system, options, start)
         led.lease = None
         if waited_for is not None and held[0] != waited_for:
             return None  # let go with no answer and taken since: ask alongside

@@ -22,7 +22,7 @@ import pytest
 from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcome
 from empathy_models._cached import cache_key_of
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import cache_from_url
+from empathy_models.cache import SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import AllRoutesFailedError, InvalidRequestError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
@@ -294,3 +294,52 @@ async def test_a_burst_across_os_processes_makes_one_call(shared_url: str) -> No
                 w.close()
         assert server.requests() == 1
     assert sorted(c for r in results for c in r["cached"]) == [False] + [True] * 11
+
+
+class _StoredMeanwhile(SQLiteResponseCache):
+    """
+    A worker's cache on a file where another worker (``other``) holds a request's
+    lease: that worker stores its answer (``value``) and lets go of the lease just
+    before this one's second take of it (after this one's read of the entry missed).
+    """
+
+    def __init__(self, path: Path, other: SQLiteResponseCache, value: bytes) -> None:
+        super().__init__(path)
+        self.other = other
+        self.value = value
+        self.takes = 0
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        self.takes += 1
+        if self.takes == 2:
+            await self.other.set_and_release(key, self.value, 600, "other")
+        return await super().acquire_lease(key, holder, ttl)
+
+
+async def test_a_waiting_run_that_takes_the_lease_its_holder_let_go_with_an_answer_reads_it(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # the holder stored its answer and let go between the waiting run's read and its
+    # next take: the run, now holding the lease, reads the entry again before asking
+    # (before: it asked the model too)
+    key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
+    assert key is not None
+    made = f"sqlite:///{tmp_path / 'made.db'}"
+    async with http_executor(server, REGISTRY, cache=made) as maker:
+        await maker.run("q", CTX)  # the entry the other worker stores, made by a run
+    async with cache_from_url(made) as store:
+        value = await store.get(key)
+    assert value is not None
+    server.reset_counters()
+    path = tmp_path / "cache.db"
+    async with SQLiteResponseCache(path) as other:
+        assert await other.acquire_lease(key, "other", 60) is None
+        async with (
+            _StoredMeanwhile(path, other, value) as cache,
+            http_executor(server, REGISTRY, cache=cache) as executor,
+        ):
+            answer = await executor.run("q", CTX)
+        assert await other.acquire_lease(key, "next", 60) is None  # let go
+    assert cache.takes == 2
+    assert answer.cached and answer.content == "The answer."
+    assert server.requests() == 0
