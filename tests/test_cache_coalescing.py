@@ -343,3 +343,43 @@ async def test_a_waiting_run_that_takes_the_lease_its_holder_let_go_with_an_answ
     assert cache.takes == 2
     assert answer.cached and answer.content == "The answer."
     assert server.requests() == 0
+
+
+class _HeldTake(SQLiteResponseCache):
+    """A worker's cache whose takes of a lease reach the file once ``gate`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.taking = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        self.taking.set()
+        await self.gate.wait()
+        return await super().acquire_lease(key, holder, ttl)
+
+
+async def test_a_run_cancelled_while_taking_the_lease_lets_go_of_it_once_taken(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # the run is cancelled with its take of the lease still out, which lands later: it
+    # lets go of the lease once the take has landed (before: its release came first,
+    # found nothing, and the lease it took was held until it expired, 30 s in which
+    # other workers' copies of the request waited for an answer that never came)
+    key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
+    assert key is not None
+    path = tmp_path / "cache.db"
+    async with (
+        _HeldTake(path) as cache,
+        http_executor(server, REGISTRY, cache=cache) as executor,
+    ):
+        run = asyncio.create_task(executor.run("q", CTX))
+        await cache.taking.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        cache.gate.set()
+    # the executor has closed, after the store operations it left running
+    async with SQLiteResponseCache(path) as store:
+        assert await store.acquire_lease(key, "next", 60) is None
+    assert server.requests() == 0
