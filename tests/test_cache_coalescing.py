@@ -15,12 +15,14 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 import attrs
 import pytest
 
 from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcome
 from empathy_models._cached import cache_key_of
+from empathy_models.abc import ResponseCache
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import AllRoutesFailedError, InvalidRequestError
@@ -220,6 +222,22 @@ async def test_a_worker_opting_out_asks_the_model_alongside(
     assert not first.cached and not second.cached
 
 
+def _watched(url: str) -> tuple[ResponseCache, asyncio.Event]:
+    """A cache on ``url``, and the event it sets when a take finds a lease held."""
+    store = cache_from_url(url)
+    found_held = asyncio.Event()
+    take = store.acquire_lease
+
+    async def acquire_lease(key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        held = await take(key, holder, ttl)
+        if held is not None:
+            found_held.set()
+        return held
+
+    store.acquire_lease = acquire_lease  # type: ignore[method-assign]
+    return store, found_held
+
+
 @pytest.mark.parametrize("end", ["failed", "cancelled"])
 async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_the_model(
     server: FakeLLMServer, shared_url: str, end: str
@@ -231,12 +249,16 @@ async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_th
     if end == "failed":
         server.script("gpt-a", ["hang"])
         first_ctx = attrs.evolve(CTX, timeout=0.5)  # the same request (key)
+    store, found_held = _watched(shared_url)
     async with contextlib.AsyncExitStack() as stack:
-        one, two = [await stack.enter_async_context(w) for w in _workers(server, shared_url, 2)]
+        await stack.enter_async_context(store)
+        one = await stack.enter_async_context(_workers(server, shared_url, 1)[0])
+        two = await stack.enter_async_context(http_executor(server, REGISTRY, cache=store))
         first = asyncio.create_task(one.run("What is GCRA?", first_ctx))
         await server.wait_for_requests(1)  # it holds the lease and has asked
         others = [asyncio.create_task(two.run("What is GCRA?", CTX)) for _ in range(3)]
-        await asyncio.sleep(0.05)  # they wait for the lease
+        with anyio.fail_after(10):
+            await found_held.wait()  # they wait for the lease
         assert server.requests() == 1
         if end == "cancelled":
             first.cancel()
