@@ -24,6 +24,7 @@ process's answer while that process holds it (`lead_or_wait`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -278,8 +279,9 @@ class Flight:
     store).  ``deadline_at`` is the leading run's (the executor's clock; ``None``:
     none).  The leading run holds it as a context manager around its call: leaving it,
     however the call ended, wakes the runs that wait, and lets go of the request's
-    lease in a shared store (``lease``: the executor and the holder's name, see
-    `lead_or_wait`) unless `store` took it over, to let go once the entry is written.
+    lease in a shared store (``lease``: the executor, the holder's name and the event
+    set once its take of the lease landed, see `lead_or_wait`) unless `store` took it
+    over, to let go once the entry is written.
     """
 
     __slots__ = ("deadline_at", "ended", "flights", "key", "lease", "value")
@@ -290,7 +292,7 @@ class Flight:
         self.deadline_at = deadline_at
         self.ended = asyncio.Event()
         self.value: bytes | None = None  # the entry stored for ``key`` meanwhile
-        self.lease: tuple[EmpathyLLMExecutor, str] | None = None
+        self.lease: tuple[EmpathyLLMExecutor, str, asyncio.Event] | None = None
 
     def __enter__(self) -> None:
         return None
@@ -301,8 +303,8 @@ class Flight:
         self.ended.set()
         lease, self.lease = self.lease, None
         if lease is not None:  # no answer stored: the runs of other processes ask now
-            executor, holder = lease
-            executor._fb.behind.background(_released(executor, self.key, holder))
+            executor, holder, landed = lease
+            executor._fb.behind.background(_released(executor, self.key, holder, landed))
 
 
 async def follow(
@@ -407,7 +409,8 @@ async def lead_or_wait(
     run asks a model, ``led.lease`` let go once its answer is written (or it failed).
     While a run of another process holds the lease, wait instead: read the entry at
     growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return it (a hit)
-    once stored; the run asks a model itself (None) when the holder let go with no
+    once stored, also when this run took the lease after its holder let go (read once
+    more then); the run asks a model itself (None) when the holder let go with no
     answer (or its lease expired: this run then holds it) or another took it since,
     when the lease may outlast this run's deadline (as `follow`), or when the store
     does not answer (`_take`, as a read).
@@ -423,10 +426,14 @@ async def lead_or_wait(
                 return None  # its time ran out: it goes on as such
         if executor._cache_outage.skip():
             return None  # the store is skipped for now (its read was counted): no lease
-        led.lease = (executor, holder)  # let go, also when the take lands late
-        held = await _take(executor, led.key, holder, ttl, deadline_at)
+        landed = asyncio.Event()
+        led.lease = (executor, holder, landed)  # let go, also when the take lands late
+        held = await _take(executor, led.key, holder, ttl, deadline_at, landed)
         if held is None:
-            return None
+            if waited_for is None:
+                return None
+            # the holder may have stored its answer and let go since this run's last read
+            return await lookup(executor, led.key, ctx, task_type, messages, system, options, start)
         led.lease = None
         if waited_for is not None and held[0] != waited_for:
             return None  # let go with no answer and taken since: ask alongside
@@ -441,12 +448,18 @@ async def lead_or_wait(
 
 
 async def _take(
-    executor: EmpathyLLMExecutor, key: str, holder: str, ttl: float, deadline_at: float | None
+    executor: EmpathyLLMExecutor,
+    key: str,
+    holder: str,
+    ttl: float,
+    deadline_at: float | None,
+    landed: asyncio.Event,
 ) -> tuple[str, float] | None:
     """
     `ResponseCache.acquire_lease` bounded as a read (`_get`): the live lease another
     holds, or None: taken, or no answer (failed or late, counted as a read's), when
-    the run asks a model as it would without leases.
+    the run asks a model as it would without leases.  ``landed`` is set once the take
+    has ended, also one its caller stopped waiting for (`_released` waits for it).
     """
     cache = executor._cache
     assert cache is not None
@@ -457,7 +470,10 @@ async def _take(
     take = _Read(executor, within)
     try:
         return await executor._fb.behind.run(
-            take.of(cache.acquire_lease(key, holder, ttl)), within, carried=False, late=take.late
+            take.of(_landing(cache.acquire_lease(key, holder, ttl), landed)),
+            within,
+            carried=False,
+            late=take.late,
         )
     except Expired:
         take.late()
@@ -468,10 +484,32 @@ async def _take(
     return None
 
 
-async def _released(executor: EmpathyLLMExecutor, key: str, holder: str) -> None:
-    """Let go of ``holder``'s lease on ``key``, at most `STORE_TIMEOUT`; failures logged."""
+_T = TypeVar("_T")
+
+
+async def _landing(operation: Awaitable[_T], landed: asyncio.Event) -> _T:
+    """``await operation``, then ``landed`` set, however it ended."""
+    try:
+        return await operation
+    finally:
+        landed.set()
+
+
+async def _released(
+    executor: EmpathyLLMExecutor, key: str, holder: str, landed: asyncio.Event | None = None
+) -> None:
+    """
+    Let go of ``holder``'s lease on ``key``, at most `STORE_TIMEOUT`; failures logged.
+    A take of the lease still out (``landed`` not set: its run stopped waiting for it)
+    is waited for first, `LEASE_SECONDS` at most: a release that came before it would
+    leave the lease it takes held until it expires.
+    """
     cache = executor._cache
     assert cache is not None
+    if landed is not None and not landed.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LEASE_SECONDS):
+                await landed.wait()
     try:
         async with asyncio.timeout(STORE_TIMEOUT):
             await cache.release_lease(key, holder)
@@ -515,9 +553,6 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
         outage.failed(exc)
         logger.debug("response cache read failed", exc_info=True)
     return None
-
-
-_T = TypeVar("_T")
 
 
 class _Read:
@@ -804,6 +839,8 @@ async def store(
             generation = cache._generation
             executor._cache_pending[key] = (generation, value)
             lease = None if flight is None else flight.lease
+            if lease is not None and not lease[2].is_set():
+                lease = None  # its take is still out: let go by the flight, once it landed
             if lease is not None:  # let go once the entry is written (other processes read it)
                 flight.lease = None  # type: ignore[union-attr]
             holder = None if lease is None else lease[1]

@@ -44,6 +44,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from ._propagation import background
+
 logger = logging.getLogger("empathy_models.breaker")
 
 RETRY_MIN = 0.1
@@ -127,9 +129,7 @@ class ChangeFeed:
             return
         self._listeners[listener] = ttl
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"{self!r} watcher"
-            )
+            self._task = background(self._run(), f"{self!r} watcher")
 
     async def unlisten(self, listener: FeedListener) -> None:
         """Stop telling ``listener``; the last one gone stops the watcher."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import anyio
 
 from ._breaker_events import describe
+from ._propagation import background
 from ._settled import SHIELD_SECONDS
 from ._validators import shown as shown_value
 from .circuit import extends_open, unstepped
@@ -298,9 +299,7 @@ class LocalView:
         by it.
         """
         if self.ttl > 0 and self.flusher is None:
-            self.flusher = asyncio.get_running_loop().create_task(
-                flush_loop(flush_all, sleep, self._flush_interval), name=name
-            )
+            self.flusher = background(flush_loop(flush_all, sleep, self._flush_interval), name)
         feed = store.change_feed()
         if feed is not None and self.feed is None:
             self.feed = feed

@@ -56,6 +56,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 
 from ._fast import gc_paused
 from ._loops import close_at_home, dropped, elsewhere, other_loop_error, running_loop
+from ._propagation import background
 from ._validators import plain_number, shown
 from .abc import TelemetryBackend
 from .evidence import EvidenceBatch, rollup
@@ -311,14 +312,14 @@ class _StorelessWindow:
         if not behind:
             return
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop runs: the slide is made here
             with gc_paused():
                 for key, arm in behind:
                     memory.rebase(key, arm, floor)
                 memory.settle()
             return
-        self.task = loop.create_task(self._run(floor), name="empathy-models-router-window")
+        self.task = background(self._run(floor), "empathy-models-router-window")
 
     async def _run(self, floor: int) -> None:
         try:
@@ -428,8 +429,8 @@ async def _start(router: AdaptiveModelRouter) -> None:
         router._started = False
         raise
     if router.refresh_interval is not None and not router._closed:
-        router._task = asyncio.get_running_loop().create_task(
-            router._refresh_loop(router.refresh_interval), name="empathy-models-router-refresh"
+        router._task = background(
+            router._refresh_loop(router.refresh_interval), "empathy-models-router-refresh"
         )
 
 

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, TypeVar
 
+from ._propagation import background
 from .abc import CircuitStateStore
 from .circuit import BreakerPolicy, shown
 from .records import Admission, Outcome, OutcomeReport
@@ -66,7 +67,7 @@ class Settler:
         is pending (a DISABLED key's successes are not kept).
         """
         if key in pending and key not in self.behind:
-            task = asyncio.get_running_loop().create_task(self._send(key, flush, pending))
+            task = background(self._send(key, flush, pending))
             self.behind[key] = task
 
     async def _send(

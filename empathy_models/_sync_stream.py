@@ -222,9 +222,10 @@ class SyncStream:
             raise RuntimeError("another thread is reading this stream; read it from one")
         try:
             pieces = self._loop.call(self._take, self._limit)
-        except TimeoutError:
+        except (TimeoutError, KeyboardInterrupt):
             # the cancelled read closed the stream, unless it had taken its pieces as it
-            # was given up on: closed here then, its next read ends instead of skipping them
+            # was given up on (or Ctrl-C came as its answer did): closed here then, its
+            # next read ends instead of skipping them
             self.close()
             raise
         finally:

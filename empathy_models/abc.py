@@ -1434,6 +1434,7 @@ Role = Literal["system", "user", "assistant", "tool"]
 _ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 _MESSAGE_KEYS = frozenset({"role", "content"})
 _OPTIONAL_MESSAGE_KEYS = frozenset({"tool_calls", "tool_call_id"})
+_KNOWN_KEYS = _MESSAGE_KEYS | _OPTIONAL_MESSAGE_KEYS
 _ALLOWED_BLOCKS: Final[Mapping[str, tuple[type, ...]]] = {
     "system": (TextBlock,),
     "user": (TextBlock, ImageBlock, ToolResult),
@@ -1555,7 +1556,8 @@ class Message:
             item: a `Message` (returned as is), or a mapping with the keys ``role`` and
                 ``content`` (OpenAI's chat format; ``content`` may be left out of an
                 assistant message with ``tool_calls``) and optionally ``tool_calls`` and
-                ``tool_call_id``; any other key is refused unless its value is ``None``
+                ``tool_call_id`` (each checked, even when empty: ``"tool_calls": {}``
+                is refused); any other key is refused unless its value is ``None``
                 or empty, as in the ``model_dump()`` of the openai SDK's
                 ``ChatCompletionMessage`` (``refusal``, ``audio``, ``annotations: []``,
                 ...), which is taken itself too (an SDK's object, pydantic's: its
@@ -1577,8 +1579,8 @@ class Message:
             )
         # a field left null is a field left out (an SDK's dump holds every field it
         # knows), and so is an empty one of those it cannot send (OpenAI's answers hold
-        # "annotations": [])
-        item = {k: v for k, v in item.items() if k in _MESSAGE_KEYS or not _blank(v)}
+        # "annotations": []); a key it knows is kept, so a wrong type is refused by name
+        item = {k: v for k, v in item.items() if k in _KNOWN_KEYS or not _blank(v)}
         unknown = sorted(map(str, set(item) - _MESSAGE_KEYS - _OPTIONAL_MESSAGE_KEYS))
         required = _MESSAGE_KEYS - ({"content"} if item.get("tool_calls") else set())
         missing = sorted(required - set(item))

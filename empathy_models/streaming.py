@@ -960,8 +960,8 @@ def _ready_pieces(stream: LLMStream, limit: int) -> list[str | ToolCallDelta]:
     """
     Up to ``limit`` pieces that ``stream`` has taken from the provider and not yet
     delivered, delivered now (as `StreamEvents` delivers them without waiting), for
-    `empathy_models.sync`'s batches.  None while the run's deadline bounds the reading:
-    each read checks it then, so each piece is read on its own.
+    `empathy_models.sync`'s batches.  None (an empty list) while the run's deadline
+    bounds the reading: each read checks it then, so each piece is read on its own.
     """
     ready = stream._ready
     if not ready or stream._state != "streaming" or stream._deadline_at is not None:

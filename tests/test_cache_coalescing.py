@@ -15,14 +15,16 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 import attrs
 import pytest
 
 from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcome
 from empathy_models._cached import cache_key_of
+from empathy_models.abc import ResponseCache
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import cache_from_url
+from empathy_models.cache import SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import AllRoutesFailedError, InvalidRequestError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
@@ -220,6 +222,22 @@ async def test_a_worker_opting_out_asks_the_model_alongside(
     assert not first.cached and not second.cached
 
 
+def _watched(url: str) -> tuple[ResponseCache, asyncio.Event]:
+    """A cache on ``url``, and the event it sets when a take finds a lease held."""
+    store = cache_from_url(url)
+    found_held = asyncio.Event()
+    take = store.acquire_lease
+
+    async def acquire_lease(key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        held = await take(key, holder, ttl)
+        if held is not None:
+            found_held.set()
+        return held
+
+    store.acquire_lease = acquire_lease  # type: ignore[method-assign]
+    return store, found_held
+
+
 @pytest.mark.parametrize("end", ["failed", "cancelled"])
 async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_the_model(
     server: FakeLLMServer, shared_url: str, end: str
@@ -231,12 +249,16 @@ async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_th
     if end == "failed":
         server.script("gpt-a", ["hang"])
         first_ctx = attrs.evolve(CTX, timeout=0.5)  # the same request (key)
+    store, found_held = _watched(shared_url)
     async with contextlib.AsyncExitStack() as stack:
-        one, two = [await stack.enter_async_context(w) for w in _workers(server, shared_url, 2)]
+        await stack.enter_async_context(store)
+        one = await stack.enter_async_context(_workers(server, shared_url, 1)[0])
+        two = await stack.enter_async_context(http_executor(server, REGISTRY, cache=store))
         first = asyncio.create_task(one.run("What is GCRA?", first_ctx))
         await server.wait_for_requests(1)  # it holds the lease and has asked
         others = [asyncio.create_task(two.run("What is GCRA?", CTX)) for _ in range(3)]
-        await asyncio.sleep(0.05)  # they wait for the lease
+        with anyio.fail_after(10):
+            await found_held.wait()  # they wait for the lease
         assert server.requests() == 1
         if end == "cancelled":
             first.cancel()
@@ -294,3 +316,92 @@ async def test_a_burst_across_os_processes_makes_one_call(shared_url: str) -> No
                 w.close()
         assert server.requests() == 1
     assert sorted(c for r in results for c in r["cached"]) == [False] + [True] * 11
+
+
+class _StoredMeanwhile(SQLiteResponseCache):
+    """
+    A worker's cache on a file where another worker (``other``) holds a request's
+    lease: that worker stores its answer (``value``) and lets go of the lease just
+    before this one's second take of it (after this one's read of the entry missed).
+    """
+
+    def __init__(self, path: Path, other: SQLiteResponseCache, value: bytes) -> None:
+        super().__init__(path)
+        self.other = other
+        self.value = value
+        self.takes = 0
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        self.takes += 1
+        if self.takes == 2:
+            await self.other.set_and_release(key, self.value, 600, "other")
+        return await super().acquire_lease(key, holder, ttl)
+
+
+async def test_a_waiting_run_that_takes_the_lease_its_holder_let_go_with_an_answer_reads_it(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # the holder stored its answer and let go between the waiting run's read and its
+    # next take: the run, now holding the lease, reads the entry again before asking
+    # (before: it asked the model too)
+    key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
+    assert key is not None
+    made = f"sqlite:///{tmp_path / 'made.db'}"
+    async with http_executor(server, REGISTRY, cache=made) as maker:
+        await maker.run("q", CTX)  # the entry the other worker stores, made by a run
+    async with cache_from_url(made) as store:
+        value = await store.get(key)
+    assert value is not None
+    server.reset_counters()
+    path = tmp_path / "cache.db"
+    async with SQLiteResponseCache(path) as other:
+        assert await other.acquire_lease(key, "other", 60) is None
+        async with (
+            _StoredMeanwhile(path, other, value) as cache,
+            http_executor(server, REGISTRY, cache=cache) as executor,
+        ):
+            answer = await executor.run("q", CTX)
+        assert await other.acquire_lease(key, "next", 60) is None  # let go
+    assert cache.takes == 2
+    assert answer.cached and answer.content == "The answer."
+    assert server.requests() == 0
+
+
+class _HeldTake(SQLiteResponseCache):
+    """A worker's cache whose takes of a lease reach the file once ``gate`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.taking = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+        self.taking.set()
+        await self.gate.wait()
+        return await super().acquire_lease(key, holder, ttl)
+
+
+async def test_a_run_cancelled_while_taking_the_lease_lets_go_of_it_once_taken(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # the run is cancelled with its take of the lease still out, which lands later: it
+    # lets go of the lease once the take has landed (before: its release came first,
+    # found nothing, and the lease it took was held until it expired, 30 s in which
+    # other workers' copies of the request waited for an answer that never came)
+    key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
+    assert key is not None
+    path = tmp_path / "cache.db"
+    async with (
+        _HeldTake(path) as cache,
+        http_executor(server, REGISTRY, cache=cache) as executor,
+    ):
+        run = asyncio.create_task(executor.run("q", CTX))
+        await cache.taking.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        cache.gate.set()
+    # the executor has closed, after the store operations it left running
+    async with SQLiteResponseCache(path) as store:
+        assert await store.acquire_lease(key, "next", 60) is None
+    assert server.requests() == 0

@@ -996,6 +996,33 @@ def test_routing_stats_count_the_calls_without_a_workflow_or_stage(
     assert (stats["total_calls"], stats["avg_success_rate"]) == (12, 1.0)
 
 
+def test_routing_reads_a_tier_this_version_does_not_know_as_unknown(
+    home: Path, tmp_path: Path
+) -> None:
+    # the newest call of each stage written by a newer version (or edited by hand)
+    path = tmp_path / "newer.db"
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record_many(_records())
+
+    anyio.run(fill)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "UPDATE llm_calls SET tier = 'ultra' WHERE ts_us IN "
+            "(SELECT max(ts_us) FROM llm_calls GROUP BY workflow, stage)"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    stats = json.loads(ok(cli(home, "routing", "stats", "--db", str(path), "--json")))
+    assert sum(w["total_calls"] for w in stats["workflows"]) == _RECORDS
+    upgrades = json.loads(ok(cli(home, "routing", "upgrades", "--db", str(path), "--json")))
+    windows = {(r["workflow"], r["stage"]): r["window"] for r in upgrades["stages"]}
+    assert windows == {("docs", "write"): 20, ("support", "triage"): 20}
+
+
 def test_routing_best_explains_the_choice(home: Path, db: Path) -> None:
     data = json.loads(
         ok(

@@ -7,6 +7,7 @@ correct store on its own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -200,6 +201,63 @@ async def test_the_fallback_starts_from_what_the_owner_knew_and_the_primary_is_r
         assert (state.state, state.generation) == (CircuitState.CLOSED, 0)
         assert not is_degraded(store)
         assert seen == [("degraded", "k", False), ("recovered", "k", False)]
+
+
+class GatedForce(MemoryStateStore):
+    """A memory store whose ``force`` waits for ``gate`` (already sent: it is answered
+    whatever follows) and whose ``admit`` fails while ``down``."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.down = False
+        self.forcing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        if self.down:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await super().admit(key, policy)
+
+    async def force(self, key: str, state: CircuitState, **options: Any) -> CircuitBreakerState:
+        self.forcing.set()
+        await self.gate.wait()
+        return await super().force(key, state, **options)
+
+
+async def test_a_force_does_not_end_an_outage_that_began_while_it_was_made(
+    fake_clock: FakeClock,
+) -> None:
+    # the force's answer was sent before the store failed another operation: it is no
+    # sign the store is back (as a retry's would be), so the outage goes on
+    seen: list[tuple[str, str | None]] = []
+
+    async def degraded(key: str | None, error: str, only_key: bool) -> None:
+        seen.append(("degraded", key))
+
+    async def recovered(key: str | None, only_key: bool) -> None:
+        seen.append(("recovered", key))
+
+    primary = GatedForce(fake_clock)
+    store = FailoverStateStore(
+        primary, clock=fake_clock, on_degraded=degraded, on_recovered=recovered
+    )
+    async with store:
+
+        def force(s: CircuitStateStore) -> Any:
+            return s.force("k", CircuitState.FORCED_OPEN, reason="maintenance")
+
+        forcing = asyncio.create_task(store.control("k", force, "force_open(k)"))
+        await primary.forcing.wait()
+        primary.down = True
+        await store.admit("other", POLICY)  # the outage begins
+        assert is_degraded(store)
+        primary.gate.set()
+        assert (await forcing).state is CircuitState.FORCED_OPEN
+        assert is_degraded(store) and seen == [("degraded", "other")]
+        # a later force, made while degraded, takes the store back as before
+        await store.control("k", force, "force_open(k)")
+        assert not is_degraded(store)
+        assert seen == [("degraded", "other"), ("recovered", "k")]
 
 
 class UnreadableKeys(MemoryStateStore):

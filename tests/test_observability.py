@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,13 @@ from empathy_models import (
     RetryPolicy,
 )
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.content import ImageBlock, TextBlock, Tool, ToolCall, ToolResult
 from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.records import CircuitBreakerState, OutcomeReport
 from empathy_models.testing import FakeLLMServer, FakeReply
 from empathy_models.testing.clock import FakeClock
 
@@ -540,6 +542,39 @@ async def test_a_state_change_seen_after_a_run_ended_is_no_event_of_its_span(
     assert [(p.attributes["empathy_models.breaker.to"], p.value) for p in transitions] == [
         ("forced_open", 1)
     ]
+
+
+class TracedStore(SQLiteStateStore):
+    """A shared store whose client an app traces itself (as a database instrumentation
+    would): each ``record`` is a span of the app's tracer, under the current span."""
+
+    def __init__(self, path: Path, tracer: trace.Tracer) -> None:
+        super().__init__(path)
+        self.tracer = tracer
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        with self.tracer.start_as_current_span("app.store.record"):
+            return await super().record(key, policy, reports)
+
+
+async def test_a_background_task_a_run_started_is_not_part_of_its_trace(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path
+) -> None:
+    # exact mode: the run's success is sent by a task the run started, which outlives
+    # it; the app's own spans in that task must not join the run's (ended) trace
+    store = TracedStore(tmp_path / "state.db", otel.tracer_provider.get_tracer("app"))
+    breaker = CircuitBreaker(store, local_view_ttl=0)
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with (
+        store,
+        breaker,
+        make(server, otel, breaker=breaker, retry=RetryPolicy.none()) as ex,
+    ):
+        await ex.run(PROMPT, ctx)
+    sent = [s for s in otel.spans() if s.name == "app.store.record"]
+    assert sent and [s.parent for s in sent] == [None] * len(sent)  # not the run's children
 
 
 # --------------------------------------------------------------------------- content

@@ -18,9 +18,11 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     BackendError,
     ConfigurationError,
     LLMCallRecord,
+    ModelTier,
     Outcome,
     state_store_from_url,
 )
@@ -691,3 +693,43 @@ async def test_inserting_calls_reports_exactly_the_records_it_inserted(tmp_path:
         assert conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == 8
     finally:
         conn.close()
+
+
+def _tiered(n: int) -> list[LLMCallRecord]:
+    """``n`` calls of one stage in the last minutes, every third failed, tier cheap."""
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    return [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            tier=ModelTier.CHEAP,
+            outcome=Outcome.FAILURE if i % 3 == 0 else Outcome.SUCCESS,
+            workflow="wf",
+            stage="st",
+            latency_ms=10.0,
+            call_id=f"c{i:02d}",
+            timestamp=start + timedelta(seconds=i),
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_tier_this_version_does_not_know_is_read_as_unknown(tmp_path: Path) -> None:
+    # written by a newer version or edited by hand: the rest of the store stays readable
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many(_tiered(30))
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("UPDATE llm_calls SET tier = 'ultra' WHERE call_id IN ('c20', 'c29')")
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteTelemetryBackend(db) as backend:
+        tiers = {r.call_id: r.tier for r in await backend.recent(limit=30)}
+        (performance,) = await backend.aggregate()
+    assert (tiers["c20"], tiers["c29"], tiers["c28"]) == (None, None, ModelTier.CHEAP)
+    assert (performance.tier, performance.sample_size) == (None, 30)  # the newest's tier
+    async with AdaptiveModelRouter(None, f"sqlite:///{db}", refresh_interval=None) as router:
+        advice = router.recommend_tier_upgrade("wf", "st")
+    assert (advice.window, advice.current_tiers) == (20, (ModelTier.CHEAP,))

@@ -39,6 +39,7 @@ from empathy_models import (
     Outcome,
     StreamInterruptedError,
 )
+from empathy_models.abc import Completion, CompletionRequest, CompletionStream
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.sync import SyncExecutor
@@ -913,6 +914,75 @@ def test_leaving_a_stream_early_closes_it_on_the_loop_and_records_cancelled(
         (record,) = _recent(llm)
         assert llm.run("still there?", CHEAP, timeout=30).content
     assert record.outcome is Outcome.CANCELLED and record.ttft_ms is not None
+
+
+class _CtrlCAt(CompletionStream):
+    """A provider's stream that presses Ctrl-C as it hands over the piece ``at``."""
+
+    def __init__(self, inner: CompletionStream, at: str) -> None:
+        self.inner = inner
+        self.at = at
+
+    def _pressing(self, pieces: list[str | ToolCallDelta]) -> list[str | ToolCallDelta]:
+        if self.at in pieces:
+            _thread.interrupt_main()
+        return pieces
+
+    async def __anext__(self) -> str | ToolCallDelta:
+        return self._pressing([await self.inner.__anext__()])[0]
+
+    async def next_pieces(self) -> list[str | ToolCallDelta]:
+        return self._pressing(await self.inner.next_pieces())
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    @property
+    def ended_at(self) -> float | None:
+        return self.inner.ended_at
+
+    def completion(self) -> Completion:
+        return self.inner.completion()
+
+    @property
+    def output_estimated(self) -> bool:
+        return self.inner.output_estimated
+
+
+class _CtrlCAtThree(AnthropicProvider):
+    async def stream(
+        self,
+        request: CompletionRequest,
+        *,
+        idle_timeout: float | None = None,
+        total_timeout: float | None = None,
+    ) -> CompletionStream:
+        inner = await super().stream(
+            request, idle_timeout=idle_timeout, total_timeout=total_timeout
+        )
+        return _CtrlCAt(inner, WORDS[2])
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_as_a_streams_read_takes_its_pieces_closes_it(server: FakeLLMServer) -> None:
+    # Ctrl-C comes as the read on the loop takes its pieces: that read's pieces are lost
+    # to the caller's thread, so the stream is closed, as on a timeout, and a later read
+    # ends (before: the stream went on, the next read skipping the pieces that read took)
+    _streams(server, chunk_interval_ms=5)  # (pieces apart: the read with WORDS[2] not the last)
+    provider = _CtrlCAtThree(api_key=KEY, base_url=server.anthropic_base_url)
+    read: list[str] = []
+    with (
+        SyncExecutor([provider], registry=REGISTRY, telemetry_store="null://") as llm,
+        llm.stream("Count", HAIKU) as stream,
+    ):
+        with pytest.raises(KeyboardInterrupt):
+            read.extend(stream)
+        assert WORDS[2] not in read
+        assert list(stream) == []
 
 
 @pytest.mark.usefixtures("interruptible_children")

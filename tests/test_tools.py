@@ -833,6 +833,26 @@ def test_message_of_takes_sdk_messages_and_their_dumps_with_null_fields() -> Non
         Message.of({"role": None, "content": "hi"})
 
 
+@pytest.mark.parametrize(
+    ("item", "refused"),
+    [
+        ({"role": "assistant", "content": "x", "tool_calls": {}}, "tool_calls must be a list"),
+        ({"role": "user", "content": "x", "tool_call_id": ()}, "only tool messages carry"),
+        ({"role": "user", "content": {}}, "content"),
+    ],
+)
+def test_a_known_key_of_the_wrong_type_is_refused_even_when_empty(
+    item: dict[str, object], refused: str
+) -> None:
+    # only an unknown key's empty value counts as left out: a known one is checked
+    with pytest.raises(RecordValidationError, match=refused):
+        Message.of(item)
+    # a known key left null or empty as its own type still says nothing
+    assert Message.of({"role": "assistant", "content": "x", "tool_calls": []}) == Message.of(
+        {"role": "assistant", "content": "x", "tool_calls": None}
+    )
+
+
 # --------------------------------------------------------------------------- responses
 
 

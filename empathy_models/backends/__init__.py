@@ -24,7 +24,8 @@ For implementers of a telemetry backend: `refusals` turns a store's refusal of a
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
 `TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
 of the record instead of losing it; `stored_forms` gives the texts a query for a value
-must match to find the records written with it (stored as given, or made safe).
+must match to find the records written with it (stored as given, or made safe);
+`stored_tier` reads a row's tier back, one this version does not know as unknown.
 `gc_paused` holds the cyclic garbage collector off for a short block that builds many
 objects at once (the evidence rows of a router's start, which a backend hands over as
 they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
@@ -46,7 +47,7 @@ from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
-from ._storable import refusals, stored_forms
+from ._storable import refusals, stored_forms, stored_tier
 from .memory import MemoryStateStore, MemoryTelemetryBackend
 from .null import NullStateStore, NullTelemetryBackend
 
@@ -64,6 +65,7 @@ __all__ = [
     "shown",
     "state_store_from_url",
     "stored_forms",
+    "stored_tier",
     "telemetry_from_url",
     "url_flaw",
 ]

@@ -32,6 +32,7 @@ from typing import Literal
 import anyio
 import anyio.to_thread
 
+from .._propagation import background
 from ..exceptions import ConfigurationError
 from ..records import LLMCallRecord
 from ._batch_writer import (
@@ -133,8 +134,8 @@ class _Spiller:
             self.spill_or_fail(backlog, _QUEUE_FULL)
         self.overflow.extend(queue)
         if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"empathy-models telemetry spill for {self._ledger.owner}"
+            self.task = background(
+                self._run(), f"empathy-models telemetry spill for {self._ledger.owner}"
             )
         self._wake.set()
 

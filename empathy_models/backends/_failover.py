@@ -264,8 +264,10 @@ class FailoverStateStore(CircuitStateStore):
         primary alone, degraded or not: made on a fallback, it would be lost when the
         primary comes back (a fallback's changes are not pushed there), so it reaches the
         store or fails.  The primary answering while degraded ends the outage (its state
-        adopted), as a retry would; answering for a key whose stored state was unreadable
-        (a reset repairs it), it takes the key back (every such key, for ``None``).
+        adopted), as a retry would, when it is the outage the call began in (one that
+        began meanwhile goes on: the answer may have been sent before it); answering
+        for a key whose stored state was unreadable (a reset repairs it), it takes the
+        key back (every such key, for ``None``).
 
         Raises:
             StateStoreError: the primary failed or did not answer within ``timeout``:
@@ -277,6 +279,7 @@ class FailoverStateStore(CircuitStateStore):
             self._check_loop()
         if key is not None:
             self.checked_key(key)
+        fallback = self._fallback  # the outage this answer may end, as in _retry_primary
         try:
             result = await self._on_primary(op)
         except BackendClosedError:
@@ -290,7 +293,7 @@ class FailoverStateStore(CircuitStateStore):
                 f"({describe(exc)}); try again once it is back (calls go on meanwhile "
                 "under the states last seen)"
             ) from exc
-        if self._fallback is not None:
+        if fallback is not None and self._fallback is fallback:
             await self._recover(key)
         for answered in list(self._unreadable) if key is None else [key]:
             if answered in self._unreadable:  # the primary took a change of its state

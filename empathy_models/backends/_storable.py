@@ -10,7 +10,8 @@ floats replaced by ``None``) and the names of the fields it changed, which it al
 writes into the copy's metadata under `SANITIZED_KEY`.  The write path calls it only
 for a record a store has refused, so ordinary records are stored exactly as given.
 `stored_forms` gives the texts a query for a value must match to find the records
-written with it, made safe or not.
+written with it, made safe or not.  `stored_tier` reads a stored tier back, a value
+this version does not know (a newer version's tier, a hand edit) as unknown.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ import attrs
 
 from .._validators import escaped as safe_text  # lone surrogates and NUL escaped
 from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
-from ..records import LLMCallRecord
+from ..records import LLMCallRecord, ModelTier
 
-__all__ = ["INT64_MAX", "SANITIZED_KEY", "refusals", "storable", "stored_forms"]
+__all__ = [
+    "INT64_MAX",
+    "SANITIZED_KEY",
+    "refusals",
+    "storable",
+    "stored_forms",
+    "stored_tier",
+]
 
 INT64_MAX: Final = 2**63 - 1
 """The largest integer SQLite and PostgreSQL (bigint) store."""
@@ -155,3 +163,18 @@ def _rejected(exc: BaseException, target: str, where: str) -> TelemetryRejectedE
         f"{where}: a record holds a value that cannot be stored ({type(exc).__name__}: {exc})",
         target=target,
     )
+
+
+def stored_tier(value: object) -> ModelTier | None:
+    """
+    The `ModelTier` a store's row holds, or ``None`` (unknown) for ``None`` and for a
+    value this version does not know: a tier a newer version wrote, or a hand edit.
+    A telemetry store reads its rows through it, so one such row neither fails a read
+    nor stops the rows after it.
+    """
+    if isinstance(value, ModelTier) or value is None:
+        return value
+    try:
+        return ModelTier(str(value).strip().lower())
+    except ValueError:
+        return None

@@ -101,6 +101,7 @@ import anyio
 import anyio.to_thread
 
 from .._loops import close_at_home, elsewhere
+from .._propagation import background
 from .._stats import Spend
 from .._validators import check, failure, instance_of, integer, number, shown
 from ..abc import TelemetryBackend
@@ -407,8 +408,8 @@ class _Batcher:
     def start(self) -> None:
         """Start the flusher task if it is not running (needs a running event loop)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"empathy-models telemetry flusher for {self.owner}"
+            self._task = background(
+                self._run(), f"empathy-models telemetry flusher for {self.owner}"
             )
             self._pid = os.getpid()
             if self.exit_flush_enabled:

@@ -26,7 +26,7 @@ from typing import Any, Final
 import asyncpg
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import gc_paused, refusals, stored_forms
+from empathy_models.backends import gc_paused, refusals, stored_forms, stored_tier
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -238,6 +238,13 @@ _REFUSED: Final = (
     ValueError,
     TypeError,
 )
+
+
+def _record(data: Any) -> LLMCallRecord:
+    """The record a row's JSON holds, a tier this version does not know read as unknown."""
+    if isinstance(data, dict) and data.get("tier") is not None:
+        data["tier"] = stored_tier(data["tier"])
+    return from_dict(data, LLMCallRecord)
 
 
 def _row(record: LLMCallRecord) -> tuple[Any, ...]:
@@ -596,7 +603,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 provider=row["provider"],
                 workflow=row["wf"] or None,
                 stage=(row["st"] or None) if per_stage else None,
-                tier=row["tier"],
+                tier=stored_tier(row["tier"]),
                 sample_size=int(row["n"]),
                 successes=int(row["ok"]),
                 latency_p50_ms=row["p50"],
@@ -643,7 +650,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
         try:
-            return [from_dict(json.loads(row["record"]), LLMCallRecord) for row in rows]
+            return [_record(json.loads(row["record"])) for row in rows]
         except (ValueError, RecordValidationError) as exc:
             raise TelemetryError(
                 f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",

@@ -193,6 +193,42 @@ async def test_records_round_trip_and_recent_is_newest_first(postgres_url: str) 
         assert all(r.timestamp >= since for r in await backend.recent(since=since))
 
 
+async def test_a_tier_this_version_does_not_know_is_read_as_unknown(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    # written by a newer version or edited by hand: the rest of the store stays readable
+    records = [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            tier=ModelTier.CHEAP,
+            outcome=Outcome.SUCCESS,
+            workflow="wf",
+            stage="st",
+            call_id=f"c{i}",
+            timestamp=T0 + timedelta(seconds=i),
+        )
+        for i in range(5)
+    ]
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(records)
+        await execute(
+            postgres_dsn,
+            f"UPDATE {backend._calls} SET tier = 'ultra', "
+            "record = jsonb_set(record, '{tier}', '\"ultra\"') WHERE call_id IN ('c2', 'c4')",
+        )
+        tiers = {r.call_id: r.tier for r in await backend.recent()}
+        (performance,) = await backend.aggregate()
+    assert tiers == {
+        "c0": ModelTier.CHEAP,
+        "c1": ModelTier.CHEAP,
+        "c2": None,
+        "c3": ModelTier.CHEAP,
+        "c4": None,
+    }
+    assert (performance.tier, performance.sample_size) == (None, 5)  # the newest's tier
+
+
 @pytest.mark.parametrize("per_stage", [True, False])
 async def test_aggregate_matches_the_in_memory_semantics(
     postgres_url: str, per_stage: bool

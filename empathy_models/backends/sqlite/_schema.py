@@ -20,6 +20,7 @@ from ...evidence import (
     rollup,
 )
 from ...records import LLMCallRecord, Outcome
+from .._storable import stored_tier
 from ._conn import _fetchone
 
 # --------------------------------------------------------------------------- schema
@@ -317,7 +318,7 @@ def _from_row(row: Sequence[Any]) -> LLMCallRecord:
         task_type=row[5],
         provider=row[6],
         model=row[7],
-        tier=row[8],
+        tier=stored_tier(row[8]),
         outcome=row[9],
         input_tokens=row[10],
         output_tokens=row[11],

@@ -30,7 +30,7 @@ from ...exceptions import (
 )
 from ...records import LLMCallRecord, ModelPerformance
 from .._spool import Spool
-from .._storable import INT64_MAX, refusals, storable, stored_forms
+from .._storable import INT64_MAX, refusals, storable, stored_forms, stored_tier
 from ..batching import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -362,7 +362,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
                     provider=provider,
                     workflow=wf or None,
                     stage=(st or None) if per_stage else None,
-                    tier=tier,
+                    tier=stored_tier(tier),
                     sample_size=n,
                     successes=ok,
                     latency_p50_ms=p50,
