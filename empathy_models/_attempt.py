@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import anyio
 import attrs
 
+from ._feedback import charge_given_up
 from ._inflight import UNTRACKED
 from ._planner import TIER_ORDER
 from ._request_options import required_capabilities
@@ -395,12 +396,16 @@ class Attempts:
         A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
         record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.
         ``cut``: the run's deadline ended it, before `STARVED_SECONDS`: recorded as
-        cancelled (`_Feedback.failed`).  The usage known (`_charged`) is charged.
+        cancelled (`_Feedback.failed`).  The usage known (`_charged`) is charged; with
+        none, a call our own timeout or the deadline ended is charged what it may have
+        cost (`charge_given_up`).
         """
         latency_ms = (self.ex._clock() - t0) * 1000.0
         cut = cut and latency_ms < STARVED_SECONDS * 1000.0
         ticket, scope_ticket, hold = held
         partial, self.partial = _charged(self.partial, error, info.id), None
+        if partial is None and hold is not None and _timed_out(error):
+            charge_given_up(hold, info, self.run, self.streamed)
         planner = self.ex._planner
         # a 404 names one model: it must not force open a key every model of the provider
         # shares (the record still says fatal)
@@ -747,11 +752,13 @@ async def _cancelled(
     """
     A call sent at ``t0``, cancelled (or interrupted): recorded, its leases returned;
     ``held`` as for `_failed`, and a stream that opened has its usage recorded and
-    charged.
+    charged; with none, it is charged what it may have cost (`charge_given_up`).
     """
     latency_ms = (self.ex._clock() - t0) * 1000.0
     ticket, scope_ticket, hold = held
     partial, self.partial = self.partial, None
+    if partial is None and hold is not None:
+        charge_given_up(hold, info, self.run, self.streamed)
     fb = self.ex._fb
     record = await fb.cancelled(
         self.run,
@@ -884,6 +891,15 @@ def _charged(partial: Completion | None, error: Exception, model: str) -> Comple
     if status is not None and 200 <= status < 300:
         return Completion(content="", model=model)
     return None
+
+
+def _timed_out(error: Exception) -> bool:
+    """
+    Whether ``error`` (as `_restated`) ended a call that was sent because the client
+    stopped waiting: a timeout of its own (the per-attempt timeout, the provider's own,
+    the run's deadline), not a server's answer (an HTTP 408 or 409 carries its status).
+    """
+    return isinstance(error, TimeoutError) and getattr(error, "status", None) is None
 
 
 def _partial_of(stream: CompletionStream) -> Completion | None:

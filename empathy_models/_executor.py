@@ -842,10 +842,11 @@ class EmpathyLLMExecutor:
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
-        lease and budget reservation given back; a run whose answer came already returns
-        it.  That bookkeeping, the cache's writes behind and store operations left at a
-        deadline or by a cancelled run are waited for first, `CLOSE_WAIT` seconds (10) in
-        all.  Then the owned breaker, quota and
+        lease given back and its budget reservation settled (given back when its call
+        was not sent, else charged: `_feedback.charge_given_up`); a run whose answer
+        came already returns it.  That bookkeeping, the cache's writes behind and store
+        operations left at a deadline or by a cancelled run are waited for first,
+        `CLOSE_WAIT` seconds (10) in all.  Then the owned breaker, quota and
         cache stores close together, each within its own bound (a stalled store adds its
         close timeout once, not once per store), and the telemetry backend last (it
         flushes within its ``close_timeout``).  A cancelled anyio scope around the

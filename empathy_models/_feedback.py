@@ -265,6 +265,26 @@ def charge(
         hold.tokens += extras.get("cache_write_tokens", 0) + extras.get("cache_write_1h_tokens", 0)
 
 
+def charge_given_up(hold: Hold, info: ModelInfo, run: _Run, streamed: bool) -> None:
+    """
+    What the limiter's ``hold`` settles for a call to ``info`` that was sent and given
+    up on before any of its answer came (cancelled, or ended by its timeout or the
+    run's deadline): a provider bills a request it received whether or not anyone
+    waits for the answer, so budgets charge what it may have cost, never $0.  A run's
+    call, whose answer the provider generates and bills whole, is charged its whole
+    reservation (`Hold.whole`; rate limits count the tokens they reserved for it, as
+    for any call sent whose usage is unknown).  A stream that did not open is charged
+    as one left early (`charge`): the prompt's worst case and the output it streamed,
+    none; rate limits count the prompt's estimate.
+    """
+    if not streamed:
+        hold.whole = True
+        return
+    estimate = run.estimate()
+    hold.cost_usd = worst_cost(info, estimate * WORST_PER_ESTIMATE, 0, run.cache_write)
+    hold.tokens = estimate
+
+
 class _Feedback:
     """
     The executor's bookkeeping of calls (see the module docstring).  ``feedback_errors``

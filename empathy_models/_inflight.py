@@ -5,9 +5,10 @@ them before it closes what they use.
 `aclose` cancels each run (and each stream being opened or read) in the task running
 it, with a cancellation that the run itself turns into `NotOpenError` (as
 ``asyncio.timeout`` turns its own into `TimeoutError`): the attempt in progress is
-recorded as cancelled, its breaker lease and budget reservation are given back, and its
-record is written, all while the stores are still open.  A run whose answer came
-already (`Tracked.answered`) is not cancelled: it finishes its bookkeeping and returns
+recorded as cancelled, its breaker lease is given back and its budget reservation
+settled (given back when its call was not sent, else charged what the call may have
+cost), and its record is written, all while the stores are still open.  A run whose
+answer came already (`Tracked.answered`) is not cancelled: it finishes its bookkeeping and returns
 the answer its record counts as a success.  A stream entered but not being
 read is closed by `aclose` itself; its next read raises the same error.  `aclose` waits
 for that bookkeeping (and the store operations left in flight) for at most `CLOSE_WAIT`

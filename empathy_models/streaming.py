@@ -85,7 +85,10 @@ schema included) and the output counted so far (not ``max_tokens``), so that the
 never charge less than the provider bills for the prompt.  An error answered before
 the stream opened (an HTTP error status, a refused connection) records no tokens, as
 in `run`; a 2xx answer refused as malformed records the prompt's estimate, as in
-`run`, when it has no usage to read.
+`run`, when it has no usage to read.  A stream given up on before it opened
+(cancelled, or its timeout or the run's deadline ran out) records no tokens either,
+and is charged the prompt's worst case (`_feedback.charge_given_up`): the provider
+has the request.
 """
 
 from __future__ import annotations

@@ -554,10 +554,95 @@ async def test_failed_and_cancelled_calls_settle_at_what_they_cost(
             await task
         ok = await executor.run("hello", pinned)
         (usage,) = await store.usages()
-    # the failed and the cancelled call cost nothing: one call was charged
-    assert usage.calls == 1 and usage.held == 0
-    assert usage.spent_usd == pytest.approx(ok.cost_usd, abs=1e-9)
+    # the provider's error answer cost nothing; the cancelled call was sent, and a
+    # provider bills a request it received, answered or not: charged its reservation
+    assert usage.calls == 2 and usage.held == 0
+    assert usage.spent == during.held + round(ok.cost_usd * 1e9)
     assert usage.reserved == usage.settled + usage.released
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "stream"])
+@pytest.mark.parametrize("ended_by", ["timeout", "deadline", "cancel"])
+async def test_a_call_sent_and_given_up_on_is_charged_what_it_may_be_billed(
+    server: FakeLLMServer, streamed: bool, ended_by: str
+) -> None:
+    # the server never answers; the caller gives up on the call (its timeout, the
+    # run's deadline, a cancel) after it was sent.  The provider bills it all the same:
+    # a run is charged its whole reservation, a stream that did not open the prompt's
+    # worst case and no output (as a stream left early is charged what it streamed);
+    # so do rate limits count it: a run the tokens they reserved, a stream its prompt
+    adjusted: list[float] = []
+
+    class Recording(MemoryQuotaStore):
+        async def adjust(self, key: str, *, delta: float, place: float | None = None) -> None:
+            adjusted.append(delta)
+            await super().adjust(key, delta=delta, place=place)
+
+    store, telemetry = Recording(), MemoryTelemetryBackend()
+    server.script("gpt-cheap", ["hang"])
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000)
+    if ended_by == "timeout":
+        pinned = attrs.evolve(pinned, timeout=0.2)
+    elif ended_by == "deadline":
+        pinned = attrs.evolve(pinned, deadline=0.2)
+    options = {
+        "budgets": [Budget(limit_usd=1.0)],
+        "rate_limits": {"gpt-cheap": RateLimit(tpm=60_000)},
+        "telemetry_store": telemetry,
+        "fallback": FallbackPolicy.none(),
+    }
+    async with store:
+        async with make(server, quota_store=store, **options) as executor:
+
+            async def call() -> None:
+                if not streamed:
+                    await executor.run("hello", pinned)
+                    return
+                async with executor.stream("hello", pinned) as stream:
+                    async for _ in stream:
+                        pass
+
+            task = asyncio.create_task(call())
+            if ended_by == "cancel":
+                await server.wait_for_requests(1)
+                task.cancel()
+            with pytest.raises(
+                asyncio.CancelledError if ended_by == "cancel" else AllRoutesFailedError
+            ):
+                await task
+        (usage,) = await store.usages()  # the executor's exit waited for the settlement
+    (record,) = await telemetry.recent()
+    assert server.requests() == 1 and usage.held == 0 and usage.calls == 1
+    output = 1000 * 5.0 / 1e6  # max_tokens at gpt-cheap's output price
+    charged = usage.reserved - (round(output * 1e9) if streamed else 0)
+    assert usage.spent == usage.settled == charged
+    assert record.cost_usd == 0.0  # what it cost is unknown: the record does not guess
+    # tpm: a token a millisecond; a stream gives back its max_tokens, a run nothing
+    assert adjusted == ([pytest.approx(-1.0)] if streamed else [])
+
+
+async def test_a_call_not_sent_before_the_deadline_gives_its_reservation_back(
+    server: FakeLLMServer,
+) -> None:
+    clock = FakeClock()
+
+    class SlowQuota(MemoryQuotaStore):
+        async def reserve(self, key: str, **kw: Any) -> Any:
+            clock.advance(3.0)  # the store took 3 s of the run's 2: nothing is sent
+            return await super().reserve(key, **kw)
+
+    store = SlowQuota()
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000, deadline=2.0)
+    async with store:
+        async with make(
+            server, clock=clock, budgets=[Budget(limit_usd=1.0)], quota_store=store
+        ) as ex:
+            with pytest.raises(AllRoutesFailedError, match="before the call to openai/gpt-cheap"):
+                await ex.run("hello", pinned)
+        (usage,) = await store.usages()
+    assert server.requests() == 0 and usage.calls == 0
+    assert usage.reserved > 0 and usage.released == usage.reserved
+    assert usage.spent == usage.held == 0
 
 
 async def test_a_hold_its_worker_cannot_settle_lapses_after_the_calls_bound(

@@ -22,9 +22,12 @@ schema and ``extra_body``, with allowances for framing, the provider's tool-use
 prompt and images; at the registry's list prices, the
 input at the cache write price when the request marks parts for Anthropic's prompt
 cache) atomically in every `Budget` covering it; after the call it settles at what the
-call cost and releases the rest (a failed or cancelled call costs nothing, as its
-record says; one that cost more than it reserved, through images or web searches, is
-charged in full and its excess counted in `BudgetUsage.overrun`).
+call cost and releases the rest (a call never sent, or answered with the provider's
+error, costs nothing, as its record says; one sent and given up on before its answer
+came, cancelled or ended by its timeout or deadline, is charged its whole reservation,
+a stream that had not opened the prompt's worst case: the provider bills it, and what
+it cost is unknown; one that cost more than it reserved, through images or web
+searches, is charged in full and its excess counted in `BudgetUsage.overrun`).
 A budget that cannot cover a call sends it to the most capable cheaper candidate that
 fits, else raises `BudgetExceededError` naming the budget, what is left and when it
 resets (`AllRoutesFailedError` holding it after the routes before it failed).  Rate

@@ -2,8 +2,9 @@
 What the executor calls around each provider call when it has budgets or rate limits:
 `Limiter.admit` before (reserve the estimate in every budget that covers the call, then
 take a place in each rate-limit schedule and wait for it), `Limiter.settle` after
-(charge what the call cost, give back unused tokens: the calls this process queued
-right behind the call move up, see `_places`).
+(charge what the call cost, or its whole reservation when it was sent and given up on
+before its answer came, `Hold.whole`; give back unused tokens: the calls this process
+queued right behind the call move up, see `_places`).
 
 A quota store that fails does not fail calls: the limiter logs one warning per outage
 on ``empathy_models.limits``, counts it in ``degraded_events``, and for the next
@@ -164,7 +165,10 @@ class Hold:
     """
     What one admitted call holds: budget reservations and rate-limit places.  ``closed``
     once settled: a reservation landing later (its caller was cancelled and stopped
-    waiting for it) is given back by the task that made it.
+    waiting for it) is given back by the task that made it.  A call settles at
+    ``cost_usd``, or, with ``whole`` set (it was sent and given up on before its
+    answer came, which the provider bills whole all the same), at what each budget
+    reserved for it.
     """
 
     __slots__ = (
@@ -179,6 +183,7 @@ class Hold:
         "rates",
         "tokens",
         "waking",
+        "whole",
     )
 
     def __init__(self) -> None:
@@ -197,7 +202,8 @@ class Hold:
         self.due: dict[str, float] = {}
         self.waking: anyio.CancelScope | None = None
         self.est_tokens = 0
-        self.cost_usd = 0.0  # set by the executor when the call answered
+        self.cost_usd = 0.0  # set by the executor: what the call cost, or may have cost
+        self.whole = False  # likewise: the call is charged its reservation
         self.tokens: int | None = None  # likewise: the tokens the call used
         # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
         # headers): the schedules are pushed back that far for every worker, up to
@@ -815,8 +821,9 @@ class Limiter:
         waited for: the settlement lands in the background (`aclose` waits for it).
 
         Args:
-            hold: from `admit`; it is charged ``hold.cost_usd``.
-            failed: the call failed: it is charged 0, as its record says.
+            hold: from `admit`; it is charged ``hold.cost_usd``, or each budget what it
+                reserved when ``hold.whole`` is set.
+            failed: the call was not sent: it is charged 0 and its places given back.
             time_left: seconds left of the run's deadline (None: no deadline).
         """
         hold.closed = True
@@ -831,6 +838,7 @@ class Limiter:
         hold.budgets.clear()
         hold.rates.clear()
         actual = to_nano(hold.cost_usd)
+        whole = hold.whole and not failed  # a call sent and given up on: what it reserved
         for store, key, ws, we, held, lapses_at in budgets:
             try:
                 await store.settle(
@@ -838,7 +846,7 @@ class Limiter:
                     window_start=ws,
                     window_end=we,
                     held=held,
-                    actual=actual,
+                    actual=held if whole else actual,
                     lapses_at=lapses_at,
                 )
             except BackendError as exc:
