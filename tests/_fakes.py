@@ -20,7 +20,9 @@ from empathy_models import (
     RetryPolicy,
     Tool,
 )
+from empathy_models.abc import Completion, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.content import ToolCallDelta
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer
@@ -207,3 +209,34 @@ class ShownFloat(float):
 
     def __repr__(self) -> str:
         return f"ShownFloat({float(self)})"
+
+
+class WrappedStream(CompletionStream):
+    """
+    A provider's stream handed on as it is (``inner``'s pieces, close, end and usage),
+    for a test's subclass to change one part of; its `ended_at` is the base's (None:
+    it cannot say when its answer arrived) unless the subclass gives ``inner``'s.
+    """
+
+    def __init__(self, inner: CompletionStream) -> None:
+        self.inner = inner
+
+    async def __anext__(self) -> str | ToolCallDelta:
+        return await self.inner.__anext__()
+
+    async def next_pieces(self) -> list[str | ToolCallDelta]:
+        return await self.inner.next_pieces()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    def completion(self) -> Completion:
+        return self.inner.completion()
+
+    @property
+    def output_estimated(self) -> bool:
+        return self.inner.output_estimated

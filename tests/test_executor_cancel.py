@@ -34,18 +34,17 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
 )
-from empathy_models.abc import Completion, CompletionRequest, CompletionStream
+from empathy_models.abc import CompletionRequest, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import BreakerEvent, CircuitBreaker
-from empathy_models.content import ToolCallDelta
 from empathy_models.exceptions import NotOpenError
 from empathy_models.limits import SQLiteQuotaStore
 from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
-from ._fakes import KEY, fake_model, http_executor
+from ._fakes import KEY, WrappedStream, fake_model, http_executor
 
 REGISTRY = ModelRegistry(
     models=[fake_model("m", "openai", "cheap", 1.0, max_output_tokens=4096)],
@@ -520,18 +519,12 @@ async def test_aclose_closes_a_stream_nobody_is_reading_and_its_next_read_says_s
 # --------------------------------------------------------------------------- a stream's close
 
 
-class SlowToClose(CompletionStream):
+class SlowToClose(WrappedStream):
     """An HTTP stream behind a provider's own, whose ``aclose`` waits for ``gate``."""
 
     def __init__(self, inner: CompletionStream, closing: asyncio.Event) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.closing = closing
-
-    async def __anext__(self) -> str | ToolCallDelta:
-        return await self.inner.__anext__()
-
-    async def next_pieces(self) -> list[str | ToolCallDelta]:
-        return await self.inner.next_pieces()
 
     async def aclose(self) -> None:
         self.closing.set()
@@ -539,13 +532,6 @@ class SlowToClose(CompletionStream):
             await asyncio.Event().wait()  # until cancelled
         finally:
             await self.inner.aclose()
-
-    @property
-    def finished(self) -> bool:
-        return self.inner.finished
-
-    def completion(self) -> Completion:
-        return self.inner.completion()
 
 
 class SlowToCloseProvider(OpenAIProvider):

@@ -29,12 +29,12 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
 )
-from empathy_models.abc import Completion, CompletionRequest, CompletionStream
+from empathy_models.abc import CompletionRequest, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.content import ToolCallDelta
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
+from ._fakes import WrappedStream
 from .test_observability import (
     CTX,
     KEY,
@@ -195,31 +195,8 @@ async def test_a_cache_hits_run_span_ends_where_its_latency_does_not_after_its_r
     lasts(run, hit.latency_ms)
 
 
-class _NoArrivalStream(CompletionStream):
+class _NoArrivalStream(WrappedStream):
     """An HTTP stream, less its `ended_at`: it cannot say when its answer arrived."""
-
-    def __init__(self, inner: CompletionStream) -> None:
-        self._inner = inner
-
-    async def __anext__(self) -> str | ToolCallDelta:
-        return await self._inner.__anext__()
-
-    async def next_pieces(self) -> list[str | ToolCallDelta]:
-        return await self._inner.next_pieces()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    @property
-    def finished(self) -> bool:
-        return self._inner.finished
-
-    def completion(self) -> Completion:
-        return self._inner.completion()
-
-    @property
-    def output_estimated(self) -> bool:
-        return self._inner.output_estimated
 
 
 class _NoArrivalProvider(AnthropicProvider):

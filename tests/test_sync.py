@@ -39,13 +39,13 @@ from empathy_models import (
     Outcome,
     StreamInterruptedError,
 )
-from empathy_models.abc import Completion, CompletionRequest, CompletionStream
+from empathy_models.abc import CompletionRequest, CompletionStream
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.sync import SyncExecutor
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior, StreamBehavior
 
-from ._fakes import CHEAP_ONLY, KEY, WEATHER
+from ._fakes import CHEAP_ONLY, KEY, WEATHER, WrappedStream
 from ._threaded_server import threaded_fake_server
 
 REGISTRY = CHEAP_ONLY
@@ -916,11 +916,11 @@ def test_leaving_a_stream_early_closes_it_on_the_loop_and_records_cancelled(
     assert record.outcome is Outcome.CANCELLED and record.ttft_ms is not None
 
 
-class _CtrlCAt(CompletionStream):
+class _CtrlCAt(WrappedStream):
     """A provider's stream that presses Ctrl-C as it hands over the piece ``at``."""
 
     def __init__(self, inner: CompletionStream, at: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.at = at
 
     def _pressing(self, pieces: list[str | ToolCallDelta]) -> list[str | ToolCallDelta]:
@@ -934,23 +934,9 @@ class _CtrlCAt(CompletionStream):
     async def next_pieces(self) -> list[str | ToolCallDelta]:
         return self._pressing(await self.inner.next_pieces())
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    @property
-    def finished(self) -> bool:
-        return self.inner.finished
-
     @property
     def ended_at(self) -> float | None:
         return self.inner.ended_at
-
-    def completion(self) -> Completion:
-        return self.inner.completion()
-
-    @property
-    def output_estimated(self) -> bool:
-        return self.inner.output_estimated
 
 
 class _CtrlCAtThree(AnthropicProvider):
