@@ -260,11 +260,12 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("release_lease"):
-            status: str = await self._db.statement(
+            live: bool | None = await self._db.statement(
                 pool,
-                "execute",
-                f"DELETE FROM {self._lease} WHERE key = $1 AND holder = $2",
+                "fetchval",
+                f"DELETE FROM {self._lease} WHERE key = $1 AND holder = $2"
+                " RETURNING expires_at > clock_timestamp()",  # an expired lease is no one's
                 _stored_key(key),
                 holder,
             )
-        return status.endswith(" 1")
+        return bool(live)
