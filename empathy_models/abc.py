@@ -1361,8 +1361,10 @@ class ResponseCache(AsyncResource):
 
     async def release_lease(self, key: str, holder: str) -> bool:
         """
-        Remove ``key``'s lease if ``holder`` holds it, or held it and it expired with no
-        one taking it since (True then); another's stays.
+        Remove ``key``'s lease if ``holder`` holds it: True when it held it, live (not
+        expired); False for another's lease, which stays, for no lease, and for
+        ``holder``'s own expired one (no one's once expired, as `acquire_lease` finds
+        it: removed, or left to expire), alike in every backend.
         """
         return False
 

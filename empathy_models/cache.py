@@ -206,7 +206,7 @@ class MemoryResponseCache(ResponseCache):
         if held is None or held[0] != holder:
             return False
         del self._leases[key]
-        return True
+        return held[1] > self._clock()  # an expired lease is no one's
 
 
 _CREATE: Final = (
@@ -462,10 +462,16 @@ class SQLiteResponseCache(ResponseCache):
 
         async def body(conn: aiosqlite.Connection) -> int:
             cursor = await conn.execute(
+                "DELETE FROM response_cache_lease WHERE key = ? AND holder = ? AND expires_at > ?",
+                (_sql_key(key), holder, time.time()),
+            )
+            if cursor.rowcount:
+                return cursor.rowcount
+            await conn.execute(  # its expired lease, no one's: removed, not counted
                 "DELETE FROM response_cache_lease WHERE key = ? AND holder = ?",
                 (_sql_key(key), holder),
             )
-            return cursor.rowcount
+            return 0
 
         async def job(conn: aiosqlite.Connection) -> int:
             await self._prepare(conn)

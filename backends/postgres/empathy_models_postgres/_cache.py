@@ -45,9 +45,18 @@ _TAKE: Final = (
     " FROM (SELECT 1) AS one LEFT JOIN {lease} ON key = $1"
 )
 
-_HELD: Final = (
-    "SELECT holder, extract(epoch FROM expires_at - clock_timestamp())::float8"
-    " FROM {lease} WHERE key = $1"
+# `_TAKE` for a lease taken by a session that committed after its snapshot: an upsert
+# that always writes (the row locked and read in its latest version, kept unchanged
+# unless free, expired or the holder's); whether it is the holder's now, and the lease
+_TAKE_LOCKED: Final = (
+    "INSERT INTO {lease} AS l (key, holder, expires_at)"
+    " VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " holder = CASE WHEN l.expires_at <= statement_timestamp() OR l.holder = EXCLUDED.holder"
+    " THEN EXCLUDED.holder ELSE l.holder END,"
+    " expires_at = CASE WHEN l.expires_at <= statement_timestamp() OR l.holder = EXCLUDED.holder"
+    " THEN EXCLUDED.expires_at ELSE l.expires_at END"
+    " RETURNING holder = $2, holder, extract(epoch FROM expires_at - clock_timestamp())::float8"
 )
 
 CACHE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -230,41 +239,37 @@ class PostgresResponseCache(ResponseCache):
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
         """
         One statement (an upsert kept only when the lease is free, expired or
-        ``holder``'s), by the database's clock; a second read when a holder that
-        committed after the statement's snapshot took it.
+        ``holder``'s), by the database's clock; when a holder that committed after the
+        statement's snapshot took it, a second one that locks the lease's row and
+        answers from its latest version (taken if free or expired by then, else who
+        holds it): never None for a lease another holds.
         """
         self._check_open()
         ttl = lease_ttl(ttl)
         pool = await self._db.pool(self._migrations)
         stored = _stored_key(key)
         async with self._db.errors("acquire_lease"):
-            for _ in range(3):
+            took, held, left = await self._db.statement(
+                pool, "fetchrow", _TAKE.format(lease=self._lease), stored, holder, ttl
+            )
+            if not took and held is None:  # a holder the statement's snapshot did not see
                 took, held, left = await self._db.statement(
-                    pool, "fetchrow", _TAKE.format(lease=self._lease), stored, holder, ttl
+                    pool, "fetchrow", _TAKE_LOCKED.format(lease=self._lease), stored, holder, ttl
                 )
-                if took:
-                    return None
-                if held is None:  # taken by a session the statement's snapshot did not see
-                    row = await self._db.statement(
-                        pool, "fetchrow", _HELD.format(lease=self._lease), stored
-                    )
-                    if row is None:
-                        continue  # let go meanwhile: try again
-                    held, left = row
-                return str(held), max(float(left), 0.0)
-        # let go each time it was found held (a race hardly ever lost thrice): left to
-        # the caller as no lease at all, whose run then asks as it would without leases
-        return None
+        if took:
+            return None
+        return str(held), max(float(left), 0.0)
 
     async def release_lease(self, key: str, holder: str) -> bool:
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("release_lease"):
-            status: str = await self._db.statement(
+            live: bool | None = await self._db.statement(
                 pool,
-                "execute",
-                f"DELETE FROM {self._lease} WHERE key = $1 AND holder = $2",
+                "fetchval",
+                f"DELETE FROM {self._lease} WHERE key = $1 AND holder = $2"
+                " RETURNING expires_at > clock_timestamp()",  # an expired lease is no one's
                 _stored_key(key),
                 holder,
             )
-        return status.endswith(" 1")
+        return bool(live)

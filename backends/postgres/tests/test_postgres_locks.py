@@ -8,6 +8,7 @@ waits until the store's session waits for that lock, as `pg_stat_activity` shows
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Final
 
 import anyio
@@ -225,3 +226,89 @@ async def test_processes_starting_together_on_a_serializable_database_all_open(
     async with anyio.create_task_group() as tg:
         for backend in backends:
             tg.start_soon(start, backend)
+
+
+async def _waits_for(
+    conn: asyncpg.Connection, application_name: str, wait_event: str, done: Sequence[object]
+) -> bool:
+    """Wait until a session named ``application_name`` waits for a lock of that kind
+    (True), or until ``done`` holds something (False)."""
+    with anyio.fail_after(10):
+        while not done:
+            if await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+                " AND wait_event_type = 'Lock' AND wait_event = $2",
+                application_name,
+                wait_event,
+            ):
+                return True
+            await anyio.sleep(0.01)
+    return False
+
+
+async def test_a_take_racing_other_processes_takes_and_releases_never_claims_their_lease(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # other processes take the lease (committed after the take's snapshot, so it sees
+    # no holder) and let it go before the take looks again, round after round: the
+    # take answered "yours" after three such rounds without holding the lease, and the
+    # next process's take held it too.  Now it answers only what the table holds.
+    name, lname = f"lease-{postgres_schema}", f"locker-{postgres_schema}"
+    async with PostgresResponseCache(
+        postgres_url, server_settings={"application_name": name}
+    ) as cache:
+        assert await cache.release_lease("k", "nobody") is False  # the tables made
+        table = cache._lease
+        insert = (
+            f"INSERT INTO {table} (key, holder, expires_at)"
+            " VALUES ('k', $1, clock_timestamp() + interval '30 seconds')"
+            " ON CONFLICT (key) DO NOTHING"
+        )
+        other, locker, watch = [
+            await asyncpg.connect(postgres_dsn, server_settings={"application_name": n})
+            for n in (f"other-{postgres_schema}", lname, f"watch-{postgres_schema}")
+        ]
+        answers: list[tuple[str, float] | None] = []
+
+        async def take() -> None:
+            answers.append(await cache.acquire_lease("k", "mine", 30))
+
+        async def run(conn: asyncpg.Connection, ran: anyio.Event, *query: Any) -> None:
+            await conn.execute(*query)
+            ran.set()
+
+        try:
+            taking, open_take, inserted = other.transaction(), True, anyio.Event()
+            await taking.start()
+            await run(other, inserted, insert, "other 0")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take)
+                for i in range(1, 5):
+                    if not await _waits_for(watch, name, "transactionid", answers):
+                        break  # answered: the lease taken, or its holder seen
+                    locking, locked = locker.transaction(), anyio.Event()  # the table held,
+                    await locking.start()  # then the lease let go
+                    tg.start_soon(run, locker, locked, f"LOCK TABLE {table}")
+                    await _waits_for(watch, lname, "relation", [])
+                    await inserted.wait()
+                    await taking.commit()
+                    open_take = False
+                    if not await _waits_for(watch, name, "relation", answers):
+                        await locked.wait()
+                        await locking.rollback()
+                        break
+                    taking, open_take, inserted = other.transaction(), True, anyio.Event()
+                    await taking.start()  # the next process's take, queued
+                    tg.start_soon(run, other, inserted, insert, f"other {i}")
+                    await _waits_for(watch, f"other-{postgres_schema}", "relation", [])
+                    await locked.wait()
+                    await locker.execute(f"DELETE FROM {table} WHERE key = 'k'")
+                    await locking.commit()
+            if open_take:  # the last process's take, landed once the table was let go
+                await taking.commit()
+            holder = await watch.fetchval(f"SELECT holder FROM {table} WHERE key = 'k'")
+        finally:
+            for conn in (other, locker, watch):
+                await conn.close()
+        (held,) = answers
+        assert (held or ("mine",))[0] == holder, (held, holder)
