@@ -26,7 +26,14 @@ from typing import Any, Final
 import asyncpg
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import gc_paused, refusals, stored_forms, stored_tier
+from empathy_models.backends import (
+    gc_paused,
+    known_outcomes,
+    refusals,
+    stored_circuit_state,
+    stored_forms,
+    stored_tier,
+)
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -241,10 +248,21 @@ _REFUSED: Final = (
 
 
 def _record(data: Any) -> LLMCallRecord:
-    """The record a row's JSON holds, a tier this version does not know read as unknown."""
-    if isinstance(data, dict) and data.get("tier") is not None:
-        data["tier"] = stored_tier(data["tier"])
+    """
+    The record a row's JSON holds, a tier or circuit state this version does not know
+    read as unknown.
+    """
+    if isinstance(data, dict):
+        if data.get("tier") is not None:
+            data["tier"] = stored_tier(data["tier"])
+        if data.get("circuit_state") is not None:
+            data["circuit_state"] = stored_circuit_state(data["circuit_state"])
     return from_dict(data, LLMCallRecord)
+
+
+def _outcome_of(data: Any) -> object:
+    """The outcome a row's JSON holds (anything else, the record's own error, passes)."""
+    return data.get("outcome", Outcome.FAILURE) if isinstance(data, dict) else Outcome.FAILURE
 
 
 def _row(record: LLMCallRecord) -> tuple[Any, ...]:
@@ -650,7 +668,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
         try:
-            return [_record(json.loads(row["record"])) for row in rows]
+            where = f"PostgreSQL telemetry {self._db.target}"
+            datas = known_outcomes([json.loads(row["record"]) for row in rows], _outcome_of, where)
+            return [_record(data) for data in datas]
         except (ValueError, RecordValidationError) as exc:
             raise TelemetryError(
                 f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",
