@@ -26,7 +26,8 @@ For implementers of a telemetry backend: `refusals` turns a store's refusal of a
 of the record instead of losing it; `stored_forms` gives the texts a query for a value
 must match to find the records written with it (stored as given, or made safe);
 `stored_tier` reads a row's tier back, one this version does not know as unknown, and
-`stored_circuit_state` a row's circuit state the same way; `known_outcomes` keeps the
+`stored_circuit_state` a row's circuit state the same way (`stored_record` reads a
+record's dict with both read so); `known_outcomes` keeps the
 rows whose outcome this version knows, with one warning naming the store for the rest.
 `gc_paused` holds the cyclic garbage collector off for a short block that builds many
 objects at once (the evidence rows of a router's start, which a backend hands over as
@@ -49,7 +50,14 @@ from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
-from ._storable import known_outcomes, refusals, stored_circuit_state, stored_forms, stored_tier
+from ._storable import (
+    known_outcomes,
+    refusals,
+    stored_circuit_state,
+    stored_forms,
+    stored_record,
+    stored_tier,
+)
 from .memory import MemoryStateStore, MemoryTelemetryBackend
 from .null import NullStateStore, NullTelemetryBackend
 
@@ -69,6 +77,7 @@ __all__ = [
     "state_store_from_url",
     "stored_circuit_state",
     "stored_forms",
+    "stored_record",
     "stored_tier",
     "telemetry_from_url",
     "url_flaw",

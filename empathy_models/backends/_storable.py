@@ -12,8 +12,9 @@ for a record a store has refused, so ordinary records are stored exactly as give
 `stored_forms` gives the texts a query for a value must match to find the records
 written with it, made safe or not.  `stored_tier` reads a stored tier back, a value
 this version does not know (a newer version's tier, a hand edit) as unknown, and
-`stored_circuit_state` a record's circuit state the same way; `known_outcomes` keeps
-the rows whose outcome this version knows, with one warning for the rows it leaves out.
+`stored_circuit_state` a record's circuit state the same way, `stored_record` a record's
+dict with both read so; `known_outcomes` keeps the rows whose outcome this version
+knows, with one warning for the rows it leaves out.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import attrs
 from .._validators import escaped as safe_text  # lone surrogates and NUL escaped
 from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
 from ..records import CircuitState, LLMCallRecord, ModelTier, Outcome
+from ..serialization import from_dict
 
 __all__ = [
     "INT64_MAX",
@@ -39,6 +41,7 @@ __all__ = [
     "storable",
     "stored_circuit_state",
     "stored_forms",
+    "stored_record",
     "stored_tier",
 ]
 
@@ -230,3 +233,17 @@ def known_outcomes(rows: Sequence[R], outcome: Callable[[R], object], where: str
             len(rows) - len(known),
         )
     return known
+
+
+def stored_record(data: Any) -> LLMCallRecord:
+    """
+    The record a stored dict (a record's `to_dict` form) holds, a tier or circuit state
+    this version does not know read as unknown; anything else wrong raises as
+    `from_dict` does.
+    """
+    if isinstance(data, dict):
+        if data.get("tier") is not None:
+            data["tier"] = stored_tier(data["tier"])
+        if data.get("circuit_state") is not None:
+            data["circuit_state"] = stored_circuit_state(data["circuit_state"])
+    return from_dict(data, LLMCallRecord)

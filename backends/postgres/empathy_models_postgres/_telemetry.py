@@ -30,8 +30,8 @@ from empathy_models.backends import (
     gc_paused,
     known_outcomes,
     refusals,
-    stored_circuit_state,
     stored_forms,
+    stored_record,
     stored_tier,
 )
 from empathy_models.evidence import (
@@ -46,7 +46,7 @@ from empathy_models.exceptions import (
     TelemetryError,
 )
 from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
-from empathy_models.serialization import from_dict, to_dict
+from empathy_models.serialization import to_dict
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest as _digest
 from ._spool_key import spool_target
@@ -245,19 +245,6 @@ _REFUSED: Final = (
     ValueError,
     TypeError,
 )
-
-
-def _record(data: Any) -> LLMCallRecord:
-    """
-    The record a row's JSON holds, a tier or circuit state this version does not know
-    read as unknown.
-    """
-    if isinstance(data, dict):
-        if data.get("tier") is not None:
-            data["tier"] = stored_tier(data["tier"])
-        if data.get("circuit_state") is not None:
-            data["circuit_state"] = stored_circuit_state(data["circuit_state"])
-    return from_dict(data, LLMCallRecord)
 
 
 def _outcome_of(data: Any) -> object:
@@ -670,7 +657,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         try:
             where = f"PostgreSQL telemetry {self._db.target}"
             datas = known_outcomes([json.loads(row["record"]) for row in rows], _outcome_of, where)
-            return [_record(data) for data in datas]
+            return [stored_record(data) for data in datas]
         except (ValueError, RecordValidationError) as exc:
             raise TelemetryError(
                 f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",
