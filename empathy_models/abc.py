@@ -255,7 +255,9 @@ class TelemetryBackend(AsyncResource):
         however many later records there are.  A backend whose `_recent` predates
         ``samples_only`` or ``until`` (its signature has no such parameter) is read in
         pages of growing size until enough matching records are found or no older
-        record matches.
+        record matches.  A stored row whose outcome this version does not know (a newer
+        version's) is left out, with a warning (`empathy_models.backends.known_outcomes`),
+        so fewer than ``limit`` records may come back.
         """
         self._check_open()
         limit = check(_limit, "limit", limit)

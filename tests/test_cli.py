@@ -1023,6 +1023,34 @@ def test_routing_reads_a_tier_this_version_does_not_know_as_unknown(
     assert windows == {("docs", "write"): 20, ("support", "triage"): 20}
 
 
+def test_export_and_stats_leave_out_a_row_whose_outcome_this_version_does_not_know(
+    home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # one call written by a newer version (or edited by hand): the rest is still read
+    path = tmp_path / "newer.db"
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record_many(_records())
+
+    anyio.run(fill)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "UPDATE llm_calls SET outcome = 'deferred', circuit_state = 'quarantined' "
+            "WHERE ts_us = (SELECT max(ts_us) FROM llm_calls)"
+        )
+        conn.execute("UPDATE llm_calls SET circuit_state = 'quarantined' WHERE id = 1")
+        conn.commit()
+    finally:
+        conn.close()
+    result = cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(path))
+    assert len(ok(result).splitlines()) == _RECORDS - 1
+    assert any(str(path) in r.getMessage() for r in caplog.records)  # one warning, the file
+    stats = json.loads(ok(cli(home, "routing", "stats", "--db", str(path), "--json")))
+    assert sum(w["total_calls"] for w in stats["workflows"]) == _RECORDS - 1
+
+
 def test_routing_best_explains_the_choice(home: Path, db: Path) -> None:
     data = json.loads(
         ok(

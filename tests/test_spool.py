@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
 import signal
@@ -348,6 +349,26 @@ async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: P
         await telemetry.flush()
         stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
         assert (stored, telemetry.failed) == (["new0", "new1", "old0", "old1", "old2"], 1)
+    assert spool.files() == []
+
+
+async def test_a_spooled_tier_or_circuit_state_this_version_does_not_know_reads_as_unknown(
+    tmp_path: Path,
+) -> None:
+    # a spool a newer version left (then downgraded): its records are stored, not skipped
+    db = tmp_path / "calls.db"
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(3, "old"))
+    (path,) = spool.files()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first.update(tier="ultra", circuit_state="quarantined")
+    path.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n", encoding="utf-8")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.flush()
+        stored = {r.call_id: r for r in await telemetry.recent(limit=100)}
+        assert (sorted(stored), telemetry.failed) == (["old0", "old1", "old2"], 0)
+    assert (stored["old0"].tier, stored["old0"].circuit_state) == (None, None)
     assert spool.files() == []
 
 

@@ -733,3 +733,57 @@ async def test_a_tier_this_version_does_not_know_is_read_as_unknown(tmp_path: Pa
     async with AdaptiveModelRouter(None, f"sqlite:///{db}", refresh_interval=None) as router:
         advice = router.recommend_tier_upgrade("wf", "st")
     assert (advice.window, advice.current_tiers) == (20, (ModelTier.CHEAP,))
+
+
+async def test_an_outcome_or_circuit_state_this_version_does_not_know_does_not_stop_a_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # written by a newer version or edited by hand: the row with the unknown outcome is
+    # left out (with one warning naming the file), an unknown circuit state reads as unknown
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many(_tiered(30))
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("UPDATE llm_calls SET outcome = 'deferred' WHERE call_id IN ('c20', 'c29')")
+        conn.execute("UPDATE llm_calls SET circuit_state = 'quarantined' WHERE call_id = 'c28'")
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteTelemetryBackend(db) as backend:
+        records = {r.call_id: r for r in await backend.recent(limit=30)}
+        (performance,) = await backend.aggregate()
+    assert len(records) == 28 and "c20" not in records and "c29" not in records
+    assert (records["c28"].circuit_state, records["c28"].outcome) == (None, Outcome.SUCCESS)
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 1 and str(db) in warned[0] and "2 " in warned[0]
+    assert performance.sample_size == 28  # the SQL counts the outcomes it knows
+    async with AdaptiveModelRouter(None, f"sqlite:///{db}", refresh_interval=None) as router:
+        advice = router.recommend_tier_upgrade("wf", "st")
+    assert advice.current_tiers == (ModelTier.CHEAP,)
+
+
+async def test_a_deleted_file_is_recreated_past_a_row_whose_outcome_this_version_does_not_know(
+    tmp_path: Path,
+) -> None:
+    # the old file's rows are merged into the new one, the unknown outcome's row too
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many(_tiered(5))
+        await backend.flush()
+        conn = sqlite3.connect(db)
+        try:
+            conn.execute("UPDATE llm_calls SET outcome = 'deferred' WHERE call_id = 'c03'")
+            conn.commit()
+        finally:
+            conn.close()
+        os.unlink(db)  # what `rm calls.db` does while the program runs
+        await backend.record_many(_tiered(7)[5:])
+        await backend.flush()
+        assert (backend.recreated, backend.failed) == (1, 0)
+        assert len(await backend.recent(limit=10)) == 6
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM llm_calls").fetchone() == (7,)
+    finally:
+        conn.close()

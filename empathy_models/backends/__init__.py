@@ -25,7 +25,10 @@ For implementers of a telemetry backend: `refusals` turns a store's refusal of a
 `TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
 of the record instead of losing it; `stored_forms` gives the texts a query for a value
 must match to find the records written with it (stored as given, or made safe);
-`stored_tier` reads a row's tier back, one this version does not know as unknown.
+`stored_tier` reads a row's tier back, one this version does not know as unknown, and
+`stored_circuit_state` a row's circuit state the same way (`stored_record` reads a
+record's dict with both read so); `known_outcomes` keeps the
+rows whose outcome this version knows, with one warning naming the store for the rest.
 `gc_paused` holds the cyclic garbage collector off for a short block that builds many
 objects at once (the evidence rows of a router's start, which a backend hands over as
 they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
@@ -47,7 +50,14 @@ from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
-from ._storable import refusals, stored_forms, stored_tier
+from ._storable import (
+    known_outcomes,
+    refusals,
+    stored_circuit_state,
+    stored_forms,
+    stored_record,
+    stored_tier,
+)
 from .memory import MemoryStateStore, MemoryTelemetryBackend
 from .null import NullStateStore, NullTelemetryBackend
 
@@ -60,11 +70,14 @@ __all__ = [
     "NullTelemetryBackend",
     "available_schemes",
     "gc_paused",
+    "known_outcomes",
     "redact_url",
     "refusals",
     "shown",
     "state_store_from_url",
+    "stored_circuit_state",
     "stored_forms",
+    "stored_record",
     "stored_tier",
     "telemetry_from_url",
     "url_flaw",

@@ -42,8 +42,8 @@ from typing import Final
 from .._paths import make_private_dirs
 from ..exceptions import RecordValidationError
 from ..records import LLMCallRecord
-from ..serialization import from_dict, to_dict
-from ._storable import storable
+from ..serialization import to_dict
+from ._storable import storable, stored_record
 
 __all__ = ["Spool"]
 
@@ -314,7 +314,10 @@ class Spool:
             os.rename(claimed, claimed.with_name(base))
 
     def read(self, claimed: Path) -> tuple[list[LLMCallRecord], int]:
-        """The records of a claimed file and how many of its lines were unreadable."""
+        """
+        The records of a claimed file and how many of its lines were unreadable (a tier
+        or circuit state this version does not know reads as unknown: `stored_record`).
+        """
         records: list[LLMCallRecord] = []
         bad = 0
         with open(claimed, encoding="utf-8", errors="surrogateescape") as f:
@@ -322,7 +325,7 @@ class Spool:
                 if not line.strip():
                     continue
                 try:
-                    records.append(from_dict(json.loads(line), LLMCallRecord))
+                    records.append(stored_record(json.loads(line)))
                 except (ValueError, RecordValidationError, RecursionError):  # nested too deep
                     bad += 1
         if bad:

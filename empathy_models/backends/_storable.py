@@ -11,31 +11,43 @@ writes into the copy's metadata under `SANITIZED_KEY`.  The write path calls it 
 for a record a store has refused, so ordinary records are stored exactly as given.
 `stored_forms` gives the texts a query for a value must match to find the records
 written with it, made safe or not.  `stored_tier` reads a stored tier back, a value
-this version does not know (a newer version's tier, a hand edit) as unknown.
+this version does not know (a newer version's tier, a hand edit) as unknown, and
+`stored_circuit_state` a record's circuit state the same way, `stored_record` a record's
+dict with both read so; `known_outcomes` keeps the rows whose outcome this version
+knows, with one warning for the rows it leaves out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 import attrs
 
 from .._validators import escaped as safe_text  # lone surrogates and NUL escaped
 from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
-from ..records import LLMCallRecord, ModelTier
+from ..records import CircuitState, LLMCallRecord, ModelTier, Outcome
+from ..serialization import from_dict
 
 __all__ = [
     "INT64_MAX",
     "SANITIZED_KEY",
+    "known_outcomes",
     "refusals",
     "storable",
+    "stored_circuit_state",
     "stored_forms",
+    "stored_record",
     "stored_tier",
 ]
+
+logger = logging.getLogger("empathy_models.telemetry")
+
+R = TypeVar("R")
 
 INT64_MAX: Final = 2**63 - 1
 """The largest integer SQLite and PostgreSQL (bigint) store."""
@@ -178,3 +190,60 @@ def stored_tier(value: object) -> ModelTier | None:
         return ModelTier(str(value).strip().lower())
     except ValueError:
         return None
+
+
+def stored_circuit_state(value: object) -> CircuitState | None:
+    """
+    The `CircuitState` a store's telemetry row holds, or ``None`` (unknown) for
+    ``None`` and for a value this version does not know (a newer version's state, a
+    hand edit), so such a row does not fail a read.
+    """
+    if isinstance(value, CircuitState) or value is None:
+        return value
+    try:
+        return CircuitState(str(value).strip().lower().replace("-", "_"))
+    except ValueError:
+        return None
+
+
+def _known_outcome(value: object) -> bool:
+    if isinstance(value, Outcome):
+        return True
+    try:
+        Outcome(str(value).strip().lower().replace("-", "_"))
+    except ValueError:
+        return False
+    return True
+
+
+def known_outcomes(rows: Sequence[R], outcome: Callable[[R], object], where: str) -> list[R]:
+    """
+    The ``rows`` whose outcome (``outcome(row)``) this version knows, in order.  A row
+    with another outcome (a newer version's, a hand edit) has no record this version
+    can build: it is left out, and one warning naming the store (``where``) counts
+    such rows, so one row neither fails a read nor stops the rows after it.  The rows
+    stay in the store.
+    """
+    known = [row for row in rows if _known_outcome(outcome(row))]
+    if len(known) < len(rows):
+        logger.warning(
+            "%s: %d telemetry row(s) hold an outcome this version does not know "
+            "(written by a newer version?); left out of this read",
+            where,
+            len(rows) - len(known),
+        )
+    return known
+
+
+def stored_record(data: Any) -> LLMCallRecord:
+    """
+    The record a stored dict (a record's `to_dict` form) holds, a tier or circuit state
+    this version does not know read as unknown; anything else wrong raises as
+    `from_dict` does.
+    """
+    if isinstance(data, dict):
+        if data.get("tier") is not None:
+            data["tier"] = stored_tier(data["tier"])
+        if data.get("circuit_state") is not None:
+            data["circuit_state"] = stored_circuit_state(data["circuit_state"])
+    return from_dict(data, LLMCallRecord)

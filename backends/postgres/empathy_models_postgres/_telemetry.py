@@ -26,7 +26,14 @@ from typing import Any, Final
 import asyncpg
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import gc_paused, refusals, stored_forms, stored_tier
+from empathy_models.backends import (
+    gc_paused,
+    known_outcomes,
+    refusals,
+    stored_forms,
+    stored_record,
+    stored_tier,
+)
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -39,7 +46,7 @@ from empathy_models.exceptions import (
     TelemetryError,
 )
 from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
-from empathy_models.serialization import from_dict, to_dict
+from empathy_models.serialization import to_dict
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest as _digest
 from ._spool_key import spool_target
@@ -240,11 +247,9 @@ _REFUSED: Final = (
 )
 
 
-def _record(data: Any) -> LLMCallRecord:
-    """The record a row's JSON holds, a tier this version does not know read as unknown."""
-    if isinstance(data, dict) and data.get("tier") is not None:
-        data["tier"] = stored_tier(data["tier"])
-    return from_dict(data, LLMCallRecord)
+def _outcome_of(data: Any) -> object:
+    """The outcome a row's JSON holds (anything else, the record's own error, passes)."""
+    return data.get("outcome", Outcome.FAILURE) if isinstance(data, dict) else Outcome.FAILURE
 
 
 def _row(record: LLMCallRecord) -> tuple[Any, ...]:
@@ -650,7 +655,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
         try:
-            return [_record(json.loads(row["record"])) for row in rows]
+            where = f"PostgreSQL telemetry {self._db.target}"
+            datas = known_outcomes([json.loads(row["record"]) for row in rows], _outcome_of, where)
+            return [stored_record(data) for data in datas]
         except (ValueError, RecordValidationError) as exc:
             raise TelemetryError(
                 f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",

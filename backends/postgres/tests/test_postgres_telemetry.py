@@ -229,6 +229,43 @@ async def test_a_tier_this_version_does_not_know_is_read_as_unknown(
     assert (performance.tier, performance.sample_size) == (None, 5)  # the newest's tier
 
 
+async def test_an_outcome_or_circuit_state_this_version_does_not_know_does_not_stop_a_read(
+    postgres_url: str, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # written by a newer version or edited by hand: the row with the unknown outcome is
+    # left out (with one warning naming the store), an unknown circuit state reads as unknown
+    records = [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            outcome=Outcome.SUCCESS,
+            call_id=f"c{i}",
+            timestamp=T0 + timedelta(seconds=i),
+        )
+        for i in range(5)
+    ]
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(records)
+        await execute(
+            postgres_dsn,
+            f"UPDATE {backend._calls} SET outcome = 'deferred', "
+            "record = jsonb_set(record, '{outcome}', '\"deferred\"') WHERE call_id = 'c2'",
+        )
+        await execute(
+            postgres_dsn,
+            f"UPDATE {backend._calls} SET "
+            "record = jsonb_set(record, '{circuit_state}', '\"quarantined\"') "
+            "WHERE call_id = 'c4'",
+        )
+        got = {r.call_id: r for r in await backend.recent()}
+        (performance,) = await backend.aggregate()
+    assert sorted(got) == ["c0", "c1", "c3", "c4"]
+    assert (got["c4"].circuit_state, got["c4"].outcome) == (None, Outcome.SUCCESS)
+    warned = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(warned) == 1 and "PostgreSQL telemetry" in warned[0]
+    assert performance.sample_size == 4
+
+
 @pytest.mark.parametrize("per_stage", [True, False])
 async def test_aggregate_matches_the_in_memory_semantics(
     postgres_url: str, per_stage: bool

@@ -37,6 +37,7 @@ from ...exceptions import (
     SchemaVersionError,
     StateStoreError,
 )
+from .._storable import known_outcomes
 from ._conn import _Busy, _fetchone, _is_busy, _rollback
 from ._schema import (
     _CALL_COLUMNS,
@@ -48,6 +49,7 @@ from ._schema import (
     _add_evidence,
     _evidence_rows,
     _from_row,
+    _outcome_of,
 )
 
 logger = logging.getLogger("empathy_models.backends.sqlite")
@@ -415,7 +417,8 @@ class _Database:
             added = cursor.rowcount
             # the merged calls count in the rollups like any call written here
             merged = await c.execute_fetchall(f"{_SELECT_CALLS} WHERE id > ?", (before,))
-            await _add_evidence(c, _evidence_rows(_from_row(row) for row in merged))
+            known = known_outcomes(list(merged), _outcome_of, f"SQLite database {self.path}")
+            await _add_evidence(c, _evidence_rows(_from_row(row) for row in known))
             await c.execute(
                 "INSERT OR IGNORE INTO circuit_state SELECT * FROM rescued.circuit_state"
             )

@@ -20,7 +20,7 @@ from ...evidence import (
     rollup,
 )
 from ...records import LLMCallRecord, Outcome
-from .._storable import stored_tier
+from .._storable import stored_circuit_state, stored_tier
 from ._conn import _fetchone
 
 # --------------------------------------------------------------------------- schema
@@ -308,6 +308,14 @@ def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
     )
 
 
+_OUTCOME_COLUMN: Final = _CALL_COLUMNS.index("outcome")
+
+
+def _outcome_of(row: Sequence[Any]) -> object:
+    """The outcome an llm_calls row read with `_SELECT_CALLS` holds, as stored."""
+    return row[_OUTCOME_COLUMN]
+
+
 def _from_row(row: Sequence[Any]) -> LLMCallRecord:
     return LLMCallRecord(
         call_id=row[0],
@@ -337,7 +345,7 @@ def _from_row(row: Sequence[Any]) -> LLMCallRecord:
         original_model=row[24],
         exploration=bool(row[25]),
         breaker_generation=row[26],
-        circuit_state=row[27],
+        circuit_state=stored_circuit_state(row[27]),
         user_id=row[28],
         session_id=row[29],
         metadata=json.loads(row[30]),

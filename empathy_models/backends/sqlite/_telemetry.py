@@ -30,7 +30,14 @@ from ...exceptions import (
 )
 from ...records import LLMCallRecord, ModelPerformance
 from .._spool import Spool
-from .._storable import INT64_MAX, refusals, storable, stored_forms, stored_tier
+from .._storable import (
+    INT64_MAX,
+    known_outcomes,
+    refusals,
+    storable,
+    stored_forms,
+    stored_tier,
+)
 from ..batching import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -57,6 +64,7 @@ from ._schema import (
     _from_us,
     _insert_calls,
     _insert_calls_now,
+    _outcome_of,
     _purge_evidence,
     _to_us,
 )
@@ -406,7 +414,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
-        return [self._record(row) for row in await self._db.run(job)]
+        rows = known_outcomes(
+            list(await self._db.run(job)), _outcome_of, f"SQLite database {self._path}"
+        )
+        return [self._record(row) for row in rows]
 
     async def _spend(
         self,
