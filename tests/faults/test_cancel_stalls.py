@@ -55,6 +55,9 @@ CACHED = ExecutionContext(
 # shorter than the stores' timeouts (the breaker's and the limiter's store_timeout, 5 s)
 DEADLINE = ExecutionContext(workflow="w", stage="s", model="m", max_tokens=20, deadline=1.0)
 GUARD = 30.0  # seconds: a guard against a hang, not a measure
+# the first run, which opens the connections (no deadline: a busy machine may take
+# more than DEADLINE to connect)
+WARM = ExecutionContext(workflow="w", stage="s", model="m", max_tokens=20)
 
 
 @attrs.define
@@ -158,7 +161,7 @@ async def test_a_run_cancelled_during_a_stalled_cache_read_ends_at_once_and_the_
     server: FakeLLMServer, stores: Proxied
 ) -> None:
     async with make(server, cache=stores.url()) as executor:
-        await executor.run("warm", DEADLINE)  # no cache_ttl: nothing written behind
+        await executor.run("warm", WARM)  # no cache_ttl: nothing written behind
         await _cancelled_in_the_partition(stores.proxy, executor, "hello", CACHED)
         # ended before the read's 1 s were up: it was not waited for
         assert executor.cache_errors == 0
@@ -177,7 +180,7 @@ async def test_a_run_cancelled_while_the_quota_store_stalls_ends_and_the_limiter
     async with make(server, budgets=[budget], quota_store=stores.url()) as executor:
         limiter = executor.limiter
         assert limiter is not None
-        await executor.run("warm", DEADLINE)
+        await executor.run("warm", WARM)
         await _cancelled_in_the_partition(stores.proxy, executor, "hello", DEADLINE)
         assert not limiter.degraded  # ended by its deadline, before the store's timeout
         # the reservation given up on has not answered within the store's timeout: the
@@ -195,7 +198,7 @@ async def test_a_run_cancelled_while_the_breaker_store_stalls_ends_by_its_deadli
         CircuitBreaker(store=stores.url(), local_view_ttl=0) as breaker,
         make(server, breaker=breaker) as executor,
     ):
-        await executor.run("warm", DEADLINE)
+        await executor.run("warm", WARM)
         await breaker.get_status(breaker.key_for("openai", "m"))  # its success has landed
         await _cancelled_in_the_partition(stores.proxy, executor, "hello", DEADLINE)
         # ended by its deadline: the admission was not waited for until the breaker's
@@ -256,7 +259,7 @@ async def test_aclose_closes_its_stalled_stores_together(
         budget = Budget(limit_usd=10, window="day", name=f"close-{quota.schema}")
         executor = make(server, budgets=[budget], quota_store=quota.url(), cache=cache.url())
         async with executor:
-            await executor.run("warm", DEADLINE)  # no cache_ttl: nothing written behind
+            await executor.run("warm", WARM)  # no cache_ttl: nothing written behind
             assert quota.proxy.clients and cache.proxy.clients  # each pool's connection
             quota.proxy.partition()
             cache.proxy.partition()
