@@ -996,10 +996,8 @@ def test_routing_stats_count_the_calls_without_a_workflow_or_stage(
     assert (stats["total_calls"], stats["avg_success_rate"]) == (12, 1.0)
 
 
-def test_routing_reads_a_tier_this_version_does_not_know_as_unknown(
-    home: Path, tmp_path: Path
-) -> None:
-    # the newest call of each stage written by a newer version (or edited by hand)
+def _edited_db(tmp_path: Path, *statements: str) -> Path:
+    """A SQLite telemetry file of `_records`, then ``statements`` run on it by hand."""
     path = tmp_path / "newer.db"
 
     async def fill() -> None:
@@ -1009,13 +1007,23 @@ def test_routing_reads_a_tier_this_version_does_not_know_as_unknown(
     anyio.run(fill)
     conn = sqlite3.connect(path)
     try:
-        conn.execute(
-            "UPDATE llm_calls SET tier = 'ultra' WHERE ts_us IN "
-            "(SELECT max(ts_us) FROM llm_calls GROUP BY workflow, stage)"
-        )
+        for statement in statements:
+            conn.execute(statement)
         conn.commit()
     finally:
         conn.close()
+    return path
+
+
+def test_routing_reads_a_tier_this_version_does_not_know_as_unknown(
+    home: Path, tmp_path: Path
+) -> None:
+    # the newest call of each stage written by a newer version (or edited by hand)
+    path = _edited_db(
+        tmp_path,
+        "UPDATE llm_calls SET tier = 'ultra' WHERE ts_us IN "
+        "(SELECT max(ts_us) FROM llm_calls GROUP BY workflow, stage)",
+    )
     stats = json.loads(ok(cli(home, "routing", "stats", "--db", str(path), "--json")))
     assert sum(w["total_calls"] for w in stats["workflows"]) == _RECORDS
     upgrades = json.loads(ok(cli(home, "routing", "upgrades", "--db", str(path), "--json")))
@@ -1027,23 +1035,12 @@ def test_export_and_stats_leave_out_a_row_whose_outcome_this_version_does_not_kn
     home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # one call written by a newer version (or edited by hand): the rest is still read
-    path = tmp_path / "newer.db"
-
-    async def fill() -> None:
-        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
-            await telemetry.record_many(_records())
-
-    anyio.run(fill)
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute(
-            "UPDATE llm_calls SET outcome = 'deferred', circuit_state = 'quarantined' "
-            "WHERE ts_us = (SELECT max(ts_us) FROM llm_calls)"
-        )
-        conn.execute("UPDATE llm_calls SET circuit_state = 'quarantined' WHERE id = 1")
-        conn.commit()
-    finally:
-        conn.close()
+    path = _edited_db(
+        tmp_path,
+        "UPDATE llm_calls SET outcome = 'deferred', circuit_state = 'quarantined' "
+        "WHERE ts_us = (SELECT max(ts_us) FROM llm_calls)",
+        "UPDATE llm_calls SET circuit_state = 'quarantined' WHERE id = 1",
+    )
     result = cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(path))
     assert len(ok(result).splitlines()) == _RECORDS - 1
     assert any(str(path) in r.getMessage() for r in caplog.records)  # one warning, the file
