@@ -449,7 +449,10 @@ async def test_a_provider_timeout_shorter_than_the_budget_is_the_providers_own()
 
 async def test_an_http_timeout_raises_attempt_timeout_only_for_its_own_budget() -> None:
     async with FakeLLMServer() as server:
-        server.script("gpt-fake-mini", ["hang", "hang"])
+        # a model of its own per call: the first call's request may never reach the
+        # server (its 0.02 s can run out while connecting), leaving its "hang" queued
+        server.script("gpt-fake-mini", ["hang"])
+        server.script("gpt-fake-other", ["hang"])
         request = CompletionRequest(model="gpt-fake-mini", messages="x", max_tokens=8)
         # the provider's own timeout well after the attempt's: a loaded machine whose
         # event loop stalls past both must still fire the attempt's first
@@ -459,11 +462,13 @@ async def test_an_http_timeout_raises_attempt_timeout_only_for_its_own_budget() 
             with pytest.raises(AttemptTimeout) as budget_ran_out:
                 await provider.complete(request, timeout=0.02)
             with pytest.raises(ProviderTimeoutError) as own_ran_out:
-                await provider.complete(request, timeout=10.0)
-            answer = await provider.complete(request, timeout=10.0)
+                await provider.complete(attrs.evolve(request, model="gpt-fake-other"), timeout=10.0)
+            answer = await provider.complete(
+                attrs.evolve(request, model="gpt-fake-answers"), timeout=10.0
+            )
     assert isinstance(budget_ran_out.value.__cause__, TimeoutError)
     assert not isinstance(own_ran_out.value, AttemptTimeout)
-    assert answer.model == "gpt-fake-mini"
+    assert answer.model == "gpt-fake-answers"
 
 
 async def test_any_provider_takes_a_timeout_through_complete() -> None:
