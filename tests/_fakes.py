@@ -6,6 +6,7 @@ numpy).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from empathy_models import (
     RetryPolicy,
     Tool,
 )
-from empathy_models.abc import Completion, CompletionStream
+from empathy_models.abc import Completion, CompletionRequest, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
@@ -240,3 +241,25 @@ class WrappedStream(CompletionStream):
     @property
     def output_estimated(self) -> bool:
         return self.inner.output_estimated
+
+
+class WrappingAnthropic(AnthropicProvider):
+    """An `AnthropicProvider` whose streams are handed on through ``wrap`` (a test's change)."""
+
+    def __init__(
+        self, wrap: Callable[[CompletionStream], CompletionStream], **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self.wrap = wrap
+
+    async def stream(
+        self,
+        request: CompletionRequest,
+        *,
+        idle_timeout: float | None = None,
+        total_timeout: float | None = None,
+    ) -> CompletionStream:
+        inner = await super().stream(
+            request, idle_timeout=idle_timeout, total_timeout=total_timeout
+        )
+        return self.wrap(inner)

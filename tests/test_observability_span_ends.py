@@ -29,12 +29,11 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
 )
-from empathy_models.abc import CompletionRequest, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
-from ._fakes import WrappedStream
+from ._fakes import WrappedStream, WrappingAnthropic
 from .test_observability import (
     CTX,
     KEY,
@@ -199,20 +198,6 @@ class _NoArrivalStream(WrappedStream):
     """An HTTP stream, less its `ended_at`: it cannot say when its answer arrived."""
 
 
-class _NoArrivalProvider(AnthropicProvider):
-    async def stream(
-        self,
-        request: CompletionRequest,
-        *,
-        idle_timeout: float | None = None,
-        total_timeout: float | None = None,
-    ) -> CompletionStream:
-        inner = await super().stream(
-            request, idle_timeout=idle_timeout, total_timeout=total_timeout
-        )
-        return _NoArrivalStream(inner)
-
-
 async def test_a_stream_without_ended_at_ends_its_spans_where_its_record_says(
     server: FakeLLMServer, otel: Otel
 ) -> None:
@@ -222,7 +207,7 @@ async def test_a_stream_without_ended_at_ends_its_spans_where_its_record_says(
     telemetry = MemoryTelemetryBackend()
     executor = EmpathyLLMExecutor(
         [
-            _NoArrivalProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            WrappingAnthropic(_NoArrivalStream, api_key=KEY, base_url=server.anthropic_base_url),
             OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
         ],
         registry=REGISTRY,

@@ -39,13 +39,13 @@ from empathy_models import (
     Outcome,
     StreamInterruptedError,
 )
-from empathy_models.abc import CompletionRequest, CompletionStream
+from empathy_models.abc import CompletionStream
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.sync import SyncExecutor
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior, StreamBehavior
 
-from ._fakes import CHEAP_ONLY, KEY, WEATHER, WrappedStream
+from ._fakes import CHEAP_ONLY, KEY, WEATHER, WrappedStream, WrappingAnthropic
 from ._threaded_server import threaded_fake_server
 
 REGISTRY = CHEAP_ONLY
@@ -939,27 +939,15 @@ class _CtrlCAt(WrappedStream):
         return self.inner.ended_at
 
 
-class _CtrlCAtThree(AnthropicProvider):
-    async def stream(
-        self,
-        request: CompletionRequest,
-        *,
-        idle_timeout: float | None = None,
-        total_timeout: float | None = None,
-    ) -> CompletionStream:
-        inner = await super().stream(
-            request, idle_timeout=idle_timeout, total_timeout=total_timeout
-        )
-        return _CtrlCAt(inner, WORDS[2])
-
-
 @pytest.mark.usefixtures("interruptible_children")
 def test_ctrl_c_as_a_streams_read_takes_its_pieces_closes_it(server: FakeLLMServer) -> None:
     # Ctrl-C comes as the read on the loop takes its pieces: that read's pieces are lost
     # to the caller's thread, so the stream is closed, as on a timeout, and a later read
     # ends (before: the stream went on, the next read skipping the pieces that read took)
     _streams(server, chunk_interval_ms=5)  # (pieces apart: the read with WORDS[2] not the last)
-    provider = _CtrlCAtThree(api_key=KEY, base_url=server.anthropic_base_url)
+    provider = WrappingAnthropic(
+        lambda inner: _CtrlCAt(inner, WORDS[2]), api_key=KEY, base_url=server.anthropic_base_url
+    )
     read: list[str] = []
     with (
         SyncExecutor([provider], registry=REGISTRY, telemetry_store="null://") as llm,
