@@ -1584,7 +1584,8 @@ class Message:
         # a field left null is a field left out (an SDK's dump holds every field it
         # knows), and so is an empty one of those it cannot send (OpenAI's answers hold
         # "annotations": []); a key it knows is kept, so a wrong type is refused by name
-        item = {k: v for k, v in item.items() if k in _KNOWN_KEYS or not _blank(v)}
+        if not item.keys() <= _KNOWN_KEYS:  # the common message has no other key
+            item = {k: v for k, v in item.items() if k in _KNOWN_KEYS or not _blank(v)}
         unknown = sorted(map(str, set(item) - _MESSAGE_KEYS - _OPTIONAL_MESSAGE_KEYS))
         required = _MESSAGE_KEYS - ({"content"} if item.get("tool_calls") else set())
         missing = sorted(required - set(item))
