@@ -187,13 +187,17 @@ class Settler:
     async def drain(self, seconds: float = SHIELD_SECONDS) -> None:
         """
         Wait, at most ``seconds`` (and until ``drain_by``, if set), for the operations
-        their callers stopped waiting for.
+        their callers stopped waiting for, also those they leave in turn (a write behind
+        that stopped waiting for its store leaves the store's operation running).
         """
-        if self.releases:
-            if self.drain_by is not None:
-                left = self.drain_by - asyncio.get_running_loop().time()
-                seconds = min(seconds, max(left, 0.0))
-            await asyncio.wait(set(self.releases), timeout=seconds)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        if self.drain_by is not None:
+            until = min(until, self.drain_by)
+        while self.releases:
+            await asyncio.wait(set(self.releases), timeout=max(until - loop.time(), 0.0))
+            if loop.time() >= until:
+                break
 
     def _released(self, task: asyncio.Future[Any]) -> None:
         """An operation its caller stopped waiting for has ended."""

@@ -21,7 +21,7 @@ import attrs
 import pytest
 
 from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcome
-from empathy_models._cached import cache_key_of
+from empathy_models._cached import STORE_TIMEOUT, cache_key_of
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import SQLiteResponseCache, cache_from_url
@@ -405,3 +405,30 @@ async def test_a_run_cancelled_while_taking_the_lease_lets_go_of_it_once_taken(
     async with SQLiteResponseCache(path) as store:
         assert await store.acquire_lease(key, "next", 60) is None
     assert server.requests() == 0
+
+
+class _SlowWrite(SQLiteResponseCache):
+    """A worker's cache whose writes of an entry take longer than a write behind waits."""
+
+    async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
+        await asyncio.sleep(STORE_TIMEOUT * 1.5)
+        await super().set_and_release(key, value, ttl, holder)
+
+
+async def test_a_close_waits_for_an_entry_write_that_outlasted_its_wait(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # the answer's write (and the lease's release with it) takes longer than the write
+    # behind waits for it, so it goes on on its own: the executor's close waits for it
+    # too (before: the close waited for the write behind alone, which had stopped
+    # waiting, and a cache the executor owns was closed under the write: no entry, and
+    # the lease held for 30 s, in which other workers' copies of the request waited)
+    server.set_behavior("gpt-a", ModelBehavior(content="The answer."))
+    key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
+    assert key is not None
+    path = tmp_path / "cache.db"
+    async with _SlowWrite(path) as cache:
+        async with http_executor(server, REGISTRY, cache=cache) as executor:
+            await executor.run("q", CTX)
+        assert await cache.get(key) is not None
+        assert await cache.acquire_lease(key, "next", 60) is None
