@@ -1,8 +1,12 @@
-"""The core QuotaStore contract, run against a real Redis through its URL."""
+"""
+The core QuotaStore contract, run against a real Redis through its URL, and a failed
+settlement sent again by the executor's limiter.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -10,12 +14,15 @@ from empathy_models_redis import RedisQuotaStore
 from empathy_models_redis._quota import RETENTION
 from redis.typing import EncodableT, FieldT
 
+from empathy_models import Budget, ExecutionContext
 from empathy_models.exceptions import StateStoreError
+from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
     ResponseCacheContract,
     StepQuotaClock,
 )
+from tests._fakes import CHEAP_ONLY, KEY, FailingSettle, http_executor
 
 
 def _text(value: bytes | str) -> str:
@@ -159,7 +166,7 @@ async def test_reset_counts_and_deletes_only_the_budgets_windows(
     client = aioredis.Redis.from_url(redis_url)
     await client.set(f"{redis_prefix}b|team@1.0", "x")
     start = time.time() - 60.0
-    window = {"window_start": start, "window_end": start + 60}
+    window: dict[str, Any] = {"window_start": start, "window_end": start + 60}
     try:
         async with RedisQuotaStore(redis_url, prefix=redis_prefix) as store:
             await store.reserve("team", **window, amount=3, limit=9)
@@ -170,3 +177,24 @@ async def test_reset_counts_and_deletes_only_the_budgets_windows(
     finally:
         await client.aclose()
     assert (listed, reset, again, kept) == (1, 1, 0, b"x")
+
+
+async def test_a_settlement_sent_again_after_its_answer_was_lost_counts_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # the executor's limiter sends a failed settlement again, naming its hold: one that
+    # had landed (the connection dropped on its answer) is not counted twice
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        RedisQuotaStore(redis_url, prefix=redis_prefix) as store,
+    ):
+        failing = FailingSettle(store, times=1, landing=True)
+        budget = Budget(limit_usd=10)
+        executor = http_executor(server, CHEAP_ONLY, budgets=[budget], quota_store=store)
+        async with executor:
+            response = await executor.run("hello", ExecutionContext(max_tokens=200))
+        assert failing.calls == 2  # sent again by the close, at once
+        assert executor.limiter is not None and executor.limiter.unsettled == 0
+        (usage,) = await store.usages()
+    assert usage.spent_usd == pytest.approx(response.cost_usd)  # once
+    assert (usage.held, usage.calls, usage.overrun) == (0, 1, 0)
