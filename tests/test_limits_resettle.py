@@ -170,3 +170,35 @@ async def test_a_store_without_hold_ids_has_a_failed_settlement_counted_at_once(
         assert failing.calls == 1
         (usage,) = await store.usages()
     assert usage.spent_usd == pytest.approx(response.cost_usd)
+
+
+async def test_a_store_whose_settle_takes_no_hold_id_is_given_none(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    class Older(SQLiteQuotaStore):  # a subclass written before hold ids
+        async def settle(  # type: ignore[override]
+            self,
+            key: str,
+            *,
+            window_start: float,
+            window_end: float,
+            held: int,
+            actual: int,
+            lapses_at: float | None = None,
+        ) -> BudgetUsage:
+            return await super().settle(
+                key,
+                window_start=window_start,
+                window_end=window_end,
+                held=held,
+                actual=actual,
+                lapses_at=lapses_at,
+            )
+
+    async with Older(tmp_path / "quota.db") as store:
+        executor = http_executor(server, CHEAP_ONLY, budgets=[BUDGET], quota_store=store)
+        async with executor:
+            response = await executor.run("hello", CTX)
+        (usage,) = await store.usages()
+    assert (usage.held, usage.calls) == (0, 1)
+    assert usage.spent_usd == pytest.approx(response.cost_usd)

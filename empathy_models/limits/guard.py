@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import secrets
@@ -446,8 +447,9 @@ class Limiter:
         # their caller (see `_carry`), or in the background past the store's timeout or
         # the run's deadline (see `_bounded`)
         self._settler = Settler()
-        # failed settlements sent again (`_resettle`)
+        # failed settlements sent again (`_resettle`), naming their holds when it can
         self._resettle = Resettler(self._failed, self._store_timeout, self._store_now)
+        self._names_holds = _names_holds(self.store)
 
     @property
     def degraded_events(self) -> int:
@@ -696,8 +698,8 @@ class Limiter:
             return None
         hold = Hold()
         hold.est_tokens = input_tokens + max_tokens
-        if covered and self.store.hold_ids and type(self.store) is not MemoryQuotaStore:
-            hold.id = secrets.token_hex(8)  # in-process, a settlement never fails
+        if covered and self._names_holds:
+            hold.id = secrets.token_hex(8)
         until = None if time_left is None else self._mono() + time_left
         try:
             if covered:
@@ -895,6 +897,25 @@ async def _refresh_overrides(limiter: Limiter, until: float | None) -> None:
         raise
     except BackendError as exc:
         limiter._failed(exc)
+
+
+def _names_holds(store: QuotaStore) -> bool:
+    """
+    Whether ``store``'s reservations and settlements are given hold ids: it says it
+    takes them (`QuotaStore.hold_ids`; a subclass that overrides `reserve` or `settle`
+    without the argument is taken at its signature's word), and it can fail (not the
+    in-process `MemoryQuotaStore`).
+    """
+    if not store.hold_ids or type(store) is MemoryQuotaStore:
+        return False
+    for method in (store.reserve, store.settle):
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: take its word
+            continue
+        if not any(p.name == "hold_id" or p.kind is p.VAR_KEYWORD for p in parameters):
+            return False
+    return True
 
 
 async def _settle_budget(limiter: Limiter, settlement: Settlement) -> None:
