@@ -5,6 +5,7 @@ settlement sent again by the executor's limiter.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from redis.typing import EncodableT, FieldT
 
 from empathy_models import Budget, ExecutionContext
 from empathy_models.exceptions import StateStoreError
+from empathy_models.limits import MemoryQuotaStore
 from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
@@ -198,3 +200,38 @@ async def test_a_settlement_sent_again_after_its_answer_was_lost_counts_once(
         (usage,) = await store.usages()
     assert usage.spent_usd == pytest.approx(response.cost_usd)  # once
     assert (usage.held, usage.calls, usage.overrun) == (0, 1, 0)
+
+
+async def test_the_script_settles_named_holds_as_the_python_steps_do(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # random reservations and settlements naming holds (some settled twice, some
+    # never reserved, some lapsed): the Lua port and `meter` end every step alike
+    rng = random.Random(36)
+    now = time.time()
+    kw: dict[str, Any] = {"window_start": now - 60, "window_end": now + 86_400}
+    held: dict[str, tuple[int, float]] = {}  # hold id -> (amount, lapses_at)
+    async with (
+        RedisQuotaStore(redis_url, prefix=redis_prefix) as redis_store,
+        MemoryQuotaStore() as memory,
+    ):
+        for step in range(300):
+            if rng.random() < 0.5:
+                hold_id, amount = f"h{step}", rng.randint(1, 400)
+                lapses_at = now + rng.choice([-600.0, -120.0, 3600.0, 7200.0])
+                args: dict[str, Any] = {"amount": amount, "limit": 10_000, "hold_id": hold_id}
+                answers = [
+                    (await store.reserve("b", **kw, **args, lapses_at=lapses_at)).usage
+                    for store in (redis_store, memory)
+                ]
+                held[hold_id] = (amount, lapses_at)
+            else:
+                hold_id = rng.choice([*held, "never"]) if held else "never"
+                amount, lapses_at = held.get(hold_id, (50, now + 3600.0))
+                settle: dict[str, Any] = {"held": amount, "actual": rng.randint(0, 500)}
+                answers = [
+                    await store.settle("b", **kw, **settle, lapses_at=lapses_at, hold_id=hold_id)
+                    for store in (redis_store, memory)
+                ]
+            assert answers[0] == answers[1], step
+        assert await redis_store.usage("b", **kw) == await memory.usage("b", **kw)
