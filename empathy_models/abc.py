@@ -947,9 +947,9 @@ class QuotaStore(AsyncResource):
     suite: `empathy_models.testing.contracts.QuotaStoreContract`.
 
     A store with ``hold_ids`` takes a ``hold_id`` in `reserve` and `settle`, unique to
-    one call's hold, and applies a settlement naming it once: the limiter then sends a
-    settlement that failed (the store down, or its answer lost) again until it lands,
-    and one that had landed is not counted twice.  A store without them has a failed
+    one call's hold, and `settle`'s ``resent``: the limiter then sends a settlement that
+    failed (the store down, or its answer lost) again until it lands, and one that had
+    landed is not counted twice.  A store without them has a failed
     settlement lost (its hold lapses; the limiter counts it in ``unsettled``).
     """
 
@@ -1007,14 +1007,16 @@ class QuotaStore(AsyncResource):
         actual: int,
         lapses_at: float | None = None,
         hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         """
         Release a hold of ``held`` from ``key``'s window, reserved with ``lapses_at``,
         and charge ``actual``; a hold that lapsed already has nothing left to release.
         With ``hold_id`` (given only to a store with ``hold_ids``), the hold reserved
-        under it, once: a settlement naming a hold settled already changes nothing (its
-        id is kept while the hold is, and an hour past its lapse:
-        `empathy_models.limits.meter.LAPSED_IDS_KEPT`).
+        under it, whose id the settlement takes away; ``resent``: the settlement was
+        sent before and failed, and changes nothing when the window no longer keeps
+        the id (it landed, its answer lost).  A hold's id is kept while the hold is,
+        and an hour past its lapse (`empathy_models.limits.meter.LAPSED_IDS_KEPT`).
         """
 
     @abc.abstractmethod
@@ -1194,6 +1196,7 @@ class TransactionalQuotaStore(QuotaStore):
         actual: int,
         lapses_at: float | None = None,
         hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         self._check_open()
         from .limits.meter import settle_step
@@ -1210,6 +1213,7 @@ class TransactionalQuotaStore(QuotaStore):
                 now=now,
                 lapses_at=lapses_at,
                 hold_id=hold_id,
+                resent=resent,
             ),
         )
 

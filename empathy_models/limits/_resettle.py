@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ..abc import QuotaStore
 from ..exceptions import BackendClosedError, BackendError
@@ -59,9 +59,13 @@ class Settlement:
         self.lapses_at = lapses_at  # by the store's clock
         self.hold_id = hold_id
 
-    async def send(self) -> None:
-        """The settlement, once (`QuotaStore.settle`)."""
-        named = {} if self.hold_id is None else {"hold_id": self.hold_id}
+    async def send(self, resent: bool = False) -> None:
+        """The settlement, once (`QuotaStore.settle`); ``resent``: sent before."""
+        named: dict[str, Any] = {}
+        if self.hold_id is not None:
+            named = (
+                {"hold_id": self.hold_id, "resent": True} if resent else {"hold_id": self.hold_id}
+            )
         await self.store.settle(
             self.key,
             window_start=self.ws,
@@ -142,7 +146,7 @@ class Resettler:
                 tries += 1
                 try:
                     async with asyncio.timeout(self._timeout):
-                        await settlement.send()
+                        await settlement.send(resent=True)
                 except BackendClosedError:
                     self._lost(settlement, "the quota store was closed")
                     return

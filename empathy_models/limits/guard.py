@@ -903,17 +903,19 @@ def _names_holds(store: QuotaStore) -> bool:
     """
     Whether ``store``'s reservations and settlements are given hold ids: it says it
     takes them (`QuotaStore.hold_ids`; a subclass that overrides `reserve` or `settle`
-    without the argument is taken at its signature's word), and it can fail (not the
-    in-process `MemoryQuotaStore`).
+    without ``hold_id`` (and `settle` without ``resent``) is taken at its signature's
+    word), and it can fail (not the in-process `MemoryQuotaStore`).
     """
     if not store.hold_ids or type(store) is MemoryQuotaStore:
         return False
-    for method in (store.reserve, store.settle):
+    for method, names in ((store.reserve, {"hold_id"}), (store.settle, {"hold_id", "resent"})):
         try:
             parameters = inspect.signature(method).parameters.values()
         except (TypeError, ValueError):  # no signature to read: take its word
             continue
-        if not any(p.name == "hold_id" or p.kind is p.VAR_KEYWORD for p in parameters):
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters) and not names <= {
+            p.name for p in parameters
+        }:
             return False
     return True
 

@@ -26,10 +26,12 @@ holds lapsed early, as any lost time would.
 
 A reservation may name its hold (``hold_id``, unique to the call): the window then
 keeps the hold's bucket under that id (``ids``, id -> bucket) until a settlement naming
-it comes, which applies once: a settlement naming an id the window does not keep (one
-applied already, whose answer was lost on the way to its caller, sent again) changes
-nothing.  The id of a hold that lapsed unsettled is kept `LAPSED_IDS_KEPT` seconds past
-its bucket's time, so its late settlement still charges the call, once.
+it comes, which takes the id away.  A settlement sent again (``resent``: the first
+failed, and may have landed with its answer lost on the way to its caller) naming an
+id the window does not keep changes nothing; a first one is applied as an unnamed one
+(the window was reset since, or the hold lapsed long ago).  The id of a hold that
+lapsed unsettled is kept `LAPSED_IDS_KEPT` seconds past its bucket's time, so a
+settlement sent again that late still charges the call, once.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ HOLD_BUCKET: Final = 60
 LAPSED_IDS_KEPT: Final = 3600
 """
 Seconds past its bucket's time a named hold that lapsed unsettled keeps its id (a late
-settlement naming it is charged once); then a settlement naming it changes nothing.
+settlement sent again naming it is charged once); then such a settlement changes
+nothing.
 """
 
 
@@ -234,13 +237,15 @@ def settle_step(
     now: float,
     lapses_at: float | None = None,
     hold_id: str | None = None,
+    resent: bool = False,
 ) -> tuple[Data, BudgetUsage]:
     """
     Release a hold of ``held`` reserved to lapse at ``lapses_at`` and charge ``actual``
     (which may exceed it); of a hold that lapsed already nothing is left to release.  A
     hold moved by a clock's step back (`unstepped`) is found in its bucket as before.
-    With ``hold_id``, the hold reserved under that id, once: when the window keeps no
-    such id (settled already), nothing changes.
+    With ``hold_id``, the hold reserved under that id; when the window keeps no such
+    id, a settlement ``resent`` (settled already, its answer lost) changes nothing, and
+    a first one is applied as without an id.
     """
     new = _current(data, now, window_start, window_end)
     holds = dict(new.get("holds") or {})
@@ -248,13 +253,14 @@ def settle_step(
     if hold_id is not None:
         ids = dict(new.get("ids") or {})
         named = ids.pop(hold_id, None)
-        if named is None:  # settled already (or never reserved here)
+        if named is not None:
+            if ids:
+                new["ids"] = ids
+            else:
+                del new["ids"]
+            bucket = named
+        elif resent:  # settled already, its answer lost on the way
             return new, usage_of(key, new, window_start, window_end)
-        if ids:
-            new["ids"] = ids
-        else:
-            del new["ids"]
-        bucket = named
     if "holds" in new:  # else a window stored before holds lapsed
         held = min(held, holds.get(bucket, 0))  # 0 once lapsed
         if holds.get(bucket, 0) > held:

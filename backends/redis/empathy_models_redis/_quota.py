@@ -89,8 +89,8 @@ class RedisQuotaStore(QuotaStore):
     empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
     seconds>``); each reservation or settlement first releases those whose time came
     by the server's clock, and reads show them released by it too.  A hold reserved
-    under an id keeps its bucket in field ``i:<id>`` until the settlement naming it,
-    which applies once (`QuotaStore.hold_ids`).  A
+    under an id keeps its bucket in field ``i:<id>`` until the settlement naming it
+    (`QuotaStore.hold_ids`), which then applies once.  A
     window also keeps the server time it was written (``at``): after the server's
     clock stepped back, its holds' lapse times move back by the step (fields
     ``l:<epoch seconds>``, `empathy_models.limits.meter.unstepped`).
@@ -224,11 +224,12 @@ class RedisQuotaStore(QuotaStore):
         actual: int,
         lapses_at: float | None = None,
         hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         args = ["settle", _num(window_start), _num(window_end), str(int(held))]
         args += [str(int(actual)), self._ttl(window_end), hold_bucket(lapses_at, window_end)]
         if hold_id is not None:
-            args.append(hold_id)
+            args += [hold_id, "1" if resent else "0"]
         reply = await self._run(f"settle {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end).usage
 

@@ -5,10 +5,11 @@
 --          limit, ttl, bucket.  Returns {granted, field, value, ...}.
 -- settle:  ARGV: op, window_start, window_end, held, actual, ttl, bucket.  Same reply.
 -- Either may end with a hold id (ARGV[8]): a reservation keeps its bucket under it (the
--- hash field "i:" .. id), and a settlement naming it settles that hold once; one naming
--- an id the window does not keep (settled already) changes nothing.  The id of a hold
--- that lapsed unsettled is kept IDS_KEPT seconds past its bucket's time
--- (meter.LAPSED_IDS_KEPT).
+-- hash field "i:" .. id), and a settlement naming it settles that hold and drops the
+-- id; then ARGV[9] is "1" for a settlement sent again, which changes nothing when the
+-- window does not keep its id (settled already), while a first one is applied as one
+-- without an id.  The id of a hold that lapsed unsettled is kept IDS_KEPT seconds past
+-- its bucket's time (meter.LAPSED_IDS_KEPT).
 -- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
 -- time (from TIME) has come, counting them in "lapsed".  "at" is TIME at the window's
@@ -219,12 +220,13 @@ elseif OP == "settle" then
   local st = load(ws, we)
   if ARGV[8] ~= nil then
     local named = st.ids[ARGV[8]]
-    if named == nil then  -- settled already (or never reserved here): nothing changes
+    if named ~= nil then
+      st.ids[ARGV[8]] = nil
+      st.gone[#st.gone + 1] = "i:" .. ARGV[8]
+      bucket = "h:" .. named
+    elseif ARGV[9] == "1" then  -- sent again, settled already: nothing changes
       return save_and_reply(st, true, ttl, we)
     end
-    st.ids[ARGV[8]] = nil
-    st.gone[#st.gone + 1] = "i:" .. ARGV[8]
-    bucket = "h:" .. named
   end
   held = math.min(held, st.holds[bucket] or 0)  -- 0 once lapsed
   if st.holds[bucket] ~= nil then
