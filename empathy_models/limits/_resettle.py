@@ -153,6 +153,9 @@ class Resettler:
                 except (BackendError, TimeoutError) as exc:
                     self._failed(exc)
                     continue
+                except Exception as exc:  # nobody awaits this task: say what went wrong
+                    self._lost(settlement, f"sending it again raised {exc!r}")
+                    return
                 logger.info("settled budget %s at its retry %d", settlement.key, tries)
                 return
         except asyncio.CancelledError:
@@ -190,10 +193,11 @@ class Resettler:
         self.unsettled_nano += settlement.actual
         logger.warning(
             "settling budget %s failed and %s: the $%.6f the call cost is not counted in "
-            "the quota store (its hold of $%.6f lapses at %s)",
+            "the quota store (its hold of $%.6f %s at %s)",
             settlement.key,
             why,
             settlement.actual / 1e9,
             settlement.held / 1e9,
+            "lapsed" if self._store_now() >= settlement.lapses_at else "lapses",
             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(settlement.lapses_at)),
         )
