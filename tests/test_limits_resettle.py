@@ -202,3 +202,28 @@ async def test_a_store_whose_settle_takes_no_hold_id_is_given_none(
         (usage,) = await store.usages()
     assert (usage.held, usage.calls) == (0, 1)
     assert usage.spent_usd == pytest.approx(response.cost_usd)
+
+
+async def test_a_retry_that_raises_another_error_is_counted_unsettled_and_logged(
+    server: FakeLLMServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="empathy_models.limits")
+
+    async def broken(key: str, **options: object) -> BudgetUsage:
+        raise ValueError("a bug in the store")
+
+    async with SQLiteQuotaStore(tmp_path / "quota.db") as store:
+        failing = FailingSettle(store, times=1)
+        setattr(failing, "settle", broken)  # noqa: B010 - what the retry reaches
+        executor = http_executor(server, CHEAP_ONLY, budgets=[BUDGET], quota_store=store)
+        async with executor:
+            await executor.run("hello", CTX)
+            limiter = executor.limiter
+            assert limiter is not None
+            with anyio.move_on_after(60):
+                while not limiter.unsettled:  # noqa: ASYNC110 - by the retry's task
+                    await anyio.sleep(0.05)
+            assert limiter.unsettled == 1
+    lost = [r.getMessage() for r in caplog.records if "not counted" in r.getMessage()]
+    assert len(lost) == 1
+    assert "ValueError('a bug in the store')" in lost[0]
