@@ -462,6 +462,24 @@ async def test_testing_recipe(keys: None) -> None:
     await namespace["test_my_summarizer_survives_two_503s"]()
 
 
+@pytest.mark.slow
+def test_testing_recipe_runs_under_plain_pytest(tmp_path: Path) -> None:
+    """A newcomer's project has no `asyncio_mode = "auto"`: pytest alone runs the test."""
+    (tmp_path / "test_summarizer.py").write_text(block("testing"), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
 def test_backend_url_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
