@@ -97,6 +97,11 @@ def block(name: str) -> str:
     return found
 
 
+def toml_block(section: str) -> str:
+    (found,) = [b.code for b in _blocks() if b.lang == "toml" and b.section == section]
+    return found
+
+
 def test_every_readme_block_is_run_by_a_test() -> None:
     python = [b for b in _blocks() if b.lang == "python"]
     matched = {name: [b for b in python if marker in b.code] for name, marker in MARKERS.items()}
@@ -104,7 +109,10 @@ def test_every_readme_block_is_run_by_a_test() -> None:
     assert len(python) == len(MARKERS)
     others = [b for b in _blocks() if b.lang not in ("python", "toml")]
     assert {b.lang for b in others} == {"bash"}
-    assert [b.section for b in _blocks() if b.lang == "toml"] == ["Configuration: `empathy.toml`"]
+    assert [b.section for b in _blocks() if b.lang == "toml"] == [
+        "Recipes",  # the registry file
+        "Configuration: `empathy.toml`",
+    ]
     cli_blocks = [b for b in others if b.section == "The command line"]
     assert len(cli_blocks) == 1
     for b in others:
@@ -366,6 +374,23 @@ async def test_own_openai_compatible_server_recipe(
     assert namespace["registry"].get("qwen2.5:32b").tier is ModelTier.CAPABLE
 
 
+async def test_the_registry_file_is_the_recipes_registry_over_the_built_in_table(
+    tmp_path: Path,
+) -> None:
+    namespace: dict[str, Any] = {}
+    code = block("ollama").replace("asyncio.run(main())", "")
+    exec(compile(code, str(README), "exec"), namespace)
+    path = tmp_path / "models.toml"
+    path.write_text(toml_block("Recipes"), encoding="utf-8")
+    loaded = ModelRegistry.from_file(path)
+    own = namespace["registry"]
+    assert loaded.price_version == own.price_version
+    for model in own:
+        assert loaded.get(model.id) == model
+    built_in = {m.id for m in ModelRegistry.default()}
+    assert {m.id for m in loaded} == built_in | {m.id for m in own}
+
+
 async def test_shared_breaker_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = block("shared_breaker").replace("sqlite:///state.db", f"sqlite:///{tmp_path / 's.db'}")
     await _run_main(code)
@@ -563,7 +588,7 @@ async def test_configuration_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's empathy.toml, with the fake server's URLs, read by from_config()."""
-    (toml,) = [b.code for b in _blocks() if b.lang == "toml"]
+    toml = toml_block("Configuration: `empathy.toml`")
     async with FakeLLMServer() as server:
         toml = toml.replace("http://localhost:11434/v1", server.openai_base_url)
         redis_url = os.environ.get("EMPATHY_TEST_REDIS_URL")
@@ -573,13 +598,8 @@ async def test_configuration_blocks(
             toml = toml.replace("redis://cache:6379/0", f"{redis_url}{joined}prefix={prefix}")
         else:
             toml = toml.replace('"redis://cache:6379/0"', '"calls.db"')
-        registry = ModelRegistry.default()
-        models = [m.to_dict() for m in registry if m.provider == "openai"]
-        models.append({**models[0], "id": "llama3.1:8b", "provider": "ollama"})
-        (tmp_path / "models.json").write_text(
-            json.dumps({"price_version": "readme-1", "models": models}), encoding="utf-8"
-        )
-        toml = toml.replace('"models.toml"', '"models.json"')
+        # the registry file the README shows: the built-in table and Ollama's models
+        (tmp_path / "models.toml").write_text(toml_block("Recipes"), encoding="utf-8")
         (tmp_path / "empathy.toml").write_text(toml, encoding="utf-8")
         monkeypatch.chdir(tmp_path)
         monkeypatch.delenv("EMPATHY_CONFIG", raising=False)
