@@ -521,6 +521,32 @@ def test_contract_suite_block() -> None:
     assert issubclass(namespace["TestMyTelemetry"], TelemetryBackendContract)
 
 
+def test_the_contract_suites_say_what_to_install_where_pytest_asyncio_is_missing() -> None:
+    # the suites' fixtures are pytest-asyncio's: without it the import failed with a bare
+    # "No module named 'pytest_asyncio'", naming neither the package nor why it is needed
+    code = (
+        "import sys\n"
+        "sys.modules['pytest_asyncio'] = None\n"
+        "try:\n"
+        "    import empathy_models.testing.contracts\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name, '|', exc)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    name, _, message = done.stdout.strip().partition(" | ")
+    assert name == "pytest_asyncio"
+    assert "pip install pytest pytest-asyncio" in message
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "run under pytest with pytest-asyncio" in text
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
