@@ -381,7 +381,7 @@ class CircuitOpenError(EmpathyModelsError):
     ) -> None:
         wait = "until reset" if retry_after is None else f"retry after {retry_after:.3f}s"
         detail = f"; {reason}" if reason else ""
-        last = f"; last error: {last_error}" if last_error else ""
+        last = f"; last error: {last_error}" if last_error and last_error != reason else ""
         closing = _reset_hint(key) if state.value == "forced_open" else ""
         super().__init__(f"circuit {key!r} is {state.value} ({wait}){detail}{last}{closing}")
         self.key = key
@@ -405,9 +405,8 @@ def _reset_hint(key: str) -> str:
     """
     shell = f"{'-- ' if key.startswith('-') else ''}{shlex.quote(key)}"
     return (
-        f"; once its cause is fixed (an API key, the account, a model id), "
-        f"`CircuitBreaker.reset({key!r})` or `empathy-models breaker reset --db "
-        f"<this store's URL> {shell}` closes it for every worker sharing the store"
+        f"; once its cause is fixed, `CircuitBreaker.reset({key!r})` or `empathy-models "
+        f"breaker reset --db <store> {shell}` closes it for every worker"
     )
 
 

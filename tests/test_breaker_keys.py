@@ -402,7 +402,7 @@ async def test_a_wrong_key_fixed_is_refused_with_the_command_that_closes_the_cir
     assert error.key == "openai" and error.state is CircuitState.FORCED_OPEN
     message = str(error)
     assert "CircuitBreaker.reset('openai')" in message
-    command = "empathy-models breaker reset --db <this store's URL> openai"
+    command = "empathy-models breaker reset --db <store> openai"
     assert command in message
     assert command in str(refused.value)  # the run's error says it too
     # the command as the message gives it, this store's file for the placeholder
