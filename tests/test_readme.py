@@ -136,6 +136,23 @@ def test_the_constants_the_readme_names_are_public() -> None:
         assert name in public, f"README names {module}.{name}, not in its __all__"
 
 
+def test_the_task_types_the_readme_names_have_the_tiers_it_says() -> None:
+    from empathy_models.tasks import TaskType, get_tier_for_task, normalize_task_type
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    said = re.search(r"`task_type` picks the tier: (.*?) \(`empathy_models\.tasks", text)
+    assert said is not None
+    groups = re.findall(r"((?:`\w+`,? )+)(?:and )?the other (\w+)", said.group(1))
+    named = {
+        tier: re.findall(r"`(\w+)`", names) for names, tier in groups
+    }  # every name the sentence gives, by the tier it says
+    assert set(named) == {"cheap", "capable", "premium"}
+    for tier, names in named.items():
+        assert names and all(get_tier_for_task(n).value == tier for n in names), (tier, names)
+    assert f"lists all {len(TaskType)};" in text
+    assert normalize_task_type("Fix-Bug") == "fix_bug"
+
+
 async def test_the_sqlite_worker_thread_is_a_daemon_as_the_readme_says(tmp_path: Path) -> None:
     before = set(threading.enumerate())
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
