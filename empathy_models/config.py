@@ -623,9 +623,17 @@ class EmpathyConfig:
 
     def registry(self) -> ModelRegistry:
         """The registry file's models, or `ModelRegistry.default`."""
-        if self.registry_file is None:
+        file = self.registry_file
+        if file is None:
             return ModelRegistry.default()
-        return ModelRegistry.from_file(self.registry_file)
+        named = self.path is not None and self.sources["registry"] == str(self.path)
+        if named and not file.exists() and not file.is_symlink():
+            raise ConfigurationError(
+                f"{self.path}: registry: {file}: no such file; write your models there "
+                '(TOML or JSON; `extends = "default"` keeps the built-in models beside '
+                "them), or remove `registry` to use the built-in table"
+            )
+        return ModelRegistry.from_file(file)
 
     def telemetry_store(self) -> TelemetryBackend:
         """

@@ -526,6 +526,22 @@ def test_providers_the_registry_has_no_models_of_name_the_file(
     assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
 
 
+def test_a_registry_file_that_is_not_there_names_the_key_and_what_to_do(
+    project: Path, tmp_path: Path
+) -> None:
+    # it read "/app/models.toml: cannot read the registry file (No such file or
+    # directory)", naming neither the file that named it nor a way out
+    path = project / "empathy.toml"
+    path.write_text('registry = "models.toml"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    message = str(refused.value)
+    assert message.startswith(f"{path}: registry: {project / 'models.toml'}: "), message
+    assert "no such file" in message and "remove `registry`" in message
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
 @pytest.mark.parametrize(
     "tables",
     [
