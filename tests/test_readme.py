@@ -441,6 +441,32 @@ async def test_budgets_recipe_prints_when_a_spent_budget_resets(
     assert re.fullmatch(r"global/day: \$0\.0000 left until \d{4}-\d\d-\d\d 00:00 UTC", out), out
 
 
+async def test_cache_ttl_does_nothing_without_both_halves_as_the_readme_says(keys: None) -> None:
+    from empathy_models import ExecutionContext, OpenAIProvider
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "a context's `cache_ttl` does nothing in an executor built without `cache=`" in text
+
+    async def twice(ctx: ExecutionContext, **cache: str) -> tuple[bool, bool]:
+        async with (
+            FakeLLMServer() as server,
+            EmpathyLLMExecutor(
+                [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+                telemetry_store="null://",
+                **cache,  # type: ignore[arg-type]
+            ) as executor,
+        ):
+            first, again = [await executor.run("What is GCRA?", ctx) for _ in range(2)]
+        return first.cached, again.cached
+
+    assert await twice(ExecutionContext(cache_ttl=60, temperature=0)) == (False, False)
+    assert await twice(ExecutionContext(cache_ttl=60), cache="memory://") == (False, False)
+    sampled = ExecutionContext(cache_ttl=60, cache_sampled=True)
+    assert await twice(sampled, cache="memory://") == (False, True)
+    zero = ExecutionContext(cache_ttl=60, temperature=0)
+    assert await twice(zero, cache="memory://") == (False, True)
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
