@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -361,6 +362,55 @@ async def test_a_stream_over_max_stream_bytes_is_interrupted_and_recorded_as_mal
     (record,) = await records_of(telemetry)
     assert record.outcome is Outcome.FAILURE and record.error_type == "InvalidResponseError"
     assert "max_stream_bytes" in (record.error_message or "")
+
+
+async def test_a_stream_over_max_stream_bytes_in_one_piece_delivers_what_fits_first(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # the same long answer, its whole event stream sent in one write (a relay that
+    # buffers): the deltas within the first 16 KiB are delivered, then the stream fails,
+    # as when the events come one by one (before: it failed before its first delta)
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="word " * 400))
+    url = f"{server.anthropic_base_url}/v1/messages"
+    body = {"model": "claude-fake-haiku", "max_tokens": 2000, "stream": True}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        events = await r.read()
+    assert len(events) > 32 << 10
+
+    async def whole(_: web.Request) -> web.Response:
+        return web.Response(body=events, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", whole)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    provider = AnthropicProvider(
+        api_key=KEY, base_url=f"http://127.0.0.1:{port}", max_stream_bytes=16 << 10
+    )
+    executor = EmpathyLLMExecutor(
+        [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
+    )
+    try:
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("hi", CHEAP) as stream:
+                    async for _ in stream:
+                        pass
+    finally:
+        await runner.cleanup()
+    fits = events[: 16 << 10]  # its whole events: the deltas delivered
+    delivered = fits[: fits.rfind(b"\n\n")].count(b'"text_delta"')
+    assert delivered > 100
+    assert caught.value.partial_text.split() == ["word"] * delivered
+    assert "max_stream_bytes=16,384" in str(caught.value)
 
 
 async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status(
