@@ -128,6 +128,10 @@ def test_help_texts_read_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(out.split())
     assert "default: a temporary database" in text
     assert "empathy.db" not in text  # no default path contradicting "temporary"
+    for command in ("status", "set", "reset"):  # it named empathy.toml's database only
+        code, out, _ = run(capsys, "budget", command, "--help")
+        assert code == 0
+        assert "else $EMPATHY_HOME/empathy.db" in " ".join(out.split()), command
 
 
 @pytest.mark.parametrize("command", ["setup", "status", "reset", "restore", "recommend"])
