@@ -66,6 +66,14 @@ class SyncStreamManager:
     ) -> None:
         self._stream.close()
 
+    if not TYPE_CHECKING:  # at run time only: a type checker reports the misuse itself
+
+        def __iter__(self):
+            raise TypeError(
+                "llm.stream() is read inside `with`: `with llm.stream(...) as stream:`, "
+                "then `for delta in stream` (or `stream.get_final_response()`)"
+            )
+
 
 class SyncStream:
     """

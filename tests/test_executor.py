@@ -1252,6 +1252,21 @@ def test_configuration_errors_are_explicit(sleep: SleepRecorder) -> None:
         make([ScriptedProvider("alpha")], "memory://", sleep, concurrency_per_provider={"zeta": 1})
 
 
+def test_providers_not_given_as_provider_objects_are_refused_saying_what_to_pass() -> None:
+    # the name as a string read "providers[None] is not a Provider: 'openai'"; one provider
+    # outside a list, "providers must be a sequence of Provider or a mapping, got ..."
+    from empathy_models import OpenAIProvider
+
+    with pytest.raises(ConfigurationError) as named:
+        EmpathyLLMExecutor(["openai"], telemetry_store="null://")  # type: ignore[list-item]
+    assert "providers[0] is not a Provider: 'openai'" in str(named.value)
+    assert "OpenAIProvider()" in str(named.value)
+    alone = OpenAIProvider(api_key="k")
+    with pytest.raises(ConfigurationError) as single:
+        EmpathyLLMExecutor(alone, telemetry_store="null://")  # type: ignore[arg-type]
+    assert "in a list: [OpenAIProvider(...)]" in str(single.value)
+
+
 @pytest.mark.parametrize("url", ["memory://", "sqlite://:memory:"])
 def test_a_state_store_as_the_breaker_is_refused_saying_what_to_pass(
     sleep: SleepRecorder, url: str

@@ -1014,3 +1014,24 @@ async def test_usage_counted_in_integers_of_another_type_is_recorded_and_charged
     [record] = await telemetry.recent(limit=10)
     assert (record.input_tokens, record.cost_usd) == (30, response.cost_usd)
     assert "cannot hold" not in caplog.text
+
+
+async def test_a_stream_read_without_async_with_says_how_to_read_it() -> None:
+    # `async for delta in executor.stream(...)` (as other SDKs stream) and `await
+    # executor.stream(...)` raised a bare "'async for' requires an object with __aiter__
+    # method, got StreamManager" / "can't be used in 'await' expression"
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store="null://",
+        ) as executor,
+    ):
+        with pytest.raises(TypeError, match=r"async with executor\.stream\(\.\.\.\) as stream"):
+            async for _ in executor.stream("hi"):  # type: ignore[attr-defined]
+                pass
+        with pytest.raises(TypeError, match=r"async with executor\.stream\(\.\.\.\) as stream"):
+            await executor.stream("hi")  # type: ignore[misc]
+        assert server.requests() == 0
+        async with executor.stream("hi") as stream:  # as the error says
+            assert "".join([d async for d in stream])

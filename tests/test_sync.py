@@ -1132,3 +1132,25 @@ def test_a_stream_keeps_a_sync_executor_nothing_else_holds_open(server: FakeLLMS
     ) as stream:
         gc.collect()  # the executor is referred to by the stream alone
         assert list(stream) == WORDS
+
+
+def test_a_sync_stream_read_without_with_says_how_to_read_it() -> None:
+    # `for delta in llm.stream(...)` raised a bare "'SyncStreamManager' object is not
+    # iterable"
+    from empathy_models.providers import OpenAIProvider
+
+    from ._threaded_server import threaded_fake_server
+
+    with (
+        threaded_fake_server() as server,
+        SyncExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store="null://",
+        ) as llm,
+    ):
+        with pytest.raises(TypeError, match=r"with llm\.stream\(\.\.\.\) as stream"):
+            for _ in llm.stream("hi"):  # type: ignore[attr-defined]
+                pass
+        assert server.requests() == 0
+        with llm.stream("hi") as stream:  # as the error says
+            assert "".join(stream)
