@@ -7,6 +7,7 @@ sleep; the only waits are the timeout tests' short budgets against a stalled ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -53,6 +54,7 @@ from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, Stre
 
 from ._cli import run_cli
 from ._fakes import WEATHER, OtherInt
+from ._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -339,22 +341,58 @@ async def test_a_fault_after_three_chunks_raises_stream_interrupted_with_the_par
     assert record.output_tokens == 4 and record.request_id == error.request_id
 
 
+def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+
+def _word(text: str) -> bytes:
+    delta = {"index": 0, "delta": {"type": "text_delta", "text": text}}
+    return _anthropic_event("content_block_delta", delta)
+
+
+@contextlib.asynccontextmanager
+async def _long_answer(first_read: asyncio.Event, words: int) -> AsyncIterator[str]:
+    """
+    A Messages API server streaming ``words`` words: the first, then, once the test has
+    read it (``first_read``), the others in one write.  Its base URL.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+        message |= {"model": "claude-fake-haiku", "usage": {"input_tokens": 3, "output_tokens": 1}}
+        block = {"index": 0, "content_block": {"type": "text", "text": ""}}
+        head = _anthropic_event("message_start", {"message": message})
+        await response.write(head + _anthropic_event("content_block_start", block) + _word("word"))
+        await first_read.wait()
+        with contextlib.suppress(ConnectionError):  # the client stops reading at its bound
+            await response.write(b"".join(_word(" word") for _ in range(words - 1)))
+            await response.write(_anthropic_event("message_stop", {}))
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        yield url
+
+
 async def test_a_stream_over_max_stream_bytes_is_interrupted_and_recorded_as_malformed(
-    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+    telemetry: MemoryTelemetryBackend,
 ) -> None:
-    # a long answer (some 40 KiB of events) from a provider bounded at 16 KiB
-    server.set_behavior("claude-fake-haiku", ModelBehavior(content="word " * 400))
-    provider = AnthropicProvider(
-        api_key=KEY, base_url=server.anthropic_base_url, max_stream_bytes=16 << 10
-    )
-    executor = EmpathyLLMExecutor(
-        [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
-    )
-    async with executor:
-        with pytest.raises(StreamInterruptedError) as caught:
-            async with executor.stream("hi", CHEAP) as stream:
-                async for _ in stream:
-                    pass
+    # a long answer (some 40 KiB of events) from a provider bounded at 16 KiB; the rest
+    # comes once the first word was read (a busy client could read all of it at once,
+    # then past the bound before its first delta: no stream to interrupt)
+    first_read = asyncio.Event()
+    async with _long_answer(first_read, 400) as url:
+        provider = AnthropicProvider(api_key=KEY, base_url=url, max_stream_bytes=16 << 10)
+        executor = EmpathyLLMExecutor(
+            [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
+        )
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("hi", CHEAP) as stream:
+                    first_read.set()
+                    async for _ in stream:
+                        pass
     error = caught.value
     assert isinstance(error.error, InvalidResponseError) and error.error.status == 200
     assert "max_stream_bytes=16,384" in str(error)
