@@ -296,8 +296,10 @@ async def test_every_route_failing_raises_all_routes_failed(
 async def test_a_stall_before_the_first_chunk_times_out_and_falls_back(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
+    # the timeout also bounds the fallback's connection and first chunk: 3 s, which a
+    # busy machine does not reach
     server.set_behavior("claude-fake-haiku", stream_behavior(first_chunk_ms=60_000))
-    context = ExecutionContext(tier="cheap", timeout=0.2)
+    context = ExecutionContext(tier="cheap", timeout=3.0)
     async with make(server, telemetry, retry=RetryPolicy.none()) as executor:
         with anyio.fail_after(30):
             async with executor.stream("hi", context) as stream:
@@ -305,7 +307,7 @@ async def test_a_stall_before_the_first_chunk_times_out_and_falls_back(
     assert response.model == "gpt-fake-mini"
     first = (await records_of(telemetry))[0]
     assert first.error_type == "ProviderTimeoutError" and first.outcome is Outcome.FAILURE
-    assert first.latency_ms >= 200.0  # not before the per-attempt timeout
+    assert first.latency_ms >= 3000.0  # not before the per-attempt timeout
     assert "per-attempt timeout" in (first.error_message or "")
 
 
@@ -471,8 +473,10 @@ async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status
 async def test_a_stalled_stream_times_out_on_the_idle_timeout(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
+    # the timeout also bounds the wait for the first chunk: 3 s, which a busy machine
+    # does not reach
     server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=2, fault="hang"))
-    context = ExecutionContext(tier="cheap", timeout=0.2)
+    context = ExecutionContext(tier="cheap", timeout=3.0)
     async with make(server, telemetry) as executor:
         with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
             async with executor.stream("hi", context) as stream:
@@ -483,15 +487,16 @@ async def test_a_stalled_stream_times_out_on_the_idle_timeout(
     assert "per-attempt timeout" in str(caught.value)
     (record,) = await records_of(telemetry)
     assert record.error_type == "ProviderTimeoutError" and record.outcome is Outcome.FAILURE
-    assert record.latency_ms >= 200.0
+    assert record.latency_ms >= 3000.0
 
 
 async def test_the_deadline_bounds_the_whole_stream(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
-    # every gap (50 ms) is well inside the idle timeout; the whole takes ~350 ms
-    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=50))
-    context = ExecutionContext(tier="cheap", timeout=5, deadline=0.15)
+    # every gap (1 s) is well inside the idle timeout; the whole takes some 7 s, the
+    # first chunk comes at once (3 s is the margin for it on a busy machine)
+    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=1000))
+    context = ExecutionContext(tier="cheap", timeout=10, deadline=3.0)
     async with make(server, telemetry) as executor:
         with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
             async with executor.stream("hi", context) as stream:
