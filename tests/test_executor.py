@@ -701,11 +701,14 @@ async def test_deadline_cuts_a_hanging_call(
     telemetry: MemoryTelemetryBackend,
     sleep: SleepRecorder,
 ) -> None:
-    """A real (short) deadline interrupts the call itself; no further route is tried."""
+    """
+    A real deadline interrupts the call itself; no further route is tried.  2 s: the
+    call is sent within it however busy the machine (else it is recorded not sent).
+    """
     alpha.script("cheap-a", "hang")
     async with make([alpha, beta], telemetry, sleep) as executor:
         with pytest.raises(AllRoutesFailedError) as info:
-            await executor.run("x", attrs.evolve(CHEAP, deadline=0.05))
+            await executor.run("x", attrs.evolve(CHEAP, deadline=2.0))
     [error] = info.value.exceptions
     assert isinstance(error, ProviderTimeoutError)
     assert "deadline" in str(error)
