@@ -494,6 +494,7 @@ async def test_any_provider_takes_a_timeout_through_complete() -> None:
 
 async def test_an_overridden_complete_is_called_by_the_executor() -> None:
     async with FakeLLMServer() as server:
+        CountingOpenAI.calls = 0  # a count of this test's calls, however often it runs
         provider = CountingOpenAI(api_key="sk-test", base_url=server.openai_base_url)
         async with EmpathyLLMExecutor(
             [provider], registry=HTTP_REGISTRY, telemetry_store=MemoryTelemetryBackend()
