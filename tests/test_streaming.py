@@ -362,8 +362,9 @@ async def _long_answer(first_read: asyncio.Event, words: int) -> AsyncIterator[s
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
-        message |= {"model": "claude-fake-haiku", "usage": {"input_tokens": 3, "output_tokens": 1}}
+        message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant"}
+        message |= {"content": [], "model": "claude-fake-haiku"}
+        message |= {"usage": {"input_tokens": 3, "output_tokens": 1}}
         block = {"index": 0, "content_block": {"type": "text", "text": ""}}
         head = _anthropic_event("message_start", {"message": message})
         await response.write(head + _anthropic_event("content_block_start", block) + _word("word"))
