@@ -672,3 +672,38 @@ def test_request_bodies_are_encoded_as_the_compact_json_encoder_writes_them() ->
         encode_body({"a": [{"b": object()}]})
     # a body that failed leaves nothing behind for the next one
     assert encode_body(bodies[0]) == compact.encode(bodies[0]).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"x","choices":[{"message":{"content":"\\u00e9 \xc3\xa9"}}],"n":1.5e3}',
+        b'{"a":1} ',  # whitespace after it
+        b' {"a":1}',
+        b'\xef\xbb\xbf{"a":1}',  # a byte-order mark
+        '{"a":"é"}'.encode("utf-16-le"),
+        b'{"a":1}{"b":2}',  # extra data
+        b'{"a":',  # cut short
+        b'{"a":NaN,"b":-Infinity}',
+        b'{"a":"\xff"}',  # no UTF-8
+        b"{",
+        b"[1]",
+        b"",
+        b'{"a":"\\ud800"}',  # a lone surrogate
+    ],
+)
+def test_answers_are_read_as_json_loads_reads_them(body: bytes) -> None:
+    import json
+
+    from empathy_models.providers._wire import loads
+
+    try:
+        expected: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        with pytest.raises(type(exc)) as raised:
+            loads(body)
+        assert str(raised.value) == str(exc)
+    else:
+        got = loads(body)
+        assert got == expected or (math.isnan(got["a"]) and math.isnan(expected["a"]))
+        assert type(got) is type(expected)

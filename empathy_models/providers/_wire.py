@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import json.decoder
 import json.encoder
 import math
 import re
@@ -760,6 +761,29 @@ def json_text(value: Any) -> str:
         return "<JSON nested too deeply to show>"
 
 
+_SCAN: Final = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def loads(body: bytes) -> Any:
+    """
+    ``json.loads(body)``: the same value, or the same error.  A body that is one UTF-8
+    JSON object with nothing around it (an API's answer) is read by the decoder's
+    scanner directly, without ``json.loads``' encoding detection and its two
+    whitespace matches; anything else (a byte-order mark, UTF-16, whitespace around
+    it, an error to report) by ``json.loads`` itself.
+    """
+    if body[:1] == b"{" and body[1:2] != b"\x00":  # json.loads would read it as UTF-8
+        try:
+            text = body.decode("utf-8", "surrogatepass")
+            data, end = _SCAN(text, 0)
+        except (StopIteration, ValueError):  # UnicodeDecodeError too: json.loads says why
+            pass
+        else:
+            if end == len(text):
+                return data
+    return json.loads(body)
+
+
 class ResponseReader:
     """
     Typed access to a decoded JSON response; any missing or mistyped field raises
@@ -799,7 +823,7 @@ class ResponseReader:
         the whole text).
         """
         try:
-            data = json.loads(body)
+            data = loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 why = "nested too deeply to parse"
