@@ -161,6 +161,50 @@ def test_positional_builder_and_evolver_set_every_field_as_given() -> None:
         evolve(built, no_such_field=1)
 
 
+COMPLETION: dict[str, Any] = {
+    "content": "hi",
+    "model": "gpt-4.1-nano-2025-04-14",
+    "input_tokens": 12,
+    "output_tokens": 3,
+    "stop_reason": "stop",
+    "request_id": "req_1",
+    "ttft_ms": 40.5,
+    "tool_calls": (),
+    "response_id": "chatcmpl-1",
+    "rate_limit_reset": 1.5,
+    "cache_write_tokens": 4,
+    "cache_write_1h_tokens": 2,
+    "cache_read_tokens": 8,
+    "web_search_requests": 1,
+    "cached_input_tokens": 6,
+    "usage_reported": False,
+    "service_tier": "flex",
+}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [COMPLETION, {"content": "", "model": "m"}, {"content": "x", "model": "m", "output_tokens": 9}],
+    ids=["full", "required", "some"],
+)
+def test_providers_completion_builder_builds_what_the_constructor_builds(
+    values: dict[str, Any],
+) -> None:
+    from empathy_models.providers._convert import new_completion
+
+    assert set(COMPLETION) == {a.name for a in attrs.fields(Completion)}
+    fast, checked = new_completion(**values), Completion(**values)
+    assert type(fast) is Completion
+    for name in COMPLETION:
+        assert getattr(fast, name) == getattr(checked, name), name
+        assert type(getattr(fast, name)) is type(getattr(checked, name)), name
+    assert fast == checked and repr(fast) == repr(checked)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.content = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        new_completion(content="x")  # a required field left out
+
+
 def test_public_construction_still_validates_and_converts() -> None:
     with pytest.raises(RecordValidationError, match="latency_ms"):
         LLMCallRecord(**{**FULL, "latency_ms": -1.0})
@@ -607,3 +651,61 @@ async def test_the_request_a_provider_gets_is_what_the_public_constructor_builds
         assert {f.name: getattr(sent, f.name) for f in attrs.fields(CompletionRequest)} == {
             f.name: getattr(expected, f.name) for f in attrs.fields(CompletionRequest)
         }
+
+
+def test_request_bodies_are_encoded_as_the_compact_json_encoder_writes_them() -> None:
+    import json
+
+    from empathy_models.providers._wire import encode_body
+
+    compact = json.JSONEncoder(separators=(",", ":"))
+    bodies: list[dict[str, Any]] = [
+        {"model": "m", "messages": [{"role": "user", "content": 'é \u2028 "q" \\ \n'}]},
+        {"n": None, "t": True, "i": 2**70, "f": 0.1, "inf": math.inf, "e": [], "o": {}},
+        {"nested": {"a": [1, [2, {"b": -0.0}]]}, "1": "x"},
+    ]
+    for body in bodies:
+        assert encode_body(body) == compact.encode(body).encode()
+    looped: dict[str, Any] = {"a": [1]}
+    looped["a"].append(looped)
+    with pytest.raises(ValueError, match="Circular reference"):
+        encode_body(looped)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode_body({"a": [{"b": object()}]})
+    # a body that failed leaves nothing behind for the next one
+    assert encode_body(bodies[0]) == compact.encode(bodies[0]).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":"x","choices":[{"message":{"content":"\\u00e9 \xc3\xa9"}}],"n":1.5e3}',
+        b'{"a":1} ',  # whitespace after it
+        b' {"a":1}',
+        b'\xef\xbb\xbf{"a":1}',  # a byte-order mark
+        '{"a":"é"}'.encode("utf-16-le"),
+        b'{"a":1}{"b":2}',  # extra data
+        b'{"a":',  # cut short
+        b'{"a":NaN,"b":-Infinity}',
+        b'{"a":"\xff"}',  # no UTF-8
+        b"{",
+        b"[1]",
+        b"",
+        b'{"a":"\\ud800"}',  # a lone surrogate
+    ],
+)
+def test_answers_are_read_as_json_loads_reads_them(body: bytes) -> None:
+    import json
+
+    from empathy_models.providers._wire import loads
+
+    try:
+        expected: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        with pytest.raises(type(exc)) as raised:
+            loads(body)
+        assert str(raised.value) == str(exc)
+    else:
+        got = loads(body)
+        assert got == expected or (math.isnan(got["a"]) and math.isnan(expected["a"]))
+        assert type(got) is type(expected)

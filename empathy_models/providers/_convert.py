@@ -45,10 +45,14 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Final
 
-from ..abc import CompletionRequest, Message
+import attrs
+
+from .._fast import trusted_constructor
+from ..abc import Completion, CompletionRequest, Message
 from ..content import ImageBlock, TextBlock, ToolCall, ToolResult, to_json
 from ..exceptions import InvalidResponseError, RecordValidationError
 from ._wire import ResponseReader, estimated_output_tokens, json_text, utf8_size
@@ -489,6 +493,17 @@ def anthropic_tool_calls(
 
 # --------------------------------------------------------------------------- usage
 
+new_completion: Callable[..., Completion] = partial(
+    trusted_constructor(Completion),
+    **{a.name: a.default for a in attrs.fields(Completion) if a.default is not attrs.NOTHING},
+)
+"""
+`Completion` built from the fields a provider read and checked, the others at their
+defaults: `Completion` has no converter or validator, so this is the very value its
+constructor builds, without attrs' frozen ``__init__`` setting each field through
+``object.__setattr__`` (a whole answer's ~17 fields: ~3x cheaper).
+"""
+
 
 def answer_usage(
     reported: Mapping[str, Any] | None, content: str, tool_calls: Sequence[ToolCall]
@@ -502,11 +517,15 @@ def answer_usage(
     (`estimated_output_tokens`, as for a stream without usage), the input tokens 0
     (the executor records the request's estimate of the prompt).
     """
+    if (
+        reported is not None
+        and reported.get("input_tokens") is not None
+        and reported.get("output_tokens") is not None
+    ):
+        return {**reported}  # both counts reported: the fields as they are
     fields = dict(reported or {})
     input_tokens = fields.pop("input_tokens", None)
     output_tokens = fields.pop("output_tokens", None)
-    if input_tokens is not None and output_tokens is not None:
-        return {**fields, "input_tokens": input_tokens, "output_tokens": output_tokens}
     if output_tokens is None:
         size = utf8_size(content)
         for call in tool_calls:

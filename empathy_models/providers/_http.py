@@ -92,11 +92,11 @@ from ..exceptions import (
 from ._convert import answer_usage
 from ._sse import StreamDecoder
 from ._wire import (
-    _ENCODER,
     ResponseReader,
     _Secret,
     _Secrets,
     _without_request,
+    encode_body,
     error_from_local,
     error_from_object,
     error_from_response,
@@ -726,7 +726,7 @@ class HTTPProvider(Provider):
         trace_headers = outgoing_headers.get()  # the attempt span's traceparent, when traced
         if trace_headers is not None:
             headers = {**headers, **trace_headers}
-        payload = _ENCODER.encode(self._payload(request)).encode()
+        payload = encode_body(self._payload(request))
         answered = False
         try:
             # never follow a redirect: it would carry the key (x-api-key survives a

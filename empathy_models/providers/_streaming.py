@@ -50,10 +50,10 @@ from ..exceptions import (
 from ._convert import openai_tool_calls
 from ._sse import StreamDecoder
 from ._wire import (
-    _ENCODER,
     ResponseReader,
     _snippet,
     _without_request,
+    encode_body,
     error_from_response,
     error_from_transport,
     estimated_output_tokens,
@@ -178,7 +178,7 @@ async def open_http_stream(
     if not provider.has_api_key:
         raise provider._missing_key(model)
     session = provider._session()
-    payload = _ENCODER.encode(decoder_class.prepare(provider._payload(request))).encode()
+    payload = encode_body(decoder_class.prepare(provider._payload(request)))
     headers = _stream_headers(provider)
     trace_headers = outgoing_headers.get()  # the attempt span's traceparent, when traced
     if trace_headers is not None:

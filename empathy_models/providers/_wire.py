@@ -1,5 +1,5 @@
 """
-What crosses the wire, below the HTTP client: request bodies encoded (`_ENCODER`),
+What crosses the wire, below the HTTP client: request bodies encoded (`encode_body`),
 answers read field by field (`ResponseReader`), and a provider's failure mapped to the
 error tree (`error_from_response`, with the ``Retry-After`` and rate-limit reset headers
 read; `error_from_transport`; `error_from_local` for a request that could not be built),
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import email.utils
 import json
+import json.decoder
+import json.encoder
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
@@ -308,8 +310,9 @@ def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = Non
     """
     current = now  # the clock is read once, when an Anthropic instant needs it
     waits: list[float] = []
+    get = headers.get
     for a_remaining, a_reset, o_remaining, o_reset in _RESET_HEADERS:
-        if headers.get(a_remaining, "").strip() == "0":
+        if (remaining := get(a_remaining)) is not None and remaining.strip() == "0":
             reset = headers.get(a_reset)
             if reset is not None:
                 if current is None:
@@ -317,7 +320,7 @@ def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = Non
                 wait = _parse_instant(reset, current)
                 if wait is not None:
                     waits.append(wait)
-        if headers.get(o_remaining, "").strip() == "0":
+        if (remaining := get(o_remaining)) is not None and remaining.strip() == "0":
             reset = headers.get(o_reset)
             wait = None if reset is None else _parse_duration(reset)
             if wait is not None:
@@ -708,6 +711,25 @@ async def read_bounded(
 # one compact encoder for every request: json.dumps(..., separators=...) builds a new
 # JSONEncoder per call (about half the cost of encoding a small body)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+# the C encoder maker `JSONEncoder.iterencode` calls (None where the accelerator is missing)
+_C_ENCODER: Final[Callable[..., Callable[[object, int], Sequence[str]]] | None] = getattr(
+    json.encoder, "c_make_encoder", None
+)
+
+
+def encode_body(body: dict[str, Any]) -> bytes:
+    """
+    ``body`` as compact JSON (ASCII, no spaces), as `_ENCODER` writes it: through the
+    C encoder `_ENCODER.encode` would make, made here directly (a fresh one per body,
+    so a body that failed leaves no circular-reference marks behind), without the two
+    Python frames and the closure ``JSONEncoder.iterencode`` builds on every call.
+    """
+    if _C_ENCODER is None:
+        return _ENCODER.encode(body).encode()
+    # markers, default, encoder, indent, separators, sort_keys, skipkeys, allow_nan
+    ascii_text = json.encoder.encode_basestring_ascii
+    encode = _C_ENCODER({}, _ENCODER.default, ascii_text, None, ":", ",", False, False, True)
+    return "".join(encode(body, 0)).encode()
 
 
 _MODEL_ID_LIMIT: Final = 256
@@ -737,6 +759,29 @@ def json_text(value: Any) -> str:
         return json.dumps(value)
     except RecursionError:  # parsed, yet too deep for the encoder at this stack depth
         return "<JSON nested too deeply to show>"
+
+
+_SCAN: Final = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def loads(body: bytes) -> Any:
+    """
+    ``json.loads(body)``: the same value, or the same error.  A body that is one UTF-8
+    JSON object with nothing around it (an API's answer) is read by the decoder's
+    scanner directly, without ``json.loads``' encoding detection and its two
+    whitespace matches; anything else (a byte-order mark, UTF-16, whitespace around
+    it, an error to report) by ``json.loads`` itself.
+    """
+    if body[:1] == b"{" and body[1:2] != b"\x00":  # json.loads would read it as UTF-8
+        try:
+            text = body.decode("utf-8", "surrogatepass")
+            data, end = _SCAN(text, 0)
+        except (StopIteration, ValueError):  # UnicodeDecodeError too: json.loads says why
+            pass
+        else:
+            if end == len(text):
+                return data
+    return json.loads(body)
 
 
 class ResponseReader:
@@ -778,7 +823,7 @@ class ResponseReader:
         the whole text).
         """
         try:
-            data = json.loads(body)
+            data = loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             if isinstance(exc, RecursionError):
                 why = "nested too deeply to parse"
@@ -813,7 +858,10 @@ class ResponseReader:
 
     def count(self, data: Mapping[str, Any], key: str, path: str) -> int | None:
         """An optional usage count: None when absent or null, else as `tokens` reads it."""
-        return None if data.get(key) is None else self.tokens(data, key, path)
+        value = data.get(key)
+        if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+            return value  # what `tokens` returns for it, without its checks' calls
+        return None if value is None else self.tokens(data, key, path)
 
     def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
         """

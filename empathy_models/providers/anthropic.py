@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from ..abc import Completion, CompletionRequest
-from ._convert import answer_usage, anthropic_body, anthropic_tool_calls
+from ._convert import answer_usage, anthropic_body, anthropic_tool_calls, new_completion
 from ._http import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAM_BYTES,
@@ -140,7 +140,7 @@ class AnthropicProvider(HTTPProvider):
         tool_calls = anthropic_tool_calls(reader, blocks, "response.content")
         usage = answer_usage(self._usage(reader, data), content, tool_calls)
         given = data.get("usage")  # its service tier ("standard", "priority", "batch")
-        return Completion(
+        return new_completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
             stop_reason=reader.optional_str(data, "stop_reason"),

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from .._validators import shown
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
-from ._convert import answer_usage, openai_body, openai_tool_calls
+from ._convert import answer_usage, new_completion, openai_body, openai_tool_calls
 from ._http import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAM_BYTES,
@@ -176,7 +176,7 @@ class OpenAIProvider(HTTPProvider):
                 )
             content = text
         usage = answer_usage(self._usage(reader, data), content, tool_calls)
-        return Completion(
+        return new_completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
             stop_reason=stop_reason,
