@@ -248,6 +248,27 @@ def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeC
     assert any("degraded" in (c.change or "") for c in d.candidates)
 
 
+def test_explanations_of_calls_at_other_costs_share_no_row_state(clock: FakeClock) -> None:
+    # rows of one verdict are copies of shared templates: a row over max_cost quotes its
+    # own cost once, whatever the calls read before it (within the limit, over it)
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 100)
+    feed(router, clock, "mini", 100)
+    quoted: list[tuple[str, ...]] = []
+    for tokens in (100, 5_000, 200_000, 300_000, 5_000):
+        d = router.get_best_model(
+            WF, ST, candidates=CHEAP, input_tokens=tokens, max_cost=0.01, on_no_match="relax"
+        )
+        for row in d.candidates:
+            cost_reasons = [r for r in row.reasons if r.startswith("expected cost $")]
+            assert len(cost_reasons) == (row.constraints["max_cost"] == "rejected")
+            assert row.expected_cost_usd is not None
+            if cost_reasons:
+                assert f"${row.expected_cost_usd:.6f}" in cost_reasons[0]
+                quoted.append(row.reasons)
+    assert len(set(quoted)) >= 2  # rows over the limit at two costs at least
+
+
 @pytest.mark.parametrize("varying", [None, "max_tokens", "max_cost"])
 def test_a_recovered_model_regains_its_traffic_whatever_limits_each_call_gives(
     varying: str | None,
