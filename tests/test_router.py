@@ -212,7 +212,8 @@ def test_decision_lists_every_candidate_with_its_evidence(clock: FakeClock) -> N
 def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeClock) -> None:
     # rows are built without __init__; each must equal the checked record of its fields,
     # whatever the decision: costs in and over the limit, strict, no input tokens, an
-    # open circuit, a model not in the registry, a change, a row cache hit
+    # open circuit, a model not in the registry, a change, the same call again (its
+    # verdicts' templates found again)
     router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
     feed(router, clock, "nano", 60, 40)
     feed(router, clock, "mini", 200, 1, latency_ms=90.0)
@@ -220,7 +221,7 @@ def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeC
     feed(router, clock, "mini", 5, 40)  # a detected degradation
     shapes: list[dict[str, object]] = [
         {"input_tokens": 500, "max_cost": 0.001},
-        {"input_tokens": 500, "max_cost": 0.001},  # the same call: its rows found again
+        {"input_tokens": 500, "max_cost": 0.001},  # the same call: templates found again
         {"input_tokens": 50_000, "max_cost": 0.001, "max_latency_ms": 100.0},
         {"input_tokens": 500, "max_tokens": 100, "strict_cost": True, "max_cost": 0.01},
         {"max_cost": 0.01},

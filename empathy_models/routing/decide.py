@@ -471,7 +471,8 @@ def _cost_terms(
 
 
 RowCache = dict[Any, Any]
-"""The explanation rows built from one verdict, by cost (see `routing._rows`)."""
+"""Holds the templates of one verdict's explanation rows once read (see `routing._rows`);
+a verdict judged again gets a new one."""
 
 
 @define(slots=True, eq=False)
