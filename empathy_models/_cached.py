@@ -18,7 +18,8 @@ An in-process `MemoryResponseCache` is used as is.
 Runs of one request that miss while a run of the same executor asks a model wait for
 its answer (`Flight`, `follow`); on a store shared by processes with leases, the run
 that leads in its process takes the request's lease there first, or waits for another
-process's answer while that process holds it (`lead_or_wait`).
+process's answer while that process holds it (`lead_or_wait`); it renews the lease while
+its call runs, up to its deadline or per-attempt timeout (`_Lease`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LEASE_SECONDS",
+    "RENEW_MOST",
     "RETRY_INTERVAL",
     "STORE_TIMEOUT",
     "UNCACHED_STOPS",
@@ -74,8 +76,14 @@ RETRY_INTERVAL = 5.0
 """Seconds calls skip a cache store after it failed, before it is tried again."""
 
 LEASE_SECONDS = 30.0
-"""The longest a run holds its request's lease in a shared cache store (`lead_or_wait`;
-less when its deadline comes sooner): past it, a crashed holder's lease has expired."""
+"""The longest one take or renewal of a request's lease in a shared cache store lasts
+(`lead_or_wait`; less when the run's deadline comes sooner): a crashed holder's lease
+expires this long after its last renewal (`_Lease`)."""
+
+RENEW_MOST = 600.0
+"""Seconds from its take that a run with neither a deadline nor a per-attempt timeout
+(``ExecutionContext.timeout=None``) keeps its lease renewed: a call nothing bounds does
+not hold the copies of other processes up for ever."""
 
 _POLL_FIRST = 0.01
 _POLL_MOST = 0.25
@@ -278,10 +286,9 @@ class Flight:
     cache store it skips while degraded: the runs that waited do not depend on the
     store).  ``deadline_at`` is the leading run's (the executor's clock; ``None``:
     none).  The leading run holds it as a context manager around its call: leaving it,
-    however the call ended, wakes the runs that wait, and lets go of the request's
-    lease in a shared store (``lease``: the executor, the holder's name and the event
-    set once its take of the lease landed, see `lead_or_wait`) unless `store` took it
-    over, to let go once the entry is written.
+    however the call ended, wakes the runs that wait, stops the renewal of the
+    request's lease in a shared store and lets go of it (``lease``, see `_Lease` and
+    `lead_or_wait`) unless `store` took it over, to let go once the entry is written.
     """
 
     __slots__ = ("deadline_at", "ended", "flights", "key", "lease", "value")
@@ -292,7 +299,7 @@ class Flight:
         self.deadline_at = deadline_at
         self.ended = asyncio.Event()
         self.value: bytes | None = None  # the entry stored for ``key`` meanwhile
-        self.lease: tuple[EmpathyLLMExecutor, str, asyncio.Event] | None = None
+        self.lease: _Lease | None = None
 
     def __enter__(self) -> None:
         return None
@@ -303,8 +310,11 @@ class Flight:
         self.ended.set()
         lease, self.lease = self.lease, None
         if lease is not None:  # no answer stored: the runs of other processes ask now
-            executor, holder, landed = lease
-            executor._fb.behind.background(_released(executor, self.key, holder, landed))
+            lease.stop()
+            executor = lease.executor
+            executor._fb.behind.background(
+                _released(executor, self.key, lease.holder, lease.landed)
+            )
 
 
 async def follow(
@@ -406,7 +416,8 @@ async def lead_or_wait(
     For a run that leads ``led.key`` in this process, on a cache store shared by
     processes: take the request's lease in the store (`ResponseCache.acquire_lease`, for
     `LEASE_SECONDS` at most, no longer than the run's deadline) and return None: the
-    run asks a model, ``led.lease`` let go once its answer is written (or it failed).
+    run asks a model, ``led.lease`` renewed while it does (`_Lease`) and let go once
+    its answer is written (or it failed).
     While a run of another process holds the lease, wait instead: read the entry at
     growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return it (a hit)
     once stored, also when this run took the lease after its holder let go (read once
@@ -426,10 +437,10 @@ async def lead_or_wait(
                 return None  # its time ran out: it goes on as such
         if executor._cache_outage.skip():
             return None  # the store is skipped for now (its read was counted): no lease
-        landed = asyncio.Event()
-        led.lease = (executor, holder, landed)  # let go, also when the take lands late
-        held = await _take(executor, led.key, holder, ttl, deadline_at, landed)
-        if held is None:
+        until = _renewed_until(executor, ctx, deadline_at)
+        lease = led.lease = _Lease(executor, led.key, holder, until)  # let go when it lands
+        held = await _take(executor, lease, ttl, deadline_at)
+        if isinstance(held, bool):  # this run's now (renewed), or no answer: it asks a model
             if waited_for is None:
                 return None
             # the holder may have stored its answer and let go since this run's last read
@@ -447,19 +458,29 @@ async def lead_or_wait(
             return hit
 
 
-async def _take(
-    executor: EmpathyLLMExecutor,
-    key: str,
-    holder: str,
-    ttl: float,
-    deadline_at: float | None,
-    landed: asyncio.Event,
-) -> tuple[str, float] | None:
+def _renewed_until(
+    executor: EmpathyLLMExecutor, ctx: ExecutionContext, deadline_at: float | None
+) -> float:
     """
-    `ResponseCache.acquire_lease` bounded as a read (`_get`): the live lease another
-    holds, or None: taken, or no answer (failed or late, counted as a read's), when
-    the run asks a model as it would without leases.  ``landed`` is set once the take
-    has ended, also one its caller stopped waiting for (`_released` waits for it).
+    The latest a run's lease is renewed to (the executor's clock): its deadline; without
+    one, its per-attempt timeout from now (the take), or `RENEW_MOST` when it has none
+    either.
+    """
+    if deadline_at is not None:
+        return deadline_at
+    return executor._clock() + (RENEW_MOST if ctx.timeout is None else ctx.timeout)
+
+
+async def _take(
+    executor: EmpathyLLMExecutor, lease: _Lease, ttl: float, deadline_at: float | None
+) -> tuple[str, float] | bool:
+    """
+    `ResponseCache.acquire_lease` of ``lease`` bounded as a read (`_get`): the live
+    lease another holds, True when taken, or False for no answer (failed or late,
+    counted as a read's), when the run asks a model as it would without leases.
+    ``lease.landed`` is set once the take has ended, also one its caller stopped
+    waiting for (`_released` waits for it); a take that lands granting the lease, late
+    or not, starts its renewal (`_Lease.landing`) unless the run let go of it meanwhile.
     """
     cache = executor._cache
     assert cache is not None
@@ -469,8 +490,8 @@ async def _take(
         within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
     take = _Read(executor, within)
     try:
-        return await executor._fb.behind.run(
-            take.of(_landing(cache.acquire_lease(key, holder, ttl), landed)),
+        held = await executor._fb.behind.run(
+            take.of(lease.landing(cache.acquire_lease(lease.key, lease.holder, ttl), ttl)),
             within,
             carried=False,
             late=take.late,
@@ -481,18 +502,104 @@ async def _take(
         executor.cache_errors += 1
         outage.failed(exc)
         logger.debug("response cache lease failed", exc_info=True)
-    return None
+    else:
+        return True if held is None else held
+    return False
+
+
+class _Lease:
+    """
+    A run's lease on its request (``key``) in a shared cache store, held as ``holder``
+    (`lead_or_wait`), and its renewal while the run's call goes on.
+
+    ``landed`` is clear while a take or a renewal of it is out (a release waits for it
+    to land first, `_released`).  Once taken (`landing`), the lease is renewed every
+    third of `LEASE_SECONDS`, each time for `LEASE_SECONDS` at most and never past
+    ``until`` (`_renewed_until`), so a call longer than a lease keeps it; no task runs
+    until the first renewal falls due (a shorter call only cancels its timer).  The
+    renewal stops when the run lets go of it (`stop`: its call ended, however), when
+    it finds the lease another's (it lapsed, and was taken meanwhile), or at
+    ``until``; a renewal that fails is counted as a failed read and tried again a
+    third of a lease later (the lease may still be live), also while the cache is
+    skipped (`Outage`): a renewal holds no call up, and a call long enough to renew
+    its lease outlasts the skip, then stores its answer for the copies that wait.
+    """
+
+    __slots__ = ("executor", "expires", "holder", "key", "landed", "stopped", "timer", "until")
+
+    def __init__(self, executor: EmpathyLLMExecutor, key: str, holder: str, until: float) -> None:
+        self.executor = executor
+        self.key = key
+        self.holder = holder
+        self.until = until  # the executor's clock: renewed no further
+        self.landed = asyncio.Event()
+        self.stopped = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.expires = 0.0  # the executor's clock: when the last take or renewal lapses
+
+    async def landing(
+        self, take: Awaitable[tuple[str, float] | None], ttl: float
+    ) -> tuple[str, float] | None:
+        """``await take`` (for ``ttl``), then ``landed`` set however it ended; renewed if taken."""
+        try:
+            held = await take
+        finally:
+            self.landed.set()
+        if held is None and not self.stopped:
+            self.expires = self.executor._clock() + ttl
+            self._next(0.0)
+        return held
+
+    def stop(self) -> None:
+        """No renewal from now on (one already out still lands, and sets ``landed``)."""
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _next(self, spent: float) -> None:
+        """The next renewal, a third of a lease after the last began (``spent`` ago)."""
+        if self.stopped or self.until - self.expires < _RENEW_GAIN:
+            return  # nothing left to renew: the lease lasts until ``until`` already
+        delay = max(LEASE_SECONDS / 3 - spent, 0.0)
+        self.timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        if not self.stopped:
+            self.landed.clear()
+            self.executor._fb.behind.background(self._renew())
+
+    async def _renew(self) -> None:
+        executor = self.executor
+        loop = asyncio.get_running_loop()
+        began, now = loop.time(), executor._clock()
+        ttl = min(LEASE_SECONDS, self.until - now)
+        try:
+            if self.stopped or ttl <= 0.0:
+                return  # let go meanwhile, or at its end
+            cache = executor._cache
+            assert cache is not None
+            held = await cache.acquire_lease(self.key, self.holder, ttl)
+            if held is not None:  # it lapsed and another took it: theirs now
+                self.stopped = True
+                return
+            self.expires = now + ttl
+        except Exception as exc:
+            executor.cache_errors += 1
+            executor._cache_outage.failed(exc)
+            logger.debug("response cache lease renewal failed", exc_info=True)
+        finally:
+            self.landed.set()
+            if ttl > 0.0:
+                self._next(loop.time() - began)
+
+
+_RENEW_GAIN = 1e-3
+"""Seconds a renewal must add to a lease's time for it to be made."""
 
 
 _T = TypeVar("_T")
-
-
-async def _landing(operation: Awaitable[_T], landed: asyncio.Event) -> _T:
-    """``await operation``, then ``landed`` set, however it ended."""
-    try:
-        return await operation
-    finally:
-        landed.set()
 
 
 async def _released(
@@ -500,9 +607,10 @@ async def _released(
 ) -> None:
     """
     Let go of ``holder``'s lease on ``key``, at most `STORE_TIMEOUT`; failures logged.
-    A take of the lease still out (``landed`` not set: its run stopped waiting for it)
-    is waited for first, `LEASE_SECONDS` at most: a release that came before it would
-    leave the lease it takes held until it expires.
+    A take or renewal of the lease still out (``landed`` not set: its run stopped
+    waiting for it, or ended while it was out) is waited for first, `LEASE_SECONDS` at
+    most: a release that came before it would leave the lease it takes held until it
+    expires.
     """
     cache = executor._cache
     assert cache is not None
@@ -839,13 +947,11 @@ async def store(
             generation = cache._generation
             executor._cache_pending[key] = (generation, value)
             lease = None if flight is None else flight.lease
-            if lease is not None and not lease[2].is_set():
-                lease = None  # its take is still out: let go by the flight, once it landed
             if lease is not None:  # let go once the entry is written (other processes read it)
                 flight.lease = None  # type: ignore[union-attr]
-            holder = None if lease is None else lease[1]
+                lease.stop()
             executor._fb.behind.background(
-                _write(executor, key, value, ctx.cache_ttl, generation, holder)
+                _write(executor, key, value, ctx.cache_ttl, generation, lease)
             )
         return
     try:
@@ -861,24 +967,24 @@ async def _write(
     value: bytes,
     ttl: float,
     generation: int,
-    holder: str | None = None,
+    lease: _Lease | None = None,
 ) -> None:
     """
     A write behind: at most `STORE_TIMEOUT` seconds (it lands later, if ever); until
     then this process's reads of ``key`` get ``value`` (``_cache_pending``).  Not made
     when the cache was cleared since the answer came, and undone when it was cleared
-    while the write was under way (`ResponseCache._let_go`).  ``holder``'s lease on
-    ``key`` is let go once the write ended, however.
+    while the write was under way (`ResponseCache._let_go`).  The run's ``lease`` on
+    ``key`` (its renewal stopped) is let go once the write ended, however.
     """
     cache = executor._cache
     assert cache is not None
     try:
         if cache._generation == generation:
             await executor._fb.behind.run(
-                _set_in(executor, key, value, ttl, generation, holder), STORE_TIMEOUT
+                _set_in(executor, key, value, ttl, generation, lease), STORE_TIMEOUT
             )
-        elif holder is not None:
-            await _released(executor, key, holder)
+        elif lease is not None:
+            await _released(executor, key, lease.holder, lease.landed)
     except Expired:
         executor.cache_errors += 1
         executor._cache_outage.failed(TimeoutError(f"no answer within {STORE_TIMEOUT:g} s"))
@@ -898,14 +1004,19 @@ async def _set_in(
     value: bytes,
     ttl: float,
     generation: int,
-    holder: str | None,
+    lease: _Lease | None,
 ) -> None:
     cache: ResponseCache | None = executor._cache
     assert cache is not None
-    if holder is None:
+    if lease is None:
         await cache.set(key, value, ttl)
-    else:  # the lease let go once the entry is there: a waiting process finds it
-        await cache.set_and_release(key, value, ttl, holder)
+    elif lease.landed.is_set():  # let go once the entry is there: a waiting process finds it
+        await cache.set_and_release(key, value, ttl, lease.holder)
+    else:  # a take or renewal is out: the entry first, the lease let go once that landed
+        try:
+            await cache.set(key, value, ttl)
+        finally:
+            executor._fb.behind.background(_released(executor, key, lease.holder, lease.landed))
     # a clear that came while the write was under way must not be undone by it
     if cache._generation != generation:
         await cache.delete(key)

@@ -754,8 +754,8 @@ class EmpathyLLMExecutor:
     @property
     def limiter(self) -> Limiter | None:
         """
-        The budgets and rate limits in force (`empathy_models.limits.Limiter`: its
-        ``store``, ``degraded``, ``degraded_events`` and ``store_errors``), or None.
+        The budgets and rate limits in force (`empathy_models.limits.Limiter`: its ``store``,
+        ``degraded``, ``degraded_events``, ``store_errors`` and ``unsettled``), or None.
         """
         return self._limiter
 

@@ -353,6 +353,10 @@ class _Feedback:
         breaker = self._breaker
         if breaker is not None:  # (inlined twice: this is every call's path)
             if ticket is not None:
+                if scope is not None and scope[1] is Outcome.FATAL:
+                    # an account error: the provider's key, forced open, holds off every
+                    # model of it, and its reset alone lets them in again
+                    breaker_outcome = Outcome.IGNORED
                 try:
                     await breaker.report(
                         ticket,

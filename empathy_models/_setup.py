@@ -96,22 +96,29 @@ def index_providers(
             in ``registry``.
     """
     pairs: list[tuple[object, object]]
-    if isinstance(providers, Mapping):
-        pairs = list(providers.items())
-    elif isinstance(providers, Sequence):
-        pairs = [(getattr(p, "name", None), p) for p in providers]
+    given: object = providers  # what a caller passed, whatever its annotation says
+    if isinstance(given, Mapping):
+        pairs = list(given.items())
+    elif isinstance(given, Sequence) and not isinstance(given, str):
+        pairs = [(getattr(p, "name", None), p) for p in given]
     else:
+        alone = (
+            f" (in a list: [{type(given).__name__}(...)])" if isinstance(given, Provider) else ""
+        )
         raise ConfigurationError(
-            f"providers must be a sequence of Provider or a mapping, got {shown(providers)}"
+            f"providers must be a sequence of Provider or a mapping, got {shown(given)}{alone}"
         )
     if not pairs:
         raise ConfigurationError("providers must not be empty")
     out: dict[str, Provider] = {}
     known = set(registry.providers())
-    for name, provider in pairs:
+    for index, (name, provider) in enumerate(pairs):
         if not isinstance(provider, Provider):
+            at = shown(name) if isinstance(given, Mapping) else index
             raise ConfigurationError(
-                f"providers[{shown(name)}] is not a Provider: {shown(provider)}"
+                f"providers[{at}] is not a Provider: {shown(provider)} (give provider "
+                "objects: OpenAIProvider(), AnthropicProvider(), or OpenAIProvider(name=..., "
+                "base_url=...) for another OpenAI-compatible server)"
             )
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"provider {shown(provider)} has no name")

@@ -66,6 +66,14 @@ class SyncStreamManager:
     ) -> None:
         self._stream.close()
 
+    if not TYPE_CHECKING:  # at run time only: a type checker reports the misuse itself
+
+        def __iter__(self):
+            raise TypeError(
+                "llm.stream() is read inside `with`: `with llm.stream(...) as stream:`, "
+                "then `for delta in stream` (or `stream.get_final_response()`)"
+            )
+
 
 class SyncStream:
     """
@@ -85,6 +93,7 @@ class SyncStream:
 
     __slots__ = (
         "__weakref__",
+        "_dropped",
         "_limit",
         "_lock",
         "_loop",
@@ -103,6 +112,7 @@ class SyncStream:
         self._stream: LLMStream = manager._stream
         self._limit = limit  # seconds per wait; None: no limit
         self._ready: deque[str | ToolCallDelta] = deque()  # handed over, not yet yielded
+        self._dropped = 0  # characters of text handed over, dropped by `close` unyielded
         self._lock = threading.Lock()  # held by the thread whose read waits
         # on the loop: the task entering, and the one reading (while it reads)
         self._opening: asyncio.Task[object] | None = None
@@ -118,7 +128,7 @@ class SyncStream:
         """The text yielded to the caller so far."""
         text = self._stream.text  # the pieces handed over included
         waiting = sum(len(piece) for piece in tuple(self._ready) if type(piece) is str)
-        return text[: len(text) - waiting]
+        return text[: len(text) - waiting - self._dropped]
 
     @property
     def model(self) -> str | None:
@@ -197,7 +207,7 @@ class SyncStream:
         loop, once a read given up on has ended there).  Later reads end the iteration.
         Idempotent; nothing to do once the `SyncExecutor` is closed (which closed it).
         """
-        self._ready.clear()
+        self._drop_ready()
         if self._loop.closed:
             return
         try:
@@ -205,6 +215,17 @@ class SyncStream:
         except NotOpenError:
             if not self._loop.closed:
                 raise
+
+    def _drop_ready(self) -> None:
+        """Drop the pieces handed over and not yielded: `text` leaves them out."""
+        ready = self._ready
+        while ready:
+            try:
+                piece = ready.popleft()
+            except IndexError:  # (emptied meanwhile by the reading thread)
+                break
+            if type(piece) is str:
+                self._dropped += len(piece)
 
     # ------------------------------------------------------------------ on the loop
 

@@ -945,9 +945,16 @@ class QuotaStore(AsyncResource):
     provider's reset time.  ``shared`` stores take time for
     rate limits from the store's side (or the UTC wall clock on one host).  Contract
     suite: `empathy_models.testing.contracts.QuotaStoreContract`.
+
+    A store with ``hold_ids`` takes a ``hold_id`` in `reserve` and `settle`, unique to
+    one call's hold, and `settle`'s ``resent``: the limiter then sends a settlement that
+    failed (the store down, or its answer lost) again until it lands, and one that had
+    landed is not counted twice.  A store without them has a failed
+    settlement lost (its hold lapses; the limiter counts it in ``unsettled``).
     """
 
     shared: ClassVar[bool] = False
+    hold_ids: ClassVar[bool] = False
 
     async def now(self) -> float | None:
         """
@@ -978,13 +985,15 @@ class QuotaStore(AsyncResource):
         amount: int,
         limit: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
     ) -> BudgetGrant:
         """
         Hold ``amount`` in ``key``'s window if ``spent + held + amount <= limit``, until
         it is settled or ``lapses_at`` (UTC epoch seconds, rounded up to a whole minute;
         None: the window's end) passes, whichever comes first.  Holds that lapsed are
         released (counted in ``lapsed``) by the store's next operation on the window,
-        and reads show them released.
+        and reads show them released.  ``hold_id`` (given only to a store with
+        ``hold_ids``): the name its settlement gives the hold.
         """
 
     @abc.abstractmethod
@@ -997,10 +1006,17 @@ class QuotaStore(AsyncResource):
         held: int,
         actual: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         """
         Release a hold of ``held`` from ``key``'s window, reserved with ``lapses_at``,
         and charge ``actual``; a hold that lapsed already has nothing left to release.
+        With ``hold_id`` (given only to a store with ``hold_ids``), the hold reserved
+        under it, whose id the settlement takes away; ``resent``: the settlement was
+        sent before and failed, and changes nothing when the window no longer keeps
+        the id (it landed, its answer lost).  A hold's id is kept while the hold is,
+        and an hour past its lapse (`empathy_models.limits.meter.LAPSED_IDS_KEPT`).
         """
 
     @abc.abstractmethod
@@ -1101,6 +1117,8 @@ class TransactionalQuotaStore(QuotaStore):
     are built this way.
     """
 
+    hold_ids: ClassVar[bool] = True
+
     @abc.abstractmethod
     async def _transact(
         self, key: str, fn: Callable[[dict[str, Any] | None, float], tuple[Any, T]]
@@ -1148,6 +1166,7 @@ class TransactionalQuotaStore(QuotaStore):
         amount: int,
         limit: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
     ) -> BudgetGrant:
         self._check_open()
         from .limits.meter import reserve_step
@@ -1163,6 +1182,7 @@ class TransactionalQuotaStore(QuotaStore):
                 limit=limit,
                 now=now,
                 lapses_at=lapses_at,
+                hold_id=hold_id,
             ),
         )
 
@@ -1175,6 +1195,8 @@ class TransactionalQuotaStore(QuotaStore):
         held: int,
         actual: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         self._check_open()
         from .limits.meter import settle_step
@@ -1190,6 +1212,8 @@ class TransactionalQuotaStore(QuotaStore):
                 actual=actual,
                 now=now,
                 lapses_at=lapses_at,
+                hold_id=hold_id,
+                resent=resent,
             ),
         )
 

@@ -106,9 +106,10 @@ for a key without a local view).
 provider alone (one outage then shuts out all of its models).  The provider's own key
 (``key_for(provider)``) stays for what is provider-wide: the executor admits a call
 through both keys and reports to the provider key only what `provider_outcome` says
-concerns the whole provider (account errors force it open, connection failures count
-as failures).  And when ``provider_open_models`` (default 3) distinct models of one
-provider are OPEN at once in this breaker's view, the provider key is forced open for
+concerns the whole provider (account errors force it open, and the model's own key
+does not count them; connection failures count as failures).  And when
+``provider_open_models`` (default 3) distinct models of one provider are OPEN at once
+in this breaker's view, the provider key is forced open for
 ``policy.recovery_seconds`` (then probed like any other key), unless it is open already
 or DISABLED (judged by the store's state when this breaker has no fresh view of it).
 ``None`` turns that rule off.
@@ -211,7 +212,10 @@ def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
     `ProviderConnectionError`) is a failure; a cancellation stays a cancellation (a
     probe gets its lease back).  Everything else that names one model
     (a 5xx, a timeout, a 429, a 404, a bad answer) is ``ignored`` by the provider key and
-    counts only on the model's own key.
+    counts only on the model's own key.  An account error is the other way round: the
+    executor reports it to the model's key as ``ignored``, since the provider key,
+    forced open, holds off every model of it, and a reset of that key alone (the fixed
+    API key's) lets them in again.
 
     Args:
         outcome: how the attempt ended.

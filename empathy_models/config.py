@@ -623,9 +623,17 @@ class EmpathyConfig:
 
     def registry(self) -> ModelRegistry:
         """The registry file's models, or `ModelRegistry.default`."""
-        if self.registry_file is None:
+        file = self.registry_file
+        if file is None:
             return ModelRegistry.default()
-        return ModelRegistry.from_file(self.registry_file)
+        named = self.path is not None and self.sources["registry"] == str(self.path)
+        if named and not file.exists() and not file.is_symlink():
+            raise ConfigurationError(
+                f"{self.path}: registry: {file}: no such file; write your models there "
+                '(TOML or JSON; `extends = "default"` keeps the built-in models beside '
+                "them), or remove `registry` to use the built-in table"
+            )
+        return ModelRegistry.from_file(file)
 
     def telemetry_store(self) -> TelemetryBackend:
         """
@@ -719,18 +727,25 @@ class EmpathyConfig:
             return
         there = f"price table {registry.price_version}; providers there: {', '.join(known)}"
         tables = " or ".join(f"[providers.{name}]" for name in known)
+        built_in = set(ModelRegistry.default().providers())
+        extend = ""
+        if self.registry_file is not None and missing[0] in built_in:
+            extend = (
+                f'; or put `extends = "default"` at the top of {self.registry_file}: its '
+                f"models are then laid over the built-in table, {missing[0]}'s included"
+            )
         if self.sources["providers"] == str(self.path):
             raise ConfigurationError(
                 f"{self.path}: [providers.{missing[0]}] has no models in the registry "
                 f"({there}): a table is named after the `provider` of its models; name the "
                 f"table {tables} (its type and base_url say where they are sent), or name "
-                f"in `registry` a file with models of provider {missing[0]!r}"
+                f"in `registry` a file with models of provider {missing[0]!r}{extend}"
             )
         if self.sources["registry"] == str(self.path):
             raise ConfigurationError(
                 f"{self.path}: registry: {self.registry_file} has no models of the default "
                 f"providers {' and '.join(missing)} ({there}): add a {tables} table "
-                "(type, base_url and the key) to send its models to"
+                f"(type, base_url and the key) to send its models to{extend}"
             )
 
     def describe(self) -> list[tuple[str, str, str]]:

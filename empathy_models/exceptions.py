@@ -46,6 +46,7 @@ attributes and the notes added to it (`BaseException.add_note`) come back with i
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -380,8 +381,9 @@ class CircuitOpenError(EmpathyModelsError):
     ) -> None:
         wait = "until reset" if retry_after is None else f"retry after {retry_after:.3f}s"
         detail = f"; {reason}" if reason else ""
-        last = f"; last error: {last_error}" if last_error else ""
-        super().__init__(f"circuit {key!r} is {state.value} ({wait}){detail}{last}")
+        last = f"; last error: {last_error}" if last_error and last_error != reason else ""
+        closing = _reset_hint(key) if state.value == "forced_open" else ""
+        super().__init__(f"circuit {key!r} is {state.value} ({wait}){detail}{last}{closing}")
         self.key = key
         self.state = state
         self.retry_after = retry_after
@@ -394,6 +396,18 @@ class CircuitOpenError(EmpathyModelsError):
             (self.key, self.state, self.retry_after, self.last_error, self.reason),
             self.__dict__,
         )
+
+
+def _reset_hint(key: str) -> str:
+    """
+    How to close a key forced open (by an account error, such as a wrong API key, or by
+    hand) before its time is up: it stays open for every worker sharing the store.
+    """
+    shell = f"{'-- ' if key.startswith('-') else ''}{shlex.quote(key)}"
+    return (
+        f"; once its cause is fixed, `CircuitBreaker.reset({key!r})` or `empathy-models "
+        f"breaker reset --db <store> {shell}` closes it for every worker"
+    )
 
 
 def _rebuild_circuit_open(

@@ -167,6 +167,20 @@ class StreamManager:
     ) -> None:
         await self._stream.aclose()
 
+    if not TYPE_CHECKING:  # at run time only: a type checker reports the misuse itself
+
+        def __aiter__(self):
+            raise TypeError(_READ_IN_ASYNC_WITH)
+
+        def __await__(self):
+            raise TypeError(_READ_IN_ASYNC_WITH)
+
+
+_READ_IN_ASYNC_WITH: Final = (
+    "executor.stream() is read inside `async with`: `async with executor.stream(...) as "
+    "stream:`, then `async for delta in stream` (or `await stream.get_final_response()`)"
+)
+
 
 class LLMStream:
     """

@@ -1,7 +1,7 @@
 """
 Models, a tool, executors over a `FakeLLMServer`, a non-waiting sleep, a breaker
-double shared by the executor's tests, and numbers of other types (numpy's, without
-numpy).
+double shared by the executor's tests, numbers of other types (numpy's, without
+numpy), and a quota store's settlements made to fail.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from empathy_models import (
     RetryPolicy,
     Tool,
 )
-from empathy_models.abc import Completion, CompletionRequest, CompletionStream
+from empathy_models.abc import Completion, CompletionRequest, CompletionStream, QuotaStore
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.content import ToolCallDelta
+from empathy_models.exceptions import StateStoreError
+from empathy_models.limits import BudgetUsage
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer
@@ -263,3 +265,30 @@ class WrappingAnthropic(AnthropicProvider):
             request, idle_timeout=idle_timeout, total_timeout=total_timeout
         )
         return self.wrap(inner)
+
+
+class FailingSettle:
+    """
+    Makes ``store``'s budget settlements fail (a `StateStoreError`, as from a store
+    that went down) while ``down`` is set or for the next ``times`` of them; with
+    ``landing``, each failed settlement lands in the store first (its answer lost on
+    the way back).  ``calls`` counts the settlements sent, ``failed`` those failed.
+    """
+
+    def __init__(
+        self, store: QuotaStore, *, times: int = 0, landing: bool = False, down: bool = False
+    ) -> None:
+        self.settle = store.settle
+        self.times, self.landing, self.down = times, landing, down
+        self.calls = self.failed = 0
+        setattr(store, "settle", self)  # noqa: B010 - an instance's method replaced
+
+    async def __call__(self, key: str, **options: Any) -> BudgetUsage:
+        self.calls += 1
+        if self.down or self.times > 0:
+            self.times = max(0, self.times - 1)
+            self.failed += 1
+            if self.landing:
+                await self.settle(key, **options)
+            raise StateStoreError("settle: connection reset by peer", target="test")
+        return await self.settle(key, **options)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 from empathy_models import (
@@ -363,3 +364,51 @@ async def test_state_changes_are_logged_with_key_reason_and_generation(
 def test_provider_open_models_must_be_a_positive_integer(value: object) -> None:
     with pytest.raises(ConfigurationError, match="provider_open_models"):
         CircuitBreaker(provider_open_models=value)  # type: ignore[arg-type]
+
+
+async def test_a_wrong_key_fixed_is_refused_with_the_command_that_closes_the_circuit(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    A newcomer's wrong key forces the provider open for every worker sharing the store;
+    the refusal that follows the fix says how to close it at once, and that works.
+    """
+    from empathy_models import AllRoutesFailedError
+    from empathy_models.cli import main as cli_main
+
+    db = tmp_path / "calls.db"
+    registry = ModelRegistry(
+        models=[m for m in REGISTRY if m.provider == "openai"], price_version="keys-test-1"
+    )
+
+    def worker(key: str) -> EmpathyLLMExecutor:
+        return EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=key, base_url=server.openai_base_url)],
+            registry=registry,
+            telemetry_store="null://",
+            breaker=f"sqlite:///{db}",
+            retry=RetryPolicy(jitter=False),
+            sleep=NoSleep(),
+        )
+
+    async with worker("wrong-key") as ex:
+        with pytest.raises(AllRoutesFailedError) as failed:
+            await ex.run("hello", CHEAP)
+    assert any(isinstance(e, AuthenticationError) for e in failed.value.exceptions)
+    async with worker(KEY) as ex:  # the key fixed: the provider is still forced open
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await ex.run("hello", CHEAP)
+    (error, *_) = [e for e in refused.value.exceptions if isinstance(e, CircuitOpenError)]
+    assert error.key == "openai" and error.state is CircuitState.FORCED_OPEN
+    message = str(error)
+    assert "CircuitBreaker.reset('openai')" in message
+    command = "empathy-models breaker reset --db <store> openai"
+    assert command in message
+    assert command in str(refused.value)  # the run's error says it too
+    # the command as the message gives it, this store's file for the placeholder
+    assert (
+        await anyio.to_thread.run_sync(cli_main, ["breaker", "reset", "--db", str(db), "openai"])
+        == 0
+    )
+    async with worker(KEY) as ex:
+        assert (await ex.run("hello", CHEAP)).model == "gpt-a"

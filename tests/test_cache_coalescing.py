@@ -24,7 +24,7 @@ from empathy_models import EmpathyLLMExecutor, ExecutionContext, Message, Outcom
 from empathy_models._cached import STORE_TIMEOUT, cache_key_of
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import SQLiteResponseCache, cache_from_url
+from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import AllRoutesFailedError, InvalidRequestError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
@@ -54,8 +54,12 @@ async def test_a_burst_of_one_new_request_makes_one_call(
 ) -> None:
     url = "memory://" if cache == "memory" else f"sqlite:///{tmp_path / 'cache.db'}"
     telemetry = MemoryTelemetryBackend()
+    # the answer comes 2 s after the request: every copy has read the cache by then,
+    # however slowly a busy machine's reads come back (one after the other, for SQLite)
+    server.set_behavior("gpt-a", ModelBehavior(content="The answer.", latency=2000.0))
     async with http_executor(server, REGISTRY, cache=url, telemetry_store=telemetry) as executor:
         answers = await asyncio.gather(*(executor.run("What is GCRA?", CTX) for _ in range(COPIES)))
+        server.set_behavior("gpt-a", ModelBehavior(content="The answer."))
         other = await executor.run("What is a token bucket?", CTX)
     assert server.requests() == 2  # one for the burst, one for the other question
     assert {a.content for a in answers} == {"The answer."}
@@ -94,12 +98,37 @@ async def test_an_answer_the_cache_does_not_keep_is_not_shared(server: FakeLLMSe
     assert server.requests() == 4
 
 
+def _missing(cache: MemoryResponseCache, misses: int) -> asyncio.Event:
+    """
+    The event ``cache`` sets once its reads have missed ``misses`` times: a run that
+    misses goes on, in the same step, to wait for the run asking the model already.
+    """
+    missed = asyncio.Event()
+    count = 0
+    get = cache.get
+
+    async def counted(key: str) -> bytes | None:
+        nonlocal count
+        value = await get(key)
+        count += value is None
+        if count >= misses:
+            missed.set()
+        return value
+
+    cache.get = counted  # type: ignore[method-assign]
+    return missed
+
+
 async def test_a_cancelled_first_run_leaves_the_others_to_the_model(server: FakeLLMServer) -> None:
-    async with http_executor(server, REGISTRY, cache="memory://") as executor:
+    cache = MemoryResponseCache()
+    others_wait = _missing(cache, 4)
+    async with http_executor(server, REGISTRY, cache=cache) as executor:
         first = asyncio.create_task(executor.run("What is GCRA?", CTX))
-        await asyncio.sleep(0.05)
+        with anyio.fail_after(10):
+            await server.wait_for_requests(1)  # it leads, and has asked
         others = [asyncio.create_task(executor.run("What is GCRA?", CTX)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        with anyio.fail_after(10):
+            await others_wait.wait()  # they missed, and wait for the first
         first.cancel()
         answers = await asyncio.gather(*others)
         with pytest.raises(asyncio.CancelledError):
@@ -115,7 +144,8 @@ async def test_a_run_with_an_earlier_deadline_does_not_wait_for_a_later_one(
     # while one with a later deadline (or none) waits for the first
     async with http_executor(server, REGISTRY, cache="memory://") as executor:
         first = asyncio.create_task(executor.run("q", attrs.evolve(CTX, deadline=60.0)))
-        await asyncio.sleep(0.05)
+        with anyio.fail_after(10):
+            await server.wait_for_requests(1)  # it leads, and has asked
         hasty, patient, unbounded = await asyncio.gather(
             executor.run("q", attrs.evolve(CTX, deadline=5.0)),
             executor.run("q", attrs.evolve(CTX, deadline=120.0)),
@@ -248,7 +278,9 @@ async def test_a_lease_holder_that_ends_without_an_answer_sends_the_others_to_th
     first_ctx = CTX
     if end == "failed":
         server.script("gpt-a", ["hang"])
-        first_ctx = attrs.evolve(CTX, timeout=0.5)  # the same request (key)
+        # the same request (key); 3 s: the others find the lease held before its call
+        # fails, however busy the machine
+        first_ctx = attrs.evolve(CTX, timeout=3.0)
     store, found_held = _watched(shared_url)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(store)

@@ -128,6 +128,10 @@ def test_help_texts_read_as_written(capsys: pytest.CaptureFixture[str]) -> None:
     text = " ".join(out.split())
     assert "default: a temporary database" in text
     assert "empathy.db" not in text  # no default path contradicting "temporary"
+    for command in ("status", "set", "reset"):  # it named empathy.toml's database only
+        code, out, _ = run(capsys, "budget", command, "--help")
+        assert code == 0
+        assert "else $EMPATHY_HOME/empathy.db" in " ".join(out.split()), command
 
 
 @pytest.mark.parametrize("command", ["setup", "status", "reset", "restore", "recommend"])
@@ -249,6 +253,27 @@ def test_an_unknown_candidate_is_an_error_naming_known_ids(
     assert code == 2
     assert "unknown model id(s) in --candidates: gpt-4o-mimi" in err
     assert "gpt-4o-mini" in err and "--registry" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["routing", "best", "docs", "wrte"],
+        ["routing", "whatif", "docs", "wrte"],
+        ["routing", "upgrades", "dcs"],
+        ["routing", "upgrades", "docs", "--stage", "wrte"],
+    ],
+)
+def test_a_stage_without_calls_names_the_stages_that_have_some(
+    capsys: pytest.CaptureFixture[str], db: Path, command: list[str]
+) -> None:
+    # a typo read "no calls recorded" (upgrades: "No calls recorded in the last 7
+    # day(s)", as if the database were empty), with nothing to tell it from a quiet stage
+    code, out, err = run(capsys, *command, "--db", str(db))
+    assert code == (0 if command[1] == "upgrades" else 1)
+    said = out + err
+    assert "o calls recorded for " in said, said
+    assert "in the last 7 day(s) (only for docs/write)" in said, said
 
 
 # --------------------------------------------------------------------------- output

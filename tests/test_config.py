@@ -526,6 +526,53 @@ def test_providers_the_registry_has_no_models_of_name_the_file(
     assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
 
 
+def test_a_registry_file_that_is_not_there_names_the_key_and_what_to_do(
+    project: Path, tmp_path: Path
+) -> None:
+    # it read "/app/models.toml: cannot read the registry file (No such file or
+    # directory)", naming neither the file that named it nor a way out
+    path = project / "empathy.toml"
+    path.write_text('registry = "models.toml"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    message = str(refused.value)
+    assert message.startswith(f"{path}: registry: {project / 'models.toml'}: "), message
+    assert "no such file" in message and "remove `registry`" in message
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+
+
+@pytest.mark.parametrize(
+    "tables",
+    [
+        "",
+        '[providers.openai]\n[providers.house]\ntype = "openai"\n'
+        'base_url = "http://h/v1"\napi_key = "k"\n',
+    ],
+)
+async def test_a_registry_file_without_the_default_providers_models_says_extends(
+    project: Path, tmp_path: Path, tables: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A file of one's own models beside OpenAI's (the README's empathy.toml): the error
+    names `extends = "default"`, which keeps the built-in table's, and that works.
+    """
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    (project / "models.toml").write_text(MODELS)
+    path = project / "empathy.toml"
+    path.write_text(f'registry = "models.toml"\n{tables}')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: "), refused.value
+    assert f'extends = "default"` at the top of {project / "models.toml"}' in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+    (project / "models.toml").write_text('extends = "default"\n' + MODELS)
+    async with EmpathyLLMExecutor.from_config(telemetry_store="null://") as executor:
+        assert {"house-small", "gpt-4o-mini"} <= {m.id for m in executor.registry}
+
+
 @pytest.mark.parametrize(
     "where",
     ["base_url_from_env", "api_key_from_env"],

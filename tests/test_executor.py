@@ -701,11 +701,14 @@ async def test_deadline_cuts_a_hanging_call(
     telemetry: MemoryTelemetryBackend,
     sleep: SleepRecorder,
 ) -> None:
-    """A real (short) deadline interrupts the call itself; no further route is tried."""
+    """
+    A real deadline interrupts the call itself; no further route is tried.  2 s: the
+    call is sent within it however busy the machine (else it is recorded not sent).
+    """
     alpha.script("cheap-a", "hang")
     async with make([alpha, beta], telemetry, sleep) as executor:
         with pytest.raises(AllRoutesFailedError) as info:
-            await executor.run("x", attrs.evolve(CHEAP, deadline=0.05))
+            await executor.run("x", attrs.evolve(CHEAP, deadline=2.0))
     [error] = info.value.exceptions
     assert isinstance(error, ProviderTimeoutError)
     assert "deadline" in str(error)
@@ -1250,6 +1253,21 @@ def test_configuration_errors_are_explicit(sleep: SleepRecorder) -> None:
         make([ScriptedProvider("alpha")], "memory://", sleep, concurrency_per_provider=0)
     with pytest.raises(ConfigurationError, match="unknown providers: zeta"):
         make([ScriptedProvider("alpha")], "memory://", sleep, concurrency_per_provider={"zeta": 1})
+
+
+def test_providers_not_given_as_provider_objects_are_refused_saying_what_to_pass() -> None:
+    # the name as a string read "providers[None] is not a Provider: 'openai'"; one provider
+    # outside a list, "providers must be a sequence of Provider or a mapping, got ..."
+    from empathy_models import OpenAIProvider
+
+    with pytest.raises(ConfigurationError) as named:
+        EmpathyLLMExecutor(["openai"], telemetry_store="null://")  # type: ignore[list-item]
+    assert "providers[0] is not a Provider: 'openai'" in str(named.value)
+    assert "OpenAIProvider()" in str(named.value)
+    alone = OpenAIProvider(api_key="k")
+    with pytest.raises(ConfigurationError) as single:
+        EmpathyLLMExecutor(alone, telemetry_store="null://")  # type: ignore[arg-type]
+    assert "in a list: [OpenAIProvider(...)]" in str(single.value)
 
 
 @pytest.mark.parametrize("url", ["memory://", "sqlite://:memory:"])

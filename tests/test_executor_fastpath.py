@@ -455,9 +455,10 @@ async def test_an_http_timeout_raises_attempt_timeout_only_for_its_own_budget() 
         server.script("gpt-fake-other", ["hang"])
         request = CompletionRequest(model="gpt-fake-mini", messages="x", max_tokens=8)
         # the provider's own timeout well after the attempt's: a loaded machine whose
-        # event loop stalls past both must still fire the attempt's first
+        # event loop stalls past both must still fire the attempt's first; and long
+        # enough for the last call to connect and answer on a busy machine
         async with OpenAIProvider(
-            api_key="sk-test", base_url=server.openai_base_url, timeout=0.5
+            api_key="sk-test", base_url=server.openai_base_url, timeout=3.0
         ) as provider:
             with pytest.raises(AttemptTimeout) as budget_ran_out:
                 await provider.complete(request, timeout=0.02)
@@ -493,6 +494,7 @@ async def test_any_provider_takes_a_timeout_through_complete() -> None:
 
 async def test_an_overridden_complete_is_called_by_the_executor() -> None:
     async with FakeLLMServer() as server:
+        CountingOpenAI.calls = 0  # a count of this test's calls, however often it runs
         provider = CountingOpenAI(api_key="sk-test", base_url=server.openai_base_url)
         async with EmpathyLLMExecutor(
             [provider], registry=HTTP_REGISTRY, telemetry_store=MemoryTelemetryBackend()

@@ -97,6 +97,11 @@ def block(name: str) -> str:
     return found
 
 
+def toml_block(section: str) -> str:
+    (found,) = [b.code for b in _blocks() if b.lang == "toml" and b.section == section]
+    return found
+
+
 def test_every_readme_block_is_run_by_a_test() -> None:
     python = [b for b in _blocks() if b.lang == "python"]
     matched = {name: [b for b in python if marker in b.code] for name, marker in MARKERS.items()}
@@ -104,7 +109,10 @@ def test_every_readme_block_is_run_by_a_test() -> None:
     assert len(python) == len(MARKERS)
     others = [b for b in _blocks() if b.lang not in ("python", "toml")]
     assert {b.lang for b in others} == {"bash"}
-    assert [b.section for b in _blocks() if b.lang == "toml"] == ["Configuration: `empathy.toml`"]
+    assert [b.section for b in _blocks() if b.lang == "toml"] == [
+        "Recipes",  # the registry file
+        "Configuration: `empathy.toml`",
+    ]
     cli_blocks = [b for b in others if b.section == "The command line"]
     assert len(cli_blocks) == 1
     for b in others:
@@ -126,6 +134,23 @@ def test_the_constants_the_readme_names_are_public() -> None:
     for module, name in sorted(named):
         public = importlib.import_module(f"empathy_models.{module}").__all__
         assert name in public, f"README names {module}.{name}, not in its __all__"
+
+
+def test_the_task_types_the_readme_names_have_the_tiers_it_says() -> None:
+    from empathy_models.tasks import TaskType, get_tier_for_task, normalize_task_type
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    said = re.search(r"`task_type` picks the tier: (.*?) \(`empathy_models\.tasks", text)
+    assert said is not None
+    groups = re.findall(r"((?:`\w+`,? )+)(?:and )?the other (\w+)", said.group(1))
+    named = {
+        tier: re.findall(r"`(\w+)`", names) for names, tier in groups
+    }  # every name the sentence gives, by the tier it says
+    assert set(named) == {"cheap", "capable", "premium"}
+    for tier, names in named.items():
+        assert names and all(get_tier_for_task(n).value == tier for n in names), (tier, names)
+    assert f"lists all {len(TaskType)};" in text
+    assert normalize_task_type("Fix-Bug") == "fix_bug"
 
 
 async def test_the_sqlite_worker_thread_is_a_daemon_as_the_readme_says(tmp_path: Path) -> None:
@@ -366,6 +391,23 @@ async def test_own_openai_compatible_server_recipe(
     assert namespace["registry"].get("qwen2.5:32b").tier is ModelTier.CAPABLE
 
 
+async def test_the_registry_file_is_the_recipes_registry_over_the_built_in_table(
+    tmp_path: Path,
+) -> None:
+    namespace: dict[str, Any] = {}
+    code = block("ollama").replace("asyncio.run(main())", "")
+    exec(compile(code, str(README), "exec"), namespace)
+    path = tmp_path / "models.toml"
+    path.write_text(toml_block("Recipes"), encoding="utf-8")
+    loaded = ModelRegistry.from_file(path)
+    own = namespace["registry"]
+    assert loaded.price_version == own.price_version
+    for model in own:
+        assert loaded.get(model.id) == model
+    built_in = {m.id for m in ModelRegistry.default()}
+    assert {m.id for m in loaded} == built_in | {m.id for m in own}
+
+
 async def test_shared_breaker_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = block("shared_breaker").replace("sqlite:///state.db", f"sqlite:///{tmp_path / 's.db'}")
     await _run_main(code)
@@ -397,6 +439,32 @@ async def test_budgets_recipe_prints_when_a_spent_budget_resets(
         assert server.requests() == 0
     out = capsys.readouterr().out.strip()
     assert re.fullmatch(r"global/day: \$0\.0000 left until \d{4}-\d\d-\d\d 00:00 UTC", out), out
+
+
+async def test_cache_ttl_does_nothing_without_both_halves_as_the_readme_says(keys: None) -> None:
+    from empathy_models import ExecutionContext, OpenAIProvider
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "a context's `cache_ttl` does nothing in an executor built without `cache=`" in text
+
+    async def twice(ctx: ExecutionContext, **cache: str) -> tuple[bool, bool]:
+        async with (
+            FakeLLMServer() as server,
+            EmpathyLLMExecutor(
+                [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+                telemetry_store="null://",
+                **cache,  # type: ignore[arg-type]
+            ) as executor,
+        ):
+            first, again = [await executor.run("What is GCRA?", ctx) for _ in range(2)]
+        return first.cached, again.cached
+
+    assert await twice(ExecutionContext(cache_ttl=60, temperature=0)) == (False, False)
+    assert await twice(ExecutionContext(cache_ttl=60), cache="memory://") == (False, False)
+    sampled = ExecutionContext(cache_ttl=60, cache_sampled=True)
+    assert await twice(sampled, cache="memory://") == (False, True)
+    zero = ExecutionContext(cache_ttl=60, temperature=0)
+    assert await twice(zero, cache="memory://") == (False, True)
 
 
 @pytest.fixture
@@ -462,6 +530,24 @@ async def test_testing_recipe(keys: None) -> None:
     await namespace["test_my_summarizer_survives_two_503s"]()
 
 
+@pytest.mark.slow
+def test_testing_recipe_runs_under_plain_pytest(tmp_path: Path) -> None:
+    """A newcomer's project has no `asyncio_mode = "auto"`: pytest alone runs the test."""
+    (tmp_path / "test_summarizer.py").write_text(block("testing"), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+
+
 def test_backend_url_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
@@ -476,6 +562,32 @@ def test_contract_suite_block() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(block("contracts"), str(README), "exec"), namespace)
     assert issubclass(namespace["TestMyTelemetry"], TelemetryBackendContract)
+
+
+def test_the_contract_suites_say_what_to_install_where_pytest_asyncio_is_missing() -> None:
+    # the suites' fixtures are pytest-asyncio's: without it the import failed with a bare
+    # "No module named 'pytest_asyncio'", naming neither the package nor why it is needed
+    code = (
+        "import sys\n"
+        "sys.modules['pytest_asyncio'] = None\n"
+        "try:\n"
+        "    import empathy_models.testing.contracts\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name, '|', exc)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    name, _, message = done.stdout.strip().partition(" | ")
+    assert name == "pytest_asyncio"
+    assert "pip install pytest pytest-asyncio" in message
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "run under pytest with pytest-asyncio" in text
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -545,7 +657,7 @@ async def test_configuration_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The README's empathy.toml, with the fake server's URLs, read by from_config()."""
-    (toml,) = [b.code for b in _blocks() if b.lang == "toml"]
+    toml = toml_block("Configuration: `empathy.toml`")
     async with FakeLLMServer() as server:
         toml = toml.replace("http://localhost:11434/v1", server.openai_base_url)
         redis_url = os.environ.get("EMPATHY_TEST_REDIS_URL")
@@ -555,13 +667,8 @@ async def test_configuration_blocks(
             toml = toml.replace("redis://cache:6379/0", f"{redis_url}{joined}prefix={prefix}")
         else:
             toml = toml.replace('"redis://cache:6379/0"', '"calls.db"')
-        registry = ModelRegistry.default()
-        models = [m.to_dict() for m in registry if m.provider == "openai"]
-        models.append({**models[0], "id": "llama3.1:8b", "provider": "ollama"})
-        (tmp_path / "models.json").write_text(
-            json.dumps({"price_version": "readme-1", "models": models}), encoding="utf-8"
-        )
-        toml = toml.replace('"models.toml"', '"models.json"')
+        # the registry file the README shows: the built-in table and Ollama's models
+        (tmp_path / "models.toml").write_text(toml_block("Recipes"), encoding="utf-8")
         (tmp_path / "empathy.toml").write_text(toml, encoding="utf-8")
         monkeypatch.chdir(tmp_path)
         monkeypatch.delenv("EMPATHY_CONFIG", raising=False)

@@ -148,8 +148,9 @@ async def answered_while_reports_stall(server: FakeLLMServer, ask: Ask) -> tuple
     """
     ``ask`` twice through an executor whose breaker's reports stall: the first run's
     success is written behind (within a generous deadline); once that write is due, the
-    second run (a 0.5 s deadline) answers while its report waits.  Its answer, and the
-    reports waiting at the gate when it came back.
+    second run (a 3 s deadline, which its call does not reach on a busy machine) answers
+    at its deadline while its report waits.  Its answer, and the reports waiting at the
+    gate when it came back.
     """
     gate = Gate()
     clock = FakeClock()
@@ -160,7 +161,7 @@ async def answered_while_reports_stall(server: FakeLLMServer, ask: Ask) -> tuple
         try:
             await asyncio.wait_for(ask(executor, "one", 30.0), GUARD)
             clock.advance(0.7)  # the success written behind is due (the view is still fresh)
-            answer = await asyncio.wait_for(ask(executor, "two", 0.5), GUARD)
+            answer = await asyncio.wait_for(ask(executor, "two", 3.0), GUARD)
             waiting = gate.waiting  # the report waits at the gate; the answer did not
         finally:
             gate.opened.set()  # the report lands; aclose waits for it
@@ -187,10 +188,13 @@ async def test_a_stalled_cache_store_neither_fails_nor_holds_calls(
 
 
 async def test_a_deadline_is_kept_while_the_cache_store_stalls(server: FakeLLMServer) -> None:
+    # the read is waited for half the deadline (0.9 s, less than the store's time): the
+    # call has the rest, on a connection the first (uncached) run opened
     gate = Gate()
     async with make(server, cache=StalledCache(gate)) as executor:
+        await asyncio.wait_for(executor.run("warm up", ExecutionContext()), GUARD)
         answer = await asyncio.wait_for(
-            executor.run("hello", attrs.evolve(CACHED, deadline=0.5)), GUARD
+            executor.run("hello", attrs.evolve(CACHED, deadline=1.8)), GUARD
         )
         gate.opened.set()
     assert answer.content == "ok" and not answer.cached
@@ -203,9 +207,15 @@ async def test_a_read_cut_short_by_one_runs_deadline_leaves_the_cache_in_use(
     # a tight deadline waits for it: that run misses, and the cache is not degraded
     gate = Gate()
     async with make(server, cache=StalledCache(gate)) as executor:
-        hurried = attrs.evolve(CACHED, deadline=0.8)  # waits 0.4 s for the read
-        first = await asyncio.wait_for(executor.run("hello", hurried), GUARD)
+        # the call has what the read left of the deadline, on a connection the first
+        # (uncached) run opened
+        await asyncio.wait_for(executor.run("warm up", ExecutionContext()), GUARD)
+        hurried = attrs.evolve(CACHED, deadline=1.0)  # waits 0.5 s for the read
+        running = asyncio.ensure_future(executor.run("hello", hurried))
+        with anyio.fail_after(GUARD):
+            await server.wait_for_requests(2)  # it gave up on the read and asked
         gate.opened.set()  # the read answers, within the store's time
+        first = await asyncio.wait_for(running, GUARD)
         await asyncio.sleep(STORE_TIMEOUT)  # a read still out now would be late
         second = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
         errors, skipped = executor.cache_errors, executor.cache_skipped
@@ -218,6 +228,9 @@ async def test_a_read_still_out_after_the_stores_time_counts_once_the_time_is_up
 ) -> None:
     gate = Gate()
     async with make(server, cache=StalledCache(gate, writes=False)) as executor:
+        # the call has what the read left of the deadline (0.4 s), on a connection the
+        # first (uncached) run opened
+        await asyncio.wait_for(executor.run("warm up", ExecutionContext()), GUARD)
         await asyncio.wait_for(executor.run("hello", attrs.evolve(CACHED, deadline=0.8)), GUARD)
         before = executor.cache_errors  # the run stopped waiting; the store's time runs on
         await asyncio.sleep(STORE_TIMEOUT)
@@ -518,14 +531,18 @@ async def test_a_streams_settlement_is_not_held_past_the_deadline(
     # the settlement still waits (before, it waited the limiter's whole store timeout,
     # 5 s, and left the limiter degraded), and lands once the store answers
     gate = Gate()
-    store = StalledQuota(gate, reserves=False, settles=True)
+    store = StalledQuota(gate, reserves=False, settles=False)
     budget = Budget(limit_usd=10, window="day", name="stall")
     async with make(server, quota_store=store, budgets=[budget]) as executor:
         assert executor.limiter is not None
+        # a first run opens the connection, settled at once; then settlements stall
+        await asyncio.wait_for(executor.run("warm up", ExecutionContext()), GUARD)
+        store.settles = True
         try:
 
             async def read() -> str:
-                context = ExecutionContext(deadline=0.5)
+                # 2 s: the stream's time (a busy machine's), then the settlement's wait
+                context = ExecutionContext(deadline=2.0)
                 async with executor.stream("hello", context) as stream:
                     return "".join([d async for d in stream if isinstance(d, str)])
 

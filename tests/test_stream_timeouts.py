@@ -61,7 +61,10 @@ REGISTRY = ModelRegistry(
     price_version="stream-timeouts-1",
 )
 
-STEADY = StreamBehavior(chunk_interval_ms=100)  # 12 chunks 0.1 s apart: about 1.1 s in all
+# a stream that must open before a limit runs out has 2 s or more: a busy machine's
+# connect and first chunk stay well inside that
+STEADY = StreamBehavior(chunk_interval_ms=250)  # 12 chunks 0.25 s apart: about 2.75 s in all
+SLOW_STEADY = StreamBehavior(chunk_interval_ms=500)  # about 5.5 s: past a 3 s deadline
 STALL_AFTER_TWO = StreamBehavior(fault_after=2, fault="hang")
 STALL_BEFORE_FIRST = StreamBehavior(first_chunk_ms=60_000)
 
@@ -103,13 +106,13 @@ async def read_all(
 
 @pytest.mark.parametrize(
     ("per_attempt", "deadline"),
-    [(0.5, None), (0.5, 30.0), (None, 30.0), (None, None)],
+    [(2.0, None), (2.0, 30.0), (None, 30.0), (None, None)],
     ids=["timeout only", "timeout and deadline", "deadline only", "neither"],
 )
 async def test_a_long_stream_whose_chunks_keep_coming_is_not_cut_off(
     server: FakeLLMServer, per_attempt: float | None, deadline: float | None
 ) -> None:
-    # the stream lasts about twice the timeout; no gap comes near it
+    # the stream lasts longer than the timeout; no gap comes near it
     context = ExecutionContext(tier="cheap", timeout=per_attempt, deadline=deadline)
     content, telemetry = await read_all(server, context, STEADY)
     assert content == TEXT
@@ -120,11 +123,11 @@ async def test_a_long_stream_whose_chunks_keep_coming_is_not_cut_off(
 @pytest.mark.parametrize(
     ("per_attempt", "deadline", "behavior", "limit"),
     [
-        (0.3, None, STALL_AFTER_TWO, IDLE),
-        (0.3, 30.0, STALL_AFTER_TWO, IDLE),
-        (None, 0.5, STALL_AFTER_TWO, DEADLINE),
-        (30.0, 0.5, STEADY, DEADLINE),
-        (None, 0.5, STEADY, DEADLINE),
+        (2.0, None, STALL_AFTER_TWO, IDLE),
+        (2.0, 30.0, STALL_AFTER_TWO, IDLE),
+        (None, 3.0, STALL_AFTER_TWO, DEADLINE),
+        (30.0, 3.0, SLOW_STEADY, DEADLINE),
+        (None, 3.0, SLOW_STEADY, DEADLINE),
     ],
     ids=[
         "stall, timeout only",
@@ -449,7 +452,7 @@ async def test_the_providers_own_read_timeout_bounds_a_stream_given_no_idle_time
     # a provider built with a read timeout and no total (a long answer may take minutes,
     # a silent server may not) times out a stalled stream as it does a whole answer
     server.set_behavior(MODEL, ModelBehavior(content=TEXT, stream=STALL_AFTER_TWO))
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=0.3)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=2.0)
     provider = (
         OpenAIProvider(api_key=KEY, base_url=server.openai_base_url, timeout=timeout)
         if api == "openai"
@@ -471,7 +474,7 @@ async def test_the_providers_own_read_timeout_bounds_a_stream_given_no_idle_time
 )
 @pytest.mark.parametrize(
     "own",
-    [0.3, aiohttp.ClientTimeout(total=None, sock_read=0.3)],
+    [2.0, aiohttp.ClientTimeout(total=None, sock_read=2.0)],
     ids=["a total timeout", "a read timeout"],
 )
 async def test_a_providers_own_timeout_shorter_than_the_runs_bounds_a_stream(
@@ -502,7 +505,7 @@ async def test_a_providers_own_timeout_shorter_than_the_runs_bounds_a_stream(
         error = failure.error
     assert isinstance(error, ProviderTimeoutError)
     # the error names the limit that ran out, not the run's timeout
-    assert "no data for 0.300s (the provider's own timeout" in str(error)
+    assert "no data for 2.000s (the provider's own timeout" in str(error)
     assert "per-attempt" not in str(failure)
     (record,) = await telemetry.recent(limit=10)
     assert (record.error_type, record.outcome) == ("ProviderTimeoutError", Outcome.FAILURE)

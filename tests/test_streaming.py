@@ -7,6 +7,7 @@ sleep; the only waits are the timeout tests' short budgets against a stalled ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -20,6 +21,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -52,6 +54,7 @@ from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, Stre
 
 from ._cli import run_cli
 from ._fakes import WEATHER, OtherInt
+from ._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -293,8 +296,10 @@ async def test_every_route_failing_raises_all_routes_failed(
 async def test_a_stall_before_the_first_chunk_times_out_and_falls_back(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
+    # the timeout also bounds the fallback's connection and first chunk: 3 s, which a
+    # busy machine does not reach
     server.set_behavior("claude-fake-haiku", stream_behavior(first_chunk_ms=60_000))
-    context = ExecutionContext(tier="cheap", timeout=0.2)
+    context = ExecutionContext(tier="cheap", timeout=3.0)
     async with make(server, telemetry, retry=RetryPolicy.none()) as executor:
         with anyio.fail_after(30):
             async with executor.stream("hi", context) as stream:
@@ -302,7 +307,7 @@ async def test_a_stall_before_the_first_chunk_times_out_and_falls_back(
     assert response.model == "gpt-fake-mini"
     first = (await records_of(telemetry))[0]
     assert first.error_type == "ProviderTimeoutError" and first.outcome is Outcome.FAILURE
-    assert first.latency_ms >= 200.0  # not before the per-attempt timeout
+    assert first.latency_ms >= 3000.0  # not before the per-attempt timeout
     assert "per-attempt timeout" in (first.error_message or "")
 
 
@@ -338,22 +343,59 @@ async def test_a_fault_after_three_chunks_raises_stream_interrupted_with_the_par
     assert record.output_tokens == 4 and record.request_id == error.request_id
 
 
+def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+
+def _word(text: str) -> bytes:
+    delta = {"index": 0, "delta": {"type": "text_delta", "text": text}}
+    return _anthropic_event("content_block_delta", delta)
+
+
+@contextlib.asynccontextmanager
+async def _long_answer(first_read: asyncio.Event, words: int) -> AsyncIterator[str]:
+    """
+    A Messages API server streaming ``words`` words: the first, then, once the test has
+    read it (``first_read``), the others in one write.  Its base URL.
+    """
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant"}
+        message |= {"content": [], "model": "claude-fake-haiku"}
+        message |= {"usage": {"input_tokens": 3, "output_tokens": 1}}
+        block = {"index": 0, "content_block": {"type": "text", "text": ""}}
+        head = _anthropic_event("message_start", {"message": message})
+        await response.write(head + _anthropic_event("content_block_start", block) + _word("word"))
+        await first_read.wait()
+        with contextlib.suppress(ConnectionError):  # the client stops reading at its bound
+            await response.write(b"".join(_word(" word") for _ in range(words - 1)))
+            await response.write(_anthropic_event("message_stop", {}))
+        return response
+
+    async with serving("/v1/messages", handler) as url:
+        yield url
+
+
 async def test_a_stream_over_max_stream_bytes_is_interrupted_and_recorded_as_malformed(
-    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+    telemetry: MemoryTelemetryBackend,
 ) -> None:
-    # a long answer (some 40 KiB of events) from a provider bounded at 16 KiB
-    server.set_behavior("claude-fake-haiku", ModelBehavior(content="word " * 400))
-    provider = AnthropicProvider(
-        api_key=KEY, base_url=server.anthropic_base_url, max_stream_bytes=16 << 10
-    )
-    executor = EmpathyLLMExecutor(
-        [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
-    )
-    async with executor:
-        with pytest.raises(StreamInterruptedError) as caught:
-            async with executor.stream("hi", CHEAP) as stream:
-                async for _ in stream:
-                    pass
+    # a long answer (some 40 KiB of events) from a provider bounded at 16 KiB; the rest
+    # comes once the first word was read (a busy client could read all of it at once,
+    # then past the bound before its first delta: no stream to interrupt)
+    first_read = asyncio.Event()
+    async with _long_answer(first_read, 400) as url:
+        provider = AnthropicProvider(api_key=KEY, base_url=url, max_stream_bytes=16 << 10)
+        executor = EmpathyLLMExecutor(
+            [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
+        )
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("hi", CHEAP) as stream:
+                    first_read.set()
+                    async for _ in stream:
+                        pass
     error = caught.value
     assert isinstance(error.error, InvalidResponseError) and error.error.status == 200
     assert "max_stream_bytes=16,384" in str(error)
@@ -361,6 +403,55 @@ async def test_a_stream_over_max_stream_bytes_is_interrupted_and_recorded_as_mal
     (record,) = await records_of(telemetry)
     assert record.outcome is Outcome.FAILURE and record.error_type == "InvalidResponseError"
     assert "max_stream_bytes" in (record.error_message or "")
+
+
+async def test_a_stream_over_max_stream_bytes_in_one_piece_delivers_what_fits_first(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # the same long answer, its whole event stream sent in one write (a relay that
+    # buffers): the deltas within the first 16 KiB are delivered, then the stream fails,
+    # as when the events come one by one (before: it failed before its first delta)
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="word " * 400))
+    url = f"{server.anthropic_base_url}/v1/messages"
+    body = {"model": "claude-fake-haiku", "max_tokens": 2000, "stream": True}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        events = await r.read()
+    assert len(events) > 32 << 10
+
+    async def whole(_: web.Request) -> web.Response:
+        return web.Response(body=events, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", whole)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    provider = AnthropicProvider(
+        api_key=KEY, base_url=f"http://127.0.0.1:{port}", max_stream_bytes=16 << 10
+    )
+    executor = EmpathyLLMExecutor(
+        [provider], registry=REGISTRY, telemetry_store=telemetry, sleep=RecordingSleep()
+    )
+    try:
+        async with executor:
+            with pytest.raises(StreamInterruptedError) as caught:
+                async with executor.stream("hi", CHEAP) as stream:
+                    async for _ in stream:
+                        pass
+    finally:
+        await runner.cleanup()
+    fits = events[: 16 << 10]  # its whole events: the deltas delivered
+    delivered = fits[: fits.rfind(b"\n\n")].count(b'"text_delta"')
+    assert delivered > 100
+    assert caught.value.partial_text.split() == ["word"] * delivered
+    assert "max_stream_bytes=16,384" in str(caught.value)
 
 
 async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status(
@@ -383,8 +474,10 @@ async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status
 async def test_a_stalled_stream_times_out_on_the_idle_timeout(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
+    # the timeout also bounds the wait for the first chunk: 3 s, which a busy machine
+    # does not reach
     server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=2, fault="hang"))
-    context = ExecutionContext(tier="cheap", timeout=0.2)
+    context = ExecutionContext(tier="cheap", timeout=3.0)
     async with make(server, telemetry) as executor:
         with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
             async with executor.stream("hi", context) as stream:
@@ -395,15 +488,16 @@ async def test_a_stalled_stream_times_out_on_the_idle_timeout(
     assert "per-attempt timeout" in str(caught.value)
     (record,) = await records_of(telemetry)
     assert record.error_type == "ProviderTimeoutError" and record.outcome is Outcome.FAILURE
-    assert record.latency_ms >= 200.0
+    assert record.latency_ms >= 3000.0
 
 
 async def test_the_deadline_bounds_the_whole_stream(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
-    # every gap (50 ms) is well inside the idle timeout; the whole takes ~350 ms
-    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=50))
-    context = ExecutionContext(tier="cheap", timeout=5, deadline=0.15)
+    # every gap (1 s) is well inside the idle timeout; the whole takes some 7 s, the
+    # first chunk comes at once (3 s is the margin for it on a busy machine)
+    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=1000))
+    context = ExecutionContext(tier="cheap", timeout=10, deadline=3.0)
     async with make(server, telemetry) as executor:
         with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
             async with executor.stream("hi", context) as stream:
@@ -964,3 +1058,24 @@ async def test_usage_counted_in_integers_of_another_type_is_recorded_and_charged
     [record] = await telemetry.recent(limit=10)
     assert (record.input_tokens, record.cost_usd) == (30, response.cost_usd)
     assert "cannot hold" not in caplog.text
+
+
+async def test_a_stream_read_without_async_with_says_how_to_read_it() -> None:
+    # `async for delta in executor.stream(...)` (as other SDKs stream) and `await
+    # executor.stream(...)` raised a bare "'async for' requires an object with __aiter__
+    # method, got StreamManager" / "can't be used in 'await' expression"
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store="null://",
+        ) as executor,
+    ):
+        with pytest.raises(TypeError, match=r"async with executor\.stream\(\.\.\.\) as stream"):
+            async for _ in executor.stream("hi"):  # type: ignore[attr-defined]
+                pass
+        with pytest.raises(TypeError, match=r"async with executor\.stream\(\.\.\.\) as stream"):
+            await executor.stream("hi")  # type: ignore[misc]
+        assert server.requests() == 0
+        async with executor.stream("hi") as stream:  # as the error says
+            assert "".join([d async for d in stream])

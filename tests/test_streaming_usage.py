@@ -147,7 +147,9 @@ def budgeted(
 
 
 def context(model: str) -> ExecutionContext:
-    return ExecutionContext(workflow="w", stage="s", model=model, max_tokens=100, timeout=0.5)
+    # the timeout ends a stream that hangs; 3 s also bounds the connect and the first
+    # chunk, which a busy machine stays well inside
+    return ExecutionContext(workflow="w", stage="s", model=model, max_tokens=100, timeout=3.0)
 
 
 Fault = Literal["error", "reset", "hang", "malformed", "incomplete"]

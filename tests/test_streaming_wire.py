@@ -864,7 +864,9 @@ async def test_a_stall_raises_the_idle_timeout() -> None:
     async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
         provider = OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
         async with provider:
-            stream = await provider.stream(request("m"), idle_timeout=0.2)
+            # the idle timeout also bounds the wait for the answer's headers: 3 s, which
+            # a busy machine does not reach
+            stream = await provider.stream(request("m"), idle_timeout=3.0)
             assert await stream.__anext__() == "The"
             with pytest.raises(ProviderTimeoutError, match="idle timeout"):
                 await stream.__anext__()

@@ -116,7 +116,8 @@ def register(subparsers: SubParsers) -> None:
     group.set_defaults(func=None, help_parser=group)
     db_help = (
         "quota store: SQLite file or URL (sqlite:///..., redis://..., postgresql://...); "
-        "default: the state database named in empathy.toml"
+        "default: the state database named in empathy.toml, else $EMPATHY_HOME/empathy.db "
+        "(see `empathy-models config show`)"
     )
 
     status = sub.add_parser(

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -255,6 +255,26 @@ async def _stages(
     return [(w, s, sorted(set(m))) for (w, s), m in sorted(found.items())]
 
 
+_LISTED_STAGES: Final = 10
+"""At most this many stages are named where a stage asked for has no calls."""
+
+
+async def _recorded_elsewhere(backend: TelemetryBackend, days: float) -> str:
+    """
+    Where a workflow or stage asked for has no calls (a typo, most often): the stages
+    that have some in the window, as `` (only for docs/outline, docs/write)``; empty when
+    there are none at all.
+    """
+    seen = [
+        f"{shown_name(w)}/{shown_name(s)}" for w, s, _ in await _stages(backend, days, None, None)
+    ]
+    if not seen:
+        return ""
+    more = len(seen) - _LISTED_STAGES
+    listed = ", ".join(seen[:_LISTED_STAGES]) + (f" and {more} more" if more > 0 else "")
+    return f" (only for {listed})"
+
+
 def _stage_name(args: argparse.Namespace) -> str:
     """``workflow/stage`` of the arguments, each name as the tables show it."""
     return f"{shown_name(args.workflow)}/{shown_name(args.stage)}"
@@ -456,8 +476,8 @@ async def _best_decision(
             if not chosen:
                 raise CliError(
                     f"no calls recorded for {_stage_name(args)} in the last "
-                    f"{args.days:g} day(s); pass --tier or --candidates to choose among "
-                    "models without history",
+                    f"{args.days:g} day(s){await _recorded_elsewhere(backend, args.days)}; "
+                    "pass --tier or --candidates to choose among models without history",
                     shown=True,
                 )
             _check_on_no_match(args.on_no_match, registry, chosen)
@@ -683,8 +703,9 @@ async def _whatif_reports(
         if not evidence.samples and options["candidates"] is None:
             raise CliError(
                 f"no calls recorded for {_stage_name(args)} in the last "
-                f"{args.days:g} day(s); pass --candidates to evaluate models without "
-                "history (they will be reported as unknown)",
+                f"{args.days:g} day(s){await _recorded_elsewhere(backend, args.days)}; "
+                "pass --candidates to evaluate models without history (they will be "
+                "reported as unknown)",
                 shown=True,
             )
         report = await evaluate_policy(
@@ -873,12 +894,14 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
     # stage listed is judged on its own calls
     policy = RoutingPolicy(window_days=args.days, seed_stage_limit=sys.maxsize)
 
-    async def body() -> tuple[list[dict[str, Any]], Ahead]:
+    async def body() -> tuple[list[dict[str, Any]], Ahead, str]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
             seen = await _stages(backend, args.days, args.workflow, args.stage)
             ahead = await stamped_ahead(
                 backend, datetime.now(UTC), workflow=args.workflow, stage=args.stage
             )
+            asked = args.workflow is not None or args.stage is not None
+            elsewhere = await _recorded_elsewhere(backend, args.days) if asked and not seen else ""
             async with AdaptiveModelRouter(
                 registry, backend, policy=policy, refresh_interval=None
             ) as router:
@@ -900,14 +923,17 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
                             "reason": rec.reason,
                         }
                     )
-                return out, ahead
+                return out, ahead, elsewhere
 
-    rows, ahead = run_async(body)
+    rows, ahead, elsewhere = run_async(body)
     if args.json:
         emit_json({"stages": rows, "stamped_after_now": ahead.to_dict()})
         return 0
     if not rows:
-        print(f"No calls recorded in the last {args.days:g} day(s).")
+        of = [] if args.workflow is None else [f"workflow {shown_name(args.workflow)}"]
+        of += [] if args.stage is None else [f"stage {shown_name(args.stage)}"]
+        asked = f" for {', '.join(of)}" if of else ""
+        print(f"No calls recorded{asked} in the last {args.days:g} day(s){elsewhere}.")
         return 0
     print_table(
         ["workflow", "stage", "recent", "failure", "upgrade", "to", "reason"],

@@ -18,14 +18,21 @@ while the store is answering, `Limiter.admit` raises `DeadlineRanOut` (the call 
 made) and `Limiter.settle` returns.  The operation itself goes on in the background and
 its bookkeeping lands (a reservation granted late is given back, a settlement is made);
 `Limiter.aclose` waits for it.
+
+A budget settlement the store fails is sent again in the background, naming its hold
+(`QuotaStore.hold_ids`: one that had landed is not counted twice), until it lands, its
+hold lapses or the limiter closes (`_resettle`); one that never lands is counted in
+``unsettled`` and ``unsettled_usd`` and logged once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -47,6 +54,7 @@ from ..exceptions import (
     RateLimitedError,
 )
 from ._places import Places, give_back, wait_for_places
+from ._resettle import Resettler, Settlement
 from .memory import MemoryQuotaStore
 from .values import (
     WORST_PER_ESTIMATE,
@@ -178,6 +186,7 @@ class Hold:
         "done",
         "due",
         "est_tokens",
+        "id",
         "places",
         "pushback",
         "rates",
@@ -202,6 +211,10 @@ class Hold:
         self.due: dict[str, float] = {}
         self.waking: anyio.CancelScope | None = None
         self.est_tokens = 0
+        # the name its budgets' reservations and settlements give the hold, on a store
+        # with ``hold_ids`` that can fail: a settlement sent again applies once
+        # (`_resettle`)
+        self.id: str | None = None
         self.cost_usd = 0.0  # set by the executor: what the call cost, or may have cost
         self.whole = False  # likewise: the call is charged its reservation
         self.tokens: int | None = None  # likewise: the tokens the call used
@@ -434,6 +447,9 @@ class Limiter:
         # their caller (see `_carry`), or in the background past the store's timeout or
         # the run's deadline (see `_bounded`)
         self._settler = Settler()
+        # failed settlements sent again (`_resettle`), naming their holds when it can
+        self._resettle = Resettler(self._failed, self._store_timeout, self._store_now)
+        self._names_holds = _names_holds(self.store)
 
     @property
     def degraded_events(self) -> int:
@@ -448,6 +464,20 @@ class Limiter:
         """
         return self._outage.errors
 
+    @property
+    def unsettled(self) -> int:
+        """
+        Budget settlements that never landed in the shared store (it failed them, and
+        their retries until the hold lapsed or the close, `_resettle`): calls whose
+        cost the store does not count.
+        """
+        return self._resettle.unsettled
+
+    @property
+    def unsettled_usd(self) -> float:
+        """What the `unsettled` calls cost (or, given up on, reserved), in dollars."""
+        return self._resettle.unsettled_nano / 1e9
+
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
@@ -455,8 +485,11 @@ class Limiter:
             await self.store.__aenter__()
 
     async def aclose(self) -> None:
-        # operations whose caller stopped waiting (cancelled, out of time) land first
+        # operations whose caller stopped waiting (cancelled, out of time) land first,
+        # and failed settlements are tried again at once (then often) meanwhile
+        self._resettle.close()
         await self._settler.drain()
+        self._resettle.abandon()  # those still failing: counted and logged
         if self.owns_store:
             await self.store.aclose()
 
@@ -483,6 +516,9 @@ class Limiter:
 
     def _failed(self, exc: BaseException) -> None:
         self._outage.failed(exc)
+
+    def _store_now(self) -> float:
+        return self._wall() + self._skew  # the shared store's clock, as last measured
 
     async def _or_local(
         self, make: Callable[[], Coroutine[Any, Any, _G]], until: float | None
@@ -511,9 +547,15 @@ class Limiter:
         return self._local, await operation(self._local)
 
     def _reserve(
-        self, key: str, ws: float, we: float, amount: int, limit: int, lapse: tuple[float, float]
+        self,
+        key: str,
+        ws: float,
+        we: float,
+        amount: int,
+        limit: int,
+        hold: tuple[float, float, dict[str, str]],
     ) -> Awaitable[tuple[QuotaStore, BudgetGrant]]:
-        lapses_at, skew = lapse
+        lapses_at, skew, named = hold  # ``named``: the hold's id, if any
         return self._on_store(
             lambda store: store.reserve(
                 key,
@@ -522,6 +564,7 @@ class Limiter:
                 amount=amount,
                 limit=limit,
                 lapses_at=lapses_at if store is self.store else lapses_at - skew,
+                **named,
             )
         )
 
@@ -533,20 +576,6 @@ class Limiter:
                 key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
             )
         )
-
-    async def _refresh_overrides(self, until: float | None) -> None:
-        now = self._mono()
-        if now - self._overrides_at < 5.0 or self.degraded:
-            return
-        self._overrides_at = now
-        try:
-            self._overrides = await _bounded(self, self.store.limit_overrides, until)
-        except Expired:
-            pass  # counted: the limits last read stay
-        except BackendClosedError:
-            raise
-        except BackendError as exc:
-            self._failed(exc)
 
     # ------------------------------------------------------------------ planning aids
 
@@ -669,6 +698,8 @@ class Limiter:
             return None
         hold = Hold()
         hold.est_tokens = input_tokens + max_tokens
+        if covered and self._names_holds:
+            hold.id = secrets.token_hex(8)
         until = None if time_left is None else self._mono() + time_left
         try:
             if covered:
@@ -699,7 +730,7 @@ class Limiter:
         (seconds) and the store's clock minus the wall clock (`_skew_for`): windows and
         lapse times are taken by the store's clock.
         """
-        await self._refresh_overrides(until)
+        await _refresh_overrides(self, until)
         amount = to_nano(estimate, up=True)
         lease, skew = times
         now = self._wall() + skew
@@ -735,7 +766,8 @@ class Limiter:
         off on the per-process store, which the wall clock times).
         """
         ws, we, lapses_at, skew = times
-        store, grant = await self._reserve(key, ws, we, amount, limit, (lapses_at, skew))
+        named = {} if hold.id is None else {"hold_id": hold.id}
+        store, grant = await self._reserve(key, ws, we, amount, limit, (lapses_at, skew, named))
         if store is not self.store:
             lapses_at -= skew
         if grant.granted:
@@ -769,7 +801,7 @@ class Limiter:
                 # a request slot's interval is negative in the hold (see `_settle`)
                 held = -interval if kind == "rpm" else interval
                 grant = await self._or_local(
-                    partial(self._acquire_into, hold, key, cost, interval, burst, allowed, held),
+                    partial(_acquire_into, self, hold, key, cost, interval, burst, allowed, held),
                     until,
                 )
                 # booked by the load: the wait a call beyond the burst has when idle is its own
@@ -779,33 +811,6 @@ class Limiter:
                 wait = max(wait, grant.wait)
         await _waited(hold, wait, self, while_waiting)
 
-    async def _acquire_into(
-        self,
-        hold: Hold,
-        key: str,
-        cost: float,
-        interval: float,
-        burst: int,
-        allowed: float,
-        held: float,
-    ) -> RateGrant:
-        """A place in ``key``'s schedule, kept in ``hold`` once granted (given back if
-        ``hold`` is closed)."""
-        store, grant = await self._acquire(key, cost, interval, float(burst), allowed)
-        if grant.granted:
-            hold.rates.append((store, key, held))
-            hold.places[key] = grant.place
-            hold.due[key] = self._mono() + grant.wait
-            if grant.place is not None:
-                places = self._places.get(key)
-                if places is None:
-                    places = self._places[key] = Places()
-                places.taken(store, hold, grant.place, cost * interval)
-            if hold.closed:  # settled already: its caller stopped waiting for this
-                hold.done = False  # this place is not given back yet (`Places.let_go`)
-                await self._settle(hold, True)
-        return grant
-
     # ------------------------------------------------------------------ settlement
 
     async def settle(
@@ -814,7 +819,8 @@ class Limiter:
         """
         Charge each budget what the call cost and give back the tokens it did not use.
 
-        Never raises a store's error: a failure is logged and counted.  A cancellation
+        Never raises a store's error: a failure is counted, and a budget's settlement
+        sent again in the background until it lands (`_resettle`).  A cancellation
         of the caller (an anyio scope, ``Task.cancel``, ``asyncio.timeout``) arriving
         meanwhile is raised once the settlement is done (see `_carry`).  A store that
         does not answer within ``store_timeout`` (a failure) or ``time_left`` is not
@@ -840,27 +846,93 @@ class Limiter:
         actual = to_nano(hold.cost_usd)
         whole = hold.whole and not failed  # a call sent and given up on: what it reserved
         for store, key, ws, we, held, lapses_at in budgets:
-            try:
-                await store.settle(
-                    key,
-                    window_start=ws,
-                    window_end=we,
-                    held=held,
-                    actual=held if whole else actual,
-                    lapses_at=lapses_at,
-                )
-            except BackendError as exc:
-                self._failed(exc)
-                logger.warning(
-                    "settling budget %s failed; its hold of $%.6f stays until it lapses at %s",
-                    key,
-                    held / 1e9,
-                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lapses_at)),
-                )
+            amounts = (held, held if whole else actual)
+            await _settle_budget(
+                self, Settlement(store, key, (ws, we), amounts, lapses_at, hold.id)
+            )
         try:
             await _settle_rates(self, hold, rates, pushback, failed)
         finally:
             hold.done = True
+
+
+async def _acquire_into(
+    limiter: Limiter,
+    hold: Hold,
+    key: str,
+    cost: float,
+    interval: float,
+    burst: int,
+    allowed: float,
+    held: float,
+) -> RateGrant:
+    """A place in ``key``'s schedule, kept in ``hold`` once granted (given back if
+    ``hold`` is closed)."""
+    store, grant = await limiter._acquire(key, cost, interval, float(burst), allowed)
+    if grant.granted:
+        hold.rates.append((store, key, held))
+        hold.places[key] = grant.place
+        hold.due[key] = limiter._mono() + grant.wait
+        if grant.place is not None:
+            places = limiter._places.get(key)
+            if places is None:
+                places = limiter._places[key] = Places()
+            places.taken(store, hold, grant.place, cost * interval)
+        if hold.closed:  # settled already: its caller stopped waiting for this
+            hold.done = False  # this place is not given back yet (`Places.let_go`)
+            await limiter._settle(hold, True)
+    return grant
+
+
+async def _refresh_overrides(limiter: Limiter, until: float | None) -> None:
+    now = limiter._mono()
+    if now - limiter._overrides_at < 5.0 or limiter.degraded:
+        return
+    limiter._overrides_at = now
+    try:
+        limiter._overrides = await _bounded(limiter, limiter.store.limit_overrides, until)
+    except Expired:
+        pass  # counted: the limits last read stay
+    except BackendClosedError:
+        raise
+    except BackendError as exc:
+        limiter._failed(exc)
+
+
+def _names_holds(store: QuotaStore) -> bool:
+    """
+    Whether ``store``'s reservations and settlements are given hold ids: it says it
+    takes them (`QuotaStore.hold_ids`; a subclass that overrides `reserve` or `settle`
+    without ``hold_id`` (and `settle` without ``resent``) is taken at its signature's
+    word), and it can fail (not the in-process `MemoryQuotaStore`).
+    """
+    if not store.hold_ids or type(store) is MemoryQuotaStore:
+        return False
+    for method, names in ((store.reserve, {"hold_id"}), (store.settle, {"hold_id", "resent"})):
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: take its word
+            continue
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters) and not names <= {
+            p.name for p in parameters
+        }:
+            return False
+    return True
+
+
+async def _settle_budget(limiter: Limiter, settlement: Settlement) -> None:
+    """
+    ``settlement`` sent to its store; a failure counted (degraded mode) and the
+    settlement sent again in the background until it lands (`_resettle`), a retry that
+    `aclose` waits for.
+    """
+    try:
+        await settlement.send()
+    except BackendError as exc:
+        limiter._failed(exc)
+        task = limiter._resettle.retry(settlement, exc)
+        if task is not None:
+            limiter._settler._keep(task)
 
 
 def _no_place(

@@ -23,6 +23,15 @@ its bucket, where its settlement finds it, and its lapse time is kept apart
 lapses at the bucket's own time, with what it joins (never early).  A clock stepped
 forward finds the schedule behind (the burst is whole, as after an idle time) and the
 holds lapsed early, as any lost time would.
+
+A reservation may name its hold (``hold_id``, unique to the call): the window then
+keeps the hold's bucket under that id (``ids``, id -> bucket) until a settlement naming
+it comes, which takes the id away.  A settlement sent again (``resent``: the first
+failed, and may have landed with its answer lost on the way to its caller) naming an
+id the window does not keep changes nothing; a first one is applied as an unnamed one
+(the window was reset since, or the hold lapsed long ago).  The id of a hold that
+lapsed unsettled is kept `LAPSED_IDS_KEPT` seconds past its bucket's time, so a
+settlement sent again that late still charges the call, once.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from .values import BudgetGrant, BudgetUsage, RateGrant
 __all__ = [
     "CLOCK_STEP",
     "HOLD_BUCKET",
+    "LAPSED_IDS_KEPT",
     "adjust_step",
     "gcra_step",
     "hold_bucket",
@@ -62,6 +72,14 @@ _COUNTERS = (
 
 HOLD_BUCKET: Final = 60
 """Seconds to which a hold's lapse time is rounded up (one bucket per minute at most)."""
+
+
+LAPSED_IDS_KEPT: Final = 3600
+"""
+Seconds past its bucket's time a named hold that lapsed unsettled keeps its id (a late
+settlement sent again naming it is charged once); then such a settlement changes
+nothing.
+"""
 
 
 def hold_bucket(lapses_at: float | None, window_end: float) -> str:
@@ -143,8 +161,22 @@ def _current(data: Data | None, now: float, window_start: float, window_end: flo
         new = dict(lapse_step(moved, now))
         if window_end > float(new["window_end"]):
             new["window_end"] = window_end
+        if new.get("ids"):
+            new["ids"] = _kept_ids(new["ids"], new.get("holds") or {}, now)
     new["at"] = now
     return new
+
+
+def _kept_ids(ids: dict[str, str], holds: dict[str, int], now: float) -> dict[str, str]:
+    """
+    The hold ids still kept at ``now``: those of buckets still held, and those of
+    buckets that lapsed less than `LAPSED_IDS_KEPT` seconds ago.
+    """
+    return {
+        hold_id: bucket
+        for hold_id, bucket in ids.items()
+        if bucket in holds or int(bucket) + LAPSED_IDS_KEPT > now
+    }
 
 
 def _fresh(window_start: float, window_end: float) -> Data:
@@ -167,11 +199,12 @@ def reserve_step(
     limit: int,
     now: float,
     lapses_at: float | None = None,
+    hold_id: str | None = None,
 ) -> tuple[Data, BudgetGrant]:
     """
     Hold ``amount`` until ``lapses_at`` if ``spent + held + amount <= limit`` (the holds
     lapsed by ``now`` released first, their times moved back by a clock's step back
-    first, `unstepped`); count a refusal otherwise.
+    first, `unstepped`), kept under ``hold_id`` when given; count a refusal otherwise.
     """
     new = _current(data, now, window_start, window_end)
     new["limit"] = limit
@@ -184,6 +217,8 @@ def reserve_step(
         if bucket in new.get("lapses", ()):  # moved by a step: never lapse this one early
             new["lapses"] = {t: at for t, at in new["lapses"].items() if t != bucket}
         new["reserved"] += amount
+        if hold_id is not None:
+            new["ids"] = {**(new.get("ids") or {}), hold_id: bucket}
         granted = True
     else:
         new["refused"] = new.get("refused", 0) + 1
@@ -201,15 +236,31 @@ def settle_step(
     actual: int,
     now: float,
     lapses_at: float | None = None,
+    hold_id: str | None = None,
+    resent: bool = False,
 ) -> tuple[Data, BudgetUsage]:
     """
     Release a hold of ``held`` reserved to lapse at ``lapses_at`` and charge ``actual``
     (which may exceed it); of a hold that lapsed already nothing is left to release.  A
     hold moved by a clock's step back (`unstepped`) is found in its bucket as before.
+    With ``hold_id``, the hold reserved under that id; when the window keeps no such
+    id, a settlement ``resent`` (settled already, its answer lost) changes nothing, and
+    a first one is applied as without an id.
     """
     new = _current(data, now, window_start, window_end)
     holds = dict(new.get("holds") or {})
     bucket = hold_bucket(lapses_at, window_end)
+    if hold_id is not None:
+        ids = dict(new.get("ids") or {})
+        named = ids.pop(hold_id, None)
+        if named is not None:
+            if ids:
+                new["ids"] = ids
+            else:
+                del new["ids"]
+            bucket = named
+        elif resent:  # settled already, its answer lost on the way
+            return new, usage_of(key, new, window_start, window_end)
     if "holds" in new:  # else a window stored before holds lapsed
         held = min(held, holds.get(bucket, 0))  # 0 once lapsed
         if holds.get(bucket, 0) > held:

@@ -419,6 +419,8 @@ class HTTPCompletionStream(CompletionStream):
                 continue
             chunk = b""
             if not decoder.queued:
+                if self._left < 0:  # what came within the limit is decoded: no more is read
+                    self._over_limit()
                 try:
                     chunk = await self._read()
                     self._read_at = time.perf_counter()
@@ -445,8 +447,10 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     self._fail(error)
                     raise error from None
-                if self._left < 0:
-                    self._over_limit()
+                if self._left < 0:  # the bytes within the limit are decoded, then it fails
+                    chunk = chunk[: len(chunk) + int(self._left)]
+                    if not chunk:
+                        self._over_limit()
                 if not chunk:
                     if not decoder.finished and decoder.whole_at_eof:
                         decoder.finished = True  # a server that sends no end marker

@@ -186,7 +186,9 @@ async def test_a_run_cancelled_while_the_quota_store_stalls_ends_and_the_limiter
         # the reservation given up on has not answered within the store's timeout: the
         # limiter is degraded, so the next runs do not wait on the store either
         await _until(lambda: limiter.degraded)
-        answer = await asyncio.wait_for(executor.run("again", DEADLINE), GUARD)
+        # 4 s: a call's time on a busy machine, still short of the store's timeout
+        again = attrs.evolve(DEADLINE, deadline=4.0)
+        answer = await asyncio.wait_for(executor.run("again", again), GUARD)
         assert answer.content
         await stores.proxy.restore()
 

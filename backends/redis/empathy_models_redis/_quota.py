@@ -88,7 +88,9 @@ class RedisQuotaStore(QuotaStore):
     @<written>"``) that expires a minute after it runs
     empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
     seconds>``); each reservation or settlement first releases those whose time came
-    by the server's clock, and reads show them released by it too.  A
+    by the server's clock, and reads show them released by it too.  A hold reserved
+    under an id keeps its bucket in field ``i:<id>`` until the settlement naming it
+    (`QuotaStore.hold_ids`), which then applies once.  A
     window also keeps the server time it was written (``at``): after the server's
     clock stepped back, its holds' lapse times move back by the step (fields
     ``l:<epoch seconds>``, `empathy_models.limits.meter.unstepped`).
@@ -104,6 +106,7 @@ class RedisQuotaStore(QuotaStore):
     """
 
     shared = True
+    hold_ids = True
 
     def __init__(
         self,
@@ -202,9 +205,12 @@ class RedisQuotaStore(QuotaStore):
         amount: int,
         limit: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
     ) -> BudgetGrant:
         args = ["reserve", _num(window_start), _num(window_end), str(int(amount))]
         args += [str(int(limit)), self._ttl(window_end), hold_bucket(lapses_at, window_end)]
+        if hold_id is not None:
+            args.append(hold_id)
         reply = await self._run(f"reserve {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end)
 
@@ -217,9 +223,13 @@ class RedisQuotaStore(QuotaStore):
         held: int,
         actual: int,
         lapses_at: float | None = None,
+        hold_id: str | None = None,
+        resent: bool = False,
     ) -> BudgetUsage:
         args = ["settle", _num(window_start), _num(window_end), str(int(held))]
         args += [str(int(actual)), self._ttl(window_end), hold_bucket(lapses_at, window_end)]
+        if hold_id is not None:
+            args += [hold_id, "1" if resent else "0"]
         reply = await self._run(f"settle {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end).usage
 

@@ -4,6 +4,12 @@
 -- reserve: KEYS[1] a budget window hash; ARGV: op, window_start, window_end, amount,
 --          limit, ttl, bucket.  Returns {granted, field, value, ...}.
 -- settle:  ARGV: op, window_start, window_end, held, actual, ttl, bucket.  Same reply.
+-- Either may end with a hold id (ARGV[8]): a reservation keeps its bucket under it (the
+-- hash field "i:" .. id), and a settlement naming it settles that hold and drops the
+-- id; then ARGV[9] is "1" for a settlement sent again, which changes nothing when the
+-- window does not keep its id (settled already), while a first one is applied as one
+-- without an id.  The id of a hold that lapsed unsettled is kept IDS_KEPT seconds past
+-- its bucket's time (meter.LAPSED_IDS_KEPT).
 -- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
 -- time (from TIME) has come, counting them in "lapsed".  "at" is TIME at the window's
@@ -53,6 +59,7 @@ end
 -- so (its third value), for the step to store it.  Read without "@<at>" (written by an
 -- older version), nothing is moved.
 local CLOCK_STEP = 1.0
+local IDS_KEPT = 3600
 
 local function load_schedule(t)
   local raw = redis.call("GET", KEYS[1])
@@ -135,6 +142,16 @@ local function load(ws, we)
       end
     end
   end
+  out.ids = {}  -- hold id -> bucket
+  for field, value in pairs(st) do
+    if string.sub(field, 1, 2) == "i:" then
+      if out.holds["h:" .. value] ~= nil or tonumber(value) + IDS_KEPT > t then
+        out.ids[string.sub(field, 3)] = value
+      else
+        out.gone[#out.gone + 1] = field
+      end
+    end
+  end
   return out
 end
 
@@ -161,6 +178,10 @@ local function save_and_reply(st, granted, ttl, we)
       st.gone[#st.gone + 1] = field
     end
   end
+  for id, b in pairs(st.ids) do
+    flat[#flat + 1] = "i:" .. id
+    flat[#flat + 1] = b
+  end
   if #st.gone > 0 then
     redis.call("HDEL", KEYS[1], unpack(st.gone))
   end
@@ -185,6 +206,9 @@ if OP == "reserve" then
     st.lapses[ARGV[7]] = nil  -- moved by a step back: never lapse this one early
     st.held = st.held + amount
     st.reserved = st.reserved + amount
+    if ARGV[8] ~= nil then
+      st.ids[ARGV[8]] = ARGV[7]
+    end
   else
     st.refused = st.refused + 1
   end
@@ -194,6 +218,16 @@ elseif OP == "settle" then
   local held, actual, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   local bucket = "h:" .. ARGV[7]
   local st = load(ws, we)
+  if ARGV[8] ~= nil then
+    local named = st.ids[ARGV[8]]
+    if named ~= nil then
+      st.ids[ARGV[8]] = nil
+      st.gone[#st.gone + 1] = "i:" .. ARGV[8]
+      bucket = "h:" .. named
+    elseif ARGV[9] == "1" then  -- sent again, settled already: nothing changes
+      return save_and_reply(st, true, ttl, we)
+    end
+  end
   held = math.min(held, st.holds[bucket] or 0)  -- 0 once lapsed
   if st.holds[bucket] ~= nil then
     st.holds[bucket] = st.holds[bucket] - held

@@ -483,7 +483,7 @@ async def test_names_the_clients_encoding_cannot_write_are_refused_saying_which(
     # UnicodeEncodeError from deep inside the store
     options: dict[str, Any] = {"encoding": "latin-1"}
     start = time.time() - 60.0
-    window = {"window_start": start, "window_end": start + 3_600.0}
+    window: dict[str, Any] = {"window_start": start, "window_end": start + 3_600.0}
     async with (
         RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:", **options) as store,
         CircuitBreaker(store) as breaker,

@@ -1,8 +1,13 @@
-"""The core QuotaStore contract, run against a real Redis through its URL."""
+"""
+The core QuotaStore contract, run against a real Redis through its URL, and a failed
+settlement sent again by the executor's limiter.
+"""
 
 from __future__ import annotations
 
+import random
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -10,12 +15,16 @@ from empathy_models_redis import RedisQuotaStore
 from empathy_models_redis._quota import RETENTION
 from redis.typing import EncodableT, FieldT
 
+from empathy_models import Budget, ExecutionContext
 from empathy_models.exceptions import StateStoreError
+from empathy_models.limits import MemoryQuotaStore
+from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
     ResponseCacheContract,
     StepQuotaClock,
 )
+from tests._fakes import CHEAP_ONLY, KEY, FailingSettle, http_executor
 
 
 def _text(value: bytes | str) -> str:
@@ -159,7 +168,7 @@ async def test_reset_counts_and_deletes_only_the_budgets_windows(
     client = aioredis.Redis.from_url(redis_url)
     await client.set(f"{redis_prefix}b|team@1.0", "x")
     start = time.time() - 60.0
-    window = {"window_start": start, "window_end": start + 60}
+    window: dict[str, Any] = {"window_start": start, "window_end": start + 60}
     try:
         async with RedisQuotaStore(redis_url, prefix=redis_prefix) as store:
             await store.reserve("team", **window, amount=3, limit=9)
@@ -170,3 +179,60 @@ async def test_reset_counts_and_deletes_only_the_budgets_windows(
     finally:
         await client.aclose()
     assert (listed, reset, again, kept) == (1, 1, 0, b"x")
+
+
+async def test_a_settlement_sent_again_after_its_answer_was_lost_counts_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # the executor's limiter sends a failed settlement again, naming its hold: one that
+    # had landed (the connection dropped on its answer) is not counted twice
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        RedisQuotaStore(redis_url, prefix=redis_prefix) as store,
+    ):
+        failing = FailingSettle(store, times=1, landing=True)
+        budget = Budget(limit_usd=10)
+        executor = http_executor(server, CHEAP_ONLY, budgets=[budget], quota_store=store)
+        async with executor:
+            response = await executor.run("hello", ExecutionContext(max_tokens=200))
+        assert failing.calls >= 2  # sent again by the close, at once
+        assert executor.limiter is not None and executor.limiter.unsettled == 0
+        (usage,) = await store.usages()
+    assert usage.spent_usd == pytest.approx(response.cost_usd)  # once
+    assert (usage.held, usage.calls, usage.overrun) == (0, 1, 0)
+
+
+async def test_the_script_settles_named_holds_as_the_python_steps_do(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # random reservations and settlements naming holds (some settled twice, some
+    # never reserved, some lapsed; most sent again): the Lua port and `meter` end
+    # every step alike
+    rng = random.Random(36)
+    now = time.time()
+    kw: dict[str, Any] = {"window_start": now - 60, "window_end": now + 86_400}
+    held: dict[str, tuple[int, float]] = {}  # hold id -> (amount, lapses_at)
+    async with (
+        RedisQuotaStore(redis_url, prefix=redis_prefix) as redis_store,
+        MemoryQuotaStore() as memory,
+    ):
+        for step in range(300):
+            if rng.random() < 0.5:
+                hold_id, amount = f"h{step}", rng.randint(1, 400)
+                lapses_at = now + rng.choice([-600.0, -120.0, 3600.0, 7200.0])
+                args: dict[str, Any] = {"amount": amount, "limit": 10_000, "hold_id": hold_id}
+                answers = [
+                    (await store.reserve("b", **kw, **args, lapses_at=lapses_at)).usage
+                    for store in (redis_store, memory)
+                ]
+                held[hold_id] = (amount, lapses_at)
+            else:
+                hold_id = rng.choice([*held, "never"]) if held else "never"
+                amount, lapses_at = held.get(hold_id, (50, now + 3600.0))
+                settle: dict[str, Any] = {"held": amount, "actual": rng.randint(0, 500)}
+                settle.update(lapses_at=lapses_at, hold_id=hold_id, resent=rng.random() < 0.7)
+                answers = [
+                    await store.settle("b", **kw, **settle) for store in (redis_store, memory)
+                ]
+            assert answers[0] == answers[1], step
+        assert await redis_store.usage("b", **kw) == await memory.usage("b", **kw)

@@ -76,6 +76,16 @@ count and list as a key never written, whether or not anything swept it yet.
 
 from __future__ import annotations
 
+try:
+    import pytest_asyncio  # noqa: F401  (the suites' fixtures are its)
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(
+        "the contract suites of empathy_models.testing.contracts run under pytest with "
+        f"pytest-asyncio, and {missing.name} is not installed: pip install pytest "
+        "pytest-asyncio",
+        name=missing.name,
+    ) from missing
+
 from ._cache import ResponseCacheContract as ResponseCacheContract
 from ._change_feed import (
     ChangeFeedContract as ChangeFeedContract,

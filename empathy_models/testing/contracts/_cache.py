@@ -41,7 +41,8 @@ class ResponseCacheContract:
     clears); any string a key, kept apart from every other; concurrent writers; a
     shared cache showing one instance's entries to another; close and use after close;
     for a backend with ``leases``: a lease held by one holder (of concurrent takers,
-    in every instance) until released or expired, apart from the entries and clear,
+    in every instance) until released or expired, renewed by its holder's take for the
+    ttl that take gives, apart from the entries and clear,
     and `ResponseCache.set_and_release` storing, then letting go of the holder's lease.
     """
 
@@ -73,12 +74,19 @@ class ResponseCacheContract:
 
     async def test_entries_expire(self, cache: ResponseCache) -> None:
         short, long, unread, leased = _key(), _key(), _key(), _key()
+        renewed, shortened = _key(), _key()
         await cache.set(short, b"short", 0.5)
         await cache.set(long, b"long", 60)
         await cache.set(unread, b"unread", 0.5)
         if cache.leases:  # a lease expires too (one sleep for both)
             assert await cache.acquire_lease(leased, "crashed", 0.5) is None
             assert await cache.acquire_lease(long, "long", 60) is None
+            # its holder's take renews a lease for the new ttl, longer or shorter (how
+            # a run whose call outlasts its lease keeps it)
+            assert await cache.acquire_lease(renewed, "holder", 0.5) is None
+            assert await cache.acquire_lease(renewed, "holder", 60) is None
+            assert await cache.acquire_lease(shortened, "holder", 60) is None
+            assert await cache.acquire_lease(shortened, "holder", 0.5) is None
         await anyio.sleep(1.2)
         assert await cache.get(short) is None
         assert await cache.get(long) == b"long"
@@ -88,6 +96,9 @@ class ResponseCacheContract:
             assert await cache.acquire_lease(leased, "next", 60) is None
             held = await cache.acquire_lease(long, "next", 60)
             assert held is not None and held[0] == "long"
+            held = await cache.acquire_lease(renewed, "next", 60)
+            assert held is not None and held[0] == "holder" and held[1] > 30, held
+            assert await cache.acquire_lease(shortened, "next", 60) is None
         # an expired entry the backend has not dropped yet is not counted by clear
         assert await cache.clear() == 1
 

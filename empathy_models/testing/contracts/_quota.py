@@ -50,7 +50,9 @@ class QuotaStoreContract(QuotaClockSteps):
 
     Covers: reservations granted up to the limit and refused past it (and counted);
     settlement that releases and charges exactly; holds that lapse at their time (a
-    killed worker's) and late settlements of them; windows and keys kept apart; a
+    killed worker's) and late settlements of them; a settlement sent again naming its
+    hold applied once, a first one of a hold the window forgot charged (a store with
+    ``hold_ids``); windows and keys kept apart; a
     window written with a later end (a budget made longer) ending then; 200
     concurrent reservations granting exactly what fits; usages, reset and limit
     overrides; keys of any length (over 3 KB); GCRA schedules (burst, refusal past
@@ -170,6 +172,64 @@ class QuotaStoreContract(QuotaClockSteps):
         u = await quota_store.settle("c", **kw, held=5, actual=5)
         assert (u.held, u.spent, u.held_until) == (0, 5, None)
 
+    async def test_a_settlement_sent_again_naming_its_hold_applies_once(
+        self, quota_store: QuotaStore
+    ) -> None:
+        if not quota_store.hold_ids:
+            pytest.skip("the store takes no hold ids (QuotaStore.hold_ids)")
+        now = time.time()
+        past, future = now - 600.0, now + 3600.0
+        kw: dict[str, Any] = {"window_start": WS, "window_end": WE}
+        for hold_id, amount in (("one", 300), ("two", 200)):  # the same bucket
+            grant = await quota_store.reserve(
+                "b", **kw, amount=amount, limit=1000, lapses_at=future, hold_id=hold_id
+            )
+            assert grant.granted
+        one: dict[str, Any] = {"held": 300, "actual": 100, "lapses_at": future, "hold_id": "one"}
+        u = await quota_store.settle("b", **kw, **one)
+        assert (u.spent, u.held, u.calls) == (100, 200, 1)
+        # sent again (its answer lost on the way): nothing changes, the other hold stays
+        again = await quota_store.settle("b", **kw, **one, resent=True)
+        assert (again.spent, again.held, again.settled, again.released, again.calls) == (
+            100,
+            200,
+            100,
+            200,
+            1,
+        )
+        # sent again before it had landed: it lands
+        two: dict[str, Any] = {"held": 200, "actual": 50, "lapses_at": future, "hold_id": "two"}
+        u = await quota_store.settle("b", **kw, **two, resent=True)
+        assert (u.spent, u.held, u.calls) == (150, 0, 2)
+        # a named hold that lapsed unsettled: its late settlement charges the call, once
+        grant = await quota_store.reserve(
+            "b", **kw, amount=300, limit=1000, lapses_at=past, hold_id="three"
+        )
+        assert grant.granted
+        three: dict[str, Any] = {"held": 300, "actual": 80, "lapses_at": past, "hold_id": "three"}
+        for resent in (False, True):
+            u = await quota_store.settle("b", **kw, **three, resent=resent)
+            assert (u.spent, u.overrun, u.held, u.calls) == (230, 80, 0, 3)
+        _balanced(u)
+        assert await quota_store.usage("b", **kw) == u
+
+    async def test_a_first_settlement_of_a_hold_the_window_forgot_is_charged(
+        self, quota_store: QuotaStore
+    ) -> None:
+        # a window reset while the call was in flight: its settlement charges the call,
+        # as one without a hold id does; sent again, it changes nothing
+        if not quota_store.hold_ids:
+            pytest.skip("the store takes no hold ids (QuotaStore.hold_ids)")
+        kw: dict[str, Any] = {"window_start": WS, "window_end": WE}
+        named: dict[str, Any] = {"lapses_at": time.time() + 3600.0, "hold_id": "one"}
+        assert (await quota_store.reserve("b", **kw, amount=300, limit=1000, **named)).granted
+        assert await quota_store.reset_budget("b") == 1
+        u = await quota_store.settle("b", **kw, held=300, actual=120, **named)
+        assert (u.spent, u.overrun, u.held, u.calls) == (120, 120, 0, 1)
+        u = await quota_store.settle("b", **kw, held=300, actual=120, **named, resent=True)
+        assert (u.spent, u.calls) == (120, 1)
+        _balanced(u)
+
     async def test_windows_and_keys_are_kept_apart(self, quota_store: QuotaStore) -> None:
         await quota_store.reserve("a", window_start=WS, window_end=WE, amount=10, limit=10)
         assert not (
@@ -191,7 +251,7 @@ class QuotaStoreContract(QuotaClockSteps):
     ) -> None:
         # the memory, SQLite and Redis stores named a window by its start's repr:
         # 1800000000 and 1800000000.0 were two windows, each granting the whole limit
-        whole = {"window_start": int(WS), "window_end": int(WE)}
+        whole: dict[str, Any] = {"window_start": int(WS), "window_end": int(WE)}
         assert (await quota_store.reserve("a", **whole, amount=6, limit=10)).granted
         assert not (
             await quota_store.reserve("a", window_start=WS, window_end=WE, amount=6, limit=10)
