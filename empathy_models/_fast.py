@@ -3,7 +3,7 @@ Fast construction of frozen, slotted attrs classes for values the library built 
 checked itself: no ``__init__``, converter, validator or default runs, each slot is set
 as given (~0.1 µs a field instead of attrs' ~0.25 µs).  The call path builds its
 records, responses, requests and verdicts this way (a routing explanation's rows, not
-slotted, copy a shared ``__dict__`` instead: `routing.decide`); tests compare every
+slotted, copy a shared ``__dict__`` instead: `routing._rows`); tests compare every
 such builder with the validated constructor field by field.
 
 Only for values already exactly as the public constructor would store them (UTC-aware

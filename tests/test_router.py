@@ -212,7 +212,8 @@ def test_decision_lists_every_candidate_with_its_evidence(clock: FakeClock) -> N
 def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeClock) -> None:
     # rows are built without __init__; each must equal the checked record of its fields,
     # whatever the decision: costs in and over the limit, strict, no input tokens, an
-    # open circuit, a model not in the registry, a change, a row cache hit
+    # open circuit, a model not in the registry, a change, the same call again (its
+    # verdicts' templates found again)
     router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
     feed(router, clock, "nano", 60, 40)
     feed(router, clock, "mini", 200, 1, latency_ms=90.0)
@@ -220,7 +221,7 @@ def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeC
     feed(router, clock, "mini", 5, 40)  # a detected degradation
     shapes: list[dict[str, object]] = [
         {"input_tokens": 500, "max_cost": 0.001},
-        {"input_tokens": 500, "max_cost": 0.001},  # the same call: its rows found again
+        {"input_tokens": 500, "max_cost": 0.001},  # the same call: templates found again
         {"input_tokens": 50_000, "max_cost": 0.001, "max_latency_ms": 100.0},
         {"input_tokens": 500, "max_tokens": 100, "strict_cost": True, "max_cost": 0.01},
         {"max_cost": 0.01},
@@ -246,6 +247,27 @@ def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeC
         assert by_model(d)["ghost"].excluded  # type: ignore[attr-defined]
     assert seen == 4 * len(shapes)
     assert any("degraded" in (c.change or "") for c in d.candidates)
+
+
+def test_explanations_of_calls_at_other_costs_share_no_row_state(clock: FakeClock) -> None:
+    # rows of one verdict are copies of shared templates: a row over max_cost quotes its
+    # own cost once, whatever the calls read before it (within the limit, over it)
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 100)
+    feed(router, clock, "mini", 100)
+    quoted: list[tuple[str, ...]] = []
+    for tokens in (100, 5_000, 200_000, 300_000, 5_000):
+        d = router.get_best_model(
+            WF, ST, candidates=CHEAP, input_tokens=tokens, max_cost=0.01, on_no_match="relax"
+        )
+        for row in d.candidates:
+            cost_reasons = [r for r in row.reasons if r.startswith("expected cost $")]
+            assert len(cost_reasons) == (row.constraints["max_cost"] == "rejected")
+            assert row.expected_cost_usd is not None
+            if cost_reasons:
+                assert f"${row.expected_cost_usd:.6f}" in cost_reasons[0]
+                quoted.append(row.reasons)
+    assert len(set(quoted)) >= 2  # rows over the limit at two costs at least
 
 
 @pytest.mark.parametrize("varying", [None, "max_tokens", "max_cost"])

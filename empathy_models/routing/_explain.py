@@ -18,8 +18,9 @@ import attrs
 from .._fast import trusted_constructor
 from ..exceptions import NoModelMeetsConstraintsError
 from ..records import CandidateEvaluation, RoutingDecision
+from ._rows import build_candidates
 from ._verdicts import MAX_CONTEXTS, VerdictCache, classify, limits_of
-from .decide import Context, Verdict, build_candidates, select
+from .decide import Context, Verdict, select
 from .policy import Constraints, RoutingPolicy
 
 __all__ = ["Decider", "annotated"]

@@ -43,24 +43,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Collection, Sequence
-from datetime import UTC, datetime
-from types import MappingProxyType
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from attrs import define, field, frozen
 
 from .._fast import trusted_constructor
-from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
+from ..records import ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
-from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
+from .policy import Constraints, RoutingPolicy
 from .stats import bounded_exp, wilson_bounds
 
 __all__ = [
     "Context",
     "ModelFacts",
     "Verdict",
-    "build_candidates",
     "cost_factor",
     "judge",
     "recost",
@@ -474,7 +471,8 @@ def _cost_terms(
 
 
 RowCache = dict[Any, Any]
-"""The explanation rows built from one verdict, by cost (see `build_candidates`)."""
+"""Holds the templates of one verdict's explanation rows once read (see `routing._rows`);
+a verdict judged again gets a new one."""
 
 
 @define(slots=True, eq=False)
@@ -1025,180 +1023,6 @@ def _closest_by_draw(
             policy.prior_beta + verdicts[i].summary.samples - verdicts[i].summary.successes,
         ),
     )
-
-
-# --------------------------------------------------------------------------- explanation
-
-
-_new_object: Final = object.__new__
-_set_attribute: Final = object.__setattr__
-_NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
-_PARTS: Final = object()  # the key of a row cache's `_Parts`
-
-
-class _Parts:
-    """
-    What every explanation row built from one verdict shares, whatever the call's cost:
-    its fields that do not depend on the call (``base``, by name: every field of
-    `CandidateEvaluation` but the five `_row` sets; tests/test_router.py compares every
-    row with the validated constructor's), and its constraint statuses (read-only, so
-    rows share them) without and with each cost status.
-    """
-
-    __slots__ = ("base", "maps", "statuses")
-
-    def __init__(self, v: Verdict) -> None:
-        facts = v.facts
-        s = v.summary
-        since = s.since
-        self.base: dict[str, Any] = {
-            "model": v.model,
-            "provider": facts.provider if facts is not None else None,
-            "tier": facts.tier if facts is not None else None,
-            "sample_size": s.window_samples,
-            "success_rate": s.success_rate,
-            "success_rate_lower": s.lower,
-            "success_rate_upper": s.upper,
-            "latency_p50_ms": s.p50,
-            "latency_p95_ms": s.p95,
-            "effective_sample_size": s.samples,
-            "latency_p95_upper_ms": s.p95_upper,
-            "change": s.change,
-            "evidence_since": datetime.fromtimestamp(since, UTC) if since is not None else None,
-            "ttft_p50_ms": s.ttft_p50,
-            "ttft_p95_ms": s.ttft_p95,
-        }
-        statuses: dict[str, ConstraintStatus] = {}
-        if v.success is not None:
-            statuses[SUCCESS] = v.success
-        if v.latency is not None:
-            statuses[LATENCY] = v.latency
-        if v.ttft is not None:
-            statuses[TTFT] = v.ttft
-        self.statuses = statuses
-        self.maps: dict[ConstraintStatus | None, MappingProxyType[str, ConstraintStatus]] = {}
-
-    def constraints(self, cost: ConstraintStatus | None) -> MappingProxyType[str, ConstraintStatus]:
-        """The statuses, with ``cost`` as the cost's (``None``: no cost limit)."""
-        shown = self.maps.get(cost)
-        if shown is None:
-            statuses = self.statuses
-            if cost is not None:
-                statuses = {**statuses, COST: cost}
-            shown = self.maps[cost] = MappingProxyType(statuses) if statuses else _NO_STATUS
-        return shown
-
-
-def _row(
-    cache: RowCache | None,
-    key: Any,
-    v: Verdict,
-    cost: float | None,
-    cons: Constraints,
-    with_input: bool,
-    blocked: bool,
-) -> CandidateEvaluation:
-    """
-    The explanation row of ``v`` at ``cost``, built from the verdict's parts kept in
-    ``cache`` and kept there under ``key`` (``cache`` None: parts built, row not kept).
-
-    The row's attributes are its ``__dict__`` (`CandidateEvaluation` is not slotted):
-    a copy of the parts' shared fields with the call's set, built without ``__init__``
-    (every value is already as the validated constructor stores it).
-    """
-    parts: _Parts | None
-    if cache is None:
-        parts = _Parts(v)
-    else:
-        parts = cache.get(_PARTS)
-        if parts is None:
-            parts = cache[_PARTS] = _Parts(v)
-        elif len(cache) > 16:
-            cache.clear()
-            cache[_PARTS] = parts
-    reasons = v.reasons
-    basis = v.basis if with_input else v.basis_no_input
-    max_cost = cons.max_cost
-    status: ConstraintStatus | None = None
-    if max_cost is not None:
-        if cost is None:
-            status = UNPROVEN
-            reasons += (
-                NO_PRICE
-                if v.facts is None
-                else "cost: no estimate (strict mode needs input_tokens and max_tokens)"
-                if cons.strict_cost
-                else "cost: no estimate (no observations, and max_tokens not given)"
-                if with_input
-                else "cost: no estimate (no observations, and input_tokens not given)"
-                if cons.max_tokens is not None
-                else "cost: no estimate (no observations, and input_tokens/max_tokens not given)",
-            )
-        elif cost <= max_cost:
-            status = ELIGIBLE
-        else:
-            status = REJECTED
-            over, most = _over(cost, max_cost, _usd)
-            reasons += (f"expected cost ${over} ({basis}) > max ${most}",)
-    if blocked:
-        reasons = (CIRCUIT_OPEN, *reasons)
-    shown = parts.maps.get(status)
-    if shown is None:
-        shown = parts.constraints(status)
-    fields = parts.base.copy()
-    fields["expected_cost_usd"] = cost
-    fields["constraints"] = shown
-    fields["excluded"] = v.facts is None or blocked
-    fields["reasons"] = reasons
-    fields["cost_basis"] = basis if cost is not None else None
-    row: CandidateEvaluation = _new_object(CandidateEvaluation)
-    _set_attribute(row, "__dict__", fields)
-    if cache is not None:
-        cache[key] = row
-    return row
-
-
-def build_candidates(
-    verdicts: Sequence[Verdict],
-    costs: Sequence[float | None],
-    cons: Constraints,
-    input_tokens: int | None,
-    unavailable: Collection[str],
-    caches: Sequence[RowCache] | None = None,
-) -> tuple[CandidateEvaluation, ...]:
-    """
-    Every candidate of a decision, as the decision saw it (built when first read).
-
-    ``caches[i]`` (optional) holds rows already built from ``verdicts[i]``: a row is a
-    function of the verdict, the call's cost, whether the model is blocked and whether
-    the call gave ``input_tokens``; keyed by the cost alone in the common case (given
-    input tokens, nothing blocked), else by all three.
-    """
-    with_input = input_tokens is not None
-    if caches is None:
-        return tuple(
-            [
-                _row(None, None, v, cost, cons, with_input, v.model in unavailable)
-                for v, cost in zip(verdicts, costs, strict=True)
-            ]
-        )
-    if with_input and not unavailable:
-        # looked up in C; the few rows not built yet (None) are built after
-        rows: list[CandidateEvaluation | None] = list(map(dict.get, caches, costs))
-        if not all(rows):  # a row is always true
-            for i in [i for i, row in enumerate(rows) if row is None]:
-                cost = costs[i]
-                rows[i] = _row(caches[i], cost, verdicts[i], cost, cons, True, False)
-        return tuple(rows)  # type: ignore[arg-type]
-    out = []
-    for v, cost, cache in zip(verdicts, costs, caches, strict=True):
-        blocked = v.model in unavailable
-        key = (cost, blocked, with_input)
-        row = cache.get(key)
-        if row is None:
-            row = _row(cache, key, v, cost, cons, with_input, blocked)
-        out.append(row)
-    return tuple(out)
 
 
 __all__ += ["CIRCUIT_OPEN", "EMPTY_SUMMARY", "NOT_IN_REGISTRY"]
