@@ -189,7 +189,12 @@ async def test_batches_go_out_on_the_interval_without_a_flush() -> None:
 async def test_a_clean_close_writes_everything_queued(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     inner = SQLiteTelemetryBackend(db, batch=False)
-    batching = BatchingTelemetryBackend(inner, max_batch=50, max_queue=200, flush_interval=60)
+    # close_timeout: what a close cannot write within it is spooled, not written (the
+    # subject of other tests); on a loaded machine 3000 single-row SQLite writes can take
+    # longer than the default 5 s, so this close gets all the time it needs
+    batching = BatchingTelemetryBackend(
+        inner, max_batch=50, max_queue=200, flush_interval=60, close_timeout=600
+    )
     for r in _records(3000):
         await batching.record(r)
     await batching.aclose()
@@ -828,7 +833,7 @@ async def test_the_outage_warning_says_what_happens_past_the_queue(
 
     inner = Failing(str(tmp_path / "calls.db"))
     batching = BatchingTelemetryBackend(
-        inner, max_queue=10, on_full=on_full, spool=spool, close_timeout=0.05
+        inner, max_queue=10, on_full=on_full, spool=spool, close_timeout=600
     )
     with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
         await batching.record_many(_records(3))
