@@ -134,46 +134,60 @@ class _MinimalClient:
                 conn.transport.close()
 
 
-async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[float]]:
-    """Client CPU per call (µs) of every layer, one sample per repeat."""
-    registry = ModelRegistry.default()
-    layers: dict[str, Callable[[], Awaitable[None]]] = {}
-    with ServerProcess() as server:
-        url = server.openai_base_url + "/chat/completions"
-        body = {
-            "model": "gpt-4.1-nano",
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": 64,
-        }
-        async with AsyncExitStack() as stack:
-            plain = await stack.enter_async_context(
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
-            )
-            headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+_EXECUTOR_PARTS: dict[str, tuple[bool, bool, bool]] = {
+    "run: core": (False, False, False),
+    "run: +router": (True, False, False),
+    "run: +breaker": (False, True, False),
+    "run: +telemetry": (False, False, True),
+    "run: full": (True, True, True),
+}
+"""An executor layer's parts: (router, breaker, telemetry)."""
 
-            async def bare() -> None:
-                async with plain.post(url, json=body, headers=headers) as resp:
-                    await resp.json()
 
-            split = urlsplit(url)
-            minimal = _MinimalClient(split.hostname or "127.0.0.1", split.port or 80)
-            stack.callback(minimal.close)
-            minimal_headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+async def layer(
+    name: str, stack: AsyncExitStack, server: ServerProcess
+) -> Callable[[], Awaitable[None]]:
+    """
+    One call of the layer ``name`` (a key of `BASES`) to ``server``, what it holds open
+    entered in ``stack``.
+    """
+    url = server.openai_base_url + "/chat/completions"
+    body = {
+        "model": "gpt-4.1-nano",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 64,
+    }
+    headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+    if name == "bare":
+        plain = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+        )
 
-            async def floor() -> None:
-                status, raw = await minimal.post(
-                    split.path, json.dumps(body).encode(), minimal_headers
-                )
-                assert status == 200, status
-                json.loads(raw)
+        async def bare() -> None:
+            async with plain.post(url, json=body, headers=headers) as resp:
+                await resp.json()
 
-            # the executor's session: its connector limit is the provider's 64 slots
-            like_executor = await stack.enter_async_context(
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
-            )
-            payload = json.dumps(body).encode()
-            provider = OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)
-            wire_headers = provider._request_headers()
+        return bare
+    if name == "floor":
+        split = urlsplit(url)
+        minimal = _MinimalClient(split.hostname or "127.0.0.1", split.port or 80)
+        stack.callback(minimal.close)
+        minimal_headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+        async def floor() -> None:
+            status, raw = await minimal.post(split.path, json.dumps(body).encode(), minimal_headers)
+            assert status == 200, status
+            json.loads(raw)
+
+        return floor
+    provider = OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)
+    if name in ("transport", "provider"):
+        # the executor's session: its connector limit is the provider's 64 slots
+        like_executor = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        )
+        if name == "transport":
+            payload, wire_headers = json.dumps(body).encode(), provider._request_headers()
 
             async def transport() -> None:
                 async with like_executor.post(
@@ -182,47 +196,41 @@ async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[
                     raw = await resp.read()
                 json.loads(raw)
 
-            await provider.bind(like_executor)
-            request = CompletionRequest(model="gpt-4.1-nano", messages=PROMPT, max_tokens=64)
+            return transport
+        await provider.bind(like_executor)
+        request = CompletionRequest(model="gpt-4.1-nano", messages=PROMPT, max_tokens=64)
 
-            async def complete() -> None:
-                await provider.complete(request)
+        async def complete() -> None:
+            await provider.complete(request)
 
-            layers.update(bare=bare, floor=floor, transport=transport, provider=complete)
+        return complete
+    router, breaker, telemetry = _EXECUTOR_PARTS[name]
+    registry = ModelRegistry.default()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TelemetryDisabledWarning)
+        ex = await stack.enter_async_context(
+            EmpathyLLMExecutor(
+                [provider],
+                registry=registry,
+                telemetry_store="memory://" if telemetry else None,
+                router=AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
+                if router
+                else None,
+                breaker=await stack.enter_async_context(CircuitBreaker()) if breaker else None,
+            )
+        )
 
-            async def executor_with(
-                name: str, router: bool, breaker: bool, telemetry: bool
-            ) -> None:
-                ex = await stack.enter_async_context(
-                    EmpathyLLMExecutor(
-                        [OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)],
-                        registry=registry,
-                        telemetry_store="memory://" if telemetry else None,
-                        router=AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
-                        if router
-                        else None,
-                        breaker=await stack.enter_async_context(CircuitBreaker())
-                        if breaker
-                        else None,
-                    )
-                )
+    async def run() -> None:
+        await ex.run(PROMPT, CTX)
 
-                async def run() -> None:
-                    await ex.run(PROMPT, CTX)
+    return run
 
-                layers[name] = run
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TelemetryDisabledWarning)
-                for name, parts in {
-                    "run: core": (False, False, False),
-                    "run: +router": (True, False, False),
-                    "run: +breaker": (False, True, False),
-                    "run: +telemetry": (False, False, True),
-                    "run: full": (True, True, True),
-                }.items():
-                    await executor_with(name, *parts)
-
+async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[float]]:
+    """Client CPU per call (µs) of every layer, one sample per repeat."""
+    with ServerProcess() as server:
+        async with AsyncExitStack() as stack:
+            layers = {name: await layer(name, stack, server) for name in BASES}
             names = list(layers)
             for fn in layers.values():
                 await _batch(fn, 200, concurrency)
