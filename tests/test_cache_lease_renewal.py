@@ -33,7 +33,7 @@ REGISTRY = priced_registry([("gpt-a", 1.0)], "lease-renewal-1")
 CTX = ExecutionContext(workflow="faq", stage="answer", model="gpt-a", temperature=0, cache_ttl=600)
 KEY_OF_Q = cached.cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
 
-LEASE = 3.0
+LEASE = 4.5
 """The lease's length in these tests (seconds): renewed every third of it."""
 
 
