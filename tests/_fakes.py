@@ -245,8 +245,8 @@ class WrappedStream(CompletionStream):
         return self.inner.output_estimated
 
 
-class WrappingAnthropic(AnthropicProvider):
-    """An `AnthropicProvider` whose streams are handed on through ``wrap`` (a test's change)."""
+class _Wrapping:
+    """A provider mixin whose streams are handed on through ``wrap`` (a test's change)."""
 
     def __init__(
         self, wrap: Callable[[CompletionStream], CompletionStream], **options: Any
@@ -261,10 +261,17 @@ class WrappingAnthropic(AnthropicProvider):
         idle_timeout: float | None = None,
         total_timeout: float | None = None,
     ) -> CompletionStream:
-        inner = await super().stream(
-            request, idle_timeout=idle_timeout, total_timeout=total_timeout
-        )
+        plain: Any = super()  # the provider class this is mixed into
+        inner = await plain.stream(request, idle_timeout=idle_timeout, total_timeout=total_timeout)
         return self.wrap(inner)
+
+
+class WrappingAnthropic(_Wrapping, AnthropicProvider):
+    """An `AnthropicProvider` whose streams are handed on through ``wrap``."""
+
+
+class WrappingOpenAI(_Wrapping, OpenAIProvider):
+    """An `OpenAIProvider` whose streams are handed on through ``wrap``."""
 
 
 class FailingSettle:

@@ -34,17 +34,16 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
 )
-from empathy_models.abc import CompletionRequest, CompletionStream
+from empathy_models.abc import CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import BreakerEvent, CircuitBreaker
 from empathy_models.exceptions import NotOpenError
 from empathy_models.limits import SQLiteQuotaStore
-from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
-from ._fakes import KEY, WrappedStream, fake_model, http_executor
+from ._fakes import KEY, WrappedStream, WrappingOpenAI, fake_model, http_executor
 
 REGISTRY = ModelRegistry(
     models=[fake_model("m", "openai", "cheap", 1.0, max_output_tokens=4096)],
@@ -534,24 +533,6 @@ class SlowToClose(WrappedStream):
             await self.inner.aclose()
 
 
-class SlowToCloseProvider(OpenAIProvider):
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.closing = asyncio.Event()
-
-    async def stream(
-        self,
-        request: CompletionRequest,
-        *,
-        idle_timeout: float | None = None,
-        total_timeout: float | None = None,
-    ) -> CompletionStream:
-        inner = await super().stream(
-            request, idle_timeout=idle_timeout, total_timeout=total_timeout
-        )
-        return SlowToClose(inner, self.closing)
-
-
 @pytest.mark.parametrize("end", ["interrupted", "left"])
 async def test_a_cancel_while_a_stream_is_closed_still_reports_its_attempt(
     server: FakeLLMServer, tmp_path: Path, end: str
@@ -560,7 +541,10 @@ async def test_a_cancel_while_a_stream_is_closed_still_reports_its_attempt(
     server.set_behavior(
         "m", ModelBehavior(content="a b c d e f", stream=StreamBehavior(fault_after=2))
     )
-    provider = SlowToCloseProvider(api_key=KEY, base_url=server.openai_base_url)
+    closing = asyncio.Event()
+    provider = WrappingOpenAI(
+        lambda inner: SlowToClose(inner, closing), api_key=KEY, base_url=server.openai_base_url
+    )
     calls = tmp_path / "calls.db"
     async with EmpathyLLMExecutor(
         [provider],
@@ -579,7 +563,7 @@ async def test_a_cancel_while_a_stream_is_closed_still_reports_its_attempt(
                         break
 
         task = asyncio.ensure_future(read())
-        await _signalled(provider.closing)  # the stream's aclose is under way
+        await _signalled(closing)  # the stream's aclose is under way
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

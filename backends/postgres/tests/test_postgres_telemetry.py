@@ -65,6 +65,21 @@ async def execute(dsn: str, sql: str) -> None:
         await conn.close()
 
 
+def _five(**fields: Any) -> list[LLMCallRecord]:
+    """Five successes of one model, ``c0`` to ``c4`` a second apart from `T0`."""
+    return [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            outcome=Outcome.SUCCESS,
+            call_id=f"c{i}",
+            timestamp=T0 + timedelta(seconds=i),
+            **fields,
+        )
+        for i in range(5)
+    ]
+
+
 def assert_same_performance(got: list[ModelPerformance], want: list[ModelPerformance]) -> None:
     assert [(p.workflow, p.stage, p.model) for p in got] == [
         (p.workflow, p.stage, p.model) for p in want
@@ -197,19 +212,7 @@ async def test_a_tier_this_version_does_not_know_is_read_as_unknown(
     postgres_url: str, postgres_dsn: str
 ) -> None:
     # written by a newer version or edited by hand: the rest of the store stays readable
-    records = [
-        LLMCallRecord(
-            provider="openai",
-            model="gpt-4o-mini",
-            tier=ModelTier.CHEAP,
-            outcome=Outcome.SUCCESS,
-            workflow="wf",
-            stage="st",
-            call_id=f"c{i}",
-            timestamp=T0 + timedelta(seconds=i),
-        )
-        for i in range(5)
-    ]
+    records = _five(tier=ModelTier.CHEAP, workflow="wf", stage="st")
     async with PostgresTelemetryBackend(postgres_url) as backend:
         await backend.record_many(records)
         await execute(
@@ -234,16 +237,7 @@ async def test_an_outcome_or_circuit_state_this_version_does_not_know_does_not_s
 ) -> None:
     # written by a newer version or edited by hand: the row with the unknown outcome is
     # left out (with one warning naming the store), an unknown circuit state reads as unknown
-    records = [
-        LLMCallRecord(
-            provider="openai",
-            model="gpt-4o-mini",
-            outcome=Outcome.SUCCESS,
-            call_id=f"c{i}",
-            timestamp=T0 + timedelta(seconds=i),
-        )
-        for i in range(5)
-    ]
+    records = _five()
     async with PostgresTelemetryBackend(postgres_url) as backend:
         await backend.record_many(records)
         await execute(
