@@ -153,6 +153,22 @@ def _check_billed(response: LLMResponse, record: LLMCallRecord, spent: float) ->
     assert record.metadata["empathy_models.web_search_requests"] == 2
 
 
+async def _answered(
+    executor: EmpathyLLMExecutor,
+    prompt: str,
+    context: ExecutionContext,
+    streamed: bool,
+    **options: Any,
+) -> LLMResponse:
+    """``executor.run(prompt, context, **options)``'s answer, or its stream's read to the end."""
+    if not streamed:
+        return await executor.run(prompt, context, **options)
+    async with executor.stream(prompt, context, **options) as stream:
+        async for _ in stream:
+            pass
+        return await stream.get_final_response()
+
+
 async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_run(
     anthropic_url: str,
 ) -> None:
@@ -295,13 +311,7 @@ async def test_openai_cached_input_is_priced_at_the_cached_rate(streamed: bool) 
             quota_store=quota,
         ) as executor,
     ):
-        if streamed:
-            async with executor.stream("hello", context) as stream:
-                async for _ in stream:
-                    pass
-                response = await stream.get_final_response()
-        else:
-            response = await executor.run("hello", context)
+        response = await _answered(executor, "hello", context, streamed)
     (record,) = await telemetry.recent(limit=10)
     (usage,) = await quota.usages()
     assert response.input_tokens == record.input_tokens == 100_000  # cached ones included
@@ -452,13 +462,7 @@ async def test_openai_calls_are_priced_at_the_service_tier_the_answer_reports(
             quota_store=quota,
         ) as executor,
     ):
-        if streamed:
-            async with executor.stream("hello " * 400, context, extra_body=extra) as stream:
-                async for _ in stream:
-                    pass
-                response = await stream.get_final_response()
-        else:
-            response = await executor.run("hello " * 400, context, extra_body=extra)
+        response = await _answered(executor, "hello " * 400, context, streamed, extra_body=extra)
     (record,) = await telemetry.recent(limit=10)
     (usage,) = await quota.usages()
     billed = (record.input_tokens * prices[0] + record.output_tokens * prices[1]) / 1e6
@@ -497,13 +501,7 @@ async def test_anthropic_calls_are_priced_at_the_service_tier_their_usage_report
         ) as executor,
     ):
         server.script("claude-tiered", [FakeReply(content="hi", usage=reported)])
-        if streamed:
-            async with executor.stream("hello", context) as stream:
-                async for _ in stream:
-                    pass
-                response = await stream.get_final_response()
-        else:
-            response = await executor.run("hello", context)
+        response = await _answered(executor, "hello", context, streamed)
     (record,) = await telemetry.recent(limit=10)
     billed = (1000 * prices[0] + 20 * prices[1]) / 1e6
     assert (record.input_tokens, record.output_tokens) == (1000, 20)
