@@ -100,7 +100,8 @@ async def test_a_call_longer_than_the_lease_keeps_it_and_the_other_workers_wait(
     assert [a.cached for a in answers] == [False, True, True, True]
     holder = one.granted()[0]
     assert len(one.granted()) >= 3 and set(one.granted()) == {holder}  # taken, renewed
-    assert (two.takes[0][1], two.takes[-1][1]) == (holder, holder)  # its copies waited
+    # its copies waited (a take after the holder let go, its answer stored, is granted)
+    assert two.takes[0][1] == holder
 
 
 @pytest.mark.parametrize("end", ["cancelled", "closed"])
