@@ -344,12 +344,20 @@ class Attempts:
                 budget, by_deadline = _within(per_attempt, remaining, streamed)  # the time limit
                 called = sent = True
                 t0, held = clock(), (ticket, scope_ticket, hold)
+                task = asyncio.current_task()
+                cancels = 0 if task is None else task.cancelling()
                 try:
                     if streamed:
                         opening = await _first_delta(provider, request, per_attempt, budget, self)
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
+                    if task is not None and task.cancelling() > cancels:
+                        # a cancel the provider's client turned into an error of its own
+                        # (aiohttp's timeout, when the cancel lands as its timer fires):
+                        # the cancel is what ended the call, and it goes on up
+                        await _cancelled(self, info, raised, attempt, t0, held)
+                        raise asyncio.CancelledError() from raised
                     error, cut = _restated(self, raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
                     # nothing sent: not counted against max_routes, the hold freed whole

@@ -34,12 +34,13 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
 )
-from empathy_models.abc import CompletionStream
+from empathy_models.abc import Completion, CompletionRequest, CompletionStream
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import BreakerEvent, CircuitBreaker
-from empathy_models.exceptions import NotOpenError
+from empathy_models.exceptions import NotOpenError, ProviderTimeoutError
 from empathy_models.limits import SQLiteQuotaStore
+from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
@@ -576,3 +577,49 @@ async def test_a_cancel_while_a_stream_is_closed_still_reports_its_attempt(
     assert usage.held == 0
     first = Outcome.FAILURE if end == "interrupted" else Outcome.CANCELLED
     assert sorted(await _outcomes(calls)) == sorted([first, Outcome.SUCCESS])
+
+
+class CancelTurnedTimeout(OpenAIProvider):
+    """
+    An `OpenAIProvider` whose client turns a cancel into a timeout of its own, as
+    aiohttp does when the cancel lands as its per-request timer fires (the provider
+    says so with a `ProviderTimeoutError`, which is retried).
+    """
+
+    async def complete(
+        self,
+        request: CompletionRequest,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the provider API's own parameter
+    ) -> Completion:
+        try:
+            return await super().complete(request, timeout=timeout)
+        except asyncio.CancelledError:
+            raise ProviderTimeoutError(
+                "the client's timer fired", provider="openai", model=request.model
+            ) from None
+
+
+@pytest.mark.parametrize("how", HOWS)
+async def test_a_cancel_the_client_turns_into_a_timeout_ends_the_run_and_is_not_retried(
+    server: FakeLLMServer, tmp_path: Path, how: str
+) -> None:
+    server.script("m", ["hang"] * 5)
+    calls = tmp_path / "calls.db"
+    async with EmpathyLLMExecutor(
+        [CancelTurnedTimeout(api_key=KEY, base_url=server.openai_base_url)],
+        registry=REGISTRY,
+        retry=RetryPolicy(max_attempts=5, base_delay=0.0, max_delay=0.0, jitter=False),
+        telemetry_store=f"sqlite:///{calls}",
+        budgets=[Budget(limit_usd=10.0)],
+        quota_store=f"sqlite:///{tmp_path}/quota.db",
+    ) as executor:
+        call = Cancelled(how, lambda: executor.run("hello", CTX))
+        await server.wait_for_requests(1, "m")
+        call.cancel()
+        assert await call.ended()
+        assert server.requests("m") == 1  # not sent again
+        assert executor.limiter is not None
+        [usage] = await executor.limiter.store.usages()
+    assert usage.held == 0
+    assert await _outcomes(calls) == [Outcome.CANCELLED]
