@@ -48,9 +48,12 @@ model for it wait for that run's answer.  Every backend here also keeps a lease 
 key (``leases``: `ResponseCache.acquire_lease`, `ResponseCache.release_lease`, taken
 atomically by one holder, kept apart from the entries), through which the executors of
 several processes sharing a SQLite, Redis or PostgreSQL cache do the same: the first
-to miss takes the lease (one write; ``ExecutionContext(cache_coalesce=False)`` skips
-it) and the others read the entry until it is stored, the lease is let go with no
-answer, or it expires (see `empathy_models._cached.lead_or_wait`).
+to miss takes the lease (one write, with a read of the entry,
+`ResponseCache.acquire_lease_and_get`, so a run granted the lease just after another
+process stored the answer and let go is answered with it;
+``ExecutionContext(cache_coalesce=False)`` skips it) and the others take it again,
+reading the entry, until it is stored, the lease is let go with no answer, or it
+expires (see `empathy_models._cached.lead_or_wait`).
 """
 
 from __future__ import annotations
