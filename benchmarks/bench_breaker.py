@@ -88,7 +88,7 @@ async def _redis_reachable() -> bool:
 
 
 async def run(quick: bool = False) -> BenchResult:
-    repeats, inner = (5, 2_000) if quick else (15, 20_000)
+    repeats, inner = (3, 1_000) if quick else (15, 20_000)
     result = BenchResult(
         name="breaker",
         title="Breaker overhead per guarded call, CLOSED path (µs)",
@@ -311,7 +311,7 @@ def _keyed_cases(
 async def run_keys(quick: bool = False) -> BenchResult:
     """Breaker overhead per guarded call over 1 / 1k / 100k keys used round-robin."""
     counts = (1, 1_000, 10_000) if quick else (1, 1_000, 100_000)
-    repeats, inner = (5, 2_000) if quick else (7, 20_000)
+    repeats, inner = (3, 1_000) if quick else (7, 20_000)
     result = BenchResult(
         name="breaker_keys",
         title="Breaker overhead per guarded call over many keys, memory store, CLOSED (µs)",

@@ -54,7 +54,7 @@ async def _reachable(url: str) -> bool:
 
 
 async def run(quick: bool = False) -> BenchResult:
-    repeats, inner = (3, 300) if quick else (9, 3_000)
+    repeats, inner = (2, 150) if quick else (9, 3_000)
     result = BenchResult(
         name="cache",
         title="Response-cache hit in the executor (µs per run)",

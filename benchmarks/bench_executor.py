@@ -10,10 +10,10 @@ Executor overhead.
    defaults: an immediate success), so this process's CPU time is the client's alone:
    per call, wall time and client CPU (`time.process_time`) are reported for each side,
    and the server process's CPU over the same batches beside them.  The sides' batches
-   alternate over at least 5 repeats (which goes first alternating too); figures are
-   medians over the repeats.  The executor opens its own session, as it does for a user
-   who passes none (proxies read from the environment included); the bare POST uses a
-   plain session and reads the body with ``resp.json()``.
+   alternate over at least 5 repeats (``--quick``: 2), which goes first alternating
+   too; figures are medians over the repeats.  The executor opens its own session, as
+   it does for a user who passes none (proxies read from the environment included);
+   the bare POST uses a plain session and reads the body with ``resp.json()``.
 
 Run: ``python -m benchmarks.bench_executor [--quick]``
 """
@@ -73,7 +73,7 @@ async def bench_in_process(repeats: int, inner: int) -> dict[str, Any]:
             async def ours(executor: EmpathyLLMExecutor = executor) -> object:
                 return await executor.run("Summarize the release notes.", CTX)
 
-            await async_timeit(ours, repeats=1, inner=200)
+            await async_timeit(ours, repeats=1, inner=min(200, inner))
             runs[per_model] = ours
         for index in range(repeats):
             for per_model in (True, False) if index % 2 == 0 else (False, True):
@@ -154,7 +154,7 @@ HTTP_SIDES = ("bare", "ours")
 HTTP_KINDS = ("wall", "cpu", "server_cpu")
 
 
-async def bench_http(repeats: int, total: int) -> dict[str, Any]:
+async def bench_http(repeats: int, total: int, warm: int) -> dict[str, Any]:
     """
     Per call, at concurrency 1 and 64, for each side: wall time, the client's CPU and
     the server process's CPU (µs), one sample per repeat; keys ``"wall"``, ``"cpu"``
@@ -198,8 +198,8 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
                 for concurrency in (1, 64):
                     n = total if concurrency > 1 else max(100, total // 4)
                     out["calls"][f"c{concurrency}"] = n
-                    await _batch(bare, 100, concurrency)
-                    await _batch(ours, 100, concurrency)
+                    await _batch(bare, warm, concurrency)
+                    await _batch(ours, warm, concurrency)
                     samples: dict[str, dict[str, list[float]]] = {
                         kind: {side: [] for side in HTTP_SIDES} for kind in HTTP_KINDS
                     }
@@ -221,11 +221,12 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
 
 
 async def run(quick: bool = False) -> BenchResult:
-    repeats, inner, total = (3, 300, 400) if quick else (7, 2_000, 5_000)
+    repeats, inner, total = (2, 150, 160) if quick else (7, 2_000, 5_000)
     in_proc = await bench_in_process(repeats, inner)
     peers, skipped = await bench_litellm(repeats, inner)
-    # at least 5 interleaved repeats over HTTP, --quick included (with smaller batches)
-    http = await bench_http(max(5, repeats), total)
+    # at least 5 interleaved repeats over HTTP; --quick: 2 (each side first once), after
+    # a warm-up of 20 calls per side and concurrency
+    http = await bench_http(2 if quick else max(5, repeats), total, 20 if quick else 100)
     result = BenchResult(
         name="executor",
         title=(

@@ -76,7 +76,7 @@ async def _reachable(url: str) -> bool:
 
 
 async def run(quick: bool = False) -> BenchResult:
-    repeats, inner = (3, 200) if quick else (9, 2_000)
+    repeats, inner = (2, 50) if quick else (9, 2_000)
     result = BenchResult(
         name="limits",
         title="Budget and rate-limit cost per call, against the breaker on the same store (µs)",

@@ -4,7 +4,7 @@ What router start-up and refresh cost against a store that already holds history
 <= 50 ms of CPU).
 
 For each backend (SQLite file, PostgreSQL when reachable) and each history size
-(1k / 100k / 1M calls; ``--quick``: 5k), 7 models over 7 days of timestamps are
+(1k / 100k / 1M calls; ``--quick``: 2k), 7 models over 7 days of timestamps are
 stored for real through the backend's own write path (``record_many`` of an unbatched
 backend, 10,000 records per transaction: the calls and their evidence rollups are
 written together, as in production).  Then:
@@ -28,7 +28,7 @@ written together, as in production).  Then:
 
 Wall time and CPU time of this process (`time.process_time`: the client side, including
 SQLite's work on the connection thread; PostgreSQL's server CPU is not in it) are
-medians of ``REPEATS`` runs.
+medians of ``REPEATS`` runs (``--quick``: 2 runs, refreshes after 1,000 new calls).
 
 Run: ``python -m benchmarks.bench_router_start [--quick]``
 """
@@ -225,6 +225,7 @@ async def measure(
     repeats: int,
     legacy_repeats: int,
     seed: int,
+    new_calls: int = NEW_CALLS,
     server_cpu: ServerCPU | None = None,
 ) -> dict[str, Any]:
     """Fill a fresh store with ``size`` calls, then time start and refresh reads."""
@@ -274,10 +275,10 @@ async def measure(
             await router.start()
             before_refresh = book_buckets(router)
             for i in range(repeats):
-                # 10k calls arriving at ~20 calls/s: the last 500 s before the refresh
+                # new_calls calls (10k: ~20 calls/s) in the last 500 s before the refresh
                 t_end = history_end + timedelta(seconds=600 * (i + 1))
                 new = make_calls(
-                    NEW_CALLS, t_end - timedelta(seconds=500), t_end, seed=seed + i + 1
+                    new_calls, t_end - timedelta(seconds=500), t_end, seed=seed + i + 1
                 )
                 await store_calls(writer, new)
                 wall, cpu, held = await timed(partial(refresh_cost, router))
@@ -308,7 +309,8 @@ async def measure(
 
 
 async def run(quick: bool = False) -> BenchResult:
-    sizes = (5_000,) if quick else (1_000, 100_000, 1_000_000)
+    sizes = (2_000,) if quick else (1_000, 100_000, 1_000_000)
+    repeats, new_calls = (2, 1_000) if quick else (REPEATS, NEW_CALLS)
     result = BenchResult(
         name="router_start",
         title=(
@@ -371,9 +373,10 @@ async def run(quick: bool = False) -> BenchResult:
                     make,
                     size,
                     server_cpu=server_cpu,
-                    repeats=REPEATS,
+                    repeats=repeats,
                     legacy_repeats=legacy_repeats,
                     seed=size,
+                    new_calls=new_calls,
                 )
                 data.setdefault(name, []).append(m)
                 goals = []
@@ -413,7 +416,7 @@ async def run(quick: bool = False) -> BenchResult:
     finally:
         await drop_schemas(POSTGRES_DSN, schemas)
         shutil.rmtree(tmp, ignore_errors=True)
-    result.data = {"runs": data, "repeats": REPEATS, "new_calls": NEW_CALLS}
+    result.data = {"runs": data, "repeats": repeats, "new_calls": new_calls}
     result.notes += [
         f"History stored for real through each backend's write path (record_many of an "
         f"unbatched backend, {CHUNK:,} calls per transaction, rollups maintained in the same "
@@ -421,8 +424,8 @@ async def run(quick: bool = False) -> BenchResult:
         f"start = router.start() over a freshly opened backend (every evidence bucket of the "
         f"7-day window read and applied to the evidence book; start stall: as the slide's "
         f"below, and the start's CPU includes that task's own); refresh = router.refresh() after "
-        f"{NEW_CALLS:,} new calls (buckets read = new buckets in the book); medians of "
-        f"{REPEATS} runs. CPU is this process's (time.process_time: client side, SQLite "
+        f"{new_calls:,} new calls (buckets read = new buckets in the book); medians of "
+        f"{repeats} runs. CPU is this process's (time.process_time: client side, SQLite "
         "included).",
         f"Goals (issue #12): start <= {START_GOAL_S:g} s at 1M calls; refresh <= "
         f"{REFRESH_GOAL_CPU_S * 1000:g} ms CPU. start server CPU = the PostgreSQL server process's "
@@ -435,7 +438,7 @@ async def run(quick: bool = False) -> BenchResult:
         "change test run again from the window's new start, one arm at a time, in a worker "
         "thread; slide stall = the longest the event loop went without running another "
         f"task meanwhile: how late a task sleeping {TICK * 1000:g} ms at a time woke (medians "
-        f"of {REPEATS} slides, each an hour later; the slide's CPU includes that task's own).",
+        f"of {repeats} slides, each an hour later; the slide's CPU includes that task's own).",
         "full GC = gc.collect() in this process while a started router holds the window's "
         "evidence, and just before it started (medians of 3, after one collection that "
         "clears what came before): the pause the evidence book adds to every full "

@@ -255,8 +255,11 @@ class FloorRouter:
         )  # fmt: skip
 
 
-def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]]:
-    """One repeat: ``calls`` timed decisions per case, three ways (see the module doc)."""
+def measure_ours(cases: list[OurCase], calls: int, warm: int) -> dict[str, dict[str, float]]:
+    """
+    One repeat: ``calls`` timed decisions per case, each way (see the module doc), after
+    ``warm`` untimed ones.
+    """
     out: dict[str, dict[str, float]] = {}
     clock = time.perf_counter_ns
     options: dict[str, Any] = {
@@ -276,7 +279,7 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         varying: list[float] = []
         floor: list[float] = []
         sizes = random.Random(n)
-        for i in range(calls + 200):  # the first 200 warm up
+        for i in range(calls + warm):  # the first `warm` warm up
             t0 = clock()
             record(pool[ids[i % n]][(i // n) % 16])
             recorded.append((clock() - t0) / 1000.0)
@@ -291,18 +294,18 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
             decision = decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
             len(decision.candidates)
             explained.append((clock() - t0) / 1000.0)
-        for _ in range(calls + 200):
+        for _ in range(calls + warm):
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=500, **options)
             steady.append((clock() - t0) / 1000.0)
         floor_decide = FloorRouter(ids, pool).get_best_model
-        for _ in range(calls + 200):
+        for _ in range(calls + warm):
             tokens = sizes.randint(*PROMPT_TOKENS)
             t0 = clock()
             floor_decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
             floor.append((clock() - t0) / 1000.0)
         # each call with its own max_tokens and max_cost (an ExecutionContext per request)
-        for i in range(calls + 200):
+        for i in range(calls + warm):
             record(pool[ids[i % n]][(i // n) % 16])
             own = {
                 **options,
@@ -314,12 +317,12 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
             decide("bench", "answer", candidates=ids, input_tokens=tokens, **own)
             varying.append((clock() - t0) / 1000.0)
         key = case.key
-        out[key] = summarize(live[200:])
-        out[f"{key}/explained"] = summarize(explained[200:])
-        out[f"{key}/unchanged"] = summarize(steady[200:])
-        out[f"{key}/record"] = summarize(recorded[200:])
-        out[f"{key}/varying"] = summarize(varying[200:])
-        out[f"{key}/floor"] = summarize(floor[200:])
+        out[key] = summarize(live[warm:])
+        out[f"{key}/explained"] = summarize(explained[warm:])
+        out[f"{key}/unchanged"] = summarize(steady[warm:])
+        out[f"{key}/record"] = summarize(recorded[warm:])
+        out[f"{key}/varying"] = summarize(varying[warm:])
+        out[f"{key}/floor"] = summarize(floor[warm:])
     return out
 
 
@@ -483,9 +486,9 @@ def _fastest(results: dict[str, Any]) -> dict[int, tuple[float, str]]:
 
 async def run(quick: bool = False) -> BenchResult:
     histories = (1_000,) if quick else (1_000, 100_000, 1_000_000)
-    week_per_model = 1_000 if quick else WEEK_PER_MODEL
-    repeats = 2 if quick else 5
-    calls, peer_calls = (300, 40) if quick else (4_000, 300)
+    week_per_model = 150 if quick else WEEK_PER_MODEL
+    repeats = 1 if quick else 5
+    calls, peer_calls, warm = (100, 40, 20) if quick else (4_000, 300, 200)
     cases = setup_ours(histories, week_per_model)
     feed_s = {c.key: c.feed_s for c in cases}
     workers, skipped = await start_peers(peer_calls, quick)
@@ -493,7 +496,7 @@ async def run(quick: bool = False) -> BenchResult:
     peer_repeats: dict[str, list[dict[str, Any]]] = {w.label: [] for w in workers}
     try:
         for _ in range(repeats):  # interleaved: ours, then each generation, in turn
-            our_repeats.append(measure_ours(cases, calls))
+            our_repeats.append(measure_ours(cases, calls, warm))
             for worker in workers:
                 peer_repeats[worker.label].append(await peer_repeat(worker))
     finally:
@@ -775,8 +778,8 @@ async def _postgres_reachable() -> bool:
 
 async def run_history(quick: bool = False) -> BenchResult:
     """Router start() and refresh() against the number of calls stored in the backend."""
-    sizes = (1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)
-    new = 1_000 if quick else 10_000
+    sizes = (1_000, 3_000) if quick else (1_000, 100_000, 1_000_000)
+    new = 300 if quick else 10_000
     tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-rhist-"))
     stores: dict[str, Callable[[str], TelemetryBackend]] = {
         "SQLite": lambda tag: SQLiteTelemetryBackend(tmp / f"history-{tag}.db"),
@@ -849,7 +852,7 @@ async def run_history(quick: bool = False) -> BenchResult:
         "CPU is this process's (for PostgreSQL the server's work is in the wall time only)"
     )
     if quick:
-        result.notes.append("quick run: sizes 1k/10k; the goals are judged on a full run (1M)")
+        result.notes.append("quick run: sizes 1k/3k; the goals are judged on a full run (1M)")
     result.data = {"figures": figures}
     shutil.rmtree(tmp, ignore_errors=True)
     return result

@@ -110,7 +110,6 @@ MIN_SUCCESS = 0.95
 MAX_LATENCY_MS = 2_000.0
 MAX_COST = 0.003
 MAX_TOKENS = 1_024
-WARMUP = 500
 PROVIDER = "fake"
 WORKFLOW, STAGE = "bench", "answer"
 # 2,000 characters: the executor estimates 500 input tokens, the fake provider counts 501
@@ -205,10 +204,11 @@ class Sizes:
     two_proc_degrade_s: int
     two_proc_recover_s: int
     two_proc_warmup_s: int
+    warmup: int = 500  # requests before the figures taken "after warm-up" start
 
 
 FULL = Sizes(5, 5_000, 2_000, 3_000, 5_000, 10_080, 2_500, 3_600, 1_200, 2_400, 600)
-QUICK = Sizes(1, 1_000, 600, 900, 1_400, 1_008, 500, 900, 450, 700, 300)
+QUICK = Sizes(1, 500, 300, 450, 650, 504, 250, 400, 200, 300, 100, warmup=200)
 
 # --------------------------------------------------------------------------- simulated time
 
@@ -512,11 +512,11 @@ def violating(trace: Trace, i: int, schedule: dict[int, float] | None = None) ->
     return model is not None and BY_ID[model].violates(true_success(model, i, schedule))
 
 
-def stationary_metrics(trace: Trace) -> dict[str, float]:
+def stationary_metrics(trace: Trace, warmup: int) -> dict[str, float]:
     n = len(trace.models)
-    after = range(WARMUP, n)
+    after = range(warmup, n)
     routed = [m for m in trace.models if m is not None]
-    late = [m for m in trace.models[WARMUP:] if m is not None]
+    late = [m for m in trace.models[warmup:] if m is not None]
     return {
         "cost_ratio": _cost(routed) / (max(1, len(routed)) * ORACLE.expected_cost),
         "cost_ratio_after": _cost(late) / (max(1, len(late)) * ORACLE.expected_cost),
@@ -533,7 +533,9 @@ def _cost(models: Sequence[str]) -> float:
     return sum(BY_ID[m].expected_cost for m in models)
 
 
-def degradation_metrics(trace: Trace, degrade_at: int, recover_at: int) -> dict[str, float]:
+def degradation_metrics(
+    trace: Trace, degrade_at: int, recover_at: int, warmup: int
+) -> dict[str, float]:
     schedule = {degrade_at: 0.80, recover_at: BY_ID[DEGRADED].success}
     n = len(trace.models)
     detection = {
@@ -553,7 +555,7 @@ def degradation_metrics(trace: Trace, degrade_at: int, recover_at: int) -> dict[
             if sum(m == DEGRADED for m in trace.models[j : j + window]) >= 0.9 * window:
                 regain = float(j + window - recover_at)
                 break
-    after = range(WARMUP, n)
+    after = range(warmup, n)
     return {
         "leave_calls": float(len(detection)),
         "failed_degraded": float(sum(not trace.ok[i] for i in range(degrade_at, recover_at))),
@@ -827,7 +829,7 @@ def disagreement(events: list[tuple[float, int, str]], after: float, end: float)
 
 
 async def litellm_quality(
-    requests: int, seeds: int
+    requests: int, seeds: int, warmup: int
 ) -> tuple[dict[str, list[dict[str, float]]], str | None]:
     """LiteLLM Router's outcome-blind strategies over the same seven deployments."""
     version = peer_version("litellm")
@@ -874,7 +876,7 @@ async def litellm_quality(
                 trace.models.append(str(dep["model_info"]["id"]))
                 trace.explore.append(False)
                 trace.ok.append(True)
-            out.setdefault(strategy, []).append(stationary_metrics(trace))
+            out.setdefault(strategy, []).append(stationary_metrics(trace, warmup))
     return out, None
 
 
@@ -911,18 +913,18 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
         workdir = Path(tmp)
         for seed in range(sizes.seeds):
             trace = await scenario_stationary(seed, sizes, workdir)
-            per.setdefault("stationary", []).append(stationary_metrics(trace))
+            per.setdefault("stationary", []).append(stationary_metrics(trace, sizes.warmup))
             traces.setdefault("stationary", trace)
             for history in (False, True):
                 name = "history" if history else "degradation"
                 trace = await scenario_degradation(seed, sizes, workdir, history)
                 per.setdefault(name, []).append(
-                    degradation_metrics(trace, sizes.degrade_at, sizes.recover_at)
+                    degradation_metrics(trace, sizes.degrade_at, sizes.recover_at, sizes.warmup)
                 )
                 traces.setdefault(name, trace)
             trace = await scenario_degradation(seed, sizes, workdir, False, retried=True)
             per.setdefault("retried", []).append(
-                degradation_metrics(trace, sizes.degrade_at, sizes.recover_at)
+                degradation_metrics(trace, sizes.degrade_at, sizes.recover_at, sizes.warmup)
             )
             restart = await scenario_restart(seed, sizes, workdir)
             restarts.append(restart)
@@ -933,7 +935,7 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
                 two = {"longest": math.inf, "share": math.nan, "timeline": [], "error": str(exc)}
             twos.append(two)
             per.setdefault("two", []).append({"longest": two["longest"], "share": two["share"]})
-    peers, skipped = await litellm_quality(sizes.stationary, sizes.seeds)
+    peers, skipped = await litellm_quality(sizes.stationary, sizes.seeds, sizes.warmup)
 
     result = BenchResult(
         name="routing_quality",
@@ -991,14 +993,14 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
         lambda v: v <= 1.05,
     )
     row(
-        f"stationary: cost / oracle cost, requests {WARMUP + 1:,}-{n:,}",
+        f"stationary: cost / oracle cost, requests {sizes.warmup + 1:,}-{n:,}",
         "stationary",
         "cost_ratio_after",
         _ratio,
         None,
     )
     row(
-        f"stationary: requests {WARMUP + 1:,}+ served by a violating model",
+        f"stationary: requests {sizes.warmup + 1:,}+ served by a violating model",
         "stationary",
         "violations",
         _pct,
@@ -1006,7 +1008,7 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
         lambda v: v < 0.01,
     )
     row(
-        f"stationary: exploration share, requests {WARMUP + 1:,}+",
+        f"stationary: exploration share, requests {sizes.warmup + 1:,}+",
         "stationary",
         "exploration",
         _pct,
@@ -1058,7 +1060,7 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
             lambda v: v <= 1_000,
         )
         row(
-            f"degradation ({label}): violating share, requests {WARMUP + 1:,}+, detection "
+            f"degradation ({label}): violating share, requests {sizes.warmup + 1:,}+, detection "
             "calls excluded",
             name,
             "violations",
@@ -1067,7 +1069,7 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
             lambda v: v <= 0.01,
         )
         row(
-            f"degradation ({label}): violating share, requests {WARMUP + 1:,}+, all",
+            f"degradation ({label}): violating share, requests {sizes.warmup + 1:,}+, all",
             name,
             "violations_raw",
             _pct,
@@ -1101,7 +1103,7 @@ async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
             peer_rows=peers,
         )
         row(
-            f"LiteLLM {strategy}: violating share, requests {WARMUP + 1:,}+",
+            f"LiteLLM {strategy}: violating share, requests {sizes.warmup + 1:,}+",
             strategy,
             "violations",
             _pct,
@@ -1244,7 +1246,7 @@ async def explain_seed(seed: int, scenario: str = "stationary", quick: bool = Fa
             schedule = {sizes.degrade_at: 0.80, sizes.recover_at: BY_ID[DEGRADED].success}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    late = range(WARMUP, len(trace.models))
+    late = range(sizes.warmup, len(trace.models))
     title = f"{scenario} scenario, seed {seed}"
     parts = [
         _explained(trace, title, late, what, picked)

@@ -109,10 +109,12 @@ async def _batch(
 
 async def bench(quick: bool) -> dict[str, Any]:
     registry = REGISTRY
-    chunks_per_stream = 100 if quick else 200
-    repeats = 2 if quick else 7
-    streams = 64 if quick else 512
-    ttft_samples = 200 if quick else 2_000
+    chunks_per_stream = 50 if quick else 200
+    repeats = 1 if quick else 7
+    streams = CONCURRENCY if quick else 512
+    fit_streams = 16 if quick else CONCURRENCY  # the fewest streams per batch of part 3
+    ttft_samples = 60 if quick else 2_000
+    ttft_warm = 5 if quick else 20
     out: dict[str, Any] = {"chunks_per_stream": chunks_per_stream, "streams": streams}
     models = {
         MODEL: {"content": _words(chunks_per_stream), "output_tokens": chunks_per_stream},
@@ -219,7 +221,7 @@ async def bench(quick: bool) -> dict[str, Any]:
                         "bare": partial(bare_stream, model),
                         "ours": partial(ours_stream, pinned),
                     }
-                    count = max(CONCURRENCY, streams * chunks_per_stream // n)
+                    count = max(fit_streams, streams * chunks_per_stream // n)
                     for repeat in range(repeats + 1):  # the first warms up
                         order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
                         for name in order:
@@ -236,7 +238,7 @@ async def bench(quick: bool) -> dict[str, Any]:
                     "pinned": lambda into: ours_stream(PINNED_CTX, into),
                 }
                 firsts: dict[str, list[float]] = {name: [] for name in ttft_sides}
-                for _ in range(20):
+                for _ in range(ttft_warm):
                     for side_fn in ttft_sides.values():
                         await side_fn([])
                 names = list(ttft_sides)

@@ -65,9 +65,10 @@ Also: SQLite throughput against ``max_batch`` (``on_full="wait"``, so every reco
 takes the queue -> transaction path whose batch size varies), plotted to
 ``telemetry_batch.png``.  Spool files go to a temporary ``$EMPATHY_HOME``.
 
-``--quick`` (CI: that the code runs, not figures) shrinks everything: 2,000 records, 3
-repeats, ``max_queue=1,000`` for the ``record()`` runs, one repeat of 1,000 records per
-writer process.  The full run uses the default ``max_queue`` (10,000) throughout.
+``--quick`` (CI: that the code runs, not figures) shrinks everything: 1,000 records, 2
+repeats, ``max_queue=500`` for the ``record()`` runs (500 calls timed under load), one
+repeat of 500 records per writer process.  The full run uses the default ``max_queue``
+(10,000) throughout.
 
 Run: ``python -m benchmarks.bench_telemetry [--quick]``
 """
@@ -419,16 +420,16 @@ async def run(quick: bool = False) -> BenchResult:
 
 
 async def _run(tmp: Path, quick: bool) -> BenchResult:
-    n = 2_000 if quick else 50_000
-    repeats = 3 if quick else 5
+    n = 1_000 if quick else 50_000
+    repeats = 2 if quick else 5  # quick: still both orders of the throughput repeats
     # record(): calls timed with room, and under load; quick runs shrink the queue
     # (max_queue) so that filling it takes little time; the full run keeps the default
-    room_n = 2_000 if quick else n
-    timed = 2_000 if quick else 20_000
-    max_queue = 1_000 if quick else DEFAULT_MAX_QUEUE
-    per_process = 1_000 if quick else 15_000  # past max_queue: the default policy spills
+    room_n = 1_000 if quick else n
+    timed = 500 if quick else 20_000
+    max_queue = 500 if quick else DEFAULT_MAX_QUEUE
+    per_process = 500 if quick else 15_000  # past max_queue: the default policy spills
     writer_repeats = 1 if quick else repeats
-    curve_n = 2_000 if quick else 20_000
+    curve_n = 1_000 if quick else 20_000
     records = make_records(n)
     rows = [_to_row(r) for r in records]  # the ceiling's rows, converted off the clock
     result = BenchResult(

@@ -17,6 +17,9 @@ the two pricier models as candidates, the cheaper of them (case B).  Over seeds:
 worst relative error of the estimate and the share of seeds whose 95% interval covers
 the truth.  Bars: within 5%, covered in >= 90% of seeds.
 
+``--quick`` (CI: that the code runs, not figures): 3k calls, one run, 2 seeds of 1,500
+calls, and every simulation 10 replicates x 200 requests.
+
 Run: ``python -m benchmarks.bench_whatif [--quick]``
 """
 
@@ -29,6 +32,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import BenchResult, script_main
 from empathy_models import LLMCallRecord, Outcome
@@ -69,7 +73,9 @@ def _big_history(calls: int, seed: int = 0) -> list[LLMCallRecord]:
     return out
 
 
-async def _timing(result: BenchResult, sizes: list[int], repeats: int) -> None:
+async def _timing(
+    result: BenchResult, sizes: list[int], repeats: int, options: dict[str, Any]
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for calls in sizes:
             db = Path(tmp) / f"calls-{calls}.db"
@@ -84,7 +90,13 @@ async def _timing(result: BenchResult, sizes: list[int], repeats: int) -> None:
                 async with SQLiteTelemetryBackend(db, read_only=True) as backend:
                     t0 = time.perf_counter()
                     report = await evaluate_policy(
-                        backend, WF, ST, registry=REGISTRY, now=NOW, min_success_rate=0.95
+                        backend,
+                        WF,
+                        ST,
+                        registry=REGISTRY,
+                        now=NOW,
+                        min_success_rate=0.95,
+                        **options,
                     )
                     walls.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
@@ -107,7 +119,7 @@ async def _timing(result: BenchResult, sizes: list[int], repeats: int) -> None:
             result.data.setdefault("timing", {})[calls] = {"walls": walls, "rows": rows}
 
 
-async def _accuracy(result: BenchResult, seeds: int) -> None:
+async def _accuracy(result: BenchResult, seeds: int, calls: int, options: dict[str, Any]) -> None:
     cases = {"A (oracle)": (None, "oracle"), "B (pricey)": (["pricey", "premium"], "pricey")}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (candidates, chosen) in cases.items():
@@ -116,7 +128,7 @@ async def _accuracy(result: BenchResult, seeds: int) -> None:
             covered = 0
             for seed in range(seeds):
                 async with SQLiteTelemetryBackend(Path(tmp) / f"{name[0]}{seed}.db") as backend:
-                    await backend.record_many(history(seed, 3_000))
+                    await backend.record_many(history(seed, calls))
                     await backend.flush()
                     evidence = await load_stage_evidence(
                         backend, WF, ST, registry=REGISTRY, now=NOW
@@ -127,6 +139,7 @@ async def _accuracy(result: BenchResult, seeds: int) -> None:
                     min_success_rate=0.95,
                     candidates=candidates,
                     seed=seed,
+                    **options,
                 )
                 assert report.cost_per_request.estimate is not None
                 errors.append(report.cost_per_request.estimate / truth - 1.0)
@@ -164,13 +177,19 @@ async def run(quick: bool) -> BenchResult:
             "met",
         ],
     )
-    await _timing(result, [10_000] if quick else [10_000, 100_000], 1 if quick else 3)
-    await _accuracy(result, 2 if quick else 40)
+    # quick: smaller simulations (the full run keeps simulate_policy's defaults)
+    options: dict[str, Any] = {"replicates": 10, "requests": 200} if quick else {}
+    await _timing(result, [3_000] if quick else [10_000, 100_000], 1 if quick else 3, options)
+    await _accuracy(result, 2 if quick else 40, 1_500 if quick else 3_000, options)
     result.notes.append(
         "evaluate_policy defaults: 30 replicates x 400 simulated requests, IPW over the "
         "newest 5,000 calls; SQLite file; times are wall-clock medians of "
         f"{1 if quick else 3} runs"
     )
+    if quick:
+        result.notes.append(
+            "quick run: every simulation 10 replicates x 200 requests; 1,500 calls per seed"
+        )
     result.notes.append(
         "accuracy truth: the true expected cost of the cheapest truly compliant model; "
         "the simulated router's transients (a false change alarm, a warm-up of a cheaper "
