@@ -107,7 +107,7 @@ from contextlib import (
     nullcontext,
 )
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast
+from typing import TYPE_CHECKING, Any, Never, Protocol, Self, cast
 
 import anyio
 
@@ -897,6 +897,7 @@ class EmpathyLLMExecutor:
         top_p: float | None = None,
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        **unknown: Never,
     ) -> LLMResponse:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
@@ -916,10 +917,13 @@ class EmpathyLLMExecutor:
             response_format: a JSON Schema or `ResponseFormat` (JSON answers: `LLMResponse.parsed`).
             stop, top_p, seed: sent to the provider (Anthropic has no seed: not sent there).
             extra_body: merged into every route's JSON body (not model, messages, stream; n=1).
+            unknown: none is taken: ``temperature=``, ``max_tokens=``, ``model=`` and the
+                other run settings are `ExecutionContext`'s; the error says where each goes.
 
         Raises:
             ConfigurationError: bad values (a malformed message names its position), before
                 any call; or no model can serve the context.
+            TypeError: a keyword argument ``run`` does not take (``unknown``).
             AllRoutesFailedError: no route answered or the deadline passed (an
                 `ExceptionGroup` holding every attempt's error, in order).
             InvalidRequestError: the provider's (400, content policy, or a context window no
@@ -932,13 +936,7 @@ class EmpathyLLMExecutor:
             ctx = context_of(context)
             messages, system = _to_messages(prompt, ctx.system)
             options = run_options(
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                stop=stop,
-                top_p=top_p,
-                seed=seed,
-                extra_body=extra_body,
+                tools, tool_choice, response_format, stop, top_p, seed, extra_body, unknown, "run"
             )
             start = self._clock() if self._obs is None else self._obs.began()
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
@@ -977,6 +975,7 @@ class EmpathyLLMExecutor:
         top_p: float | None = None,
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        **unknown: Never,
     ) -> StreamManager:
         """
         Answer ``prompt`` as a stream of text deltas; see `empathy_models.streaming`.
@@ -1004,6 +1003,7 @@ class EmpathyLLMExecutor:
 
         Raises:
             ConfigurationError: bad input, here, before anything is sent.
+            TypeError: a keyword argument ``stream`` does not take, as for `run`.
             NoModelMeetsConstraintsError, ConfigurationError: no route (the router's policy,
                 no model able): here, or from ``async with`` after a cache miss when the
                 cache may answer (see `empathy_models.streaming`).
@@ -1011,13 +1011,7 @@ class EmpathyLLMExecutor:
             StreamInterruptedError: a failure after the first delta (with the partial text).
         """
         options = run_options(
-            tools=tools,
-            tool_choice=tool_choice,
-            response_format=response_format,
-            stop=stop,
-            top_p=top_p,
-            seed=seed,
-            extra_body=extra_body,
+            tools, tool_choice, response_format, stop, top_p, seed, extra_body, unknown, "stream"
         )
         global _open_stream
         opener = _open_stream

@@ -116,6 +116,36 @@ async def test_malformed_messages_raise_configuration_errors_naming_the_problem(
     assert server.requests() == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"temperature": 0}, "executor.run(prompt, ExecutionContext(temperature=0, ...))"),
+        (
+            {"max_tokens": 50, "model": "gpt-fake-mini"},
+            "ExecutionContext(max_tokens=50, model='gpt-fake-mini', ...)",
+        ),
+        ({"frequency_penalty": 0.5}, "extra_body={'frequency_penalty': ...}"),
+        ({"tool": []}, "did you mean tools=?"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "pass the messages as the prompt"),
+        ({"api_key": f"sk-{KEY}"}, "give it to the provider"),
+    ],
+)
+async def test_an_option_run_does_not_take_says_where_it_goes(
+    server: FakeLLMServer, options: dict[str, Any], expected: str
+) -> None:
+    # each error says where the option goes, before anything is sent
+    async with make(server) as executor:
+        with pytest.raises(TypeError) as raised:
+            await executor.run("hello", CHEAP, **options)
+        with pytest.raises(TypeError) as streamed:
+            executor.stream("hello", CHEAP, **options)
+        assert (await executor.run("hello", CHEAP, seed=3)).content
+    assert expected in str(raised.value)
+    assert expected.replace("executor.run(", "executor.stream(") in str(streamed.value)
+    assert KEY not in str(raised.value)
+    assert server.requests() == 1
+
+
 def test_message_role_errors_are_the_librarys_not_attrs() -> None:
     with pytest.raises(RecordValidationError) as raised:
         Message(role="robot", content="x")  # type: ignore[arg-type]
