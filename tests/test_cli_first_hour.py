@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 from empathy_models import (
@@ -308,6 +309,34 @@ def test_telemetry_summary_says_rejections_are_left_out(
     code, out, _ = run(capsys, "telemetry", "export", "--format", "jsonl", "--db", str(db))
     outcomes = [json.loads(line)["outcome"] for line in out.splitlines()]
     assert len(outcomes) == 37 and outcomes.count("not_sent") == 2  # export has every one
+
+
+def test_telemetry_summary_lists_no_model_of_no_calls_and_no_cost(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "odd.db"
+    records = [
+        _record("claude-haiku-4-5", "anthropic", Outcome.SUCCESS, 0),
+        _record("gpt-4o", "openai", Outcome.REJECTED, 1),  # the breaker refused it
+        _record("gpt-4o-mini", "openai", Outcome.CACHE_HIT, 2),
+        _record("gpt-4o-mini", "openai", Outcome.NOT_SENT, 3),
+        attrs.evolve(
+            _record("claude-sonnet-4-5", "anthropic", Outcome.CANCELLED, 4), cost_usd=0.002
+        ),
+    ]
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record_many(records)
+
+    anyio.run(fill)
+    code, out, _ = run(capsys, "telemetry", "summary", "--db", str(path), "--json")
+    assert code == 0
+    rows = {m["model"]: (m["calls"], m["total_cost_usd"]) for m in json.loads(out)["models"]}
+    # a cancelled call is billed: its cost is shown though it is no call the router counts
+    assert rows == {"claude-haiku-4-5": (1, 0.0009), "claude-sonnet-4-5": (0, 0.002)}
+    code, out, _ = run(capsys, "telemetry", "summary", "--db", str(path))
+    assert "gpt-4o-mini" not in out and "gpt-4o " not in out and "claude-sonnet-4-5" in out
 
 
 def test_verbose_shows_the_librarys_logs_only_when_asked(
