@@ -261,14 +261,10 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     rows = [usage_row(u, overrides.get(u.key)) for u in usages]
     # a limit set for a budget nothing was charged to yet: no window, nothing spent
     charged = {u.key for u in usages}
-    unspent = [_unspent_row(key, limit) for key, limit in sorted(overrides.items())]
-    unspent = [row for row in unspent if row["key"] not in charged]
+    unspent = [_unspent_row(k, limit) for k, limit in sorted(overrides.items()) if k not in charged]
     if args.json:
         emit_json(
-            {
-                "budgets": rows + unspent,
-                "overrides": {k: v / NANO for k, v in overrides.items()},
-            }
+            {"budgets": rows + unspent, "overrides": {k: v / NANO for k, v in overrides.items()}}
         )
         return 0
     table: list[tuple[object, ...]] = [
