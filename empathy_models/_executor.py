@@ -143,6 +143,7 @@ from ._values import (
     FallbackPolicy,
     LLMResponse,
     context_of,
+    uncached,
 )
 from .abc import (
     Completion,
@@ -157,6 +158,7 @@ from .cache import cache_from_url
 from .content import ResponseFormat, Tool
 from .exceptions import (
     ConfigurationError,
+    ConfigurationWarning,
     NotOpenError,
 )
 from .limits.guard import Limiter
@@ -204,7 +206,7 @@ Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
 
 
-class MissingAPIKeyWarning(UserWarning):
+class MissingAPIKeyWarning(ConfigurationWarning):
     """
     A configured provider has no API key, so its models are not routed to.
 
@@ -215,7 +217,7 @@ class MissingAPIKeyWarning(UserWarning):
     """
 
 
-class TelemetryDisabledWarning(UserWarning):
+class TelemetryDisabledWarning(ConfigurationWarning):
     """
     The executor was built without a telemetry store: calls work, records are not kept.
 
@@ -943,13 +945,16 @@ class EmpathyLLMExecutor:
             task_type, tier = self._planner.task(ctx.task_type)
             needs = required_capabilities(messages, options)
             cache_key, lead = None, _NOT_LEADING
-            if ctx.cache_ttl is not None and self._cache is not None:
-                hit, cache_key, flight = await _cached_module().read_or_lead(
-                    self, ctx, task_type, messages, system, options, start, deadline_at
-                )
-                if hit is not None:
-                    return cast(LLMResponse, hit)
-                lead = flight or lead
+            if ctx.cache_ttl is not None:
+                if self._cache is None:
+                    uncached(self)  # warned: the setting does nothing here
+                else:
+                    hit, cache_key, flight = await _cached_module().read_or_lead(
+                        self, ctx, task_type, messages, system, options, start, deadline_at
+                    )
+                    if hit is not None:
+                        return cast(LLMResponse, hit)
+                    lead = flight or lead
             with lead:  # a run asking for others too wakes them however it ends
                 run = _Run(ctx, messages, task_type, system, options)
                 routes = run.planned(self._planner.plan(run, tier, needs))

@@ -6,7 +6,9 @@ Re-exported by `empathy_models` (and `_executor.py`).
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -15,7 +17,16 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
-from ._validators import failure, instance_of, integer, number, plain_number, shown, text_flaw
+from ._validators import (
+    failure,
+    instance_of,
+    integer,
+    number,
+    plain_number,
+    shown,
+    text_flaw,
+    warn_caller,
+)
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -139,7 +150,9 @@ class ExecutionContext:
             so name kinds of work ("support", "triage"), not users or requests: the
             router keeps state for every (workflow, stage, model) it has seen.
         task_type: picks the tier when ``tier`` is not given (normalized:
-            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
+            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task); one not
+            in `empathy_models.tasks.TaskType` gets the capable tier and a
+            `ConfigurationWarning`.
         tier: overrides the task's tier.
         model: pins the first route to this registry model id (bypassing the router);
             fallback then proceeds as usual.  Cannot be combined with constraints.
@@ -172,7 +185,8 @@ class ExecutionContext:
         cache_ttl: answer from the executor's response cache when the same request was
             answered less than this many seconds ago, and store this answer for that
             long (100 years at most, `empathy_models.cache.MAX_TTL`; see
-            `empathy_models.cache`; needs ``cache=`` on the executor).  Only
+            `empathy_models.cache`; needs ``cache=`` on the executor, which warns once
+            without, `ConfigurationWarning`).  Only
             ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
             Streams too: a hit is replayed as a stream, and a stream that ended whole
             stores its answer (one left early or interrupted, never).
@@ -370,6 +384,29 @@ def context_of(context: object) -> ExecutionContext:
     if not isinstance(context, ExecutionContext):
         raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}")
     return context
+
+
+_UNCACHED: weakref.WeakSet[object] = weakref.WeakSet()
+"""The executors warned about a ``cache_ttl`` they have no cache for."""
+
+NO_CACHE: Final = (
+    "ExecutionContext(cache_ttl=...) on an executor without a response cache: nothing "
+    "is cached, nor answered from a cache; give the executor one, "
+    "EmpathyLLMExecutor(..., cache='sqlite:///cache.db') (or 'memory://', "
+    "'redis://...'), or leave cache_ttl out"
+)
+
+
+def uncached(executor: object) -> None:
+    """
+    Warn, once per ``executor``, that a run or stream set ``cache_ttl`` while it has no
+    ``cache=``: the setting would otherwise be ignored without a word.
+    """
+    if executor in _UNCACHED:
+        return
+    _UNCACHED.add(executor)
+    logging.getLogger("empathy_models.executor").warning("%s", NO_CACHE)
+    warn_caller(NO_CACHE)
 
 
 # LLMResponse and AttemptSummary have no validators or converters: the executor builds

@@ -16,11 +16,14 @@ import empathy_models
 from empathy_models import (
     AnthropicProvider,
     ConfigurationError,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
+    MissingAPIKeyWarning,
     OpenAIProvider,
     RetryPolicy,
+    TelemetryDisabledWarning,
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.exceptions import RecordValidationError
@@ -186,6 +189,39 @@ async def test_retries_and_fallbacks_are_counted_apart(server: FakeLLMServer) ->
 
 
 # --------------------------------------------------------------------------- logs
+
+
+async def test_a_misspelt_task_type_warns_at_the_callers_line_with_the_name_meant(
+    server: FakeLLMServer,
+) -> None:
+    # a warning, not only a log line: seen with no logging set up
+    async with make(server) as executor:
+        with pytest.warns(ConfigurationWarning, match="did you mean 'summarize'") as given:
+            await executor.run("hello", ExecutionContext(task_type="sumarize", tier="cheap"))
+    assert len(given) == 1 and given[0].filename == __file__
+
+
+async def test_cache_ttl_without_a_cache_warns_once_per_executor(server: FakeLLMServer) -> None:
+    cached = ExecutionContext(workflow="docs", tier="cheap", temperature=0, cache_ttl=60)
+    async with make(server) as executor:
+        with pytest.warns(ConfigurationWarning, match="without a response cache") as given:
+            first = await executor.run("hello", cached)
+            again = await executor.run("hello", cached)
+            async with executor.stream("hello", cached) as stream:
+                await stream.get_final_response()
+    assert len(given) == 1 and given[0].filename == __file__
+    assert "cache='sqlite:///cache.db'" in str(given[0].message)
+    assert not first.cached and not again.cached and server.requests() == 3
+    async with make(server) as other:  # another executor is warned again
+        with pytest.warns(ConfigurationWarning, match="without a response cache"):
+            await other.run("hello", cached)
+
+
+def test_the_librarys_setup_warnings_are_configuration_warnings() -> None:
+    # one category to silence, or to make errors of in a test suite
+    assert issubclass(MissingAPIKeyWarning, ConfigurationWarning)
+    assert issubclass(TelemetryDisabledWarning, ConfigurationWarning)
+    assert issubclass(ConfigurationWarning, UserWarning)  # shown by Python's default filters
 
 
 def test_the_package_root_logger_has_a_null_handler() -> None:
