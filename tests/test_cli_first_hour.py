@@ -155,6 +155,21 @@ def test_json_errors_are_json_objects_on_stdout(
     assert "database not found" in err
 
 
+def test_a_missing_default_database_points_to_the_one_the_code_writes(
+    capsys: pytest.CaptureFixture[str], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the quick start writes calls.db where it runs; the commands read $EMPATHY_HOME's
+    monkeypatch.chdir(db.parent)
+    code, _, err = run(capsys, "telemetry", "summary")
+    assert code == 1 and "--db left out: the configured database" in err
+    assert "--db calls.db for 'sqlite:///calls.db'" in err
+    assert "SQLite files here: calls.db" in err
+    code, _, err = run(capsys, "budget", "status")
+    assert code == 1 and "the file your code's quota_store= or breaker store= names" in err
+    code, _, err = run(capsys, "telemetry", "summary", "--db", "other.db")  # typed: as before
+    assert code == 1 and "--db left out" not in err and "create one with" in err
+
+
 def test_json_usage_errors_are_json_objects_too(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "routing", "stats", "--days", "-1", "--json")
     assert code == 2
