@@ -382,7 +382,11 @@ def context_of(context: object) -> ExecutionContext:
     if context is None:
         return _DEFAULT_CONTEXT
     if not isinstance(context, ExecutionContext):
-        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}")
+        fix = ""
+        if isinstance(context, Mapping) and all(isinstance(k, str) for k in context):
+            given = ", ".join(f"{k}={shown(v)}" for k, v in context.items())
+            fix = f": build one, ExecutionContext({given})"
+        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}{fix}")
     return context
 
 

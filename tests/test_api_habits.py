@@ -149,6 +149,18 @@ async def test_an_option_run_does_not_take_says_where_it_goes(
     assert server.requests() == 1
 
 
+async def test_a_dict_as_context_says_how_to_build_the_context(server: FakeLLMServer) -> None:
+    settings: Any = {"workflow": "docs", "tier": "cheap"}
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError) as raised:
+            await executor.run("hello", settings)
+        with pytest.raises(ConfigurationError) as streamed:
+            executor.stream("hello", settings)
+    fix = "build one, ExecutionContext(workflow='docs', tier='cheap')"
+    assert fix in str(raised.value) and fix in str(streamed.value)
+    assert server.requests() == 0
+
+
 def test_message_role_errors_are_the_librarys_not_attrs() -> None:
     with pytest.raises(RecordValidationError) as raised:
         Message(role="robot", content="x")  # type: ignore[arg-type]
