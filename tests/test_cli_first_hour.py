@@ -354,6 +354,20 @@ def test_telemetry_summary_lists_no_model_of_no_calls_and_no_cost(
     assert "gpt-4o-mini" not in out and "gpt-4o " not in out and "claude-sonnet-4-5" in out
 
 
+def test_routing_stats_counts_one_call_in_the_singular(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "one.db"
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record(_record("gpt-4o-mini", "openai", Outcome.SUCCESS, 0))
+
+    anyio.run(fill)
+    code, out, _ = run(capsys, "routing", "stats", "--db", str(path))
+    assert code == 0 and "docs / all stages: 1 call in 7 day(s)" in out, out
+
+
 def test_verbose_shows_the_librarys_logs_only_when_asked(
     capsys: pytest.CaptureFixture[str], db: Path
 ) -> None:
