@@ -137,6 +137,7 @@ from ._setup import (
     keyless_of,
     limiter_for,
 )
+from ._validators import warn_caller
 from ._values import (
     AttemptSummary,
     ExecutionContext,
@@ -396,18 +397,16 @@ def _pool_too_small(session: aiohttp.ClientSession, limits: Mapping[str, int]) -
     if (isinstance(pool, int) and 0 < pool < calls) or (
         isinstance(per_host, int) and 0 < per_host < most
     ):
-        logger.warning(
-            "session=: its connector allows %d connection(s) in all and %d per host "
-            "(0: no limit), fewer than the %d call(s) concurrency_per_provider lets in "
-            "flight (%d for one provider): the calls beyond wait for a connection within "
-            "their attempt, the wait counted against their timeout (a timeout recorded as "
-            "the model's failure); raise the connector's limit or lower "
-            "concurrency_per_provider",
-            pool,
-            per_host,
-            calls,
-            most,
+        message = (
+            f"session=: its connector allows {pool} connection(s) in all and {per_host} per "
+            f"host (0: no limit), fewer than the {calls} call(s) concurrency_per_provider "
+            f"lets in flight ({most} for one provider): the calls beyond wait for a "
+            "connection within their attempt, the wait counted against their timeout (a "
+            "timeout recorded as the model's failure); raise the connector's limit or lower "
+            "concurrency_per_provider"
         )
+        logger.warning("%s", message)
+        warn_caller(message)  # at the caller's `async with`: seen without logging set up
 
 
 def _borrow_telemetry(stack: AsyncExitStack, fb: _Feedback) -> None:

@@ -119,7 +119,8 @@ class ConfigurationWarning(UserWarning):
     A setting the code gave that works, but most likely not as meant: an unknown task
     type (a capable model chosen for it), ``cache_ttl`` on an executor without a cache
     (nothing cached), a router with a telemetry store used without ``async with``
-    (decisions without the stored evidence), a content-capture switch not understood
+    (decisions without the stored evidence), a ``session=`` whose connection pool is
+    smaller than the calls in flight, a content-capture switch not understood
     (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider without a key,
     no telemetry.
 
