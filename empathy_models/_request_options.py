@@ -96,7 +96,7 @@ def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
     """
     import difflib
 
-    from ._values import ExecutionContext  # only here: the executor imports both
+    from ._values import ExecutionContext  # read on this error's path only
 
     fields = [f.name for f in attrs.fields(ExecutionContext)]
     in_context = {name: value for name, value in unknown.items() if name in fields}
@@ -118,12 +118,10 @@ def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
         elif name in _PROVIDERS_OWN:
             hint = f"give it to the provider, OpenAIProvider({name}=...) or AnthropicProvider."
         elif close := difflib.get_close_matches(name, [*_RUN_OPTIONS, *fields], n=1, cutoff=0.75):
-            nearest = close[0]
-            hint = (
-                f"did you mean {nearest}=?"
-                if nearest in _RUN_OPTIONS
-                else (f"did you mean ExecutionContext({nearest}=...)?")
+            meant = (
+                f"{close[0]}=" if close[0] in _RUN_OPTIONS else f"ExecutionContext({close[0]}=...)"
             )
+            hint = f"did you mean {meant}?"
         else:
             hint = (
                 "a field of the provider's request goes in "
