@@ -139,6 +139,7 @@ from ._setup import (
 )
 from ._validators import warn_caller
 from ._values import (
+    SAMPLED,
     AttemptSummary,
     ExecutionContext,
     FallbackPolicy,
@@ -321,6 +322,21 @@ def _cached_module() -> Any:
 
         _CACHED = _cached
     return _CACHED
+
+
+async def _read_cache(executor: EmpathyLLMExecutor, ctx: ExecutionContext, *request: Any) -> Any:
+    """
+    `_cached.read_or_lead`'s ``(hit, key, flight)`` for a run whose context sets
+    ``cache_ttl``; none, and a warning once per executor (`uncached`), without a cache
+    to read, and the warning for a request not cached because it samples (no ``key``).
+    """
+    if executor._cache is None:
+        uncached(executor)
+        return None, None, None
+    hit, key, flight = await _cached_module().read_or_lead(executor, ctx, *request)
+    if hit is None and key is None:
+        uncached(executor, SAMPLED)
+    return hit, key, flight
 
 
 # --------------------------------------------------------------------------- the executor
@@ -945,15 +961,12 @@ class EmpathyLLMExecutor:
             needs = required_capabilities(messages, options)
             cache_key, lead = None, _NOT_LEADING
             if ctx.cache_ttl is not None:
-                if self._cache is None:
-                    uncached(self)  # warned: the setting does nothing here
-                else:
-                    hit, cache_key, flight = await _cached_module().read_or_lead(
-                        self, ctx, task_type, messages, system, options, start, deadline_at
-                    )
-                    if hit is not None:
-                        return cast(LLMResponse, hit)
-                    lead = flight or lead
+                hit, cache_key, flight = await _read_cache(
+                    self, ctx, task_type, messages, system, options, start, deadline_at
+                )
+                if hit is not None:
+                    return cast(LLMResponse, hit)
+                lead = flight or lead
             with lead:  # a run asking for others too wakes them however it ends
                 run = _Run(ctx, messages, task_type, system, options)
                 routes = run.planned(self._planner.plan(run, tier, needs))

@@ -187,7 +187,8 @@ class ExecutionContext:
             long (100 years at most, `empathy_models.cache.MAX_TTL`; see
             `empathy_models.cache`; needs ``cache=`` on the executor, which warns once
             without, `ConfigurationWarning`).  Only
-            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+            ``temperature=0`` calls are cached unless ``cache_sampled`` is true (a
+            sampled one warns once per executor).
             Streams too: a hit is replayed as a stream, and a stream that ended whole
             stores its answer (one left early or interrupted, never).
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
@@ -390,9 +391,6 @@ def context_of(context: object) -> ExecutionContext:
     return context
 
 
-_UNCACHED: weakref.WeakSet[object] = weakref.WeakSet()
-"""The executors warned about a ``cache_ttl`` they have no cache for."""
-
 NO_CACHE: Final = (
     "ExecutionContext(cache_ttl=...) on an executor without a response cache: nothing "
     "is cached, nor answered from a cache; give the executor one, "
@@ -400,17 +398,32 @@ NO_CACHE: Final = (
     "'redis://...'), or leave cache_ttl out"
 )
 
+SAMPLED: Final = (
+    "ExecutionContext(cache_ttl=...) on a request that samples (temperature left out, "
+    "which samples at the provider's default, or above 0): its answer is neither cached "
+    "nor answered from the cache; set temperature=0, or cache_sampled=True to cache "
+    "sampled answers too"
+)
 
-def uncached(executor: object) -> None:
+_WARNED: Final[dict[str, weakref.WeakSet[object]]] = {
+    NO_CACHE: weakref.WeakSet(),
+    SAMPLED: weakref.WeakSet(),
+}
+"""The executors warned, per message."""
+
+
+def uncached(executor: object, why: str = NO_CACHE) -> None:
     """
-    Warn, once per ``executor``, that a run or stream set ``cache_ttl`` while it has no
-    ``cache=``: the setting would otherwise be ignored without a word.
+    Warn, once per ``executor`` and ``why``, that a run or stream set ``cache_ttl``
+    while it has no ``cache=`` (`NO_CACHE`), or for a request whose answer is sampled
+    (`SAMPLED`): the setting would otherwise be ignored without a word.
     """
-    if executor in _UNCACHED:
+    warned = _WARNED[why]
+    if executor in warned:
         return
-    _UNCACHED.add(executor)
-    logging.getLogger("empathy_models.executor").warning("%s", NO_CACHE)
-    warn_caller(NO_CACHE)
+    warned.add(executor)
+    logging.getLogger("empathy_models.executor").warning("%s", why)
+    warn_caller(why)
 
 
 # LLMResponse and AttemptSummary have no validators or converters: the executor builds

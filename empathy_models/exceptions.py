@@ -118,11 +118,11 @@ class ConfigurationWarning(UserWarning):
     """
     A setting the code gave that works, but most likely not as meant: an unknown task
     type (a capable model chosen for it), ``cache_ttl`` on an executor without a cache
-    (nothing cached), a router with a telemetry store used without ``async with``
-    (decisions without the stored evidence), a ``session=`` whose connection pool is
-    smaller than the calls in flight, a content-capture switch not understood
-    (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider without a key,
-    no telemetry.
+    or on a request that samples (nothing cached), a router with a telemetry store used
+    without ``async with`` (decisions without the stored evidence), a ``session=`` whose
+    connection pool is smaller than the calls in flight, a content-capture switch not
+    understood (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider
+    without a key, no telemetry.
 
     The fix is in the calling code, so it is a `warnings.warn` warning rather than a
     log line: shown on stderr without any logging configured (once per line of the

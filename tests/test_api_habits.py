@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 
 import empathy_models
@@ -227,6 +228,24 @@ async def test_cache_ttl_without_a_cache_warns_once_per_executor(server: FakeLLM
     async with make(server) as other:  # another executor is warned again
         with pytest.warns(ConfigurationWarning, match="without a response cache"):
             await other.run("hello", cached)
+
+
+async def test_cache_ttl_on_a_sampled_request_warns_once_per_executor(
+    server: FakeLLMServer,
+) -> None:
+    sampled = ExecutionContext(workflow="docs", tier="cheap", cache_ttl=60)  # no temperature
+    async with make(server, cache="memory://") as executor:
+        with pytest.warns(ConfigurationWarning, match="on a request that samples") as given:
+            first = await executor.run("hello", sampled)
+            again = await executor.run("hello", sampled)
+            async with executor.stream("hello", sampled) as stream:
+                await stream.get_final_response()
+        zero = attrs.evolve(sampled, temperature=0)
+        assert not (await executor.run("hello", zero)).cached
+        assert (await executor.run("hello", zero)).cached  # no warning: it is cached
+    assert len(given) == 1 and given[0].filename == __file__
+    assert "set temperature=0, or cache_sampled=True" in str(given[0].message)
+    assert not first.cached and not again.cached and server.requests() == 4
 
 
 def test_the_librarys_setup_warnings_are_configuration_warnings() -> None:
