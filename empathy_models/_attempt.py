@@ -344,22 +344,14 @@ class Attempts:
                 budget, by_deadline = _within(per_attempt, remaining, streamed)  # the time limit
                 called = sent = True
                 t0, held = clock(), (ticket, scope_ticket, hold)
-                task = asyncio.current_task()
-                cancels = 0 if task is None else task.cancelling()
+                terms = (key, budget, by_deadline, _cancels())  # the call's, for `_failed`
                 try:
                     if streamed:
                         opening = await _first_delta(provider, request, per_attempt, budget, self)
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
-                    if task is not None and task.cancelling() > cancels:
-                        # a cancel the provider's client turned into an error of its own
-                        # (aiohttp's timeout, when the cancel lands as its timer fires):
-                        # the cancel is what ended the call, and it goes on up
-                        await _cancelled(self, info, raised, attempt, t0, held)
-                        raise asyncio.CancelledError() from raised
-                    error, cut = _restated(self, raised, info, budget, by_deadline)
-                    record = await self._failed(info, error, attempt, t0, key, held, cut)
+                    record, error, cut = await _failed(self, raised, info, attempt, t0, held, terms)
                     # nothing sent: not counted against max_routes, the hold freed whole
                     called = (sent := record.outcome is not Outcome.NOT_SENT) or route_attempt > 1
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
@@ -389,56 +381,6 @@ class Attempts:
         return _CALLED if called else _NOT_CALLED
 
     # ------------------------------------------------------------------ its steps
-
-    async def _failed(
-        self,
-        info: ModelInfo,
-        error: Exception,
-        attempt: int,
-        t0: float,
-        key: str | None,
-        held: tuple[Ticket | None, Ticket | None, Hold | None],
-        cut: bool,
-    ) -> LLMCallRecord:
-        """
-        A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
-        record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.
-        ``cut``: the run's deadline ended it, before `STARVED_SECONDS`: recorded as
-        cancelled (`_Feedback.failed`).  The usage known (`_charged`) is charged; with
-        none, a call our own timeout or the deadline ended is charged what it may have
-        cost (`charge_given_up`).
-        """
-        latency_ms = (self.ex._clock() - t0) * 1000.0
-        cut = cut and latency_ms < STARVED_SECONDS * 1000.0
-        ticket, scope_ticket, hold = held
-        partial, self.partial = _charged(self.partial, error, info.id), None
-        if partial is None and hold is not None and _timed_out(error):
-            charge_given_up(hold, info, self.run, self.streamed)
-        planner = self.ex._planner
-        # a 404 names one model: it must not force open a key every model of the provider
-        # shares (the record still says fatal)
-        ignored = (
-            isinstance(error, ModelNotFoundError)
-            and key is not None
-            and key == planner.provider_key(info.provider)
-        )
-        record = await self.ex._fb.failed(
-            self.run,
-            info,
-            error,
-            attempt,
-            latency_ms,
-            ticket,
-            scope_ticket,
-            hold,
-            ignored,
-            partial,
-            self.deadline_at,
-            cut,
-        )
-        if self.obs is not None:
-            self.obs.attempt_ended(record, None, error, self.trace, sent=t0)
-        return record
 
     def _opened(
         self,
@@ -782,6 +724,74 @@ async def _cancelled(
     )
     if self.obs is not None:
         self.obs.attempt_ended(record, None, raised, self.trace, sent=t0)
+
+
+def _cancels() -> int:
+    """How many cancels the current task has pending (`asyncio.Task.cancelling`)."""
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+async def _failed(
+    self: Attempts,
+    raised: Exception,
+    info: ModelInfo,
+    attempt: int,
+    t0: float,
+    held: tuple[Ticket | None, Ticket | None, Hold | None],
+    terms: tuple[str | None, float | None, bool, int],
+) -> tuple[LLMCallRecord, Exception, bool]:
+    """
+    A call sent at ``t0`` that raised ``raised``: its feedback; the record, the error
+    restated (`_restated`) and whether the run's deadline ended the call.  ``held``:
+    the attempt's ticket, scope ticket and the limiter's hold; ``terms``: the model's
+    breaker key, the call's time limit, whether the deadline set it, and the cancels
+    the task had pending when the call began.  A call cut by the deadline before
+    `STARVED_SECONDS` is recorded as cancelled (`_Feedback.failed`).  The usage known
+    (`_charged`) is charged; with none, a call our own timeout or the deadline ended
+    is charged what it may have cost (`charge_given_up`).
+
+    Raises:
+        asyncio.CancelledError: the task was cancelled during the call, and the
+            provider's client turned the cancel into an error of its own (aiohttp's
+            timeout, when the cancel lands as its timer fires): the cancel is what
+            ended the call, recorded as `_cancelled`.
+    """
+    key, budget, by_deadline, cancels = terms
+    if _cancels() > cancels:
+        await _cancelled(self, info, raised, attempt, t0, held)
+        raise asyncio.CancelledError() from raised
+    error, cut = _restated(self, raised, info, budget, by_deadline)
+    latency_ms = (self.ex._clock() - t0) * 1000.0
+    ticket, scope_ticket, hold = held
+    partial, self.partial = _charged(self.partial, error, info.id), None
+    if partial is None and hold is not None and _timed_out(error):
+        charge_given_up(hold, info, self.run, self.streamed)
+    planner = self.ex._planner
+    # a 404 names one model: it must not force open a key every model of the provider
+    # shares (the record still says fatal)
+    ignored = (
+        isinstance(error, ModelNotFoundError)
+        and key is not None
+        and key == planner.provider_key(info.provider)
+    )
+    record = await self.ex._fb.failed(
+        self.run,
+        info,
+        error,
+        attempt,
+        latency_ms,
+        ticket,
+        scope_ticket,
+        hold,
+        ignored,
+        partial,
+        self.deadline_at,
+        cut and latency_ms < STARVED_SECONDS * 1000.0,
+    )
+    if self.obs is not None:
+        self.obs.attempt_ended(record, None, error, self.trace, sent=t0)
+    return record, error, cut
 
 
 async def _ran_out(self: Attempts, info: ModelInfo, why: str) -> NoReturn:

@@ -17,9 +17,10 @@ An in-process `MemoryResponseCache` is used as is.
 
 Runs of one request that miss while a run of the same executor asks a model wait for
 its answer (`Flight`, `follow`); on a store shared by processes with leases, the run
-that leads in its process takes the request's lease there first, or waits for another
-process's answer while that process holds it (`lead_or_wait`); it renews the lease while
-its call runs, up to its deadline or per-attempt timeout (`_Lease`).
+that leads in its process takes the request's lease there first, reading the entry with
+it (one another process stored since this run's read missed answers the run), or waits
+for another process's answer while that process holds it (`lead_or_wait`); it renews the
+lease while its call runs, up to its deadline or per-attempt timeout (`_Lease`).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ async def lookup(
     stored more than `empathy_models.circuit.CLOCK_STEP` (a second) ahead of that
     clock (it stepped back since: the answer's age is not known).
     ``start``: when the run started (the executor's clock; its deadline counts from it);
-    ``stored``: what a run of this executor stored under ``key`` just now (`Flight`).
+    ``stored``: the value to judge instead of reading the cache (`read_or_lead`).
     """
     assert ctx.cache_ttl is not None
     entry = await _entry_for(executor, key, ctx, start, stored)
@@ -372,9 +373,11 @@ async def read_or_lead(
     key = cache_key_of(ctx, task_type, messages, system, options)
     if key is None:
         return None, None, None
-    hit = await lookup(executor, key, ctx, task_type, messages, system, options, start)
-    if hit is not None:
-        return hit, key, None
+    hit, read = None, await _read_raw(executor, key, deadline_at)
+    if read is not None:
+        hit = await lookup(executor, key, ctx, task_type, messages, system, options, start, read)
+        if hit is not None:
+            return hit, key, None
     led, followed = await follow(executor, key, deadline_at)
     if followed is not None:
         # its answer as stored (the cache is read again when it kept none)
@@ -384,7 +387,7 @@ async def read_or_lead(
     elif led is not None and _coalesces(executor, ctx):
         try:
             hit = await lead_or_wait(
-                executor, led, ctx, task_type, messages, system, options, start, deadline_at
+                executor, led, ctx, task_type, messages, system, options, start, deadline_at, read
             )
         except BaseException:
             led.__exit__()  # cancelled while waiting: the runs waiting for it ask now
@@ -411,20 +414,25 @@ async def lead_or_wait(
     options: Mapping[str, Any],
     start: float,
     deadline_at: float | None,
+    read: bytes | None = None,
 ) -> LLMResponse | None:
     """
     For a run that leads ``led.key`` in this process, on a cache store shared by
-    processes: take the request's lease in the store (`ResponseCache.acquire_lease`, for
-    `LEASE_SECONDS` at most, no longer than the run's deadline) and return None: the
-    run asks a model, ``led.lease`` renewed while it does (`_Lease`) and let go once
-    its answer is written (or it failed).
-    While a run of another process holds the lease, wait instead: read the entry at
-    growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return it (a hit)
-    once stored, also when this run took the lease after its holder let go (read once
-    more then); the run asks a model itself (None) when the holder let go with no
-    answer (or its lease expired: this run then holds it) or another took it since,
-    when the lease may outlast this run's deadline (as `follow`), or when the store
-    does not answer (`_take`, as a read).
+    processes: take the request's lease in the store, reading the entry with it
+    (`ResponseCache.acquire_lease_and_get`, for `LEASE_SECONDS` at most, no longer than
+    the run's deadline), and return None: the run asks a model, ``led.lease`` renewed
+    while it does (`_Lease`) and let go once its answer is written (or it failed).
+    An entry the take read is returned instead (a hit; the lease, if taken, let go
+    when the caller leaves ``led``): another process's run stored it since this run's
+    read missed, and let go of the lease (or is letting go).
+    While a run of another process holds the lease, wait instead: take it again, with
+    the entry, at growing intervals (`_POLL_FIRST` doubling to `_POLL_MOST`) and return
+    the entry (a hit) once stored; the run asks a model itself (None) when the holder
+    let go with no answer (or its lease expired: this run then holds it) or another
+    took it since, when the lease may outlast this run's deadline (as `follow`), or
+    when the store does not answer (`_take`, as a read).  A value the run judged
+    already (``read``, what its read found; each take's) is not judged again: the
+    same bytes are no hit, and an unreadable entry is counted once.
     """
     holder = os.urandom(16).hex()
     waited_for = None
@@ -439,13 +447,18 @@ async def lead_or_wait(
             return None  # the store is skipped for now (its read was counted): no lease
         until = _renewed_until(executor, ctx, deadline_at)
         lease = led.lease = _Lease(executor, led.key, holder, until)  # let go when it lands
-        held = await _take(executor, lease, ttl, deadline_at)
+        held, value = await _take(executor, lease, ttl, deadline_at)
+        if not isinstance(held, bool):
+            led.lease = None  # another's
+        if value is not None and value != read:
+            hit = await lookup(
+                executor, led.key, ctx, task_type, messages, system, options, start, value
+            )
+            if hit is not None:
+                return hit
+            read = value
         if isinstance(held, bool):  # this run's now (renewed), or no answer: it asks a model
-            if waited_for is None:
-                return None
-            # the holder may have stored its answer and let go since this run's last read
-            return await lookup(executor, led.key, ctx, task_type, messages, system, options, start)
-        led.lease = None
+            return None
         if waited_for is not None and held[0] != waited_for:
             return None  # let go with no answer and taken since: ask alongside
         waited_for, left = held
@@ -453,9 +466,6 @@ async def lead_or_wait(
             return None  # it may outlast this run: ask a model alongside it
         await asyncio.sleep(max(min(delay, left), _POLL_FIRST))
         delay = min(2 * delay, _POLL_MOST)
-        hit = await lookup(executor, led.key, ctx, task_type, messages, system, options, start)
-        if hit is not None:
-            return hit
 
 
 def _renewed_until(
@@ -473,11 +483,12 @@ def _renewed_until(
 
 async def _take(
     executor: EmpathyLLMExecutor, lease: _Lease, ttl: float, deadline_at: float | None
-) -> tuple[str, float] | bool:
+) -> tuple[tuple[str, float] | bool, bytes | None]:
     """
-    `ResponseCache.acquire_lease` of ``lease`` bounded as a read (`_get`): the live
-    lease another holds, True when taken, or False for no answer (failed or late,
-    counted as a read's), when the run asks a model as it would without leases.
+    `ResponseCache.acquire_lease_and_get` of ``lease`` bounded as a read (`_get`):
+    ``(held, value)``, ``held`` the live lease another holds, True when taken, or False
+    for no answer (failed or late, counted as a read's, and ``value`` None), when the
+    run asks a model as it would without leases; ``value`` the entry read with it.
     ``lease.landed`` is set once the take has ended, also one its caller stopped
     waiting for (`_released` waits for it); a take that lands granting the lease, late
     or not, starts its renewal (`_Lease.landing`) unless the run let go of it meanwhile.
@@ -490,8 +501,8 @@ async def _take(
         within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
     take = _Read(executor, within)
     try:
-        held = await executor._fb.behind.run(
-            take.of(lease.landing(cache.acquire_lease(lease.key, lease.holder, ttl), ttl)),
+        held, value = await executor._fb.behind.run(
+            take.of(lease.landing(cache.acquire_lease_and_get(lease.key, lease.holder, ttl), ttl)),
             within,
             carried=False,
             late=take.late,
@@ -503,8 +514,8 @@ async def _take(
         outage.failed(exc)
         logger.debug("response cache lease failed", exc_info=True)
     else:
-        return True if held is None else held
-    return False
+        return True if held is None else held, value
+    return False, None
 
 
 class _Lease:
@@ -538,17 +549,17 @@ class _Lease:
         self.expires = 0.0  # the executor's clock: when the last take or renewal lapses
 
     async def landing(
-        self, take: Awaitable[tuple[str, float] | None], ttl: float
-    ) -> tuple[str, float] | None:
+        self, take: Awaitable[tuple[tuple[str, float] | None, bytes | None]], ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
         """``await take`` (for ``ttl``), then ``landed`` set however it ended; renewed if taken."""
         try:
-            held = await take
+            taken = await take
         finally:
             self.landed.set()
-        if held is None and not self.stopped:
+        if taken[0] is None and not self.stopped:
             self.expires = self.executor._clock() + ttl
             self._next(0.0)
-        return held
+        return taken
 
     def stop(self) -> None:
         """No renewal from now on (one already out still lands, and sets ``landed``)."""
@@ -716,15 +727,20 @@ async def _read(
     Returns:
         The entry's fields, decoded once per stored value (see `_Memo`), or None.
     """
+    raw = await _read_raw(executor, key, deadline_at)
+    return None if raw is None else _entry_of(executor, key, raw)
+
+
+async def _read_raw(
+    executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
+) -> bytes | None:
+    """The value stored under ``key``, or None (see `_get`; an in-process cache's failure too)."""
     try:
-        raw = await _get(executor, key, deadline_at)
+        return await _get(executor, key, deadline_at)
     except Exception:  # an in-process cache's
         executor.cache_errors += 1
         logger.exception("response cache read failed; calling a model instead")
         return None
-    if raw is None:
-        return None
-    return _entry_of(executor, key, raw)
 
 
 def _entry_of(executor: EmpathyLLMExecutor, key: str, raw: bytes) -> _Entry | None:

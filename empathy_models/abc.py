@@ -1299,7 +1299,8 @@ class ResponseCache(AsyncResource):
     stored; backends with ``max_entries`` evict (oldest first) past it.  Keys are hex
     digests: the executor never puts a prompt in a key.  ``shared`` backends show one
     process's entries to the others.  Backends with ``leases`` keep a lease per key
-    (`acquire_lease`, `release_lease`), taken atomically by one holder at a time.
+    (`acquire_lease`, `release_lease`), taken atomically by one holder at a time;
+    `acquire_lease_and_get` takes one and reads the entry it guards with it.
     """
 
     shared: ClassVar[bool] = False
@@ -1384,6 +1385,26 @@ class ResponseCache(AsyncResource):
         """
         lease_ttl(ttl)
         return None
+
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
+        """
+        ``(lease, value)``: `acquire_lease` of ``key`` for ``holder``, and the value
+        `get` returns for ``key``, read no earlier than the take.  How a run
+        that missed takes its request's lease: when it is granted, an entry the lease's
+        last holder stored before letting go of it is ``value``, and the run is
+        answered from it instead of asking a model too.  A granted lease is taken
+        whatever ``value`` is (an entry too old for the run leaves it to ask).
+
+        This default takes the lease, then reads the entry (two calls, which find such
+        an entry all the same); a backend may do both atomically, in one round trip.
+
+        Raises:
+            TypeError, ValueError: ``ttl`` is not a finite number of seconds above 0.
+        """
+        held = await self.acquire_lease(key, holder, ttl)
+        return held, await self.get(key)
 
     async def release_lease(self, key: str, holder: str) -> bool:
         """

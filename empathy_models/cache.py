@@ -48,9 +48,12 @@ model for it wait for that run's answer.  Every backend here also keeps a lease 
 key (``leases``: `ResponseCache.acquire_lease`, `ResponseCache.release_lease`, taken
 atomically by one holder, kept apart from the entries), through which the executors of
 several processes sharing a SQLite, Redis or PostgreSQL cache do the same: the first
-to miss takes the lease (one write; ``ExecutionContext(cache_coalesce=False)`` skips
-it) and the others read the entry until it is stored, the lease is let go with no
-answer, or it expires (see `empathy_models._cached.lead_or_wait`).
+to miss takes the lease (one write, with a read of the entry,
+`ResponseCache.acquire_lease_and_get`, so a run granted the lease just after another
+process stored the answer and let go is answered with it;
+``ExecutionContext(cache_coalesce=False)`` skips it) and the others take it again,
+reading the entry, until it is stored, the lease is let go with no answer, or it
+expires (see `empathy_models._cached.lead_or_wait`).
 """
 
 from __future__ import annotations
@@ -244,6 +247,11 @@ _UPSERT: Final = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
 )
 
+# an entry not expired by the time bound; a value another program wrote as TEXT or a
+# number read as bytes too (its UTF-8, its digits), for the caller to judge, never as a
+# Python str or int
+_GET: Final = "SELECT CAST(value AS BLOB) FROM response_cache WHERE key = ? AND expires_at > ?"
+
 # past ``max_entries``, the entries closest to expiry go (the expired first): a walk of
 # the expiry index as long as the excess, nothing when there is none
 _TRIM: Final = (
@@ -273,7 +281,8 @@ class SQLiteResponseCache(ResponseCache):
     Answers in a SQLite file shared by every process on a host.
 
     A ``response_cache`` table, which may share the file with telemetry and state.  A
-    `get` is one read; a `set` one write transaction that also drops, past
+    `get` is one read; a take of a lease (with the entry, `acquire_lease_and_get`) one
+    write transaction; a `set` one write transaction that also drops, past
     ``max_entries``, the entries closest to expiry (the expired first), so the table
     never holds more, whatever the processes writing it; one write in a hundred also
     drops every expired entry.  Any string is a key, as in `MemoryResponseCache` (one
@@ -352,16 +361,7 @@ class SQLiteResponseCache(ResponseCache):
             if not self._ready:
                 await self._prepare(conn)
             return await self._db.retrying(
-                partial(
-                    _fetchone,
-                    conn,
-                    # a value another program wrote as TEXT or a number read as bytes
-                    # too (its UTF-8, its digits), for the caller to judge, never as a
-                    # Python str or int
-                    "SELECT CAST(value AS BLOB) FROM response_cache WHERE key = ? "
-                    "AND expires_at > ?",
-                    (_sql_key(key), time.time()),
-                )
+                partial(_fetchone, conn, _GET, (_sql_key(key), time.time()))
             )
 
         row = await self._db.run(job)
@@ -431,15 +431,30 @@ class SQLiteResponseCache(ResponseCache):
 
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
         """One write transaction: the lease read, and taken when free (by wall-clock time)."""
+        held, _ = await self._take(key, holder, ttl, read=False)
+        return held
+
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
+        """`acquire_lease` and `get` in one write transaction."""
+        return await self._take(key, holder, ttl, read=True)
+
+    async def _take(
+        self, key: str, holder: str, ttl: float, *, read: bool
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
         self._check_open()
         ttl = lease_ttl(ttl)
         self._writes += 1
         sweep = self._writes % 100 == 1
 
-        async def job(conn: aiosqlite.Connection) -> tuple[str, float] | None:
+        async def job(conn: aiosqlite.Connection) -> tuple[tuple[str, float] | None, bytes | None]:
             await self._prepare(conn)
             return await self._db.transaction(
-                conn, partial(_take_lease, key=_sql_key(key), holder=holder, ttl=ttl, sweep=sweep)
+                conn,
+                partial(
+                    _take_lease, key=_sql_key(key), holder=holder, ttl=ttl, sweep=sweep, read=read
+                ),
             )
 
         return await self._db.run(job)
@@ -481,24 +496,31 @@ class SQLiteResponseCache(ResponseCache):
 
 
 async def _take_lease(
-    conn: aiosqlite.Connection, key: str | bytes, holder: str, ttl: float, sweep: bool
-) -> tuple[str, float] | None:
-    """`SQLiteResponseCache.acquire_lease`'s transaction: read the lease, take it if free."""
+    conn: aiosqlite.Connection, key: str | bytes, holder: str, ttl: float, sweep: bool, read: bool
+) -> tuple[tuple[str, float] | None, bytes | None]:
+    """
+    `SQLiteResponseCache.acquire_lease`'s transaction: read the lease, take it if free;
+    with ``read``, the entry read too (`SQLiteResponseCache.acquire_lease_and_get`).
+    """
     from .backends.sqlite._conn import _fetchone
 
     now = time.time()
     if sweep:  # one take in a hundred drops the leases crashed holders left
         await conn.execute("DELETE FROM response_cache_lease WHERE expires_at <= ?", (now,))
+    value = None
+    if read:
+        entry = await _fetchone(conn, _GET, (key, now))
+        value = None if entry is None else bytes(entry[0])
     row = await _fetchone(
         conn, "SELECT holder, expires_at FROM response_cache_lease WHERE key = ?", (key,)
     )
     if row is not None and row[0] != holder and row[1] > now:
-        return str(row[0]), float(row[1]) - now
+        return (str(row[0]), float(row[1]) - now), value
     await conn.execute(
         "INSERT OR REPLACE INTO response_cache_lease (key, holder, expires_at) VALUES (?, ?, ?)",
         (key, holder, now + ttl),
     )
-    return None
+    return None, value
 
 
 def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:

@@ -253,18 +253,20 @@ async def test_a_worker_opting_out_asks_the_model_alongside(
 
 
 def _watched(url: str) -> tuple[ResponseCache, asyncio.Event]:
-    """A cache on ``url``, and the event it sets when a take finds a lease held."""
+    """A cache on ``url``, and the event it sets when a run's take finds a lease held."""
     store = cache_from_url(url)
     found_held = asyncio.Event()
-    take = store.acquire_lease
+    take = store.acquire_lease_and_get
 
-    async def acquire_lease(key: str, holder: str, ttl: float) -> tuple[str, float] | None:
-        held = await take(key, holder, ttl)
+    async def acquire_lease_and_get(
+        key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
+        held, value = await take(key, holder, ttl)
         if held is not None:
             found_held.set()
-        return held
+        return held, value
 
-    store.acquire_lease = acquire_lease  # type: ignore[method-assign]
+    store.acquire_lease_and_get = acquire_lease_and_get  # type: ignore[method-assign]
     return store, found_held
 
 
@@ -354,7 +356,7 @@ class _StoredMeanwhile(SQLiteResponseCache):
     """
     A worker's cache on a file where another worker (``other``) holds a request's
     lease: that worker stores its answer (``value``) and lets go of the lease just
-    before this one's second take of it (after this one's read of the entry missed).
+    before this one's second take of it (its first found the lease held).
     """
 
     def __init__(self, path: Path, other: SQLiteResponseCache, value: bytes) -> None:
@@ -363,19 +365,21 @@ class _StoredMeanwhile(SQLiteResponseCache):
         self.value = value
         self.takes = 0
 
-    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
         self.takes += 1
         if self.takes == 2:
             await self.other.set_and_release(key, self.value, 600, "other")
-        return await super().acquire_lease(key, holder, ttl)
+        return await super().acquire_lease_and_get(key, holder, ttl)
 
 
 async def test_a_waiting_run_that_takes_the_lease_its_holder_let_go_with_an_answer_reads_it(
     server: FakeLLMServer, tmp_path: Path
 ) -> None:
-    # the holder stored its answer and let go between the waiting run's read and its
-    # next take: the run, now holding the lease, reads the entry again before asking
-    # (before: it asked the model too)
+    # the holder stored its answer and let go between the waiting run's takes: the
+    # run, granted the lease, is answered from the entry its take read (before: it
+    # asked the model too)
     key = cache_key_of(CTX, "unknown", [Message(role="user", content="q")], None, {})
     assert key is not None
     made = f"sqlite:///{tmp_path / 'made.db'}"
@@ -407,10 +411,12 @@ class _HeldTake(SQLiteResponseCache):
         self.taking = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
         self.taking.set()
         await self.gate.wait()
-        return await super().acquire_lease(key, holder, ttl)
+        return await super().acquire_lease_and_get(key, holder, ttl)
 
 
 async def test_a_run_cancelled_while_taking_the_lease_lets_go_of_it_once_taken(

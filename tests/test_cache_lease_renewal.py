@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,21 +51,41 @@ def shared_url(
 
 
 class _Takes:
-    """A cache on ``url`` that notes the holder of each take of a lease, and what it found."""
+    """
+    A cache on ``url`` that notes the holder of each take of a lease (a run's, with the
+    entry, or a renewal), and what it found.
+    """
 
     def __init__(self, url: str) -> None:
         self.cache: ResponseCache = cache_from_url(url)
         self.takes: list[tuple[str, str | None]] = []  # (holder, the other holder found)
         self.changed = asyncio.Event()
-        take = self.cache.acquire_lease
+        take, take_and_get = self.cache.acquire_lease, self.cache.acquire_lease_and_get
+        inner = contextvars.ContextVar("inner", default=False)  # a take within one with get
 
         async def acquire_lease(key: str, holder: str, ttl: float) -> tuple[str, float] | None:
             held = await take(key, holder, ttl)
-            self.takes.append((holder, None if held is None else held[0]))
-            self.changed.set()
+            if not inner.get():
+                self.noted(holder, held)
             return held
 
+        async def acquire_lease_and_get(
+            key: str, holder: str, ttl: float
+        ) -> tuple[tuple[str, float] | None, bytes | None]:
+            token = inner.set(True)
+            try:
+                held, value = await take_and_get(key, holder, ttl)
+            finally:
+                inner.reset(token)
+            self.noted(holder, held)
+            return held, value
+
         self.cache.acquire_lease = acquire_lease  # type: ignore[method-assign]
+        self.cache.acquire_lease_and_get = acquire_lease_and_get  # type: ignore[method-assign]
+
+    def noted(self, holder: str, held: tuple[str, float] | None) -> None:
+        self.takes.append((holder, None if held is None else held[0]))
+        self.changed.set()
 
     def granted(self) -> list[str]:
         return [holder for holder, other in self.takes if other is None]
@@ -177,8 +198,14 @@ class _RenewalOut(SQLiteResponseCache):
         self.renewal_gate, self.write_gate = asyncio.Event(), asyncio.Event()
         self.log: list[str] = []
 
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
+        self.takes += 1  # the run's take
+        return await super().acquire_lease_and_get(key, holder, ttl)
+
     async def acquire_lease(self, key: str, holder: str, ttl: float) -> tuple[str, float] | None:
-        self.takes += 1
+        self.takes += 1  # a renewal
         if self.takes == 2:
             self.renewing.set()
             await self.renewal_gate.wait()

@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
-import openai
 import pytest
 from aiohttp import web
 
@@ -37,6 +35,12 @@ from empathy_models.testing import FakeLLMServer, FakeReply
 from tests._serving import serving
 
 from ._fakes import CHEAP_ONLY, KEY, NoSleep
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+else:  # imported when a test first uses them (see _sdks)
+    from ._sdks import anthropic, openai
 
 WEATHER_SCHEMA: dict[str, Any] = {
     "type": "object",

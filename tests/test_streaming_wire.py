@@ -11,11 +11,9 @@ import json
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import anthropic
-import openai
 import pytest
 from aiohttp import web
 
@@ -43,6 +41,12 @@ from empathy_models.providers._sse import (
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from tests._fakes import CHEAP_ONLY
 from tests._serving import anthropic_streaming, serving
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+else:  # imported when a test first uses them (see _sdks)
+    from ._sdks import anthropic, openai
 
 KEY = "test-key-0123"
 DATA = Path(__file__).parent / "data"

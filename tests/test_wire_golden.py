@@ -14,14 +14,10 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic.types
-import openai.types.chat
 import pytest
 from aiohttp import web
-from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
-from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 
 from empathy_models import AnthropicProvider, Message, OpenAIProvider, Tool
 from empathy_models.abc import CompletionRequest
@@ -30,6 +26,12 @@ from empathy_models.testing import FakeLLMServer
 
 from ._fakes import KEY
 from ._wire_shapes import problems
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+else:  # imported when a test first uses them (see _sdks)
+    from ._sdks import anthropic, openai
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
@@ -103,6 +105,18 @@ def check_golden(name: str, body: dict[str, Any]) -> None:
     assert body == json.loads(path.read_text())
 
 
+def openai_problems(body: dict[str, Any]) -> list[str]:
+    """Where ``body`` departs from the openai SDK's documented request type."""
+    params = openai.types.chat.completion_create_params
+    return problems(body, params.CompletionCreateParamsNonStreaming)
+
+
+def anthropic_problems(body: dict[str, Any]) -> list[str]:
+    """Where ``body`` departs from the anthropic SDK's documented request type."""
+    params = anthropic.types.message_create_params
+    return problems(body, params.MessageCreateParamsNonStreaming)
+
+
 async def test_openai_request_matches_the_golden_fixture_and_the_documented_types(
     server: FakeLLMServer,
 ) -> None:
@@ -116,7 +130,7 @@ async def test_openai_request_matches_the_golden_fixture_and_the_documented_type
     assert sent is not None
     body = dict(sent.body)
     check_golden("openai_request.json", body)
-    assert problems(body, CompletionCreateParamsNonStreaming) == []
+    assert openai_problems(body) == []
 
 
 async def test_anthropic_request_matches_the_golden_fixture_and_the_documented_types(
@@ -132,16 +146,16 @@ async def test_anthropic_request_matches_the_golden_fixture_and_the_documented_t
     assert sent is not None
     body = dict(sent.body)
     check_golden("anthropic_request.json", body)
-    assert problems(body, MessageCreateParamsNonStreaming) == []
+    assert anthropic_problems(body) == []
 
 
 def test_the_shape_checker_catches_a_misplaced_field() -> None:
     body = json.loads((GOLDEN / "anthropic_request.json").read_text())
     body["tools"][0]["parameters"] = body["tools"][0].pop("input_schema")
-    assert any("tools[0]" in p for p in problems(body, MessageCreateParamsNonStreaming))
+    assert any("tools[0]" in p for p in anthropic_problems(body))
     body = json.loads((GOLDEN / "openai_request.json").read_text())
     body["messages"][3]["tool_use_id"] = body["messages"][3].pop("tool_call_id")
-    assert problems(body, CompletionCreateParamsNonStreaming) != []
+    assert openai_problems(body) != []
 
 
 # --------------------------------------------------------------------------- responses

@@ -16,13 +16,14 @@ transition the listener saw.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,7 +157,7 @@ _STAGES: tuple[_Stage, ...] = (
 _OUTAGE_PROVIDER = "openai"
 
 _MAX_CALLS = 1_000_000
-"""The most ``--calls`` runs: an hour or more of calls, their plan held in memory."""
+"""The most ``--calls`` runs: an hour or more of calls."""
 _MAX_CONCURRENCY = 1_000
 """The most ``--concurrency`` keeps in flight (each request one connection)."""
 
@@ -385,13 +386,15 @@ class _Traffic:
     """
     The demo's requests, sent by a few concurrent workers through one executor.
 
-    Workers take the next index of ``plan`` in turn (no await between reading and
-    advancing it, so each index is sent once), switch the outage on and off at its
-    indexes, and add what each request did to its stage's `_StageTally`.
+    Workers take the next index in turn and draw its stage from ``plan`` (no await
+    between reading the index, advancing it and drawing, so each index is sent once and
+    the stages come in the seed's order whatever the number of calls, none drawn ahead),
+    switch the outage on and off at its indexes, and add what each request did to its
+    stage's `_StageTally`.
     """
 
     calls: int
-    plan: list[_Stage]
+    plan: Callable[[], _Stage]
     prompts: dict[str, str]
     tallies: dict[tuple[str, str], _StageTally]
     baseline: dict[str, ModelInfo]
@@ -425,7 +428,7 @@ class _Traffic:
             index = self.next_index
             self.next_index += 1
             self._switch_outage(server, index)
-            await self._request(executor, self.plan[index])
+            await self._request(executor, self.plan())
             if self.progress is not None:
                 self.progress.advance()
 
@@ -508,10 +511,10 @@ async def run_demo(
     outage_end = max(outage_start + 1, int(calls * 0.65))
     started = time.perf_counter()
     transitions = _TransitionLog(started=started)
-    weights = [s.weight for s in stages]
+    cum_weights = list(itertools.accumulate(s.weight for s in stages))
     traffic = _Traffic(
         calls=calls,
-        plan=[rng.choices(stages, weights)[0] for _ in range(calls)],
+        plan=lambda: rng.choices(stages, cum_weights=cum_weights)[0],
         prompts=_prompts(),
         tallies={(s.workflow, s.stage): _StageTally() for s in _STAGES},
         baseline=baseline,

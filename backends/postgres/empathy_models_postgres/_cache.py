@@ -104,7 +104,11 @@ class PostgresResponseCache(ResponseCache):
     (so two processes sweeping at once never wait for each other).  Any string is a
     key, as in `MemoryResponseCache`: one a text column cannot hold as itself (a NUL, a
     lone surrogate, over 1,000 bytes, or beginning with ``\x01``) is stored in a form
-    of its own, kept apart from every other key's.
+    of its own, kept apart from every other key's.  `acquire_lease_and_get` is
+    `ResponseCache`'s: the take, then the read in a statement of its own (a statement
+    reads the rows committed before it began, and a take may be granted by a release
+    committed since, with the holder's entry before it, which only a later statement
+    reads).
 
     Args:
         dsn, schema, table_prefix, create, **pool_options: as for the other PostgreSQL

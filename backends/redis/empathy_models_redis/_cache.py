@@ -55,6 +55,21 @@ return {held, left}
 """
 _TAKE_SHA: Final = hashlib.sha1(_TAKE.encode("ascii")).hexdigest()
 
+# `_TAKE` (the lease KEYS[1]), and the entry KEYS[2] read with it (another program's key
+# of another type as none): {1, value} when taken, else {0, value, holder, ms left}
+_TAKE_AND_GET: Final = (
+    "local function take()\n"
+    + _TAKE
+    + """end
+local held = take()
+local value = redis.pcall('GET', KEYS[2])
+if type(value) ~= 'string' then value = false end
+if held then return {0, value, held[1], held[2]} end
+return {1, value}
+"""
+)
+_TAKE_AND_GET_SHA: Final = hashlib.sha1(_TAKE_AND_GET.encode("ascii")).hexdigest()
+
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -145,6 +160,10 @@ class RedisResponseCache(ResponseCache):
         """The Redis key of ``key``: one to one (UTF-8 with lone surrogates kept)."""
         return self._prefix_bytes + key.encode("utf-8", "surrogatepass")
 
+    def _lease_key(self, key: str) -> bytes:
+        """The Redis key of ``key``'s lease (see `_LEASE_MARK`)."""
+        return self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+
     async def get(self, key: str) -> bytes | None:
         self._check_open()
         client: Any = self._client  # redis-py leaves execute_command untyped
@@ -185,7 +204,7 @@ class RedisResponseCache(ResponseCache):
         """One Lua script: ``SET NX PX`` the lease key, else its holder and time left."""
         self._check_open()
         px = max(1, round(lease_ttl(ttl) * 1000))
-        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        lease = self._lease_key(key)
         try:
             reply = await evalsha_once(
                 self._client, _TAKE_SHA, _TAKE, [1, lease, holder, px], raw=True
@@ -197,6 +216,25 @@ class RedisResponseCache(ResponseCache):
         held, left = reply
         return bytes(held).decode("utf-8", "replace"), max(int(left), 0) / 1000.0
 
+    async def acquire_lease_and_get(
+        self, key: str, holder: str, ttl: float
+    ) -> tuple[tuple[str, float] | None, bytes | None]:
+        """`acquire_lease` and `get` in one Lua script."""
+        self._check_open()
+        px = max(1, round(lease_ttl(ttl) * 1000))
+        args = [2, self._lease_key(key), self._key(key), holder, px]
+        try:
+            reply = await evalsha_once(
+                self._client, _TAKE_AND_GET_SHA, _TAKE_AND_GET, args, raw=True
+            )
+        except (RedisError, OSError) as exc:
+            raise self._error("acquire_lease", exc) from exc
+        value = None if reply[1] is None else bytes(reply[1])
+        if int(reply[0]):
+            return None, value
+        held, left = reply[2], reply[3]
+        return (bytes(held).decode("utf-8", "replace"), max(int(left), 0) / 1000.0), value
+
     async def set_and_release(self, key: str, value: bytes, ttl: float, holder: str) -> None:
         """`set` and `release_lease` in one Lua script (a refused value: in turn)."""
         self._check_open()
@@ -204,7 +242,7 @@ class RedisResponseCache(ResponseCache):
             await super().set_and_release(key, value, ttl, holder)
             return
         px = max(1, round(min(ttl, MAX_TTL) * 1000))
-        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        lease = self._lease_key(key)
         args = [2, self._key(key), lease, value, px, holder]
         try:
             await evalsha_once(self._client, _SET_RELEASING_SHA, _SET_RELEASING, args)
@@ -215,7 +253,7 @@ class RedisResponseCache(ResponseCache):
 
     async def release_lease(self, key: str, holder: str) -> bool:
         self._check_open()
-        lease = self._prefix_bytes + _LEASE_MARK + key.encode("utf-8", "surrogatepass")
+        lease = self._lease_key(key)
         try:
             reply = await evalsha_once(self._client, _RELEASE_SHA, _RELEASE, [1, lease, holder])
         except (RedisError, OSError) as exc:

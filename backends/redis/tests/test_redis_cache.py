@@ -80,12 +80,15 @@ async def test_a_key_of_another_type_is_a_miss_not_an_outage(
     assert kind == b"string"
 
 
-async def test_get_of_a_key_of_another_type_reads_none(redis_url: str, redis_prefix: str) -> None:
+async def test_get_and_a_take_of_a_key_of_another_type_read_none(
+    redis_url: str, redis_prefix: str
+) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
         await client.rpush(redis_prefix + "listed", "x")
         async with RedisResponseCache(client, prefix=redis_prefix) as cache:
             assert await cache.get("listed") is None
+            assert await cache.acquire_lease_and_get("listed", "holder", 30) == (None, None)
             await cache.set("listed", b"answer", 60)
             assert await cache.get("listed") == b"answer"
     finally:

@@ -395,6 +395,9 @@ async def test_the_cache_reads_bytes_from_any_client(
             await cache.set("k", "réponse".encode(), 60)
             assert await cache.get("k\udc80") == bytes(range(256))
             assert await cache.get("k") == "réponse".encode()
+            # and a take of a lease, which reads the entry with it
+            taken = await cache.acquire_lease_and_get("k\udc80", "holder", 30)
+            assert taken == (None, bytes(range(256)))
             assert await client.exists(redis_prefix.encode() + b"k\xed\xb2\x80")
             assert await cache.clear() == 2
             assert await cache.get("k") is None

@@ -41,9 +41,12 @@ class ResponseCacheContract:
     clears); any string a key, kept apart from every other; concurrent writers; a
     shared cache showing one instance's entries to another; close and use after close;
     for a backend with ``leases``: a lease held by one holder (of concurrent takers,
-    in every instance) until released or expired, renewed by its holder's take for the
-    ttl that take gives, apart from the entries and clear,
-    and `ResponseCache.set_and_release` storing, then letting go of the holder's lease.
+    in every instance, whether they take it alone or with the entry) until released or
+    expired, renewed by its holder's take for the ttl that take gives, apart from the
+    entries and clear, `ResponseCache.set_and_release` storing, then letting go of the
+    holder's lease, and `ResponseCache.acquire_lease_and_get` reading the entry with
+    the lease (one stored, then let go, in another instance too: never missed by the
+    take that lease's release let through).
     """
 
     @pytest.fixture
@@ -99,6 +102,8 @@ class ResponseCacheContract:
             held = await cache.acquire_lease(renewed, "next", 60)
             assert held is not None and held[0] == "holder" and held[1] > 30, held
             assert await cache.acquire_lease(shortened, "next", 60) is None
+            # nor read with a lease
+            assert await cache.acquire_lease_and_get(short, "next", 60) == (None, None)
         # an expired entry the backend has not dropped yet is not counted by clear
         assert await cache.clear() == 1
 
@@ -287,6 +292,45 @@ class ResponseCacheContract:
         assert await cache.get(refused) is None
         assert await cache.acquire_lease(refused, "next", 30) is None
 
+    async def test_a_take_reads_the_entry_with_the_lease(
+        self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
+    ) -> None:
+        if not cache.leases:
+            pytest.skip(f"{type(cache).__name__} keeps no leases")
+        key, raced = _key(), _key()
+        assert await cache.acquire_lease_and_get(key, "first", 30) == (None, None)
+        held, value = await cache.acquire_lease_and_get(key, "second", 30)
+        assert held is not None and held[0] == "first" and 0 < held[1] <= 30, held
+        assert value is None
+        # an entry stored under another's lease: read, the lease still the holder's
+        await cache.set(key, b"answer", 60)
+        held, value = await cache.acquire_lease_and_get(key, "second", 30)
+        assert held is not None and held[0] == "first" and value == b"answer", (held, value)
+        # renewed by its holder, the entry read alike
+        assert await cache.acquire_lease_and_get(key, "first", 30) == (None, b"answer")
+        # let go: the next take is granted, and reads the entry; taken all the same
+        assert await cache.release_lease(key, "first") is True
+        assert await cache.acquire_lease_and_get(key, "second", 30) == (None, b"answer")
+        assert (await cache.acquire_lease(key, "third", 30) or ("",))[0] == "second"
+        # the race between processes: one's read missed; another takes the lease,
+        # stores its answer and lets go; the first's take, granted, reads that answer
+        other = cache_from_url(cache_url, **cache_options) if cache.shared else cache
+        async with contextlib.AsyncExitStack() as stack:
+            if other is not cache:
+                await stack.enter_async_context(other)
+            assert await cache.get(raced) is None
+            assert await other.acquire_lease_and_get(raced, "other", 30) == (None, None)
+            await other.set_and_release(raced, b"stored meanwhile", 60, "other")
+            assert await cache.acquire_lease_and_get(raced, "first", 30) == (
+                None,
+                b"stored meanwhile",
+            )
+        for ttl in (0, -1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="ttl"):
+                await cache.acquire_lease_and_get(key, "fourth", ttl)
+        with pytest.raises(TypeError, match="ttl"):
+            await cache.acquire_lease_and_get(key, "fourth", "30")  # type: ignore[arg-type]
+
     async def test_a_lease_goes_to_one_of_concurrent_takers(
         self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
     ) -> None:
@@ -299,13 +343,17 @@ class ResponseCacheContract:
                 await stack.enter_async_context(other)
             taken: list[str] = []
 
-            async def take(which: ResponseCache, holder: str) -> None:
-                if await which.acquire_lease(key, holder, 30) is None:
+            async def take(which: ResponseCache, holder: str, with_entry: bool) -> None:
+                if with_entry:
+                    held, _ = await which.acquire_lease_and_get(key, holder, 30)
+                else:
+                    held = await which.acquire_lease(key, holder, 30)
+                if held is None:
                     taken.append(holder)
 
             async with anyio.create_task_group() as tg:
                 for i in range(20):
-                    tg.start_soon(take, cache if i % 2 else other, f"holder {i}")
+                    tg.start_soon(take, cache if i % 2 else other, f"holder {i}", i % 4 < 2)
         assert len(taken) == 1, taken
 
     async def test_use_after_close_raises(self, cache: ResponseCache) -> None:
