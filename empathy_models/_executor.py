@@ -107,7 +107,7 @@ from contextlib import (
     nullcontext,
 )
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast
+from typing import TYPE_CHECKING, Any, Never, Protocol, Self, cast
 
 import anyio
 
@@ -137,12 +137,15 @@ from ._setup import (
     keyless_of,
     limiter_for,
 )
+from ._validators import warn_caller
 from ._values import (
+    SAMPLED,
     AttemptSummary,
     ExecutionContext,
     FallbackPolicy,
     LLMResponse,
     context_of,
+    uncached,
 )
 from .abc import (
     Completion,
@@ -157,6 +160,7 @@ from .cache import cache_from_url
 from .content import ResponseFormat, Tool
 from .exceptions import (
     ConfigurationError,
+    ConfigurationWarning,
     NotOpenError,
 )
 from .limits.guard import Limiter
@@ -204,7 +208,7 @@ Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
 
 
-class MissingAPIKeyWarning(UserWarning):
+class MissingAPIKeyWarning(ConfigurationWarning):
     """
     A configured provider has no API key, so its models are not routed to.
 
@@ -215,7 +219,7 @@ class MissingAPIKeyWarning(UserWarning):
     """
 
 
-class TelemetryDisabledWarning(UserWarning):
+class TelemetryDisabledWarning(ConfigurationWarning):
     """
     The executor was built without a telemetry store: calls work, records are not kept.
 
@@ -320,6 +324,21 @@ def _cached_module() -> Any:
     return _CACHED
 
 
+async def _read_cache(executor: EmpathyLLMExecutor, ctx: ExecutionContext, *request: Any) -> Any:
+    """
+    `_cached.read_or_lead`'s ``(hit, key, flight)`` for a run whose context sets
+    ``cache_ttl``; none, and a warning once per executor (`uncached`), without a cache
+    to read, and the warning for a request not cached because it samples (no ``key``).
+    """
+    if executor._cache is None:
+        uncached(executor)
+        return None, None, None
+    hit, key, flight = await _cached_module().read_or_lead(executor, ctx, *request)
+    if hit is None and key is None:
+        uncached(executor, SAMPLED)
+    return hit, key, flight
+
+
 # --------------------------------------------------------------------------- the executor
 
 
@@ -394,18 +413,16 @@ def _pool_too_small(session: aiohttp.ClientSession, limits: Mapping[str, int]) -
     if (isinstance(pool, int) and 0 < pool < calls) or (
         isinstance(per_host, int) and 0 < per_host < most
     ):
-        logger.warning(
-            "session=: its connector allows %d connection(s) in all and %d per host "
-            "(0: no limit), fewer than the %d call(s) concurrency_per_provider lets in "
-            "flight (%d for one provider): the calls beyond wait for a connection within "
-            "their attempt, the wait counted against their timeout (a timeout recorded as "
-            "the model's failure); raise the connector's limit or lower "
-            "concurrency_per_provider",
-            pool,
-            per_host,
-            calls,
-            most,
+        message = (
+            f"session=: its connector allows {pool} connection(s) in all and {per_host} per "
+            f"host (0: no limit), fewer than the {calls} call(s) concurrency_per_provider "
+            f"lets in flight ({most} for one provider): the calls beyond wait for a "
+            "connection within their attempt, the wait counted against their timeout (a "
+            "timeout recorded as the model's failure); raise the connector's limit or lower "
+            "concurrency_per_provider"
         )
+        logger.warning("%s", message)
+        warn_caller(message)  # at the caller's `async with`: seen without logging set up
 
 
 def _borrow_telemetry(stack: AsyncExitStack, fb: _Feedback) -> None:
@@ -897,6 +914,7 @@ class EmpathyLLMExecutor:
         top_p: float | None = None,
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        **unknown: Never,
     ) -> LLMResponse:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
@@ -916,10 +934,13 @@ class EmpathyLLMExecutor:
             response_format: a JSON Schema or `ResponseFormat` (JSON answers: `LLMResponse.parsed`).
             stop, top_p, seed: sent to the provider (Anthropic has no seed: not sent there).
             extra_body: merged into every route's JSON body (not model, messages, stream; n=1).
+            unknown: none is taken: ``temperature=``, ``max_tokens=``, ``model=`` and the
+                other run settings are `ExecutionContext`'s; the error says where each goes.
 
         Raises:
             ConfigurationError: bad values (a malformed message names its position), before
                 any call; or no model can serve the context.
+            TypeError: a keyword argument ``run`` does not take (``unknown``).
             AllRoutesFailedError: no route answered or the deadline passed (an
                 `ExceptionGroup` holding every attempt's error, in order).
             InvalidRequestError: the provider's (400, content policy, or a context window no
@@ -932,21 +953,15 @@ class EmpathyLLMExecutor:
             ctx = context_of(context)
             messages, system = _to_messages(prompt, ctx.system)
             options = run_options(
-                tools=tools,
-                tool_choice=tool_choice,
-                response_format=response_format,
-                stop=stop,
-                top_p=top_p,
-                seed=seed,
-                extra_body=extra_body,
+                tools, tool_choice, response_format, stop, top_p, seed, extra_body, unknown, "run"
             )
             start = self._clock() if self._obs is None else self._obs.began()
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
             task_type, tier = self._planner.task(ctx.task_type)
             needs = required_capabilities(messages, options)
             cache_key, lead = None, _NOT_LEADING
-            if ctx.cache_ttl is not None and self._cache is not None:
-                hit, cache_key, flight = await _cached_module().read_or_lead(
+            if ctx.cache_ttl is not None:
+                hit, cache_key, flight = await _read_cache(
                     self, ctx, task_type, messages, system, options, start, deadline_at
                 )
                 if hit is not None:
@@ -977,6 +992,7 @@ class EmpathyLLMExecutor:
         top_p: float | None = None,
         seed: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        **unknown: Never,
     ) -> StreamManager:
         """
         Answer ``prompt`` as a stream of text deltas; see `empathy_models.streaming`.
@@ -1004,6 +1020,7 @@ class EmpathyLLMExecutor:
 
         Raises:
             ConfigurationError: bad input, here, before anything is sent.
+            TypeError: a keyword argument ``stream`` does not take, as for `run`.
             NoModelMeetsConstraintsError, ConfigurationError: no route (the router's policy,
                 no model able): here, or from ``async with`` after a cache miss when the
                 cache may answer (see `empathy_models.streaming`).
@@ -1011,13 +1028,7 @@ class EmpathyLLMExecutor:
             StreamInterruptedError: a failure after the first delta (with the partial text).
         """
         options = run_options(
-            tools=tools,
-            tool_choice=tool_choice,
-            response_format=response_format,
-            stop=stop,
-            top_p=top_p,
-            seed=seed,
-            extra_body=extra_body,
+            tools, tool_choice, response_format, stop, top_p, seed, extra_body, unknown, "stream"
         )
         global _open_stream
         opener = _open_stream

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._request_options import capable
 from ._run import _Run
+from ._validators import shown, warn_caller
 from .abc import Provider
 from .breaker import CircuitBreaker
 from .circuit import checked_key
@@ -20,7 +21,7 @@ from .exceptions import ConfigurationError
 from .records import CandidateEvaluation, ModelTier, RoutingDecision
 from .registry import ModelInfo, ModelRegistry
 from .routing._explain import annotated
-from .tasks import get_tier_for_task, is_known_task, normalize_task_type
+from .tasks import TaskType, get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
     from .limits.guard import Limiter
@@ -171,12 +172,17 @@ class _Planner:
             )
             return
         warned.add(task_type)
-        logger.warning(
-            "unknown task type %r: using the %s tier (see "
-            "empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))",
-            task_type,
-            tier.value,
+        import difflib
+
+        names = [t.value for t in TaskType]
+        close = difflib.get_close_matches(normalize_task_type(task_type), names, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        message = (
+            f"unknown task type {shown(task_type)}: using the {tier.value} tier ({guess}see "
+            "empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))"
         )
+        logger.warning("%s", message)
+        warn_caller(message)  # the caller's code names it: seen without logging set up
 
     def breaker_key(self, info: ModelInfo) -> str:
         assert self._breaker is not None

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import attrs
+
 from ._jsonschema import parse_structured
 from ._validators import shown
 from .abc import Completion, Message
@@ -28,7 +30,14 @@ from .exceptions import ConfigurationError, RecordValidationError
 from .records import CandidateEvaluation
 from .registry import ModelInfo
 
-__all__ = ["NO_OPTIONS", "capable", "required_capabilities", "run_options", "structured_result"]
+__all__ = [
+    "NO_OPTIONS",
+    "capable",
+    "misplaced",
+    "required_capabilities",
+    "run_options",
+    "structured_result",
+]
 
 NO_OPTIONS: Final[Mapping[str, Any]] = {}
 
@@ -60,6 +69,70 @@ def _check_choices(extra_body: Mapping[str, Any]) -> None:
     )
 
 
+_RUN_OPTIONS: Final = (
+    "tools",
+    "tool_choice",
+    "response_format",
+    "stop",
+    "top_p",
+    "seed",
+    "extra_body",
+)
+"""The request options `EmpathyLLMExecutor.run` and ``stream`` take as keywords."""
+
+
+_PROVIDERS_OWN: Final = frozenset({"api_key", "base_url", "api_base", "organization"})
+"""Keywords of a provider's constructor that newcomers pass to a call."""
+
+
+def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
+    """
+    The error for keyword arguments ``unknown`` that `EmpathyLLMExecutor` ``call``
+    (``"run"`` or ``"stream"``) does not take, saying where each belongs: a setting of
+    `ExecutionContext` (``temperature``, ``max_tokens``, ``model``, ...) in the context,
+    the messages as the prompt, a provider's key or URL in the provider, and any other
+    field of the provider's request in ``extra_body``.  A `TypeError`, as Python's own
+    for an unexpected keyword.
+    """
+    import difflib
+
+    from ._values import ExecutionContext  # read on this error's path only
+
+    fields = [f.name for f in attrs.fields(ExecutionContext)]
+    in_context = {name: value for name, value in unknown.items() if name in fields}
+    sentences = [
+        f"EmpathyLLMExecutor.{call}() got unexpected keyword argument(s) "
+        f"{', '.join(repr(name) for name in unknown)}."
+    ]
+    if in_context:
+        given = ", ".join(f"{name}={shown(value)}" for name, value in in_context.items())
+        sentences.append(
+            f"{', '.join(f'{name}=' for name in in_context)} "
+            f"{'is a setting' if len(in_context) == 1 else 'are settings'} of the run's "
+            f"ExecutionContext: executor.{call}(prompt, ExecutionContext({given}, ...)), "
+            f"or attrs.evolve(context, {given}) for a context you have."
+        )
+    for name in (name for name in unknown if name not in in_context):
+        if name == "messages":
+            hint = f"pass the messages as the prompt, executor.{call}([...], context)."
+        elif name in _PROVIDERS_OWN:
+            hint = f"give it to the provider, OpenAIProvider({name}=...) or AnthropicProvider."
+        elif close := difflib.get_close_matches(name, [*_RUN_OPTIONS, *fields], n=1, cutoff=0.75):
+            meant = (
+                f"{close[0]}=" if close[0] in _RUN_OPTIONS else f"ExecutionContext({close[0]}=...)"
+            )
+            hint = f"did you mean {meant}?"
+        else:
+            hint = (
+                "a field of the provider's request goes in "
+                f"extra_body={{{name!r}: ...}} (sent to every route as given)."
+            )
+        sentences.append(f"{name}= is not an option of {call}(): {hint}")
+    taken = ", ".join(f"{name}=" for name in _RUN_OPTIONS)
+    sentences.append(f"{call}() takes the prompt, an ExecutionContext and {taken}.")
+    return TypeError(" ".join(sentences))
+
+
 class _RunOptions(dict[str, Any]):
     """
     `run_options`' result: the request's keyword arguments, and ``schema_checked``, true
@@ -75,7 +148,6 @@ class _RunOptions(dict[str, Any]):
 
 
 def run_options(
-    *,
     tools: object,
     tool_choice: object,
     response_format: object,
@@ -83,8 +155,16 @@ def run_options(
     top_p: object,
     seed: object,
     extra_body: object,
+    unknown: Mapping[str, object],
+    call: str,
+    /,
 ) -> Mapping[str, Any]:
-    """The `CompletionRequest` keyword arguments for these options (validated)."""
+    """
+    The `CompletionRequest` keyword arguments for these options (validated): those of
+    `EmpathyLLMExecutor` ``call`` (``"run"`` or ``"stream"``), in its order, and the
+    keyword arguments it does not take, ``unknown``, refused (`misplaced`).  Positional:
+    a call with keywords costs each run more than the check it makes.
+    """
     if (
         tools is None
         and tool_choice is None
@@ -93,8 +173,11 @@ def run_options(
         and top_p is None
         and seed is None
         and extra_body is None
+        and not unknown
     ):
         return NO_OPTIONS
+    if unknown:
+        raise misplaced(unknown, call)
     try:
         options = _RunOptions(
             tools=to_tools(tools),

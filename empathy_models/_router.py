@@ -57,7 +57,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 from ._fast import gc_paused
 from ._loops import close_at_home, dropped, elsewhere, other_loop_error, running_loop
 from ._propagation import background
-from ._validators import plain_number, shown
+from ._validators import plain_number, shown, warn_caller
 from .abc import TelemetryBackend
 from .evidence import EvidenceBatch, rollup
 from .exceptions import ConfigurationError, NotOpenError
@@ -875,11 +875,13 @@ class AdaptiveModelRouter:
 
     def _warn_not_started(self) -> None:
         self._warned_not_started = True
-        logger.warning(
+        message = (
             "AdaptiveModelRouter has a telemetry store but was not started "
             "(use `async with router:`): decisions use only outcomes reported to this "
             "process"
         )
+        logger.warning("%s", message)
+        warn_caller(message)  # the caller's code is to change: seen without logging set up
 
     # ------------------------------------------------------------------ reports
 

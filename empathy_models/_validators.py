@@ -31,12 +31,13 @@ import math
 import numbers
 import operator
 import sys
+import warnings
 from collections.abc import Callable, Collection
 from decimal import Decimal
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 from ._urls import masked_keys
-from .exceptions import RecordValidationError
+from .exceptions import ConfigurationWarning, RecordValidationError
 
 __all__ = [
     "MAX_SIZE",
@@ -56,6 +57,7 @@ __all__ = [
     "shown",
     "text",
     "text_flaw",
+    "warn_caller",
 ]
 
 _MAX_FLOAT: Final = sys.float_info.max
@@ -498,3 +500,16 @@ def one_of(fail: Failure, allowed: Collection[object], *, why: str) -> Validator
             raise fail(attribute.name, value, why)
 
     return check_one_of
+
+
+def warn_caller(message: str, category: type[Warning] = ConfigurationWarning) -> None:
+    """
+    `warnings.warn` ``message`` at the line of the caller's code that led to it: the
+    first frame outside this package (the warning filters' once-per-location then
+    count that line, and the message names it).
+    """
+    package = __name__.partition(".")[0] + "."
+    frame, level = sys._getframe(), 1  # stacklevel 1: this function's own line
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -6,7 +6,9 @@ Re-exported by `empathy_models` (and `_executor.py`).
 
 from __future__ import annotations
 
+import logging
 import math
+import weakref
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -15,7 +17,16 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
-from ._validators import failure, instance_of, integer, number, plain_number, shown, text_flaw
+from ._validators import (
+    failure,
+    instance_of,
+    integer,
+    number,
+    plain_number,
+    shown,
+    text_flaw,
+    warn_caller,
+)
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -139,7 +150,9 @@ class ExecutionContext:
             so name kinds of work ("support", "triage"), not users or requests: the
             router keeps state for every (workflow, stage, model) it has seen.
         task_type: picks the tier when ``tier`` is not given (normalized:
-            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
+            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task); one not
+            in `empathy_models.tasks.TaskType` gets the capable tier and a
+            `ConfigurationWarning`.
         tier: overrides the task's tier.
         model: pins the first route to this registry model id (bypassing the router);
             fallback then proceeds as usual.  Cannot be combined with constraints.
@@ -172,8 +185,10 @@ class ExecutionContext:
         cache_ttl: answer from the executor's response cache when the same request was
             answered less than this many seconds ago, and store this answer for that
             long (100 years at most, `empathy_models.cache.MAX_TTL`; see
-            `empathy_models.cache`; needs ``cache=`` on the executor).  Only
-            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+            `empathy_models.cache`; needs ``cache=`` on the executor, which warns once
+            without, `ConfigurationWarning`).  Only
+            ``temperature=0`` calls are cached unless ``cache_sampled`` is true (a
+            sampled one warns once per executor).
             Streams too: a hit is replayed as a stream, and a stream that ended whole
             stores its answer (one left early or interrupted, never).
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
@@ -368,8 +383,47 @@ def context_of(context: object) -> ExecutionContext:
     if context is None:
         return _DEFAULT_CONTEXT
     if not isinstance(context, ExecutionContext):
-        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}")
+        fix = ""
+        if isinstance(context, Mapping) and all(isinstance(k, str) for k in context):
+            given = ", ".join(f"{k}={shown(v)}" for k, v in context.items())
+            fix = f": build one, ExecutionContext({given})"
+        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}{fix}")
     return context
+
+
+NO_CACHE: Final = (
+    "ExecutionContext(cache_ttl=...) on an executor without a response cache: nothing "
+    "is cached, nor answered from a cache; give the executor one, "
+    "EmpathyLLMExecutor(..., cache='sqlite:///cache.db') (or 'memory://', "
+    "'redis://...'), or leave cache_ttl out"
+)
+
+SAMPLED: Final = (
+    "ExecutionContext(cache_ttl=...) on a request that samples (temperature left out, "
+    "which samples at the provider's default, or above 0): its answer is neither cached "
+    "nor answered from the cache; set temperature=0, or cache_sampled=True to cache "
+    "sampled answers too"
+)
+
+_WARNED: Final[dict[str, weakref.WeakSet[object]]] = {
+    NO_CACHE: weakref.WeakSet(),
+    SAMPLED: weakref.WeakSet(),
+}
+"""The executors warned, per message."""
+
+
+def uncached(executor: object, why: str = NO_CACHE) -> None:
+    """
+    Warn, once per ``executor`` and ``why``, that a run or stream set ``cache_ttl``
+    while it has no ``cache=`` (`NO_CACHE`), or for a request whose answer is sampled
+    (`SAMPLED`): the setting would otherwise be ignored without a word.
+    """
+    warned = _WARNED[why]
+    if executor in warned:
+        return
+    warned.add(executor)
+    logging.getLogger("empathy_models.executor").warning("%s", why)
+    warn_caller(why)
 
 
 # LLMResponse and AttemptSummary have no validators or converters: the executor builds

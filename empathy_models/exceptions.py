@@ -37,6 +37,13 @@ bad input a `ValueError`)::
         ├── BackendClosedError (also a NotOpenError) a backend used after aclose()
         └── SchemaVersionError                   a database written by a newer version
 
+Warnings, given with `warnings.warn` (shown on stderr once per line of the caller's code
+that led to them, without any logging set up)::
+
+    ConfigurationWarning (UserWarning)           a setting that works, likely not as meant
+    ├── MissingAPIKeyWarning                     a provider without a key (top level)
+    └── TelemetryDisabledWarning                 an executor without a telemetry store
+
 Errors are mapped from native exceptions at one boundary per layer and raised with
 ``from exc``, so the original cause is always in the traceback.  No error message or
 attribute holds an API key.  Every error pickles whole (a process pool, a queue): its
@@ -65,6 +72,7 @@ __all__ = [
     "BudgetExceededError",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConfigurationWarning",
     "ContentPolicyError",
     "ContextWindowExceededError",
     "EmpathyModelsError",
@@ -103,6 +111,25 @@ class NotOpenError(EmpathyModelsError, RuntimeError):
     An object was used while it is not open: an executor, router, provider session or
     backend before ``async with`` (or ``start()``) or after ``aclose()``.  The one error
     for that, whatever the object; backends raise its subclass `BackendClosedError`.
+    """
+
+
+class ConfigurationWarning(UserWarning):
+    """
+    A setting the code gave that works, but most likely not as meant: an unknown task
+    type (a capable model chosen for it), ``cache_ttl`` on an executor without a cache
+    or on a request that samples (nothing cached), a router with a telemetry store used
+    without ``async with`` (decisions without the stored evidence), a ``session=`` whose
+    connection pool is smaller than the calls in flight, a content-capture switch not
+    understood (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider
+    without a key, no telemetry.
+
+    The fix is in the calling code, so it is a `warnings.warn` warning rather than a
+    log line: shown on stderr without any logging configured (once per line of the
+    caller's code, Python's default), an error under ``-W error`` or pytest's
+    ``filterwarnings = ["error"]``, and silenced with
+    ``warnings.filterwarnings("ignore", category=ConfigurationWarning)``.  Each is
+    also logged as a warning on the logger of the part that noticed it.
     """
 
 

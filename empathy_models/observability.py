@@ -178,7 +178,7 @@ from ._otel_spans import (
     _wall_ns,
 )
 from ._propagation import outgoing_headers
-from ._validators import shown
+from ._validators import shown, warn_caller
 from ._values import ExecutionContext, LLMResponse
 from ._version import __version__
 from .exceptions import ConfigurationError
@@ -238,12 +238,13 @@ def _capture_from_env() -> bool:
     if value in _CAPTURE_ON:
         return True
     if value not in _CAPTURE_OFF:
-        logger.warning(
-            "%s=%r is not understood (true, false, span_only, span_and_event, event_only, "
-            "no_content): prompts and answers are not recorded on spans",
-            CAPTURE_CONTENT_ENV,
-            value,
+        message = (
+            f"{CAPTURE_CONTENT_ENV}={value!r} is not understood (true, false, span_only, "
+            "span_and_event, event_only, no_content): prompts and answers are not recorded "
+            "on spans"
         )
+        logger.warning("%s", message)
+        warn_caller(message)  # at the line building the executor: seen without logging
     return False
 
 

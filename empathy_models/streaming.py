@@ -113,7 +113,7 @@ from ._otel_spans import _current
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
 from ._text import utf8_size
-from ._values import ExecutionContext, context_of
+from ._values import SAMPLED, ExecutionContext, context_of, uncached
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
@@ -963,10 +963,15 @@ def open_stream(
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._planner.task(ctx.task_type)
     key: str | None = None
-    if ctx.cache_ttl is not None and executor._cache is not None:
-        from ._cached import cache_key_of
+    if ctx.cache_ttl is not None:
+        if executor._cache is None:
+            uncached(executor)  # warned: the setting does nothing here
+        else:
+            from ._cached import cache_key_of
 
-        key = cache_key_of(ctx, task_type, messages, system, options)
+            key = cache_key_of(ctx, task_type, messages, system, options)
+            if key is None:  # a sampled request: warned, as it is not cached
+                uncached(executor, SAMPLED)
     stream = LLMStream(executor, _Run(ctx, messages, task_type, system, options), task_tier, key)
     if key is None:
         _plan(stream)

@@ -10,17 +10,21 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 
 import empathy_models
 from empathy_models import (
     AnthropicProvider,
     ConfigurationError,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
+    MissingAPIKeyWarning,
     OpenAIProvider,
     RetryPolicy,
+    TelemetryDisabledWarning,
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.exceptions import RecordValidationError
@@ -116,6 +120,48 @@ async def test_malformed_messages_raise_configuration_errors_naming_the_problem(
     assert server.requests() == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"temperature": 0}, "executor.run(prompt, ExecutionContext(temperature=0, ...))"),
+        (
+            {"max_tokens": 50, "model": "gpt-fake-mini"},
+            "ExecutionContext(max_tokens=50, model='gpt-fake-mini', ...)",
+        ),
+        ({"frequency_penalty": 0.5}, "extra_body={'frequency_penalty': ...}"),
+        ({"tool": []}, "did you mean tools=?"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "pass the messages as the prompt"),
+        ({"api_key": f"sk-{KEY}"}, "give it to the provider"),
+    ],
+)
+async def test_an_option_run_does_not_take_says_where_it_goes(
+    server: FakeLLMServer, options: dict[str, Any], expected: str
+) -> None:
+    # each error says where the option goes, before anything is sent
+    async with make(server) as executor:
+        with pytest.raises(TypeError) as raised:
+            await executor.run("hello", CHEAP, **options)
+        with pytest.raises(TypeError) as streamed:
+            executor.stream("hello", CHEAP, **options)
+        assert (await executor.run("hello", CHEAP, seed=3)).content
+    assert expected in str(raised.value)
+    assert expected.replace("executor.run(", "executor.stream(") in str(streamed.value)
+    assert KEY not in str(raised.value)
+    assert server.requests() == 1
+
+
+async def test_a_dict_as_context_says_how_to_build_the_context(server: FakeLLMServer) -> None:
+    settings: Any = {"workflow": "docs", "tier": "cheap"}
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError) as raised:
+            await executor.run("hello", settings)
+        with pytest.raises(ConfigurationError) as streamed:
+            executor.stream("hello", settings)
+    fix = "build one, ExecutionContext(workflow='docs', tier='cheap')"
+    assert fix in str(raised.value) and fix in str(streamed.value)
+    assert server.requests() == 0
+
+
 def test_message_role_errors_are_the_librarys_not_attrs() -> None:
     with pytest.raises(RecordValidationError) as raised:
         Message(role="robot", content="x")  # type: ignore[arg-type]
@@ -156,6 +202,57 @@ async def test_retries_and_fallbacks_are_counted_apart(server: FakeLLMServer) ->
 
 
 # --------------------------------------------------------------------------- logs
+
+
+async def test_a_misspelt_task_type_warns_at_the_callers_line_with_the_name_meant(
+    server: FakeLLMServer,
+) -> None:
+    # a warning, not only a log line: seen with no logging set up
+    async with make(server) as executor:
+        with pytest.warns(ConfigurationWarning, match="did you mean 'summarize'") as given:
+            await executor.run("hello", ExecutionContext(task_type="sumarize", tier="cheap"))
+    assert len(given) == 1 and given[0].filename == __file__
+
+
+async def test_cache_ttl_without_a_cache_warns_once_per_executor(server: FakeLLMServer) -> None:
+    cached = ExecutionContext(workflow="docs", tier="cheap", temperature=0, cache_ttl=60)
+    async with make(server) as executor:
+        with pytest.warns(ConfigurationWarning, match="without a response cache") as given:
+            first = await executor.run("hello", cached)
+            again = await executor.run("hello", cached)
+            async with executor.stream("hello", cached) as stream:
+                await stream.get_final_response()
+    assert len(given) == 1 and given[0].filename == __file__
+    assert "cache='sqlite:///cache.db'" in str(given[0].message)
+    assert not first.cached and not again.cached and server.requests() == 3
+    async with make(server) as other:  # another executor is warned again
+        with pytest.warns(ConfigurationWarning, match="without a response cache"):
+            await other.run("hello", cached)
+
+
+async def test_cache_ttl_on_a_sampled_request_warns_once_per_executor(
+    server: FakeLLMServer,
+) -> None:
+    sampled = ExecutionContext(workflow="docs", tier="cheap", cache_ttl=60)  # no temperature
+    async with make(server, cache="memory://") as executor:
+        with pytest.warns(ConfigurationWarning, match="on a request that samples") as given:
+            first = await executor.run("hello", sampled)
+            again = await executor.run("hello", sampled)
+            async with executor.stream("hello", sampled) as stream:
+                await stream.get_final_response()
+        zero = attrs.evolve(sampled, temperature=0)
+        assert not (await executor.run("hello", zero)).cached
+        assert (await executor.run("hello", zero)).cached  # no warning: it is cached
+    assert len(given) == 1 and given[0].filename == __file__
+    assert "set temperature=0, or cache_sampled=True" in str(given[0].message)
+    assert not first.cached and not again.cached and server.requests() == 4
+
+
+def test_the_librarys_setup_warnings_are_configuration_warnings() -> None:
+    # one category to silence, or to make errors of in a test suite
+    assert issubclass(MissingAPIKeyWarning, ConfigurationWarning)
+    assert issubclass(TelemetryDisabledWarning, ConfigurationWarning)
+    assert issubclass(ConfigurationWarning, UserWarning)  # shown by Python's default filters
 
 
 def test_the_package_root_logger_has_a_null_handler() -> None:

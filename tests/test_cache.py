@@ -34,7 +34,7 @@ from empathy_models.cache import (
     cache_from_url,
 )
 from empathy_models.content import ToolCall
-from empathy_models.exceptions import StateStoreError
+from empathy_models.exceptions import ConfigurationWarning, StateStoreError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
 from ._fakes import KEY, WEATHER, http_executor, priced_registry
@@ -292,8 +292,10 @@ async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) 
     warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
     asked = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7, cache_sampled=True)
     async with make(server) as executor:
-        for ctx in (sampled, sampled, warm, warm):
-            assert not (await executor.run("hello", ctx)).cached
+        with pytest.warns(ConfigurationWarning, match="on a request that samples") as given:
+            for ctx in (sampled, sampled, warm, warm):
+                assert not (await executor.run("hello", ctx)).cached
+        assert len(given) == 1  # once per executor
         await executor.run("hello", asked)
         assert (await executor.run("hello", asked)).cached
         # extra_body's temperature is the one sent: it samples a temperature=0 context's

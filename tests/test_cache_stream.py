@@ -19,6 +19,7 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     ConfigurationError,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     ExecutionContext,
     ModelRegistry,
@@ -233,7 +234,10 @@ async def test_a_cached_stream_is_served_when_no_model_can_stream(
         with pytest.raises(ConfigurationError, match="streaming"):
             async with executor.stream("Not cached yet", CTX):
                 pass
-        with pytest.raises(ConfigurationError, match="streaming"):
+        with (
+            pytest.warns(ConfigurationWarning, match="on a request that samples"),
+            pytest.raises(ConfigurationError, match="streaming"),
+        ):
             executor.stream("Not cacheable", attrs.evolve(CTX, temperature=0.7))
     assert not ran.cached and again.cached and pieces == [ANSWER]
     assert again.content == ran.content

@@ -498,8 +498,11 @@ def test_a_missing_file_with_an_at_sign_is_named_whole(tmp_path: Path) -> None:
 def test_status_before_setup_says_defaults(home: Path) -> None:
     out = ok(cli(home, "auth", "status"))
     assert "not created yet" in out and "(default)" in out
+    # nothing was set up, and the output says how to
+    assert "setup_completed           False (no file)" in out
+    assert "Not set up yet" in out and "`empathy-models auth setup --tier {free," in out
     data = json.loads(ok(cli(home, "auth", "status", "--json")))
-    assert data["configured"] is False
+    assert data["configured"] is False and data["setup_completed"] is False
     assert data["config_file"] == str(home / "auth_strategy.json")
     assert data["small_module_threshold"] == 500
 

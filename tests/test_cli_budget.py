@@ -59,6 +59,26 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no budget 'global/day'" in missing.stderr
 
 
+def test_a_budget_with_a_limit_set_and_nothing_spent_is_listed_in_json_as_in_the_table(
+    tmp_path: Path,
+) -> None:
+    home, db = tmp_path / "home", tmp_path / "quota.db"
+    _charge(db, "global/day", 500_000_000, 100_000_000)
+    limit = run_cli(home, "budget", "set", "workflow=docs/day", "--limit", "5", "--db", str(db))
+    assert limit.returncode == 0, limit.stderr
+    table = run_cli(home, "budget", "status", "--db", str(db)).stdout
+    assert "workflow=docs/day *" in table and "$5.0000" in table
+    for key in (), ("workflow=docs/day",):
+        status = run_cli(home, "budget", "status", *key, "--db", str(db), "--json")
+        assert status.returncode == 0, status.stderr
+        rows = {r["key"]: r for r in json.loads(status.stdout)["budgets"]}
+        assert set(rows) == ({"workflow=docs/day"} if key else {"global/day", "workflow=docs/day"})
+        unspent = rows["workflow=docs/day"]
+        assert (unspent["limit_usd"], unspent["spent_usd"], unspent["remaining_usd"]) == (5, 0, 5)
+        assert unspent["limit_overridden"] and unspent["calls"] == 0
+        assert unspent["window_start"] is None and unspent["resets_at"] is None
+
+
 def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
     db = tmp_path / "quota.db"
     _charge(db, "global/day", 1, 1)

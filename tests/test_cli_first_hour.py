@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 from empathy_models import (
@@ -152,6 +153,21 @@ def test_json_errors_are_json_objects_on_stdout(
     assert error["type"] == "CliError" and "database not found" in error["message"]
     assert error["exit_code"] == 1
     assert "database not found" in err
+
+
+def test_a_missing_default_database_points_to_the_one_the_code_writes(
+    capsys: pytest.CaptureFixture[str], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the quick start writes calls.db where it runs; the commands read $EMPATHY_HOME's
+    monkeypatch.chdir(db.parent)
+    code, _, err = run(capsys, "telemetry", "summary")
+    assert code == 1 and "--db left out: the configured database" in err
+    assert "--db calls.db for 'sqlite:///calls.db'" in err
+    assert "SQLite files here: calls.db" in err
+    code, _, err = run(capsys, "budget", "status")
+    assert code == 1 and "the file your code's quota_store= or breaker store= names" in err
+    code, _, err = run(capsys, "telemetry", "summary", "--db", "other.db")  # typed: as before
+    assert code == 1 and "--db left out" not in err and "create one with" in err
 
 
 def test_json_usage_errors_are_json_objects_too(capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,6 +324,48 @@ def test_telemetry_summary_says_rejections_are_left_out(
     code, out, _ = run(capsys, "telemetry", "export", "--format", "jsonl", "--db", str(db))
     outcomes = [json.loads(line)["outcome"] for line in out.splitlines()]
     assert len(outcomes) == 37 and outcomes.count("not_sent") == 2  # export has every one
+
+
+def test_telemetry_summary_lists_no_model_of_no_calls_and_no_cost(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "odd.db"
+    records = [
+        _record("claude-haiku-4-5", "anthropic", Outcome.SUCCESS, 0),
+        _record("gpt-4o", "openai", Outcome.REJECTED, 1),  # the breaker refused it
+        _record("gpt-4o-mini", "openai", Outcome.CACHE_HIT, 2),
+        _record("gpt-4o-mini", "openai", Outcome.NOT_SENT, 3),
+        attrs.evolve(
+            _record("claude-sonnet-4-5", "anthropic", Outcome.CANCELLED, 4), cost_usd=0.002
+        ),
+    ]
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record_many(records)
+
+    anyio.run(fill)
+    code, out, _ = run(capsys, "telemetry", "summary", "--db", str(path), "--json")
+    assert code == 0
+    rows = {m["model"]: (m["calls"], m["total_cost_usd"]) for m in json.loads(out)["models"]}
+    # a cancelled call is billed: its cost is shown though it is no call the router counts
+    assert rows == {"claude-haiku-4-5": (1, 0.0009), "claude-sonnet-4-5": (0, 0.002)}
+    code, out, _ = run(capsys, "telemetry", "summary", "--db", str(path))
+    assert "gpt-4o-mini" not in out and "gpt-4o " not in out and "claude-sonnet-4-5" in out
+
+
+def test_routing_stats_counts_one_call_in_the_singular(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "one.db"
+
+    async def fill() -> None:
+        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
+            await telemetry.record(_record("gpt-4o-mini", "openai", Outcome.SUCCESS, 0))
+
+    anyio.run(fill)
+    code, out, _ = run(capsys, "routing", "stats", "--db", str(path))
+    assert code == 0 and "docs / all stages: 1 call in 7 day(s)" in out, out
 
 
 def test_verbose_shows_the_librarys_logs_only_when_asked(

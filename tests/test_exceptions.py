@@ -41,7 +41,9 @@ from empathy_models.exceptions import (
 )
 from empathy_models.records import CircuitState
 
-ERROR_CLASSES = [getattr(exc_module, name) for name in exc_module.__all__]
+EXPORTED = [getattr(exc_module, name) for name in exc_module.__all__]
+ERROR_CLASSES = [cls for cls in EXPORTED if not issubclass(cls, Warning)]
+WARNING_CLASSES = [cls for cls in EXPORTED if issubclass(cls, Warning)]
 
 
 def test_every_error_derives_from_the_root_and_is_exported() -> None:
@@ -59,9 +61,16 @@ def test_every_error_derives_from_the_root_and_is_exported() -> None:
     assert "EmpathyModelsError" in empathy_models.__all__
 
 
+def test_every_warning_is_a_user_warning_exported_at_the_top_level() -> None:
+    # shown by Python's default filters, with no logging set up
+    assert [exc_module.ConfigurationWarning] == WARNING_CLASSES
+    for cls in WARNING_CLASSES:
+        assert issubclass(cls, UserWarning) and getattr(empathy_models, cls.__name__) is cls
+
+
 def test_the_module_docstring_draws_every_error() -> None:
     doc = inspect.getdoc(exc_module) or ""
-    for cls in ERROR_CLASSES:
+    for cls in EXPORTED:
         assert cls.__name__ in doc, f"{cls.__name__} missing from the drawn tree"
 
 

@@ -10,6 +10,7 @@ over real HTTP is in ``test_executor_http.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import warnings
@@ -52,6 +53,7 @@ from empathy_models.backends import (
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
     AuthenticationError,
+    ConfigurationWarning,
     ContentPolicyError,
     ContextWindowExceededError,
     InvalidRequestError,
@@ -63,6 +65,7 @@ from empathy_models.exceptions import (
     ServerError,
     TelemetryError,
 )
+from empathy_models.tasks import is_known_task
 from empathy_models.testing.clock import FakeClock
 
 # --------------------------------------------------------------------------- fixtures
@@ -333,8 +336,10 @@ async def test_task_type_decides_the_tier(
     task: str,
     model: str,
 ) -> None:
+    unknown = not is_known_task(task)  # warned about: it most likely is a typo
     async with make([alpha], telemetry, sleep) as executor:
-        response = await executor.run("x", ExecutionContext(task_type=task))
+        with pytest.warns(ConfigurationWarning) if unknown else contextlib.nullcontext():
+            response = await executor.run("x", ExecutionContext(task_type=task))
     assert response.model == model
     [record] = await records_of(telemetry)
     assert record.task_type == task.lower().replace("-", "_").replace(" ", "_")
@@ -348,8 +353,9 @@ async def test_an_unknown_task_type_is_logged_once_per_name(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="empathy_models.executor")
     async with make([alpha], telemetry, sleep) as executor:
-        for _ in range(3):
-            await executor.run("x", ExecutionContext(task_type="something new"))
+        with pytest.warns(ConfigurationWarning) as given:
+            for _ in range(3):
+                await executor.run("x", ExecutionContext(task_type="something new"))
         await executor.run("x", ExecutionContext(task_type="summarize"))
         await executor.run("x", ExecutionContext())  # the default "unknown" is not news
     warned = [r.getMessage() for r in caplog.records if "unknown task type" in r.getMessage()]
@@ -357,6 +363,7 @@ async def test_an_unknown_task_type_is_logged_once_per_name(
         "unknown task type 'something new': using the capable tier "
         "(see empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))"
     ]
+    assert [str(w.message) for w in given] == warned
 
 
 async def test_unknown_task_types_are_never_warned_about_twice(
@@ -369,8 +376,10 @@ async def test_unknown_task_types_are_never_warned_about_twice(
     # saying no more come, and never a second one about a name
     caplog.set_level(logging.WARNING, logger="empathy_models.executor")
     async with make([alpha], telemetry, sleep) as executor:
-        for i in [*range(1100), *range(20)]:
-            await executor.run("x", ExecutionContext(task_type=f"job {i}"))
+        with pytest.warns(ConfigurationWarning) as given:
+            for i in [*range(1100), *range(20)]:
+                await executor.run("x", ExecutionContext(task_type=f"job {i}"))
+    assert len(given) == 1024
     warned = [r.getMessage() for r in caplog.records if "unknown task type" in r.getMessage()]
     assert len(warned) == len(set(warned)) == 1024
     stop = [r.getMessage() for r in caplog.records if "no more warnings" in r.getMessage()]

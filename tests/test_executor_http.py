@@ -52,6 +52,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
     AuthenticationError,
+    ConfigurationWarning,
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
@@ -1061,7 +1062,7 @@ async def test_no_telemetry_over_http_warns_exactly_once(
         (0, 0, False),  # no limit
     ],
 )
-async def test_a_borrowed_session_holding_fewer_connections_than_calls_in_flight_is_logged(
+async def test_a_borrowed_session_holding_fewer_connections_than_calls_in_flight_is_warned(
     server: FakeLLMServer,
     telemetry: MemoryTelemetryBackend,
     sleep: RecordingSleep,
@@ -1082,15 +1083,20 @@ async def test_a_borrowed_session_holding_fewer_connections_than_calls_in_flight
         return aiohttp.TCPConnector(limit=limit, limit_per_host=per_host)
 
     caplog.set_level(logging.WARNING, logger="empathy_models.executor")
-    async with (
-        aiohttp.ClientSession(connector=connector(limit, per_host)) as session,
-        make(server, telemetry, sleep, session=session, concurrency_per_provider=4) as executor,
-    ):
-        said = [r.getMessage() for r in caplog.records if "session=" in r.getMessage()]
-        assert bool(said) is warned, said
-        if warned:
-            assert "fewer than the 8 call(s)" in said[0] and "(4 for one provider)" in said[0]
-        assert (await executor.run("hello", CHEAP)).provider == "anthropic"
+    # a warning (seen without logging set up, at the `async with` line), and logged
+    expected = pytest.warns(ConfigurationWarning) if warned else contextlib.nullcontext()
+    with expected as given:
+        async with (
+            aiohttp.ClientSession(connector=connector(limit, per_host)) as session,
+            make(server, telemetry, sleep, session=session, concurrency_per_provider=4) as ex,
+        ):
+            assert (await ex.run("hello", CHEAP)).provider == "anthropic"
+    said = [r.getMessage() for r in caplog.records if "session=" in r.getMessage()]
+    assert bool(said) is warned, said
+    if warned:
+        assert "fewer than the 8 call(s)" in said[0] and "(4 for one provider)" in said[0]
+        assert given is not None and [str(w.message) for w in given] == said
+        assert given[0].filename == __file__
 
 
 # --------------------------------------------------------------------------- review fixes

@@ -39,6 +39,7 @@ from empathy_models import (
     BreakerPolicy,
     Budget,
     ConfigurationError,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
@@ -779,6 +780,20 @@ async def test_the_capture_content_switch_records_content_for_every_run(
     attempt = otel.span("chat claude-fake-haiku")
     assert attempt.attributes is not None
     assert PROMPT in str(attempt.attributes["gen_ai.input.messages"])
+
+
+async def test_a_capture_content_switch_not_understood_is_a_configuration_warning(
+    server: FakeLLMServer, otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "yes please")
+    with pytest.warns(ConfigurationWarning, match="'yes please' is not understood") as given:
+        executor = make(server, otel)
+    assert given[0].filename == __file__  # seen without logging set up, at the caller's line
+    async with executor:
+        await executor.run(PROMPT, CTX)
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert "gen_ai.input.messages" not in attempt.attributes
 
 
 async def test_no_api_key_reaches_opentelemetry(server: FakeLLMServer, otel: Otel) -> None:

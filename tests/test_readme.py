@@ -30,6 +30,7 @@ import pytest
 
 from empathy_models import (
     AdaptiveModelRouter,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     LLMCallRecord,
     MissingAPIKeyWarning,
@@ -446,6 +447,7 @@ async def test_cache_ttl_does_nothing_without_both_halves_as_the_readme_says(key
 
     text = " ".join(README.read_text(encoding="utf-8").split())
     assert "a context's `cache_ttl` does nothing in an executor built without `cache=`" in text
+    assert "either warns once per executor, a `ConfigurationWarning` naming the fix" in text
 
     async def twice(ctx: ExecutionContext, **cache: str) -> tuple[bool, bool]:
         async with (
@@ -459,8 +461,12 @@ async def test_cache_ttl_does_nothing_without_both_halves_as_the_readme_says(key
             first, again = [await executor.run("What is GCRA?", ctx) for _ in range(2)]
         return first.cached, again.cached
 
-    assert await twice(ExecutionContext(cache_ttl=60, temperature=0)) == (False, False)
-    assert await twice(ExecutionContext(cache_ttl=60), cache="memory://") == (False, False)
+    with pytest.warns(ConfigurationWarning, match="without a response cache") as given:
+        assert await twice(ExecutionContext(cache_ttl=60, temperature=0)) == (False, False)
+    assert len(given) == 1
+    with pytest.warns(ConfigurationWarning, match="on a request that samples") as given:
+        assert await twice(ExecutionContext(cache_ttl=60), cache="memory://") == (False, False)
+    assert len(given) == 1
     sampled = ExecutionContext(cache_ttl=60, cache_sampled=True)
     assert await twice(sampled, cache="memory://") == (False, True)
     zero = ExecutionContext(cache_ttl=60, temperature=0)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from empathy_models import (
     AdaptiveModelRouter,
     ConfigurationError,
+    ConfigurationWarning,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
@@ -1035,10 +1036,15 @@ def test_unstarted_router_with_a_store_warns_once(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     router = make(clock, telemetry_store=MemoryTelemetryBackend())
-    with caplog.at_level(logging.WARNING, "empathy_models.router"):
+    with (
+        caplog.at_level(logging.WARNING, "empathy_models.router"),
+        pytest.warns(ConfigurationWarning, match="use `async with router:`") as given,
+    ):
         router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
         router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
     assert caplog.text.count("was not started") == 1
+    # seen without logging set up, at the caller's line
+    assert len(given) == 1 and given[0].filename == __file__
 
 
 # --------------------------------------------------------------------------- stats

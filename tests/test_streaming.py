@@ -537,11 +537,12 @@ async def test_breaking_out_records_cancelled_and_releases_the_connection(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
     server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=5))
-    # one connection in the pool: a response left open would block the next call
-    connector = aiohttp.TCPConnector(limit=1)
+    # one connection to the server (one call in flight per provider, which it holds): a
+    # response left open would block the next call
+    connector = aiohttp.TCPConnector(limit_per_host=1)
     async with (
         aiohttp.ClientSession(connector=connector) as session,
-        make(server, telemetry, session=session) as executor,
+        make(server, telemetry, session=session, concurrency_per_provider=1) as executor,
     ):
         deltas: list[str] = []
         async with executor.stream("hi", CHEAP) as stream:

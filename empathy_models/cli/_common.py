@@ -337,10 +337,13 @@ def secret_in_path(file: Path) -> str | None:
     return None if masked == text else masked
 
 
-def _not_found(file: Path) -> CliError:
+def _not_found(file: Path, *, given: bool, kind: str) -> CliError:
     """
     "database not found" for ``file``; a path that may hold a secret (`secret_in_path`)
-    is shown masked, and without the hint that would quote it whole.
+    is shown masked, and without the hint that would quote it whole.  Not ``given``
+    (the configured default, read when ``--db`` is left out), the hint says where the
+    SDK writes instead, and lists the SQLite files in the working directory: the
+    quick start's ``calls.db`` is one.
     """
     masked = secret_in_path(file)
     if masked is not None:
@@ -348,7 +351,22 @@ def _not_found(file: Path) -> CliError:
             f"database not found: {masked} (a backend URL starts with its scheme: "
             "postgresql://..., redis://...)"
         )
-    hint = f"pass --db PATH, or create one with `empathy-models demo --db {shlex.quote(str(file))}`"
+    demo = f"`empathy-models demo --db {shlex.quote(str(file))}`"
+    if given:
+        hint = f"pass --db PATH, or create one with {demo}"
+    else:
+        what = "telemetry_store=" if kind == "telemetry" else "quota_store= or breaker store="
+        hint = (
+            "--db left out: the configured database, see `empathy-models config show`; pass "
+            f"the file your code's {what} names, --db calls.db for 'sqlite:///calls.db', "
+            f"or name it in empathy.toml; {demo} fills this one with sample calls"
+        )
+        try:
+            here = sorted(p.name for p in Path.cwd().glob("*.db") if p.is_file())
+        except OSError:  # a working directory removed or unreadable: no list
+            here = []
+        if here:
+            hint += f"; SQLite files here: {', '.join(shown_name(name) for name in here[:8])}"
     return CliError(f"database not found: {file} ({hint})")
 
 
@@ -385,7 +403,7 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
         if file.is_dir():
             raise CliError(f"database {file} is a directory, not a SQLite file")
         if not file.exists():
-            raise _not_found(file)
+            raise _not_found(file, given=value is not None, kind=kind)
     return url
 
 

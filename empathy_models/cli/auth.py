@@ -210,9 +210,11 @@ def _print_strategy(strategy: AuthStrategy, *, configured: bool = True) -> None:
             ("loc_to_tokens_multiplier", strategy.loc_to_tokens_multiplier),
             ("prefer_subscription", strategy.prefer_subscription),
             ("cost_optimization", strategy.cost_optimization),
-            ("setup_completed", strategy.setup_completed),
         )
     ]
+    rows.append(
+        ("setup_completed", str(strategy.setup_completed) if configured else "False (no file)")
+    )
     if strategy.metadata:
         rows.append(("metadata", f"{len(strategy.metadata)} key(s)"))
     print_table(["field", "value"], rows)
@@ -255,7 +257,7 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
                 "loc_to_tokens_multiplier": data["loc_to_tokens_multiplier"],
                 "prefer_subscription": data["prefer_subscription"],
                 "cost_optimization": data["cost_optimization"],
-                "setup_completed": data["setup_completed"],
+                "setup_completed": configured and data["setup_completed"],
                 "configured": configured,
                 "config_file": str(file),
                 "metadata": data["metadata"],
@@ -290,6 +292,13 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
     if backups:
         print()
         print(f"{len(backups)} backup(s); newest: {printable(str(backups[0]))}")
+    if not configured:
+        print()
+        print(
+            "Not set up yet: these recommendations follow the defaults above. Save your "
+            f"tier with `empathy-models auth setup --tier {{{','.join(_TIERS)}}}` (on a "
+            "terminal, `empathy-models auth setup` asks)."
+        )
     return 0
 
 

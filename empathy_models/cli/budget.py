@@ -205,6 +205,31 @@ def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
     }
 
 
+def _unspent_row(key: str, limit: int) -> dict[str, Any]:
+    """
+    The JSON of a budget whose limit is set in the store (``budget set``) and that
+    nothing was charged to yet: no window, nothing spent, its limit left.
+    """
+    return {
+        "key": key,
+        "window_start": None,
+        "resets_at": None,
+        "limit_usd": limit / NANO,
+        "limit_overridden": True,
+        "spent_usd": 0.0,
+        "held_usd": 0.0,
+        "remaining_usd": limit / NANO,
+        "reserved_usd": 0.0,
+        "settled_usd": 0.0,
+        "released_usd": 0.0,
+        "overrun_usd": 0.0,
+        "lapsed_usd": 0.0,
+        "held_until": None,
+        "calls": 0,
+        "refused": 0,
+    }
+
+
 def _store(args: argparse.Namespace) -> str:
     return db_url(args.db, kind="state")
 
@@ -234,8 +259,13 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
         usages = list(latest.values())
     now = time.time()
     rows = [usage_row(u, overrides.get(u.key)) for u in usages]
+    # a limit set for a budget nothing was charged to yet: no window, nothing spent
+    charged = {u.key for u in usages}
+    unspent = [_unspent_row(k, limit) for k, limit in sorted(overrides.items()) if k not in charged]
     if args.json:
-        emit_json({"budgets": rows, "overrides": {k: v / NANO for k, v in overrides.items()}})
+        emit_json(
+            {"budgets": rows + unspent, "overrides": {k: v / NANO for k, v in overrides.items()}}
+        )
         return 0
     table: list[tuple[object, ...]] = [
         (
@@ -251,22 +281,19 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
         )
         for r, u in zip(rows, usages, strict=True)
     ]
-    # a limit set for a budget nothing was charged to yet: no window, nothing spent
-    charged = {u.key for u in usages}
     table.extend(
         (
-            Shown(f"{shown_name(key)} *"),
-            fmt_usd(limit / NANO),
-            "$0.0000",
-            "$0.0000",
+            Shown(f"{shown_name(r['key'])} *"),
+            fmt_usd(r["limit_usd"]),
+            fmt_usd(r["spent_usd"]),
+            fmt_usd(r["held_usd"]),
             "-",
-            fmt_usd(limit / NANO),
-            0,
-            0,
+            fmt_usd(r["remaining_usd"]),
+            r["calls"],
+            r["refused"],
             None,
         )
-        for key, limit in sorted(overrides.items())
-        if key not in charged
+        for r in unspent
     )
     print_table(
         [

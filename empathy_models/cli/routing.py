@@ -335,7 +335,7 @@ def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None
     title = (
         f"{shown_name(stats['workflow'])} / "
         f"{'all stages' if stage is None else f'stage {shown_name(stage)}'}: "
-        f"{stats['total_calls']} calls in "
+        f"{stats['total_calls']} call{'' if stats['total_calls'] == 1 else 's'} in "
         f"{stats['days_analyzed']:g} day(s), "
         f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
         f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"

@@ -166,9 +166,13 @@ def _spend_only_row(key: tuple[str | None, str | None, str], spent: float) -> di
 def _summary_rows(
     perf: list[ModelPerformance], spend: dict[tuple[str | None, str | None, str], float]
 ) -> list[dict[str, Any]]:
-    """Each group's row, its cost every attempt's; groups of no sample get a row too."""
+    """
+    Each group's row, its cost every attempt's; a group of no sample gets a row when its
+    attempts cost something (breaker rejections, cache hits and calls not sent cost
+    nothing: a row of no calls and no cost would say nothing).
+    """
     rows = [performance_row(p, spend.pop((p.workflow, p.stage, p.model), None)) for p in perf]
-    rows.extend(_spend_only_row(key, spent) for key, spent in spend.items())
+    rows.extend(_spend_only_row(key, spent) for key, spent in spend.items() if spent)
     rows.sort(key=lambda r: (r["workflow"] or "", r["stage"] or "", r["model"]))
     return rows
 
