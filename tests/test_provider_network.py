@@ -642,7 +642,11 @@ async def test_routes_where_nothing_was_sent_leave_max_routes_to_the_models_call
             AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
         ]
         executor = EmpathyLLMExecutor(
-            providers, registry=registry, telemetry_store=telemetry, session=session
+            providers,
+            registry=registry,
+            telemetry_store=telemetry,
+            session=session,
+            concurrency_per_provider=8,  # within the session's pool (else a warning)
         )
         async with executor:
             if streamed:
