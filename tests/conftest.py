@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -81,11 +82,33 @@ def pytest_configure(config: pytest.Config) -> None:
     ahead_of_workers(config)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+SKIP_MARKERS: Final = "EMPATHY_TEST_SKIP_MARKERS"
+"""
+Tests with any of these markers (comma-separated: ``slow``, ``multiprocess``) are
+skipped, saying so.  Unset (a user's run): none is.  CI sets it for its newer Pythons,
+whose suites run beside the oldest's full one on two cores (`.ci/run`).
+"""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """
     Tests marked ``slow`` run first.  pytest-xdist hands tests out in this order, two at
     a time (``--maxschedchunk`` in pyproject.toml), so the long ones spread over the
     workers from the start instead of one of them, reached late, keeping a worker busy
-    after the others are done.
+    after the others are done.  Tests marked as `SKIP_MARKERS` names are skipped.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    names = {n.strip() for n in os.environ.get(SKIP_MARKERS, "").split(",") if n.strip()}
+    if not names:
+        return
+    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
+    if names - known:
+        raise pytest.UsageError(
+            f"{SKIP_MARKERS} names {', '.join(sorted(names - known))}, not a registered "
+            f"marker ({', '.join(sorted(known))})"
+        )
+    for item in items:
+        marked = sorted(n for n in names if item.get_closest_marker(n) is not None)
+        if marked:
+            why = f"{SKIP_MARKERS}={','.join(sorted(names))}: a {marked[0]} test"
+            item.add_marker(pytest.mark.skip(reason=why))

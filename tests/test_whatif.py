@@ -817,6 +817,7 @@ def _rate_agrees(interval: Interval, seen: _Observed) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 6,000 demo calls over HTTP: ~20 s alone, minutes on a busy machine
 async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_each_policy(
     tmp_path: Path,
 ) -> None:
