@@ -6,8 +6,9 @@ PostgreSQL, against a `FakeLLMServer`:
   $1.00 plus one largest single-call estimate per process, and the accounting is exact
   afterwards (reserved = settled + released, nothing held, spent = what the answers
   cost);
-* RPM 600 against a server that answers 429 above 600 RPM: the rate the server saw is
-  within 5% of 600 per minute, and no call got a 429.
+* RPM 600 against a server that answers 429 above 600 RPM (past a burst of three
+  seconds' worth): the rate the server saw is within 5% of 600 per minute, and no call
+  got a 429.
 
 Redis and PostgreSQL run when ``EMPATHY_TEST_REDIS_URL`` / ``EMPATHY_TEST_POSTGRES_DSN``
 name a server (a namespace of their own, dropped afterwards).  The workers are
@@ -89,10 +90,14 @@ async def test_four_processes_never_overspend_a_shared_budget(quota_url: str) ->
 @pytest.mark.slow
 async def test_four_processes_stay_within_a_shared_rpm(quota_url: str) -> None:
     rpm = 600
-    # the server's bucket holds one second's worth (10 requests), like the limiter's;
-    # the calls the 32 tasks have queued when the 3 s end come after it, so the server
-    # sees ~60 requests over ~6 s (measured within 1.5% of 600 RPM in repeated runs)
-    async with FakeLLMServer(api_key=KEY, rpm=rpm) as server:
+    # the limiter's bucket holds one second's worth (10 requests); the server's three
+    # seconds' worth: it runs in this process, which a loaded machine (CI's three suites
+    # on two cores) can leave unscheduled for a second or more, and the requests sent
+    # meanwhile are then read together (CI saw 7 refused that way).  The pace is judged
+    # by the rate below: the calls the 32 tasks have queued when the 3 s end come after
+    # it, so the server sees ~60 requests over ~6 s (measured within 1.5% of 600 RPM in
+    # repeated runs)
+    async with FakeLLMServer(api_key=KEY, rpm=rpm, rpm_burst=30) as server:
         results = await _run_workers(
             {"quota": quota_url, "mode": "rate", "concurrency": 8, "rpm": rpm, "duration": 3.0},
             server,
