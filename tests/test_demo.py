@@ -133,7 +133,10 @@ def test_the_totals_count_every_record_the_run_wrote(
     outcomes = [json.loads(line)["outcome"] for line in export.stdout.splitlines()]
     assert len(outcomes) == totals["attempts_recorded"] + totals.get("breaker_rejections", 0)
     # the outage opens the OpenAI breakers: the calls they turn away are recorded too
-    assert outcomes.count("rejected") == totals["breaker_rejections"] > 0
+    # (how many depends on timing: the planner puts open circuits last, so a rejection
+    # is a call planned just before its breaker opened; none at all in two of three CI
+    # suites on a loaded machine; that the outage opens them is checked above)
+    assert outcomes.count("rejected") == totals["breaker_rejections"]
 
 
 def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
