@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
@@ -82,12 +83,25 @@ def pytest_configure(config: pytest.Config) -> None:
     ahead_of_workers(config)
 
 
-SKIP_MARKERS: Final = "EMPATHY_TEST_SKIP_MARKERS"
+SLOW_SHARE: Final = "EMPATHY_TEST_SLOW_SHARE"
 """
-Tests with any of these markers (comma-separated: ``slow``, ``multiprocess``) are
-skipped, saying so.  Unset (a user's run): none is.  CI sets it for its newer Pythons,
-whose suites run beside the oldest's full one on two cores (`.ci/run`).
+``K/N`` (e.g. ``2/3``): of the tests marked ``slow``, only the K-th of N shares runs (a
+test's share is fixed by its node id), the others are skipped, saying so.  Unset (a
+user's run): every test runs.  CI runs its three Pythons' suites side by side on two
+cores with a share each (`.ci/run`): every slow test runs once, on one of the Pythons,
+and no suite carries all of them.
 """
+
+
+def _slow_share() -> tuple[int, int] | None:
+    """`SLOW_SHARE` read as (K, N), or None when unset; anything else is a usage error."""
+    given = os.environ.get(SLOW_SHARE, "").strip()
+    if not given:
+        return None
+    k, _, n = given.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise pytest.UsageError(f"{SLOW_SHARE}={given!r}: expected K/N with 1 <= K <= N, e.g. 2/3")
+    return int(k), int(n)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -95,20 +109,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     Tests marked ``slow`` run first.  pytest-xdist hands tests out in this order, two at
     a time (``--maxschedchunk`` in pyproject.toml), so the long ones spread over the
     workers from the start instead of one of them, reached late, keeping a worker busy
-    after the others are done.  Tests marked as `SKIP_MARKERS` names are skipped.
+    after the others are done.  Slow tests outside the `SLOW_SHARE` are skipped.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    names = {n.strip() for n in os.environ.get(SKIP_MARKERS, "").split(",") if n.strip()}
-    if not names:
+    share = _slow_share()
+    if share is None:
         return
-    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in config.getini("markers")}
-    if names - known:
-        raise pytest.UsageError(
-            f"{SKIP_MARKERS} names {', '.join(sorted(names - known))}, not a registered "
-            f"marker ({', '.join(sorted(known))})"
-        )
+    k, n = share
+    why = f"{SLOW_SHARE}={k}/{n}: a slow test of another share (CI runs each share once)"
     for item in items:
-        marked = sorted(n for n in names if item.get_closest_marker(n) is not None)
-        if marked:
-            why = f"{SKIP_MARKERS}={','.join(sorted(names))}: a {marked[0]} test"
+        if item.get_closest_marker("slow") is None:
+            break  # the slow ones come first
+        if zlib.crc32(item.nodeid.encode()) % n != k - 1:
             item.add_marker(pytest.mark.skip(reason=why))
