@@ -356,11 +356,17 @@ SYNC_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _not_open(state: str, home: asyncio.AbstractEventLoop | None = None) -> NotOpenError:
-    # outside ``async with`` (``state`` is not "open"), or in another event loop
+    # outside ``async with`` (``state`` is "new" or "closed"), or in another event loop
+    if state == "new":
+        return NotOpenError(
+            "EmpathyLLMExecutor has not been opened yet: run and stream inside "
+            "`async with EmpathyLLMExecutor(...) as executor:` (synchronous code: "
+            "empathy_models.sync.SyncExecutor, which opens itself)"
+        )
     if state != "open":
         return NotOpenError(
-            "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
-            f"executor:' (it is {state})"
+            "EmpathyLLMExecutor is closed (aclose() was called, or its `async with` block "
+            "ended) and cannot be opened again: build a new EmpathyLLMExecutor for more calls"
         )
     if home in SYNC_LOOPS:
         return NotOpenError(

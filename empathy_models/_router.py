@@ -676,7 +676,10 @@ class AdaptiveModelRouter:
             if not self._started and not self._closed:
                 await _start(self)
         if self._closed:
-            raise NotOpenError("AdaptiveModelRouter was closed while it was starting")
+            raise NotOpenError(
+                "AdaptiveModelRouter was closed (aclose()) while this start was under way, "
+                "and cannot be started again: build a new AdaptiveModelRouter"
+            )
 
     async def aclose(self) -> None:
         """Stop the refresh task (awaited), close an owned store (see `_close_elsewhere`)."""

@@ -1035,8 +1035,14 @@ def test_a_stream_refuses_a_bad_timeout_or_input_before_anything_is_sent(
         with pytest.raises(ConfigurationError, match="empty"):
             llm.stream("   ", HAIKU)
         assert server.requests() == 0
-    with pytest.raises(NotOpenError, match="closed"):
-        llm.stream("hello", HAIKU)
+    for use in (lambda: llm.stream("hello", HAIKU), lambda: llm.run("hello", HAIKU)):
+        with pytest.raises(NotOpenError) as closed:
+            use()
+        # its state in words, and what to do
+        assert "SyncExecutor is closed (close() was called, or its `with` block ended)" in str(
+            closed.value
+        )
+        assert "build a new SyncExecutor" in str(closed.value)
 
 
 def test_a_stream_is_read_from_another_thread_one_thread_at_a_time(
