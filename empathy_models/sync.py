@@ -44,7 +44,7 @@ from ._executor import (
 )
 from ._loops import submit
 from ._sync_stream import SyncStream, SyncStreamManager
-from ._validators import check, failure, number
+from ._validators import call_site, caller_site, check, failure, number
 from .abc import Provider, TelemetryBackend
 from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
@@ -144,7 +144,11 @@ class _LoopThread:
                 "`await fn(...)`)"
             )
 
+        # the caller's line, where the warnings of the work on the loop point
+        site = call_site()
+
         async def body() -> T:
+            caller_site.set(site)  # this task's context only (and its tasks')
             if self._shutting_down:
                 raise _closed_during_call()
             task = asyncio.current_task()
