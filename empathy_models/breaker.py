@@ -31,9 +31,8 @@ state a store returned and when it got it.  While that view is younger than
   ``flush_interval`` seconds (by the breaker's background task when it is used as
   ``async with``, otherwise by the next call: a breaker over a shared store used
   unentered says so once, a `ConfigurationWarning` at the caller's line), and on
-  `aclose`.  (`guard` and
-  `protect` check that interval against the call's admission time, their one clock
-  read; `report` reads the clock when called.)
+  `aclose`.  (`guard` and `protect` check that interval against the call's admission
+  time, their one clock read; `report` reads the clock when called.)
 
 Everything else goes to the store inline: failures, rate limits, fatal errors (flushing
 the written-behind successes of the key first, so this process's order is kept), every
