@@ -137,7 +137,7 @@ from ._setup import (
     keyless_of,
     limiter_for,
 )
-from ._validators import warn_caller
+from ._validators import MACHINERY, warn_at_site, warn_caller
 from ._values import (
     SAMPLED,
     AttemptSummary,
@@ -238,33 +238,35 @@ def _warn_once(
     if not keyless and telemetry is not None:
         return
     level = _builders_level()
+    given: list[tuple[str, type[Warning]]] = []
     if keyless:
         message = keyless_message(providers, keyless)
         logger.warning("%s", message)
-        warnings.warn(message, MissingAPIKeyWarning, stacklevel=level)
+        given.append((message, MissingAPIKeyWarning))
     if telemetry is None:
-        warnings.warn(NO_TELEMETRY, TelemetryDisabledWarning, stacklevel=level)
+        given.append((NO_TELEMETRY, TelemetryDisabledWarning))
+    for message, category in given:
+        # built on an event loop (SyncExecutor's): at the line that asked for it
+        if level is not None or not warn_at_site(message, category):
+            warnings.warn(message, category, stacklevel=level or 3)
 
 
-def _builders_level() -> int:
+def _builders_level() -> int | None:
     """
     The ``stacklevel`` of a warning `_warn_once` gives, for the line of the code that
     built the executor: the first frame outside this package past the constructor
-    (``from_config`` is skipped); the constructor's caller when the package's frames
-    lead back to the event loop or a thread (`SyncExecutor` builds it on its own loop).
+    (``from_config`` is skipped); ``None`` when the package's frames lead back to the
+    event loop or a thread (`SyncExecutor` builds it on its own loop; its caller's line
+    is `caller_site`).
     """
     frame = sys._getframe(3)  # the constructor's caller (0: here, 1: _warn_once, 2: __init__)
     level = 3
     while frame.f_globals.get("__name__", "").startswith("empathy_models."):
         back = frame.f_back
-        if back is None or back.f_globals.get("__name__", "").startswith(_MACHINERY):
-            return 3
+        if back is None or back.f_globals.get("__name__", "").startswith(MACHINERY):
+            return None
         frame, level = back, level + 1
     return level
-
-
-# modules whose frames run the code that builds an executor, not the code itself
-_MACHINERY = ("asyncio", "concurrent.", "threading", "contextvars")
 
 
 # --------------------------------------------------------------------------- collaborators
@@ -356,11 +358,17 @@ SYNC_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _not_open(state: str, home: asyncio.AbstractEventLoop | None = None) -> NotOpenError:
-    # outside ``async with`` (``state`` is not "open"), or in another event loop
+    # outside ``async with`` (``state`` is "new" or "closed"), or in another event loop
+    if state == "new":
+        return NotOpenError(
+            "EmpathyLLMExecutor has not been opened yet: run and stream inside "
+            "`async with EmpathyLLMExecutor(...) as executor:` (synchronous code: "
+            "empathy_models.sync.SyncExecutor, which opens itself)"
+        )
     if state != "open":
         return NotOpenError(
-            "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
-            f"executor:' (it is {state})"
+            "EmpathyLLMExecutor is closed (aclose() was called, or its `async with` block "
+            "ended) and cannot be opened again: build a new EmpathyLLMExecutor for more calls"
         )
     if home in SYNC_LOOPS:
         return NotOpenError(

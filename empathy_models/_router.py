@@ -28,7 +28,12 @@ candidates), no I/O.  A decision's ``candidates`` are built when first read.
 recent-outcome windows of `recommend_tier_upgrade` (one small ``recent`` call per
 workflow stage) and starts the periodic refresh, a task owned by the router and
 cancelled and awaited by `aclose`.  A backend error while reading is logged and
-counted in `refresh_errors`; it never fails a decision.
+counted in `refresh_errors`; it never fails a decision.  A router without a store
+decides and learns unstarted (an executor given one neither opens nor closes it).
+After `aclose` (or its ``async with`` block) the router is done: a decision, an
+outcome, a `start`, a `refresh` or a store read (`get_routing_stats`) raises
+`NotOpenError`, rather than routing on evidence no refresh keeps current any more;
+`recommend_tier_upgrade`, a read of what the router held, still answers.
 
 **Concurrency.**  The synchronous methods (`record_outcome`, `get_best_model`,
 `recommend_tier_upgrade`) must be called from the event loop's thread; they never
@@ -91,7 +96,12 @@ __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommen
 logger = logging.getLogger("empathy_models.router")
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
-_CLOSED: Final = "AdaptiveModelRouter was used after aclose()"
+_CLOSED: Final = (
+    "AdaptiveModelRouter is closed (aclose() was called, or its `async with` block ended): "
+    "its refresh has stopped and an owned store is closed, so it decides and learns no "
+    "more; build a new AdaptiveModelRouter (`async with AdaptiveModelRouter(...) as "
+    "router:`) and keep it open while it is used"
+)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
 _T = TypeVar("_T")
 WINDOW_STEPS: Final = 168
@@ -392,7 +402,7 @@ async def _close_elsewhere(router: AdaptiveModelRouter) -> bool:
         return False
     if await close_at_home(home, router.aclose):
         return True
-    router._closed = True
+    router._closed = router._unready = True
     task, router._task = router._task, None
     if router._owns_store and router._store_obj is not None:
         await router._store_obj.aclose()
@@ -427,6 +437,7 @@ async def _start(router: AdaptiveModelRouter) -> None:
             await _seed_rings(router)
     except BaseException:
         router._started = False
+        router._unready = True
         raise
     if router.refresh_interval is not None and not router._closed:
         router._task = background(
@@ -479,6 +490,26 @@ async def _seed_rings(router: AdaptiveModelRouter) -> None:
     for workflow, stage, records in read:
         # seeded outcomes are older than anything already reported live
         router._recent.seed(workflow, stage, records)
+
+
+def _lifecycle(router: AdaptiveModelRouter) -> None:
+    """
+    What a decision checks while ``router._unready``: raise after `aclose`; warn once
+    when a store was given and not read (`start`).  Clears ``_unready`` once nothing is
+    left to check (a start cut short, or `aclose`, sets it again).
+    """
+    if router._closed:
+        raise NotOpenError(_CLOSED)
+    if router._store is not None and not router._started and not router._warned_not_started:
+        router._warned_not_started = True
+        message = (
+            "AdaptiveModelRouter has a telemetry store but was not started "
+            "(use `async with router:`): decisions use only outcomes reported to this "
+            "process"
+        )
+        logger.warning("%s", message)
+        warn_caller(message)  # the caller's code is to change: seen without logging set up
+    router._unready = False
 
 
 class AdaptiveModelRouter:
@@ -564,6 +595,8 @@ class AdaptiveModelRouter:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned_not_started = False
+        # whether a decision looks at the lifecycle: closed, or a store not read yet
+        self._unready = self._store is not None
         self.refresh_errors = 0
         """How many reads of the backend failed."""
         self.last_refresh: float | None = None
@@ -643,13 +676,16 @@ class AdaptiveModelRouter:
             if not self._started and not self._closed:
                 await _start(self)
         if self._closed:
-            raise NotOpenError("AdaptiveModelRouter was closed while it was starting")
+            raise NotOpenError(
+                "AdaptiveModelRouter was closed (aclose()) while this start was under way, "
+                "and cannot be started again: build a new AdaptiveModelRouter"
+            )
 
     async def aclose(self) -> None:
         """Stop the refresh task (awaited), close an owned store (see `_close_elsewhere`)."""
         if self._closed or (self._loop is not None and await _close_elsewhere(self)):
             return
-        self._closed = True
+        self._closed = self._unready = True
         task, self._task = self._task, None
         try:
             if task is not None:
@@ -752,7 +788,12 @@ class AdaptiveModelRouter:
         store, one from before the window's start is not (a warning says so, once).
         A workflow or stage no store keeps as given (with a NUL or a lone surrogate, as
         `ExecutionContext` refuses) is a `ConfigurationError`.
+
+        Raises:
+            NotOpenError: after `aclose`.
         """
+        if self._closed:
+            raise NotOpenError(_CLOSED)
         if not (plain_name(record.workflow or "") and plain_name(record.stage or "")):
             check_names(record.workflow or "", record.stage)
         if not record.outcome.is_sample:
@@ -814,10 +855,13 @@ class AdaptiveModelRouter:
             every constraint given (so never with an expected cost above ``max_cost``).
 
         Raises:
-            NoModelMeetsConstraintsError: with every candidate's reasons: on ``"raise"``, and
-                with every candidate unavailable (even on ``"relax"``).
+            NoModelMeetsConstraintsError: with every candidate's reasons: on ``"raise"``,
+                and with every candidate unavailable (even on ``"relax"``).
             ConfigurationError: invalid arguments.
+            NotOpenError: after `aclose`.
         """
+        if self._unready:  # closed, or a store not read yet
+            _lifecycle(self)
         if not (plain_name(workflow) and (stage is None or plain_name(stage))):
             check_names(workflow, stage)
         limits, input_tokens = decision_limits(
@@ -830,14 +874,11 @@ class AdaptiveModelRouter:
             input_tokens,
             on_no_match,
         )
-        if self._store is not None and not self._started and not self._warned_not_started:
-            self._warn_not_started()
         ctx, pinned = self._context(workflow, stage, candidates, limits, on_no_match)
         blocked = blocked_set(unavailable)
         costs, eligible, explorable, probeable = classify(ctx, input_tokens, blocked)
         picked = select(ctx, costs, eligible, explorable, probeable, self._rng, self.policy)
-        now = self._clock()
-        if now >= self._window.due:
+        if (now := self._clock()) >= self._window.due:
             self._window.move()
         if picked is None:
             return self._decider.no_match(
@@ -872,16 +913,6 @@ class AdaptiveModelRouter:
             raise ConfigurationError(
                 f"candidate model ids must be non-empty strings, got {shown(names)}"
             ) from None
-
-    def _warn_not_started(self) -> None:
-        self._warned_not_started = True
-        message = (
-            "AdaptiveModelRouter has a telemetry store but was not started "
-            "(use `async with router:`): decisions use only outcomes reported to this "
-            "process"
-        )
-        logger.warning("%s", message)
-        warn_caller(message)  # the caller's code is to change: seen without logging set up
 
     # ------------------------------------------------------------------ reports
 

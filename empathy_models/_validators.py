@@ -33,6 +33,7 @@ import operator
 import sys
 import warnings
 from collections.abc import Callable, Collection
+from contextvars import ContextVar
 from decimal import Decimal
 from typing import Any, Final, Literal, Protocol, TypeVar
 
@@ -502,14 +503,72 @@ def one_of(fail: Failure, allowed: Collection[object], *, why: str) -> Validator
     return check_one_of
 
 
+_PACKAGE: Final = __name__.partition(".")[0] + "."
+
+MACHINERY: Final = ("asyncio", "concurrent.", "threading", "contextvars")
+"""Modules whose frames run the package's code (an event loop, a thread), not a caller's."""
+
+Site = tuple[str, int, dict[str, Any]]
+"""A line of the caller's code: its file, its line number and its module's globals."""
+
+caller_site: ContextVar[Site | None] = ContextVar("empathy_models_caller_site", default=None)
+"""
+The line of the caller's code that the work of the running task was asked for at, set
+where that code runs in another thread (`SyncExecutor`'s calls, run on its own event
+loop): where `warn_caller` and the executor's construction warnings point when the
+package's frames lead back to the event loop rather than to the caller's code.  A
+task started meanwhile copies it with the rest of the context (no background task
+warns through `warn_caller`).
+"""
+
+
+def call_site() -> Site | None:
+    """
+    The line of the caller's code running now: the first frame outside this package
+    from the function calling this one outwards (``None`` if there is none, or it is
+    an event loop's or a thread's).
+    """
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE):
+        frame = frame.f_back
+    if frame is None or frame.f_globals.get("__name__", "").startswith(MACHINERY):
+        return None
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
+
+
+def warn_at_site(message: str, category: type[Warning]) -> bool:
+    """
+    `warnings.warn_explicit` ``message`` at `caller_site`, as `warnings.warn` would
+    at that line (its module's filters and once-per-location registry); False, and
+    nothing warned, when no site is set.
+    """
+    site = caller_site.get()
+    if site is None:
+        return False
+    filename, lineno, module_globals = site
+    warnings.warn_explicit(
+        message,
+        category,
+        filename,
+        lineno,
+        module=module_globals.get("__name__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+    )
+    return True
+
+
 def warn_caller(message: str, category: type[Warning] = ConfigurationWarning) -> None:
     """
     `warnings.warn` ``message`` at the line of the caller's code that led to it: the
     first frame outside this package (the warning filters' once-per-location then
-    count that line, and the message names it).
+    count that line, and the message names it), or, when that is an event loop's or a
+    thread's frame, `caller_site` if one is set (a `SyncExecutor` call's line).
     """
-    package = __name__.partition(".")[0] + "."
     frame, level = sys._getframe(), 1  # stacklevel 1: this function's own line
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(package):
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
+    name = frame.f_globals.get("__name__", "")
+    if name.startswith((_PACKAGE, *MACHINERY)) and warn_at_site(message, category):
+        return
     warnings.warn(message, category, stacklevel=level)

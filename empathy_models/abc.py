@@ -124,7 +124,11 @@ class AsyncResource(abc.ABC):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise BackendClosedError(f"{self!r} was used after aclose()", target=repr(self))
+            raise BackendClosedError(
+                f"{self!r} is closed (aclose() was called, or its `async with` block ended) "
+                "and cannot be used again: build a new one",
+                target=repr(self),
+            )
 
     async def _aopen(self) -> None:
         """Acquire connections or files; default: nothing to do."""

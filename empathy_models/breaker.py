@@ -29,9 +29,10 @@ state a store returned and when it got it.  While that view is younger than
 * successes of CLOSED tickets are written behind: counted in memory and sent to the
   store in one batch on the next store interaction for that key, every
   ``flush_interval`` seconds (by the breaker's background task when it is used as
-  ``async with``, otherwise by the next call), and on `aclose`.  (`guard` and
-  `protect` check that interval against the call's admission time, their one clock
-  read; `report` reads the clock when called.)
+  ``async with``, otherwise by the next call: a breaker over a shared store used
+  unentered says so once, a `ConfigurationWarning` at the caller's line), and on
+  `aclose`.  (`guard` and `protect` check that interval against the call's admission
+  time, their one clock read; `report` reads the clock when called.)
 
 Everything else goes to the store inline: failures, rate limits, fatal errors (flushing
 the written-behind successes of the key first, so this process's order is kept), every
@@ -159,7 +160,15 @@ from ._local_view import (
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
-from ._validators import check, escaped, failure, integer, number, shown as shown_value
+from ._validators import (
+    check,
+    escaped,
+    failure,
+    integer,
+    number,
+    shown as shown_value,
+    warn_caller,
+)
 from .abc import AsyncResource, CircuitStateStore, force_for
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
@@ -560,6 +569,8 @@ class CircuitBreaker(AsyncResource):
         )
         # the store's clock, which times its states' open ends and leases
         self._store_clock = StoreClock(self._stores, clock)
+        # a shared store used without ``async with`` is warned about once (`_unentered`)
+        self._unentered = self._store.shared
 
     def __repr__(self) -> str:
         mode = " degraded" if self._stores.degraded else ""
@@ -620,6 +631,7 @@ class CircuitBreaker(AsyncResource):
     # ------------------------------------------------------------------ lifecycle
 
     async def _aopen(self) -> None:
+        self._unentered = False
         if self._owns_store:
             # a store that cannot be opened starts the breaker degraded
             await self._stores.__aenter__()
@@ -975,6 +987,8 @@ class CircuitBreaker(AsyncResource):
 
 async def _admitted_by_store(breaker: CircuitBreaker, key: str) -> Ticket:
     """`CircuitBreaker.admit` by the store (its written-behind successes flushed first)."""
+    if breaker._unentered:  # each key's first admission comes here
+        _warn_unentered(breaker)
     if key in breaker._local.pending and key not in breaker._settler.behind:
         # the flush answers with the store's state: a CLOSED one admits like `admit` would
         # (in exact mode a task sending the key's successes takes the batch instead)
@@ -996,6 +1010,25 @@ async def _admitted_by_store(breaker: CircuitBreaker, key: str) -> Ticket:
     if admission.admitted and admission.ticket is not None:
         return admission.ticket
     await breaker._reject(admission.state, admission.retry_after)  # raises
+
+
+def _warn_unentered(breaker: CircuitBreaker) -> None:
+    """
+    Say once that a breaker over a shared store is used without ``async with``: no
+    task sends the successes it writes behind (each waits for its key's next call, and
+    those left at exit are lost), other processes' changes are not listened for, and a
+    store it built from a URL is never closed.
+    """
+    breaker._unentered = False
+    message = (
+        f"CircuitBreaker over a shared {type(breaker._store).__name__} is used without "
+        "being entered (use `async with breaker:`, or give the executor the store's URL, "
+        "breaker='sqlite:///state.db', and it opens and closes its own): the successes it "
+        "writes behind then wait for their key's next call, those left at exit are lost, "
+        "and a store it built from a URL is never closed"
+    )
+    logger.warning("%s", message)
+    warn_caller(message)  # the caller's code is to change: seen without logging set up
 
 
 def _warn_if_late(breaker: CircuitBreaker, ticket: Ticket, outcome: Outcome) -> None:

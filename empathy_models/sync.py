@@ -44,7 +44,7 @@ from ._executor import (
 )
 from ._loops import submit
 from ._sync_stream import SyncStream, SyncStreamManager
-from ._validators import check, failure, number
+from ._validators import call_site, caller_site, check, failure, number
 from .abc import Provider, TelemetryBackend
 from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
@@ -144,7 +144,11 @@ class _LoopThread:
                 "`await fn(...)`)"
             )
 
+        # the caller's line, where the warnings of the work on the loop point
+        site = call_site()
+
         async def body() -> T:
+            caller_site.set(site)  # this task's context only (and its tasks')
             if self._shutting_down:
                 raise _closed_during_call()
             task = asyncio.current_task()
@@ -171,7 +175,7 @@ class _LoopThread:
             # a Ctrl-C as soon as the call is submitted cancels it too (the `except`)
             with self._lock:
                 if self.closed:
-                    raise NotOpenError("SyncExecutor is closed")
+                    raise _closed_error()
                 # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
                 future = submit(self.loop, body(), "a SyncExecutor call", logger)
                 self._futures.add(future)
@@ -338,6 +342,13 @@ class _Carried(Exception):
         self.exc = exc
 
 
+def _closed_error() -> NotOpenError:
+    return NotOpenError(
+        "SyncExecutor is closed (close() was called, or its `with` block ended) and cannot "
+        "be opened again: build a new SyncExecutor for more calls"
+    )
+
+
 def _closed_during_call() -> NotOpenError:
     return NotOpenError(
         "SyncExecutor was closed while this call was running, so the call was cancelled; "
@@ -496,7 +507,7 @@ class SyncExecutor:
     def _open(self) -> EmpathyLLMExecutor:
         self._worker.check_process()
         if self._worker.closed or self._executor is None:
-            raise NotOpenError("SyncExecutor is closed")
+            raise _closed_error()
         return self._executor
 
     def run(

@@ -106,8 +106,13 @@ async def test_a_backend_without_rollups_says_so_and_a_closed_one_refuses() -> N
         with pytest.raises(NotImplementedError, match="Minimal keeps no evidence rollups"):
             await backend.evidence()
     for call in (backend.aggregate(), backend.recent(), backend.purge(before=AWARE)):
-        with pytest.raises(BackendClosedError):
+        with pytest.raises(BackendClosedError) as closed:
             await call
+        # its state in words, and what to do
+        assert "is closed (aclose() was called, or its `async with` block ended)" in str(
+            closed.value
+        )
+        assert "build a new one" in str(closed.value)
     assert backend.calls == []
 
 

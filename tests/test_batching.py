@@ -207,7 +207,9 @@ async def test_a_clean_close_writes_everything_queued(tmp_path: Path) -> None:
         ).fetchone() == (3000, 3000)
     finally:
         conn.close()
-    with pytest.raises(BackendClosedError):
+    with pytest.raises(
+        BackendClosedError, match=r"is closed \(aclose\(\) was called.*build a new one"
+    ):
         await batching.record(_records(1)[0])
     await batching.aclose()
 

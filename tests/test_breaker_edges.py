@@ -24,6 +24,7 @@ from empathy_models import (
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
+    ConfigurationWarning,
     state_store_from_url,
 )
 from empathy_models.abc import ChangeFeed
@@ -422,3 +423,33 @@ async def test_a_watcher_that_never_ends_is_left_running_and_leaving_returns(
     with anyio.fail_after(10):
         await asyncio.wait(watchers)  # released, it ends: the feed subscribes no more
     assert watchers[0].done() and len(watchers) == 1
+
+
+async def test_a_breaker_on_a_shared_store_used_unentered_warns_once_at_the_callers_line(
+    tmp_path: Path,
+) -> None:
+    # without `async with breaker:` no task sends the successes it writes behind (they
+    # wait for their key's next call, and are lost at exit) and an owned store is never
+    # closed: said once, a ConfigurationWarning at the caller's line, as the router does
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    unentered = CircuitBreaker(url)
+
+    async def ask() -> str:
+        return "answer"
+
+    with pytest.warns(ConfigurationWarning, match="use `async with breaker:`") as given:
+        async with unentered.guard("openai"):
+            pass
+        await unentered.call("anthropic", ask)
+        await unentered.admit("openai:gpt")
+    assert len(given) == 1 and given[0].filename == __file__
+    assert "SQLiteStateStore" in str(given[0].message)
+    await unentered.aclose()
+    # entered, or on the in-process store (nothing written behind, nothing to close):
+    # no warning (the suite's filterwarnings=error would raise it)
+    async with CircuitBreaker(url) as entered, entered.guard("openai"):
+        pass
+    memory = CircuitBreaker(MemoryStateStore())
+    async with memory.guard("openai"):
+        pass
+    await memory.call("anthropic", ask)

@@ -25,7 +25,12 @@ from empathy_models import (
 )
 from empathy_models.backends import MemoryStateStore
 from empathy_models.breaker import BreakerEvent
-from empathy_models.exceptions import BackendClosedError, InvalidRequestError, ServerError
+from empathy_models.exceptions import (
+    BackendClosedError,
+    ConfigurationWarning,
+    InvalidRequestError,
+    ServerError,
+)
 from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
 
@@ -340,10 +345,11 @@ async def test_a_flush_on_the_call_path_survives_the_callers_cancellation(
     # meanwhile, the batch it took from memory must still reach the store (as the
     # background flusher and report's failures are shielded)
     store = _GatedStore(clock)
-    breaker = CircuitBreaker(store, POLICY, clock=clock)
-    for _ in range(3):
-        async with breaker.guard(KEY):
-            pass
+    breaker = CircuitBreaker(store, POLICY, clock=clock)  # unentered: no flusher runs
+    with pytest.warns(ConfigurationWarning, match="use `async with breaker:`"):
+        for _ in range(3):
+            async with breaker.guard(KEY):
+                pass
     clock.advance(0.6)  # the view is still fresh, the batch is due
 
     async def one_more() -> None:

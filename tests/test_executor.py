@@ -1133,13 +1133,21 @@ async def test_concurrency_is_capped_per_provider(
 async def test_run_outside_async_with_raises(
     alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
 ) -> None:
+    # each message says the executor's state in words and what to do
     executor = make([alpha], telemetry, sleep)
-    with pytest.raises(RuntimeError, match="async with"):
-        await executor.run("x")
+    for use in (lambda: executor.run("x"), lambda: executor.stream("x").__aenter__()):
+        with pytest.raises(NotOpenError) as new:
+            await use()
+        assert "has not been opened yet" in str(new.value)
+        assert "`async with EmpathyLLMExecutor(...) as executor:`" in str(new.value)
+        assert "(it is" not in str(new.value)
     async with executor:
         pass
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(NotOpenError) as closed:
         await executor.run("x")
+    assert "is closed (aclose() was called, or its `async with` block ended)" in str(closed.value)
+    assert "build a new EmpathyLLMExecutor" in str(closed.value)
+    assert "(it is" not in str(closed.value)
     with pytest.raises(NotOpenError, match="cannot be entered again"):
         await executor.__aenter__()
 

@@ -41,6 +41,7 @@ from empathy_models import (
     ModelRegistry,
     ModelTier,
     NoModelMeetsConstraintsError,
+    NotOpenError,
     Outcome,
     RateLimit,
     RetryPolicy,
@@ -246,6 +247,25 @@ async def test_real_router_learns_from_every_attempt_and_routes_away(
     assert routed.routing_decision.model == "gpt-fake-mini"
     assert routed.fallback_chain == ("gpt-fake-mini",)
     assert server.requests("claude-fake-haiku") == 12
+
+
+async def test_a_borrowed_router_decides_unstarted_and_refuses_once_closed(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    The executor neither opens nor closes a router it is given: one without a store
+    decides unstarted; once its owner closes it, a run that asks it raises the router's
+    `NotOpenError`, before any request is sent, instead of routing on what it held.
+    """
+    router = AdaptiveModelRouter(REGISTRY, seed=3)
+    async with make(server, telemetry, sleep, router=router) as executor:
+        routed = await executor.run("hello", CHEAP)
+        assert routed.routing_decision is not None
+        await router.aclose()
+        sent = server.requests(routed.model)
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
+            await executor.run("hello", CHEAP)
+        assert server.requests(routed.model) == sent
 
 
 @pytest.mark.parametrize("varying", [False, True], ids=["constant limits", "limits per run"])

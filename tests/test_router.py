@@ -879,7 +879,7 @@ async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) ->
         await asyncio.sleep(0)
     assert store.evidence_calls == calls  # nothing runs after aclose
     await router.aclose()  # idempotent
-    with pytest.raises(NotOpenError, match="after aclose"):
+    with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
         await router.start()
 
 
@@ -893,11 +893,34 @@ async def test_a_closed_router_refuses_to_read_its_store(clock: FakeClock, tmp_p
         async with router:
             pass
         calls = store.evidence_calls
-        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
             await router.refresh()
-        with pytest.raises(NotOpenError, match="AdaptiveModelRouter was used after aclose"):
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
             await router.get_routing_stats(WF)
         assert store.evidence_calls == calls and router.refresh_errors == 0
+
+
+async def test_a_closed_router_refuses_decisions_and_outcomes(clock: FakeClock) -> None:
+    # a router without a store (never started) and one with a store: after aclose(),
+    # or the end of its `async with` block, a decision or an outcome raises
+    # NotOpenError saying what to do; what it held stays readable
+    plain = make(clock)
+    feed(plain, clock, "nano", 12, 4)
+    await plain.aclose()
+    entered = make(clock, telemetry_store=MemoryTelemetryBackend(), refresh_interval=None)
+    async with entered:
+        feed(entered, clock, "nano", 12, 4)
+        entered.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
+    for router in (plain, entered):
+        closed = r"AdaptiveModelRouter is closed .*aclose\(\).*build a new AdaptiveModelRouter"
+        with pytest.raises(NotOpenError, match=closed):
+            router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
+        with pytest.raises(NotOpenError, match=closed):
+            router.record_outcome(rec(clock, "nano"))
+        with pytest.raises(NotOpenError, match=closed):
+            await router.start()
+        advice = router.recommend_tier_upgrade(WF, ST)  # a report of what it held
+        assert advice.failures == 4 and advice.should_upgrade
 
 
 class GatedBackend(MemoryTelemetryBackend):
@@ -1011,7 +1034,7 @@ async def test_a_router_closed_while_it_starts_leaves_no_refresh_running(
     await store.waiting.wait()
     await router.aclose()
     store.gate.set()
-    with pytest.raises(NotOpenError, match="closed while it was starting"):
+    with pytest.raises(NotOpenError, match=r"closed \(aclose\(\)\) while this start was under"):
         await starting
     assert _refresh_tasks() == []
 

@@ -189,7 +189,7 @@ async def test_bad_input_is_refused_before_anything_is_sent(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
     executor = make(server, telemetry)
-    with pytest.raises(RuntimeError, match="not open"):
+    with pytest.raises(RuntimeError, match="has not been opened yet"):
         executor.stream("hi")
     async with executor:
         with pytest.raises(ConfigurationError, match="empty"):

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from empathy_models import (
     AdaptiveModelRouter,
     AnthropicProvider,
     ConfigurationError,
+    ConfigurationWarning,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
@@ -38,6 +40,7 @@ from empathy_models import (
     OpenAIProvider,
     Outcome,
     StreamInterruptedError,
+    TelemetryDisabledWarning,
 )
 from empathy_models.abc import CompletionStream
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
@@ -63,6 +66,47 @@ def providers(server: FakeLLMServer) -> list[AnthropicProvider | OpenAIProvider]
         AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
         OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
     ]
+
+
+def _line() -> int:
+    """The line number its caller is at."""
+    return sys._getframe(1).f_lineno
+
+
+def test_the_warnings_of_its_work_point_at_the_callers_line(server: FakeLLMServer) -> None:
+    # the work runs on SyncExecutor's own event loop, in another thread: each warning
+    # names the line of the caller's code that asked for it (the test file's), not
+    # asyncio's or the package's, so that the filters' once-per-line counts that line
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        llm = SyncExecutor(providers(server), registry=REGISTRY)  # no telemetry_store
+        built = _line() - 1
+        with llm:
+            llm.run("hello", ExecutionContext(task_type="sumarize", tier="cheap"))
+            ran = _line() - 1
+            cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=60)
+            with llm.stream("hello", cached) as stream:
+                streamed = _line() - 1
+                stream.get_final_response()
+
+            async def ask() -> None:  # on the loop: its own line is the caller's code
+                await llm.executor.run("hello", ExecutionContext(task_type="sumarise"))
+                asked.append(_line() - 1)
+
+            asked: list[int] = []
+            llm.call(ask)
+    where = [(w.category, str(w.message).split(":")[0], w.filename, w.lineno) for w in seen]
+    assert where == [
+        (TelemetryDisabledWarning, "EmpathyLLMExecutor has no telemetry_store", __file__, built),
+        (ConfigurationWarning, "unknown task type 'sumarize'", __file__, ran),
+        (
+            ConfigurationWarning,
+            "ExecutionContext(cache_ttl=...) on an executor without a response cache",
+            __file__,
+            streamed,
+        ),
+        (ConfigurationWarning, "unknown task type 'sumarise'", __file__, *asked),
+    ], where
 
 
 def test_one_executor_serves_every_call_and_closes_with_the_block(
@@ -1035,8 +1079,14 @@ def test_a_stream_refuses_a_bad_timeout_or_input_before_anything_is_sent(
         with pytest.raises(ConfigurationError, match="empty"):
             llm.stream("   ", HAIKU)
         assert server.requests() == 0
-    with pytest.raises(NotOpenError, match="closed"):
-        llm.stream("hello", HAIKU)
+    for use in (lambda: llm.stream("hello", HAIKU), lambda: llm.run("hello", HAIKU)):
+        with pytest.raises(NotOpenError) as closed:
+            use()
+        # its state in words, and what to do
+        assert "SyncExecutor is closed (close() was called, or its `with` block ended)" in str(
+            closed.value
+        )
+        assert "build a new SyncExecutor" in str(closed.value)
 
 
 def test_a_stream_is_read_from_another_thread_one_thread_at_a_time(

@@ -403,7 +403,11 @@ class _Batcher:
     # ------------------------------------------------------------------ enqueue
 
     def _closed_error(self) -> BackendClosedError:
-        return BackendClosedError(f"{self.owner} was used after aclose()", target=self.owner)
+        return BackendClosedError(
+            f"{self.owner} is closed (aclose() was called, or its `async with` block ended) "
+            "and cannot be used again: build a new one",
+            target=self.owner,
+        )
 
     def start(self) -> None:
         """Start the flusher task if it is not running (needs a running event loop)."""
