@@ -471,7 +471,8 @@ class Limiter:
         """
         Budget settlements that never landed in the shared store (it failed them, and
         their retries until the hold lapsed or the close, `_resettle`): calls whose
-        cost the store does not count.
+        cost the store does not count.  Kept in this process only: the store shows
+        their holds as lapsed (`BudgetUsage.lapsed`, below ``budget status``'s table).
         """
         return self._resettle.unsettled
 
