@@ -83,8 +83,9 @@ expires this long after its last renewal (`_Lease`)."""
 
 RENEW_MOST = 600.0
 """Seconds from its take that a run with neither a deadline nor a per-attempt timeout
-(``ExecutionContext.timeout=None``) keeps its lease renewed: a call nothing bounds does
-not hold the copies of other processes up for ever."""
+(``ExecutionContext.timeout=None``) keeps its lease renewed (and its rate-limit wait,
+`_renewed_until`): a call nothing bounds does not hold the copies of other processes up
+for ever."""
 
 _POLL_FIRST = 0.01
 _POLL_MOST = 0.25
@@ -474,11 +475,15 @@ def _renewed_until(
     """
     The latest a run's lease is renewed to (the executor's clock): its deadline; without
     one, its per-attempt timeout from now (the take), or `RENEW_MOST` when it has none
-    either.
+    either, plus the longest the run may wait for its rate-limit places before its call
+    is sent (``rate_limit_wait``, as `Limiter.lease` counts it for budget holds): the
+    copies that wait for it meanwhile would wait for the same places.
     """
     if deadline_at is not None:
         return deadline_at
-    return executor._clock() + (RENEW_MOST if ctx.timeout is None else ctx.timeout)
+    limiter = executor._limiter
+    wait = 0.0 if limiter is None else limiter.max_wait
+    return executor._clock() + (RENEW_MOST if ctx.timeout is None else ctx.timeout) + wait
 
 
 async def _take(
