@@ -83,8 +83,9 @@ expires this long after its last renewal (`_Lease`)."""
 
 RENEW_MOST = 600.0
 """Seconds from its take that a run with neither a deadline nor a per-attempt timeout
-(``ExecutionContext.timeout=None``) keeps its lease renewed: a call nothing bounds does
-not hold the copies of other processes up for ever."""
+(``ExecutionContext.timeout=None``) keeps its lease renewed (and its rate-limit wait,
+`_renewed_until`): a call nothing bounds does not hold the copies of other processes up
+for ever."""
 
 _POLL_FIRST = 0.01
 _POLL_MOST = 0.25
@@ -474,11 +475,15 @@ def _renewed_until(
     """
     The latest a run's lease is renewed to (the executor's clock): its deadline; without
     one, its per-attempt timeout from now (the take), or `RENEW_MOST` when it has none
-    either.
+    either, plus the longest the run may wait for its rate-limit places before its call
+    is sent (``rate_limit_wait``, as `Limiter.lease` counts it for budget holds): the
+    copies that wait for it meanwhile would wait for the same places.
     """
     if deadline_at is not None:
         return deadline_at
-    return executor._clock() + (RENEW_MOST if ctx.timeout is None else ctx.timeout)
+    limiter = executor._limiter
+    wait = 0.0 if limiter is None else limiter.max_wait
+    return executor._clock() + (RENEW_MOST if ctx.timeout is None else ctx.timeout) + wait
 
 
 async def _take(
@@ -533,7 +538,12 @@ class _Lease:
     ``until``; a renewal that fails is counted as a failed read and tried again a
     third of a lease later (the lease may still be live), also while the cache is
     skipped (`Outage`): a renewal holds no call up, and a call long enough to renew
-    its lease outlasts the skip, then stores its answer for the copies that wait.
+    its lease outlasts the skip, then stores its answer for the copies that wait.  A
+    renewal is waited for at most `STORE_TIMEOUT`, as a read: one the store has not
+    answered by then is counted so, goes on in the background (setting ``landed`` once
+    it ends) and is not sent again while it is out; the lease, not renewed meanwhile,
+    lapses at its last expiry, and the copies in other processes then ask a model
+    alongside, as they do when its holder died.
     """
 
     __slots__ = ("executor", "expires", "holder", "key", "landed", "stopped", "timer", "until")
@@ -577,9 +587,13 @@ class _Lease:
 
     def _due(self) -> None:
         self.timer = None
-        if not self.stopped:
-            self.landed.clear()
-            self.executor._fb.behind.background(self._renew())
+        if self.stopped:
+            return
+        if not self.landed.is_set():  # the last renewal is still out: not sent again
+            self._next(0.0)
+            return
+        self.landed.clear()
+        self.executor._fb.behind.background(self._renew())
 
     async def _renew(self) -> None:
         executor = self.executor
@@ -588,22 +602,34 @@ class _Lease:
         ttl = min(LEASE_SECONDS, self.until - now)
         try:
             if self.stopped or ttl <= 0.0:
+                self.landed.set()
                 return  # let go meanwhile, or at its end
             cache = executor._cache
             assert cache is not None
-            held = await cache.acquire_lease(self.key, self.holder, ttl)
+            renewal = self._landing(cache.acquire_lease(self.key, self.holder, ttl))
+            held = await executor._fb.behind.run(renewal, STORE_TIMEOUT, carried=False)
             if held is not None:  # it lapsed and another took it: theirs now
                 self.stopped = True
                 return
             self.expires = now + ttl
+        except Expired:  # it goes on in the background, and sets ``landed`` once it ends
+            executor.cache_errors += 1
+            executor._cache_outage.failed(TimeoutError(f"no answer within {STORE_TIMEOUT:g} s"))
+            logger.debug("response cache lease renewal: no answer within %g s", STORE_TIMEOUT)
         except Exception as exc:
             executor.cache_errors += 1
             executor._cache_outage.failed(exc)
             logger.debug("response cache lease renewal failed", exc_info=True)
         finally:
-            self.landed.set()
             if ttl > 0.0:
                 self._next(loop.time() - began)
+
+    async def _landing(self, renewal: Awaitable[_T]) -> _T:
+        """``await renewal``, then ``landed`` set however it ended."""
+        try:
+            return await renewal
+        finally:
+            self.landed.set()
 
 
 _RENEW_GAIN = 1e-3

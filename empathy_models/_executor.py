@@ -780,7 +780,8 @@ class EmpathyLLMExecutor:
     def limiter(self) -> Limiter | None:
         """
         The budgets and rate limits in force (`empathy_models.limits.Limiter`: its ``store``,
-        ``degraded``, ``degraded_events``, ``store_errors`` and ``unsettled``), or None.
+        ``degraded``, ``degraded_events``, ``store_errors``, ``unsettled`` and
+        ``unadjusted``), or None.
         """
         return self._limiter
 

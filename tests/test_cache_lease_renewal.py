@@ -21,7 +21,7 @@ import anyio
 import attrs
 import pytest
 
-from empathy_models import ExecutionContext, Message, RetryPolicy, _cached as cached
+from empathy_models import ExecutionContext, Message, RateLimit, RetryPolicy, _cached as cached
 from empathy_models.abc import ResponseCache
 from empathy_models.cache import SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import NotOpenError
@@ -272,3 +272,34 @@ async def test_an_answer_that_comes_while_a_renewal_is_out_is_written_before_the
     assert [a.content for a in answers] == ["The answer."] * 3
     assert all(a.cached for a in answers)
     assert one.log == ["write", "written", "let go"]
+
+
+async def test_a_run_waiting_for_its_rate_limit_keeps_its_lease_through_its_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the holder waits for its rate-limit place (6 s: a call a minute at rpm=10 was
+    # just made) before its call of 3 s, within its per-attempt timeout of 4 s.  The
+    # renewal stopped at the timeout counted from the take, made before the wait: the
+    # lease lapsed while the call was still out, and the other worker's copies took it
+    # and asked the model too (a third request).  Their waiting cost them nothing: they
+    # would have waited for the same rate limit.
+    monkeypatch.setattr(cached, "LEASE_SECONDS", 3.0)
+    url = f"sqlite:///{tmp_path}/cache.db"
+    behavior = ModelBehavior(content="The answer.", latency=3000.0)
+    limits = {"gpt-a": RateLimit(rpm=10)}
+    timed = attrs.evolve(CTX, timeout=4.0)
+    async with FakeLLMServer({"gpt-a": behavior}, api_key=KEY) as server:
+        one, two = _Takes(url), _Takes(url)
+        async with contextlib.AsyncExitStack() as stack:
+            first_worker = http_executor(server, REGISTRY, cache=one.cache, rate_limits=limits)
+            second_worker = http_executor(server, REGISTRY, cache=two.cache)
+            for resource in (one.cache, two.cache, first_worker, second_worker):
+                await stack.enter_async_context(resource)
+            await first_worker.run("another question", timed)  # the rate limit's place
+            first = asyncio.create_task(first_worker.run("q", timed))
+            await one.wait(lambda: len(one.granted()) >= 2)  # taken, renewed while waiting
+            await server.wait_for_requests(2)  # its call is out
+            others = [asyncio.create_task(second_worker.run("q", timed)) for _ in range(2)]
+            answers = await asyncio.gather(first, *others)
+        assert server.requests() == 2
+    assert [a.cached for a in answers] == [False, True, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import anyio
@@ -182,3 +183,43 @@ def test_an_odd_budget_key_is_shown_quoted_and_typed_back_the_way_it_is_shown(
     assert "'nightly ' *" in shown and "$3.0000" in shown
     reset = run_cli(home, "budget", "reset", "'user_id=bob\\n/day'", "--db", str(db))
     assert reset.returncode == 0 and "1 window" in reset.stdout, reset.stderr
+
+
+def test_budget_status_says_what_was_held_for_calls_whose_hold_lapsed_unsettled(
+    tmp_path: Path,
+) -> None:
+    # a hold that lapsed before its call settled it (a worker killed or cut off, or its
+    # settlement lost, which only that worker's `executor.limiter.unsettled` counts):
+    # the table said nothing of it (only --json had `lapsed_usd`), so a spend lower
+    # than the calls made had no explanation where one looks
+    home, db = tmp_path / "home", tmp_path / "quota.db"
+    _charge(db, "global/day", 500_000_000, 100_000_000)
+    budget = Budget(limit_usd=1.0)
+
+    async def lapsing() -> None:
+        now = time.time()
+        ws, we = budget.window_bounds(now)
+        async with quota_store_from_url(f"sqlite:///{db}") as store:
+            await store.reserve(
+                "user_id=bob/day",
+                window_start=ws,
+                window_end=we,
+                amount=400_000_000,
+                limit=10**9,
+                lapses_at=now - 120,
+            )
+
+    anyio.run(lapsing)
+    status = run_cli(home, "budget", "status", "--db", str(db))
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    notes = [line for line in lines if "lapsed" in line and "$0.4000" in line]
+    assert len(notes) == 1, status.stdout
+    assert "user_id=bob/day" in notes[0]
+    assert "unsettled" in status.stdout  # where the worker that lost it counts it
+    assert not any("global/day" in line and "lapsed" in line for line in lines)
+    rows = json.loads(run_cli(home, "budget", "status", "--db", str(db), "--json").stdout)
+    assert {r["key"]: r["lapsed_usd"] for r in rows["budgets"]} == {
+        "global/day": 0,
+        "user_id=bob/day": 0.4,
+    }

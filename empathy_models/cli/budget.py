@@ -125,7 +125,8 @@ def register(subparsers: SubParsers) -> None:
         help="spend of every budget (or one) in its current window",
         description="Show each budget the store holds: its latest window, limit, spent, "
         "held by calls in flight and when that hold lapses if no call settles it (a "
-        "killed worker's), left, and when it resets.",
+        "killed worker's), left, and when it resets; below it, what was held for calls "
+        "whose hold lapsed before they settled.",
     )
     add_common(status, db_help=db_help)
     status.add_argument(
@@ -311,7 +312,28 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     )
     if overrides:
         print("* limit set in the store (`empathy-models budget set`)")
+    _print_lapsed(usages)
     return 0
+
+
+def _print_lapsed(usages: list[BudgetUsage]) -> None:
+    """
+    A note per window shown whose holds lapsed before their calls settled them: what
+    they cost is in ``spent`` only if their settlement came later (as ``overrun``).
+    """
+    lapsed = [u for u in usages if u.lapsed > 0]
+    for u in lapsed:
+        print(
+            f"{shown_name(u.key)}: {fmt_usd(u.lapsed / NANO)} lapsed in the window of "
+            f"{_when(u.window_start)}"
+        )
+    if lapsed:
+        print(
+            "lapsed: held for calls that had not settled when their hold lapsed (a worker\n"
+            "killed or cut off from the store, or a settlement the store failed, which that\n"
+            "worker counts in `executor.limiter.unsettled`); what those calls cost is in\n"
+            "spent only if their settlement came later"
+        )
 
 
 def cmd_budget_set(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """
-Budget settlements a shared quota store failed, sent again until they land.
+Budget settlements and rate-limit over-counts a shared quota store failed, sent again
+until they land.
 
 A settlement the store failed (it was down, or its answer was lost on the way) is sent
 again in the background, after `FIRST_RETRY` seconds doubling up to `MAX_RETRY`, each
@@ -12,6 +13,15 @@ limiter has closed: the limiter's close tries each again at once, then at most e
 settlement that never landed is counted in ``unsettled`` / ``unsettled_usd`` and logged
 once, a warning.  On a store without hold ids a failed settlement is counted so at once:
 sent again, one that had landed would count twice.
+
+An `Adjustment`, the tokens a call used beyond its estimate added to a rate-limit
+schedule, is sent again the same way, for `ADJUSTMENT_KEPT` seconds at most (a
+per-minute limit has forgotten the tokens by then).  It names nothing: one whose answer
+was lost after it landed is counted twice, which holds the schedule's next calls back by
+as many tokens once, where losing it would let them past the limit by as many.  One that
+never landed is counted in ``unadjusted`` / ``unadjusted_tokens`` and logged once, a
+warning.  Tokens a call did not use, given back, are not sent again: a give-back lost
+leaves capacity unused for a while, never lets a call past the limit.
 """
 
 from __future__ import annotations
@@ -25,7 +35,15 @@ from typing import Any, Final
 from ..abc import QuotaStore
 from ..exceptions import BackendClosedError, BackendError
 
-__all__ = ["CLOSING_RETRY", "FIRST_RETRY", "MAX_RETRY", "Resettler", "Settlement"]
+__all__ = [
+    "ADJUSTMENT_KEPT",
+    "CLOSING_RETRY",
+    "FIRST_RETRY",
+    "MAX_RETRY",
+    "Adjustment",
+    "Resettler",
+    "Settlement",
+]
 
 logger = logging.getLogger("empathy_models.limits")
 
@@ -37,6 +55,10 @@ MAX_RETRY: Final = 30.0
 
 CLOSING_RETRY: Final = 0.5
 """The longest wait between two tries once the limiter is closing."""
+
+ADJUSTMENT_KEPT: Final = 60.0
+"""Seconds a failed over-count of a rate-limit schedule is sent again for (by the store's
+clock, from the failure): a per-minute limit has forgotten the call's tokens by then."""
 
 
 class Settlement:
@@ -59,6 +81,16 @@ class Settlement:
         self.lapses_at = lapses_at  # by the store's clock
         self.hold_id = hold_id
 
+    @property
+    def what(self) -> str:
+        return f"settling budget {self.key}"
+
+    def unsendable(self) -> str | None:
+        """Why it cannot be sent again (None: it can)."""
+        if self.hold_id is None or not self.store.hold_ids:
+            return "the quota store cannot tell a settlement sent twice"
+        return None
+
     async def send(self, resent: bool = False) -> None:
         """The settlement, once (`QuotaStore.settle`); ``resent``: sent before."""
         named: dict[str, Any] = {}
@@ -77,10 +109,43 @@ class Settlement:
         )
 
 
+class Adjustment:
+    """
+    One rate-limit schedule's over-count of one call: ``delta`` seconds, the ``tokens``
+    it used beyond its estimate, added to ``key``'s schedule (`QuotaStore.adjust`).
+    """
+
+    __slots__ = ("delta", "key", "lapses_at", "store", "tokens")
+
+    def __init__(
+        self, store: QuotaStore, key: str, delta: float, tokens: int, lapses_at: float
+    ) -> None:
+        self.store, self.key = store, key
+        self.delta, self.tokens = delta, tokens
+        self.lapses_at = lapses_at  # by the store's clock: sent again until then
+
+    @property
+    def what(self) -> str:
+        return f"adjusting rate limit {self.key}"
+
+    def unsendable(self) -> str | None:
+        """Why it cannot be sent again: never (sent twice, it holds calls back, see above)."""
+        return None
+
+    async def send(self, resent: bool = False) -> None:
+        """The adjustment, once (`QuotaStore.adjust`)."""
+        await self.store.adjust(self.key, delta=self.delta)
+
+
+Pending = Settlement | Adjustment
+"""A store operation `Resettler` sends again."""
+
+
 class Resettler:
     """
-    The failed settlements of one limiter, retried (`retry`) until they land, their
-    holds lapse, or the limiter closes (`close`, then `abandon`).
+    The failed settlements and over-counts of one limiter, retried (`retry`) until they
+    land, their holds lapse (an over-count: `ADJUSTMENT_KEPT` has passed), or the
+    limiter closes (`close`, then `abandon`).
 
     Args:
         failed: told of each store failure (the limiter's degraded mode).
@@ -94,6 +159,8 @@ class Resettler:
         "_timeout",
         "closing",
         "tasks",
+        "unadjusted",
+        "unadjusted_tokens",
         "unsettled",
         "unsettled_nano",
     )
@@ -106,25 +173,28 @@ class Resettler:
     ) -> None:
         self._failed, self._timeout, self._store_now = failed, timeout, store_now
         self.closing = asyncio.Event()
-        # the retries running, each with the settlement it sends
-        self.tasks: dict[asyncio.Task[None], Settlement] = {}
+        # the retries running, each with what it sends
+        self.tasks: dict[asyncio.Task[None], Pending] = {}
         self.unsettled = 0  # settlements that never landed
         self.unsettled_nano = 0  # what those calls cost
+        self.unadjusted = 0  # over-counts that never landed
+        self.unadjusted_tokens = 0  # the tokens they would have added
 
-    def retry(self, settlement: Settlement, why: BaseException) -> asyncio.Task[None] | None:
+    def retry(self, pending: Pending, why: BaseException) -> asyncio.Task[None] | None:
         """
-        ``settlement``, which its store failed with ``why``, sent again in a task of its
-        own (returned; None when it cannot be: counted unsettled at once).
+        ``pending``, which its store failed with ``why``, sent again in a task of its
+        own (returned; None when it cannot be: counted as lost at once).
         """
-        if settlement.hold_id is None or not settlement.store.hold_ids:
-            self._lost(settlement, "the quota store cannot tell a settlement sent twice")
+        unsendable = pending.unsendable()
+        if unsendable is not None:
+            self._lost(pending, unsendable)
             return None
         if self.closing.is_set():
-            self._lost(settlement, "the limiter has closed")
+            self._lost(pending, "the limiter has closed")
             return None
-        logger.debug("settling budget %s failed (%r): retrying", settlement.key, why)
-        task = asyncio.get_running_loop().create_task(self._retried(settlement))
-        self.tasks[task] = settlement
+        logger.debug("%s failed (%r): retrying", pending.what, why)
+        task = asyncio.get_running_loop().create_task(self._retried(pending))
+        self.tasks[task] = pending
         task.add_done_callback(self._ended)
         return task
 
@@ -133,34 +203,34 @@ class Resettler:
         if not task.cancelled():
             task.exception()  # nobody awaits it
 
-    async def _retried(self, settlement: Settlement) -> None:
+    async def _retried(self, pending: Pending) -> None:
         delay, tries = FIRST_RETRY, 0
         task = asyncio.current_task()
         try:
             while True:
                 await self._pause(delay)
                 delay = min(delay * 2, MAX_RETRY)
-                if self._store_now() >= settlement.lapses_at:
-                    self._lost(settlement, "its hold lapsed first")
+                if self._store_now() >= pending.lapses_at:
+                    self._lost(pending, _TOO_LATE[type(pending)])
                     return
                 tries += 1
                 try:
                     async with asyncio.timeout(self._timeout):
-                        await settlement.send(resent=True)
+                        await pending.send(resent=True)
                 except BackendClosedError:
-                    self._lost(settlement, "the quota store was closed")
+                    self._lost(pending, "the quota store was closed")
                     return
                 except (BackendError, TimeoutError) as exc:
                     self._failed(exc)
                     continue
                 except Exception as exc:  # nobody awaits this task: say what went wrong
-                    self._lost(settlement, f"sending it again raised {exc!r}")
+                    self._lost(pending, f"sending it again raised {exc!r}")
                     return
-                logger.info("settled budget %s at its retry %d", settlement.key, tries)
+                logger.info("%s: landed at its retry %d", pending.what, tries)
                 return
         except asyncio.CancelledError:
             if task in self.tasks:  # not abandoned, which counted it
-                self._lost(settlement, "its retry was cancelled")
+                self._lost(pending, "its retry was cancelled")
             raise
         finally:
             self.tasks.pop(task, None)  # type: ignore[arg-type]
@@ -182,22 +252,41 @@ class Resettler:
         self.closing.set()
 
     def abandon(self) -> None:
-        """The retries still running stop, their settlements counted unsettled."""
-        for task, settlement in list(self.tasks.items()):
+        """The retries still running stop, what they send counted as lost."""
+        for task, pending in list(self.tasks.items()):
             del self.tasks[task]
-            self._lost(settlement, "the limiter closed first")
+            self._lost(pending, "the limiter closed first")
             task.cancel()
 
-    def _lost(self, settlement: Settlement, why: str) -> None:
+    def _lost(self, pending: Pending, why: str) -> None:
+        if isinstance(pending, Adjustment):
+            self.unadjusted += 1
+            self.unadjusted_tokens += pending.tokens
+            logger.warning(
+                "adjusting rate limit %s failed and %s: the %d tokens the call used beyond "
+                "its estimate are not counted in the quota store's schedule (the calls "
+                "after it may go past the limit by as many)",
+                pending.key,
+                why,
+                pending.tokens,
+            )
+            return
         self.unsettled += 1
-        self.unsettled_nano += settlement.actual
+        self.unsettled_nano += pending.actual
         logger.warning(
             "settling budget %s failed and %s: the $%.6f the call cost is not counted in "
             "the quota store (its hold of $%.6f %s at %s)",
-            settlement.key,
+            pending.key,
             why,
-            settlement.actual / 1e9,
-            settlement.held / 1e9,
-            "lapsed" if self._store_now() >= settlement.lapses_at else "lapses",
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(settlement.lapses_at)),
+            pending.actual / 1e9,
+            pending.held / 1e9,
+            "lapsed" if self._store_now() >= pending.lapses_at else "lapses",
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.lapses_at)),
         )
+
+
+_TOO_LATE: Final[dict[type, str]] = {
+    Settlement: "its hold lapsed first",
+    Adjustment: f"{ADJUSTMENT_KEPT:g} s passed first",
+}
+"""Why a retry stopped at its ``lapses_at``, per kind."""

@@ -22,7 +22,9 @@ its bookkeeping lands (a reservation granted late is given back, a settlement is
 A budget settlement the store fails is sent again in the background, naming its hold
 (`QuotaStore.hold_ids`: one that had landed is not counted twice), until it lands, its
 hold lapses or the limiter closes (`_resettle`); one that never lands is counted in
-``unsettled`` and ``unsettled_usd`` and logged once.
+``unsettled`` and ``unsettled_usd`` and logged once.  So is a rate-limit over-count (the
+tokens a call used beyond its estimate), for a minute at most; one that never lands is
+counted in ``unadjusted`` and ``unadjusted_tokens`` and logged once.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ..exceptions import (
     RateLimitedError,
 )
 from ._places import Places, give_back, wait_for_places
-from ._resettle import Resettler, Settlement
+from ._resettle import ADJUSTMENT_KEPT, Adjustment, Resettler, Settlement
 from .memory import MemoryQuotaStore
 from .values import (
     WORST_PER_ESTIMATE,
@@ -469,7 +471,8 @@ class Limiter:
         """
         Budget settlements that never landed in the shared store (it failed them, and
         their retries until the hold lapsed or the close, `_resettle`): calls whose
-        cost the store does not count.
+        cost the store does not count.  Kept in this process only: the store shows
+        their holds as lapsed (`BudgetUsage.lapsed`, below ``budget status``'s table).
         """
         return self._resettle.unsettled
 
@@ -477,6 +480,21 @@ class Limiter:
     def unsettled_usd(self) -> float:
         """What the `unsettled` calls cost (or, given up on, reserved), in dollars."""
         return self._resettle.unsettled_nano / 1e9
+
+    @property
+    def unadjusted(self) -> int:
+        """
+        Rate-limit over-counts (the tokens a call used beyond its estimate) that never
+        landed in the shared store (it failed them, and their retries for
+        `ADJUSTMENT_KEPT` seconds or until the close, `_resettle`): the schedules
+        count fewer tokens than the calls used.
+        """
+        return self._resettle.unadjusted
+
+    @property
+    def unadjusted_tokens(self) -> int:
+        """The tokens the `unadjusted` over-counts would have added."""
+        return self._resettle.unadjusted_tokens
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -974,6 +992,10 @@ async def _push_back(limiter: Limiter, store: QuotaStore, key: str, seconds: flo
 async def _adjust(
     limiter: Limiter, store: QuotaStore, key: str, delta: float, place: float | None = None
 ) -> None:
+    """
+    A give-back (``delta`` < 0) at ``place``; a failure counted (degraded mode), not
+    sent again: the capacity is lost for a while, no call goes past the limit.
+    """
     try:
         if place is None:
             await store.adjust(key, delta=delta)
@@ -981,6 +1003,25 @@ async def _adjust(
             await store.adjust(key, delta=delta, place=place)
     except BackendError as exc:
         limiter._failed(exc)
+        logger.debug("giving back %.3f s of rate limit %s failed: %r", -delta, key, exc)
+
+
+async def _over_count(
+    limiter: Limiter, store: QuotaStore, key: str, delta: float, tokens: int
+) -> None:
+    """
+    The ``tokens`` a call used beyond its estimate (``delta`` seconds) added to ``key``'s
+    schedule; a failure counted (degraded mode) and the adjustment sent again in the
+    background (`_resettle`), a retry that `aclose` waits for.
+    """
+    adjustment = Adjustment(store, key, delta, tokens, limiter._store_now() + ADJUSTMENT_KEPT)
+    try:
+        await adjustment.send()
+    except BackendError as exc:
+        limiter._failed(exc)
+        task = limiter._resettle.retry(adjustment, exc)
+        if task is not None:
+            limiter._settler._keep(task)
 
 
 async def _settle_rates(
@@ -1015,7 +1056,7 @@ async def _settle_rates(
             used = 0 if failed else hold.est_tokens
         delta = (used - hold.est_tokens) * interval
         if delta > 0:
-            await _adjust(limiter, store, key, delta)
+            await _over_count(limiter, store, key, delta, used - hold.est_tokens)
         elif delta < 0:
             await _give_back(limiter, hold, store, key, delta)
 
