@@ -33,6 +33,7 @@ from ._validators import plain_number
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
+from .exceptions import NotOpenError
 from .limits.values import WORST_PER_ESTIMATE, CacheWrite, worst_cost
 from .outcomes import classify_error, retry_after_of
 from .records import (
@@ -309,6 +310,7 @@ class _Feedback:
         self._wall_clock = wall_clock
         self.feedback_errors = 0
         self.telemetry_errors = 0
+        self._said_router_closed = False  # a closed router's refusal is logged once
         # feedback and store operations no run waits for any more (past its deadline;
         # the executor's cache writes behind): the executor's `aclose` waits for them
         self.behind = Settler()
@@ -334,6 +336,16 @@ class _Feedback:
         if self._router is not None:
             try:
                 self._router.record_outcome(record)
+            except NotOpenError:
+                # closed by its owner while this call ran: the record still goes to
+                # telemetry, and a run that asks the router again raises
+                self.feedback_errors += 1
+                if not self._said_router_closed:
+                    self._said_router_closed = True
+                    logger.info(
+                        "the router was closed while calls were running: their outcomes "
+                        "go to telemetry only (counted in feedback_errors)"
+                    )
             except Exception:
                 self.feedback_errors += 1
                 logger.exception("router.record_outcome failed for %s", record.model)

@@ -268,6 +268,33 @@ async def test_a_borrowed_router_decides_unstarted_and_refuses_once_closed(
         assert server.requests(routed.model) == sent
 
 
+async def test_a_run_that_ends_after_its_router_closed_is_recorded_and_logged_once(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """
+    Runs still in flight when the router they were routed by is closed end as usual:
+    their records reach telemetry, and the router's refusal of their outcomes is one
+    log line for the executor, not an error with a traceback per run.
+    """
+    router = AdaptiveModelRouter(REGISTRY, seed=3)
+    async with make(server, telemetry, sleep, router=router) as executor:
+        first = await executor.run("hello", CHEAP)
+        server.set_behavior(first.model, ModelBehavior(latency=300.0))
+        runs = [asyncio.create_task(executor.run("hello", CHEAP)) for _ in range(3)]
+        await server.wait_for_requests(4, first.model)  # the three are at the server
+        await router.aclose()
+        with caplog.at_level(logging.DEBUG, logger="empathy_models"):
+            answered = await asyncio.gather(*runs)
+    assert [r.model for r in answered] == [first.model] * 3
+    assert len(await telemetry.recent(limit=10)) == 4
+    said = [r for r in caplog.records if "router" in r.getMessage() and "closed" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None and said[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("varying", [False, True], ids=["constant limits", "limits per run"])
 async def test_a_rejected_model_is_re_probed_when_each_run_gives_its_own_limits(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, varying: bool
