@@ -286,6 +286,25 @@ def charge_given_up(hold: Hold, info: ModelInfo, run: _Run, streamed: bool) -> N
     hold.tokens = estimate
 
 
+def _to_router(fb: _Feedback, router: _Router, record: LLMCallRecord) -> None:
+    """``record``'s outcome to ``router``; a failure counted in ``feedback_errors``."""
+    try:
+        router.record_outcome(record)
+    except NotOpenError:
+        # closed by its owner while this call ran: the record still goes to telemetry,
+        # and a run that asks the router again raises
+        fb.feedback_errors += 1
+        if not fb._said_router_closed:
+            fb._said_router_closed = True
+            logger.info(
+                "the router was closed while calls were running: their outcomes go to "
+                "telemetry only (counted in feedback_errors)"
+            )
+    except Exception:
+        fb.feedback_errors += 1
+        logger.exception("router.record_outcome failed for %s", record.model)
+
+
 class _Feedback:
     """
     The executor's bookkeeping of calls (see the module docstring).  ``feedback_errors``
@@ -334,21 +353,7 @@ class _Feedback:
         it; the breaker's store operations are carried to their end (see `_settled`).
         """
         if self._router is not None:
-            try:
-                self._router.record_outcome(record)
-            except NotOpenError:
-                # closed by its owner while this call ran: the record still goes to
-                # telemetry, and a run that asks the router again raises
-                self.feedback_errors += 1
-                if not self._said_router_closed:
-                    self._said_router_closed = True
-                    logger.info(
-                        "the router was closed while calls were running: their outcomes "
-                        "go to telemetry only (counted in feedback_errors)"
-                    )
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("router.record_outcome failed for %s", record.model)
+            _to_router(self, self._router, record)
         cancelled: asyncio.CancelledError | None = None
         if self._telemetry is not None:
             try:
