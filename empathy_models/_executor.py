@@ -966,7 +966,7 @@ class EmpathyLLMExecutor:
             )
             start = self._clock() if self._obs is None else self._obs.began()
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
-            task_type, tier = self._planner.task(ctx.task_type)
+            task_type, tier = self._planner.task(ctx.task_type, ctx.tier)
             needs = required_capabilities(messages, options)
             cache_key, lead = None, _NOT_LEADING
             if ctx.cache_ttl is not None:

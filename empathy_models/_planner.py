@@ -139,18 +139,29 @@ class _Planner:
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
         self._warned: set[str] = set()  # the unknown task types warned about
+        # unknown task types in the memo not warned about yet: a run that gives its tier
+        # is not told the task's tier is used (`task`)
+        self._unwarned: set[str] = set()
         self._warned_full = False  # past `_WARNED_MAX` of them: no more warnings
 
-    def task(self, task_type: str) -> tuple[str, ModelTier]:
-        """``task_type``'s normalized name and tier (memoized: task names are few)."""
+    def task(self, task_type: str, given: ModelTier | None = None) -> tuple[str, ModelTier]:
+        """
+        ``task_type``'s normalized name and tier (memoized: task names are few).  One
+        not in `TaskType` is warned about (`_warn_unknown`) when its tier is used: not
+        for a run whose context ``given`` a tier, for which the task type picks nothing.
+        """
         known = self._tasks.get(task_type)
         if known is None:
             if len(self._tasks) > 1024:
                 self._tasks.clear()
+                self._unwarned.clear()
             known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
             self._tasks[task_type] = known
             if known[0] != "unknown" and not is_known_task(task_type):
-                self._warn_unknown(task_type, known[1])
+                self._unwarned.add(task_type)
+        if given is None and self._unwarned and task_type in self._unwarned:
+            self._unwarned.discard(task_type)
+            self._warn_unknown(task_type, known[1])
         return known
 
     def _warn_unknown(self, task_type: str, tier: ModelTier) -> None:

@@ -152,7 +152,8 @@ class ExecutionContext:
         task_type: picks the tier when ``tier`` is not given (normalized:
             ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task); one not
             in `empathy_models.tasks.TaskType` gets the capable tier and a
-            `ConfigurationWarning`.
+            `ConfigurationWarning` (none when ``tier`` is given: it only labels the
+            records then).
         tier: overrides the task's tier.
         model: pins the first route to this registry model id (bypassing the router);
             fallback then proceeds as usual.  Cannot be combined with constraints.

@@ -961,7 +961,7 @@ def open_stream(
     executor._check_open()
     ctx = context_of(context)
     messages, system = _to_messages(prompt, ctx.system)
-    task_type, task_tier = executor._planner.task(ctx.task_type)
+    task_type, task_tier = executor._planner.task(ctx.task_type, ctx.tier)
     key: str | None = None
     if ctx.cache_ttl is not None:
         if executor._cache is None:

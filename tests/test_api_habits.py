@@ -210,7 +210,7 @@ async def test_a_misspelt_task_type_warns_at_the_callers_line_with_the_name_mean
     # a warning, not only a log line: seen with no logging set up
     async with make(server) as executor:
         with pytest.warns(ConfigurationWarning, match="did you mean 'summarize'") as given:
-            await executor.run("hello", ExecutionContext(task_type="sumarize", tier="cheap"))
+            await executor.run("hello", ExecutionContext(task_type="sumarize"))
     assert len(given) == 1 and given[0].filename == __file__
 
 

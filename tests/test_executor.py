@@ -366,6 +366,25 @@ async def test_an_unknown_task_type_is_logged_once_per_name(
     assert [str(w.message) for w in given] == warned
 
 
+async def test_an_unknown_task_type_is_not_warned_about_while_the_context_gives_the_tier(
+    alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
+) -> None:
+    # with `tier=` the task type picks nothing (a label on the records): a warning
+    # saying "using the capable tier" would be false, and fail a suite run with
+    # warnings as errors (this one: filterwarnings = error)
+    async with make([alpha], telemetry, sleep) as executor:
+        response = await executor.run("x", ExecutionContext(task_type="support", tier="cheap"))
+        async with executor.stream("x", ExecutionContext(task_type="support", tier="cheap")) as s:
+            streamed = await s.get_final_response()
+        assert response.model == streamed.model == "cheap-a"
+        # the same name picking the tier later: warned then, once
+        with pytest.warns(ConfigurationWarning, match="'support': using the capable tier") as given:
+            for _ in range(2):
+                response = await executor.run("x", ExecutionContext(task_type="support"))
+        assert response.model == "capable-a" and len(given) == 1
+        await executor.run("x", ExecutionContext(task_type="support", tier="cheap"))
+
+
 async def test_unknown_task_types_are_never_warned_about_twice(
     alpha: ScriptedProvider,
     telemetry: MemoryTelemetryBackend,

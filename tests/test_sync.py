@@ -82,7 +82,7 @@ def test_the_warnings_of_its_work_point_at_the_callers_line(server: FakeLLMServe
         llm = SyncExecutor(providers(server), registry=REGISTRY)  # no telemetry_store
         built = _line() - 1
         with llm:
-            llm.run("hello", ExecutionContext(task_type="sumarize", tier="cheap"))
+            llm.run("hello", ExecutionContext(task_type="sumarize"))
             ran = _line() - 1
             cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=60)
             with llm.stream("hello", cached) as stream:
