@@ -84,15 +84,22 @@ _RUN_OPTIONS: Final = (
 _PROVIDERS_OWN: Final = frozenset({"api_key", "base_url", "api_base", "organization"})
 """Keywords of a provider's constructor that newcomers pass to a call."""
 
+_KEY_HINT: Final = (
+    "a key is the provider's, OpenAIProvider(api_key=...) or AnthropicProvider(api_key=...) "
+    "(or its environment variable); extra_body is no place for it, as it goes in the body "
+    "of every route's request, whichever provider serves it."
+)
+
 
 def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
     """
     The error for keyword arguments ``unknown`` that `EmpathyLLMExecutor` ``call``
     (``"run"`` or ``"stream"``) does not take, saying where each belongs: a setting of
     `ExecutionContext` (``temperature``, ``max_tokens``, ``model``, ...) in the context,
-    the messages as the prompt, a provider's key or URL in the provider, and any other
-    field of the provider's request in ``extra_body``.  A `TypeError`, as Python's own
-    for an unexpected keyword.
+    the messages as the prompt, a provider's key, URL or headers in the provider (any
+    name that looks like a credential's, `_credential`, too: ``extra_body`` goes to every
+    route), and any other field of the provider's request in ``extra_body``.  A
+    `TypeError`, as Python's own for an unexpected keyword.
     """
     import difflib
 
@@ -122,6 +129,10 @@ def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
                 f"{close[0]}=" if close[0] in _RUN_OPTIONS else f"ExecutionContext({close[0]}=...)"
             )
             hint = f"did you mean {meant}?"
+        elif _credential(name):  # openai_api_key=, auth_token=: not to be sent to every route
+            hint = _KEY_HINT
+        elif name.endswith("headers"):
+            hint = "give them to the provider, OpenAIProvider(headers={...}) or AnthropicProvider."
         else:
             hint = (
                 "a field of the provider's request goes in "
@@ -131,6 +142,22 @@ def misplaced(unknown: Mapping[str, object], call: str) -> TypeError:
     taken = ", ".join(f"{name}=" for name in _RUN_OPTIONS)
     sentences.append(f"{call}() takes the prompt, an ExecutionContext and {taken}.")
     return TypeError(" ".join(sentences))
+
+
+def _credential(name: str) -> bool:
+    """
+    Whether a keyword argument named ``name`` most likely holds a credential (an API
+    key, a token, a secret), never a field of a request: ``prompt_cache_key`` and
+    ``max_completion_tokens`` are fields, ``openai_api_key`` and ``auth_token`` are not.
+    """
+    lowered = name.lower().replace("-", "_")
+    return (
+        lowered in ("key", "token")
+        or "api_key" in lowered
+        or "apikey" in lowered
+        or lowered.endswith(("_token", "bearer"))
+        or any(word in lowered for word in ("secret", "password", "credential", "authoriz"))
+    )
 
 
 class _RunOptions(dict[str, Any]):

@@ -132,6 +132,7 @@ async def test_malformed_messages_raise_configuration_errors_naming_the_problem(
         ({"tool": []}, "did you mean tools=?"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "pass the messages as the prompt"),
         ({"api_key": f"sk-{KEY}"}, "give it to the provider"),
+        ({"extra_headers": {"X-Team": "docs"}}, "OpenAIProvider(headers={...})"),
     ],
 )
 async def test_an_option_run_does_not_take_says_where_it_goes(
@@ -148,6 +149,23 @@ async def test_an_option_run_does_not_take_says_where_it_goes(
     assert expected.replace("executor.run(", "executor.stream(") in str(streamed.value)
     assert KEY not in str(raised.value)
     assert server.requests() == 1
+
+
+@pytest.mark.parametrize("name", ["openai_api_key", "anthropic_api_key", "apikey", "auth_token"])
+async def test_a_credential_given_to_run_is_pointed_to_the_provider_not_to_extra_body(
+    server: FakeLLMServer, name: str
+) -> None:
+    # extra_body goes in the body of every route's request, whichever provider serves
+    # it: a key put there would be sent to providers it is not for
+    async with make(server) as executor:
+        with pytest.raises(TypeError) as raised:
+            credential: dict[str, Any] = {name: f"sk-{KEY}"}
+            await executor.run("hello", CHEAP, **credential)
+    message = str(raised.value)
+    assert f"{name}= is not an option of run(): " in message
+    assert "OpenAIProvider(api_key=...)" in message
+    assert "extra_body={" not in message and KEY not in message
+    assert server.requests() == 0
 
 
 async def test_a_dict_as_context_says_how_to_build_the_context(server: FakeLLMServer) -> None:
