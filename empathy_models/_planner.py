@@ -17,7 +17,7 @@ from ._validators import shown, warn_caller
 from .abc import Provider
 from .breaker import CircuitBreaker
 from .circuit import checked_key
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, NotOpenError
 from .records import CandidateEvaluation, ModelTier, RoutingDecision
 from .registry import ModelInfo, ModelRegistry
 from .routing._explain import annotated
@@ -51,6 +51,24 @@ _NO_ROUTER = (
     "min_success_rate / max_ttft_ms) but the executor has no router to evaluate "
     "them; pass router=AdaptiveModelRouter(...)"
 )
+
+_ROUTER_CLOSED = (
+    "AdaptiveModelRouter is closed (aclose() was called, or its `async with` block ended) "
+    "while the executor it was given to is open: the executor can neither ask it nor "
+    "teach it the outcome of this run; keep the router open while the executor uses it "
+    "(`async with router, EmpathyLLMExecutor(..., router=router) as executor:`), or "
+    "build a new one"
+)
+
+
+def _unless_closed(router: object) -> None:
+    """
+    Refuse a run the router is not asked for once its owner closed it, as one that asks
+    it is refused (`AdaptiveModelRouter.closed`), before anything is sent: the outcome
+    could not be learned.
+    """
+    if getattr(router, "closed", False) is True:
+        raise NotOpenError(_ROUTER_CLOSED)
 
 
 class _TierPlan(NamedTuple):
@@ -436,6 +454,8 @@ class _Planner:
                 )
         elif first is None and self._router is None and context.has_constraints:
             raise ConfigurationError(_NO_ROUTER)
+        elif self._router is not None:
+            _unless_closed(self._router)  # not asked: a model pinned, every circuit open
         if not open_ids and not needs:
             # the common case: the registry's order, computed once per (tier, first route)
             cache_key = (tier, None if first is None else first.id)

@@ -32,8 +32,10 @@ counted in `refresh_errors`; it never fails a decision.  A router without a stor
 decides and learns unstarted (an executor given one neither opens nor closes it).
 After `aclose` (or its ``async with`` block) the router is done: a decision, an
 outcome, a `start`, a `refresh` or a store read (`get_routing_stats`) raises
-`NotOpenError`, rather than routing on evidence no refresh keeps current any more;
-`recommend_tier_upgrade`, a read of what the router held, still answers.
+`NotOpenError`, rather than routing on evidence no refresh keeps current any more
+(``closed`` says so; an executor given the router refuses every run then, one that
+would not ask it too); `recommend_tier_upgrade`, a read of what the router held, still
+answers.
 
 **Concurrency.**  The synchronous methods (`record_outcome`, `get_best_model`,
 `recommend_tier_upgrade`) must be called from the event loop's thread; they never
@@ -519,13 +521,11 @@ class AdaptiveModelRouter:
     See the module docstring for its lifecycle (``async with``) and concurrency.
 
     Args:
-        registry: models, tiers and prices (default `ModelRegistry.default`, as the
-            executor's).
+        registry: models, tiers and prices (default `ModelRegistry.default`, as the executor's).
         telemetry_store: a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``; its
             backend is owned and closed by the router).  Without one (or with the null
-            backend) the router learns only from `record_outcome`, and
-            `get_routing_stats` says so; its window still moves (see
-            `RoutingPolicy.window_days`).
+            backend) the router learns only from `record_outcome`, and `get_routing_stats`
+            says so; its window still moves (see `RoutingPolicy.window_days`).
         policy: how evidence is weighed (default `RoutingPolicy()`).
         refresh_interval: how often (seconds, default 60; ``None`` disables) the started
             router reads what changed in the backend (with a store, the window's start
@@ -595,8 +595,7 @@ class AdaptiveModelRouter:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warned_not_started = False
-        # whether a decision looks at the lifecycle: closed, or a store not read yet
-        self._unready = self._store is not None
+        self._unready = self._store is not None  # a decision checks: closed, store unread
         self.refresh_errors = 0
         """How many reads of the backend failed."""
         self.last_refresh: float | None = None
@@ -633,6 +632,11 @@ class AdaptiveModelRouter:
     def telemetry_store(self) -> TelemetryBackend | None:
         """The telemetry backend the router reads its evidence from (None: none)."""
         return self._store_obj
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` has been called: decisions and outcomes raise `NotOpenError`."""
+        return self._closed
 
     def __repr__(self) -> str:
         return (

@@ -255,17 +255,25 @@ async def test_a_borrowed_router_decides_unstarted_and_refuses_once_closed(
     """
     The executor neither opens nor closes a router it is given: one without a store
     decides unstarted; once its owner closes it, a run that asks it raises the router's
-    `NotOpenError`, before any request is sent, instead of routing on what it held.
+    `NotOpenError`, before any request is sent, instead of routing on what it held.  So
+    does a run or stream that would not ask it (a model pinned): its outcome could not
+    be learned from.
     """
     router = AdaptiveModelRouter(REGISTRY, seed=3)
     async with make(server, telemetry, sleep, router=router) as executor:
         routed = await executor.run("hello", CHEAP)
         assert routed.routing_decision is not None
         await router.aclose()
-        sent = server.requests(routed.model)
+        sent = server.requests()
         with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
             await executor.run("hello", CHEAP)
-        assert server.requests(routed.model) == sent
+        pinned = attrs.evolve(CHEAP, model="claude-fake-haiku")
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
+            await executor.run("hello", pinned)
+        with pytest.raises(NotOpenError, match="AdaptiveModelRouter is closed"):
+            executor.stream("hello", pinned)
+        assert server.requests() == sent
+        assert executor.feedback_errors == 0
 
 
 async def test_a_run_that_ends_after_its_router_closed_is_recorded_and_logged_once(
