@@ -386,10 +386,28 @@ def context_of(context: object) -> ExecutionContext:
     if not isinstance(context, ExecutionContext):
         fix = ""
         if isinstance(context, Mapping) and all(isinstance(k, str) for k in context):
-            given = ", ".join(f"{k}={shown(v)}" for k, v in context.items())
-            fix = f": build one, ExecutionContext({given})"
+            fix = _context_to_build(context)
         raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}{fix}")
     return context
+
+
+def _context_to_build(given: Mapping[str, object]) -> str:
+    """
+    For a dict given as the context: the `ExecutionContext` to build from the settings
+    it has, and the keys it has that are none (a request's ``messages``).
+    """
+    fields = {f.name for f in attrs.fields(ExecutionContext)}
+    settings = ", ".join(f"{k}={shown(v)}" for k, v in given.items() if k in fields)
+    others = [repr(k) for k in given if k not in fields]
+    fix = f": build one, ExecutionContext({settings})" if settings else ""
+    if others:
+        fix += (
+            f"{'; ' if fix else ': '}{', '.join(others)} "
+            f"{'is not a setting' if len(others) == 1 else 'are not settings'} of "
+            "ExecutionContext (the messages are the prompt; run()'s keyword arguments "
+            "take the request's options, and refuse others saying where they go)"
+        )
+    return fix
 
 
 NO_CACHE: Final = (

@@ -180,6 +180,21 @@ async def test_a_dict_as_context_says_how_to_build_the_context(server: FakeLLMSe
     assert server.requests() == 0
 
 
+async def test_a_dict_as_context_builds_only_from_the_contexts_settings(
+    server: FakeLLMServer,
+) -> None:
+    # a request's dict (OpenAI's shape): the ExecutionContext shown to build takes the
+    # settings it has; the keys it has not are named as such, not put in the call
+    request: Any = {"model": "gpt-fake-mini", "messages": [], "temperature": 0}
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError) as raised:
+            await executor.run("hello", request)
+    message = str(raised.value)
+    assert "build one, ExecutionContext(model='gpt-fake-mini', temperature=0)" in message
+    assert "'messages' is not a setting of ExecutionContext" in message
+    assert server.requests() == 0
+
+
 def test_message_role_errors_are_the_librarys_not_attrs() -> None:
     with pytest.raises(RecordValidationError) as raised:
         Message(role="robot", content="x")  # type: ignore[arg-type]
