@@ -117,11 +117,13 @@ class NotOpenError(EmpathyModelsError, RuntimeError):
 class ConfigurationWarning(UserWarning):
     """
     A setting the code gave that works, but most likely not as meant: an unknown task
-    type (a capable model chosen for it), ``cache_ttl`` on an executor without a cache
-    or on a request that samples (nothing cached), a router with a telemetry store used
-    without ``async with`` (decisions without the stored evidence), a ``session=`` whose
-    connection pool is smaller than the calls in flight, a content-capture switch not
-    understood (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider
+    type picking the tier (a capable model chosen for it), ``cache_ttl`` on an executor
+    without a cache or on a request that samples (nothing cached), a router with a
+    telemetry store used without ``async with`` (decisions without the stored evidence),
+    a breaker over a shared state store used without ``async with`` (the successes it
+    writes behind wait for their key's next call, and are lost at exit), a ``session=``
+    whose connection pool is smaller than the calls in flight, a content-capture switch
+    not understood (``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``), a provider
     without a key, no telemetry.
 
     The fix is in the calling code, so it is a `warnings.warn` warning rather than a
