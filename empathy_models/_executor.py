@@ -825,7 +825,9 @@ class EmpathyLLMExecutor:
             if self._cache is not None and self._owns_cache:
                 await self._cache.__aenter__()
                 stores.append(self._cache.aclose)
-            session = _session_here(self._session, self._limits)
+            # the calls that may be in flight: a provider without a key sends none
+            sent = {n: limit for n, limit in self._limits.items() if n not in self._keyless}
+            session = _session_here(self._session, sent)
             if session is None:
                 import aiohttp  # loaded here, not by `import empathy_models`
 

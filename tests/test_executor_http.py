@@ -1154,6 +1154,38 @@ async def test_a_borrowed_session_holding_fewer_connections_than_calls_in_flight
         assert given[0].filename == __file__
 
 
+async def test_a_provider_without_a_key_adds_no_calls_to_the_borrowed_pool_it_is_judged_by(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    A provider with no API key is not routed to, so none of its calls are ever in
+    flight: a pool that holds the calls of the providers that are is warned about for
+    nothing else than the missing key (a warning saying 8 calls fly where 4 can would
+    be false, and fail a suite run with warnings as errors).
+    """
+    import aiohttp
+
+    keyless = [
+        AnthropicProvider(api_key="", base_url=server.anthropic_base_url),
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=6)) as session,
+            EmpathyLLMExecutor(
+                keyless,
+                registry=REGISTRY,
+                telemetry_store=telemetry,
+                sleep=sleep,
+                session=session,
+                concurrency_per_provider=4,
+            ) as executor,
+        ):
+            assert (await executor.run("hello", CHEAP)).provider == "openai"
+    assert [w.category for w in seen] == [MissingAPIKeyWarning], [str(w.message) for w in seen]
+
+
 # --------------------------------------------------------------------------- review fixes
 
 
