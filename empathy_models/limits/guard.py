@@ -865,7 +865,7 @@ class Limiter:
         whole = hold.whole and not failed  # a call sent and given up on: what it reserved
         for store, key, ws, we, held, lapses_at in budgets:
             amounts = (held, held if whole else actual)
-            await _settle_budget(
+            await _send_or_retry(
                 self, Settlement(store, key, (ws, we), amounts, lapses_at, hold.id)
             )
         try:
@@ -938,17 +938,17 @@ def _names_holds(store: QuotaStore) -> bool:
     return True
 
 
-async def _settle_budget(limiter: Limiter, settlement: Settlement) -> None:
+async def _send_or_retry(limiter: Limiter, pending: Settlement | Adjustment) -> None:
     """
-    ``settlement`` sent to its store; a failure counted (degraded mode) and the
-    settlement sent again in the background until it lands (`_resettle`), a retry that
-    `aclose` waits for.
+    ``pending`` (a budget's settlement, a rate limit's over-count) sent to its store; a
+    failure counted (degraded mode) and ``pending`` sent again in the background until
+    it lands (`_resettle`), a retry that `aclose` waits for.
     """
     try:
-        await settlement.send()
+        await pending.send()
     except BackendError as exc:
         limiter._failed(exc)
-        task = limiter._resettle.retry(settlement, exc)
+        task = limiter._resettle.retry(pending, exc)
         if task is not None:
             limiter._settler._keep(task)
 
@@ -1014,14 +1014,8 @@ async def _over_count(
     schedule; a failure counted (degraded mode) and the adjustment sent again in the
     background (`_resettle`), a retry that `aclose` waits for.
     """
-    adjustment = Adjustment(store, key, delta, tokens, limiter._store_now() + ADJUSTMENT_KEPT)
-    try:
-        await adjustment.send()
-    except BackendError as exc:
-        limiter._failed(exc)
-        task = limiter._resettle.retry(adjustment, exc)
-        if task is not None:
-            limiter._settler._keep(task)
+    lapses_at = limiter._store_now() + ADJUSTMENT_KEPT
+    await _send_or_retry(limiter, Adjustment(store, key, delta, tokens, lapses_at))
 
 
 async def _settle_rates(
