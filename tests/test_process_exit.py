@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import anyio
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # a child script's prelude: the fake server on a daemon thread, a provider on it, and
 # the records of the fault tests
 PRELUDE = f"""
-import asyncio, atexit, gc, json, os, sys, threading, time
+import asyncio, atexit, faulthandler, gc, json, os, signal, sys, threading, time
 sys.path.insert(0, {str(ROOT)!r})
+faulthandler.register(signal.SIGUSR1)  # a child that hangs: its threads' stacks on stderr
 from empathy_models.testing import FakeLLMServer
 from tests.faults._load import record
 from empathy_models import AnthropicProvider, ExecutionContext, EmpathyLLMExecutor
@@ -205,7 +207,13 @@ def test_sigterm_writes_the_queued_records_when_a_backend_started_off_the_main_t
             line = proc.stdout.readline()
             assert json.loads(line) == {"ready": 20}, proc.stderr.read()
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # where it hangs, for the failure below
+                time.sleep(1)
+                proc.kill()
+                pytest.fail(f"no exit 30 s after SIGTERM; stderr:\n{proc.communicate()[1]}")
         finally:
             if proc.poll() is None:
                 proc.kill()
