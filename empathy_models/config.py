@@ -426,7 +426,8 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         )
     for key in ("base_url", "api_key"):
         value = table.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
+        # one of blanks is a slip: a key of blanks would be no key, read from nowhere
+        if value is not None and (not isinstance(value, str) or not value.strip()):
             given = "<secret>" if key == "api_key" else shown(value)
             raise ConfigurationError(
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"

@@ -381,6 +381,25 @@ def test_blanks_around_api_key_env_are_not_part_of_the_name(
     assert [p.has_api_key for p in config.build_providers()] == [True]
 
 
+@pytest.mark.parametrize("key", ["api_key", "base_url"])
+def test_a_provider_value_of_blanks_is_refused(
+    project: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    # api_key = "   " was taken: config show said "api_key=<set in file>" while the
+    # provider was keyless (a key of blanks is none) and read no $OPENAI_API_KEY either,
+    # its warning saying to set the variable that was set
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123456789")
+    (project / "empathy.toml").write_text(f'[providers.openai]\n{key} = "   "\n')
+    with pytest.raises(
+        ConfigurationError, match=rf"\[providers.openai\] {key} must be a non-empty"
+    ):
+        EmpathyConfig.load()
+    shown = cli(project, project.parent / "home", "config", "show")
+    assert shown.returncode == 1
+    assert f"{key} must be a non-empty string" in shown.stderr
+    assert "<set in file>" not in shown.stdout
+
+
 def test_a_file_saved_with_a_byte_order_mark_is_read(project: Path) -> None:
     # Windows editors save UTF-8 with a byte order mark; the file was refused:
     # "invalid TOML: Invalid statement (at line 1, column 1)", in a line that looked right
