@@ -1419,6 +1419,39 @@ def test_recommend_prices_from_the_configured_registry_or_registry_option(
     assert json.loads(ok(cli(home, *args, cwd=tmp_path)))["estimate"]["price_version"] == "mine"
 
 
+def test_recommend_prices_on_the_provider_given_and_says_which_can(
+    home: Path, tmp_path: Path
+) -> None:
+    # a registry of one provider's models (a house server's, as empathy.toml may name)
+    # made `auth recommend` fail with "no 'anthropic' model of tier 'cheap'", and no
+    # option could price it on the models that registry has
+    from empathy_models import ModelRegistry
+
+    data = ModelRegistry.default().to_dict()
+    data["price_version"] = "house-1"
+    data["models"] = [
+        {**m, "provider": "house"} for m in data["models"] if m["provider"] == "openai"
+    ]
+    (tmp_path / "house.json").write_text(json.dumps(data))
+    (tmp_path / "empathy.toml").write_text('registry = "house.json"\n')
+    source = tmp_path / "a.py"
+    source.write_text("x = 1\n")
+    refused = cli(home, "auth", "recommend", str(source), cwd=tmp_path)
+    assert refused.returncode == 1, refused
+    assert "--provider house" in refused.stderr, refused.stderr
+    args = ("auth", "recommend", str(source), "--json", "--provider", "house")
+    out = json.loads(ok(cli(home, *args, cwd=tmp_path)))
+    assert out["estimate"]["price_version"] == "house-1"
+    assert {s["model"] for s in out["estimate"]["stages"]} <= {m["id"] for m in data["models"]}
+    assert out["estimate"]["api_cost"] > 0
+    # the default stays anthropic's, and a provider the registry has no models of is named
+    default = json.loads(ok(cli(home, "auth", "recommend", str(source), "--json")))
+    assert all(s["model"].startswith("claude") for s in default["estimate"]["stages"])
+    wrong = cli(home, "auth", "recommend", str(source), "--provider", "nobody", cwd=tmp_path)
+    assert wrong.returncode == 1, wrong
+    assert "'nobody'" in wrong.stderr and "--provider house" in wrong.stderr, wrong.stderr
+
+
 @pytest.mark.timeout(60)
 def test_auth_commands_on_a_fifo_fail_clearly_instead_of_waiting(
     home: Path, tmp_path: Path

@@ -17,6 +17,7 @@ from typing import Any
 
 from empathy_models import ModelRegistry
 from empathy_models.auth import (
+    DOC_PIPELINE,
     AuthMode,
     AuthStrategy,
     SubscriptionTier,
@@ -125,6 +126,12 @@ def register(subparsers: SubParsers) -> None:
         default=None,
         help="models and prices from a TOML or JSON file (default: the one named in "
         "empathy.toml, else the built-in table)",
+    )
+    recommend.add_argument(
+        "--provider",
+        default="anthropic",
+        metavar="NAME",
+        help="price each stage on this provider's models in the registry (default: anthropic)",
     )
     recommend.set_defaults(func=cmd_auth_recommend)
 
@@ -375,17 +382,43 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry.default() if path is None else ModelRegistry.from_file(path)
 
 
+def _pricing_provider(registry: ModelRegistry, provider: str) -> str:
+    """
+    ``provider`` when ``registry`` has a model of every tier `DOC_PIPELINE` runs on for
+    it; else a usage error naming the providers that have (or saying none has).
+    """
+
+    def prices(name: str) -> bool:
+        return all(registry.for_tier(stage.tier, provider=name) for stage in DOC_PIPELINE)
+
+    if prices(provider):
+        return provider
+    tiers = "/".join(dict.fromkeys(stage.tier.value for stage in DOC_PIPELINE))
+    able = [name for name in registry.providers() if prices(name)]
+    fix = (
+        "pass " + " or ".join(f"--provider {shlex.quote(name)}" for name in able)
+        if able
+        else "no provider there has a model of each; pass --registry with a table that does"
+    )
+    raise CliError(
+        f"the registry (prices {registry.price_version}) has no {provider!r} model of each "
+        f"tier the estimate prices ({tiers}): {fix}"
+    )
+
+
 def cmd_auth_recommend(args: argparse.Namespace) -> int:
     """
     Count ``FILE``'s lines, then print its size category, the mode, why, and the cost,
-    priced from ``--registry`` (default: the registry of empathy.toml, else built in).
+    priced from ``--registry`` (default: the registry of empathy.toml, else built in) on
+    ``--provider``'s models.
     """
     strategy = AuthStrategy.load(_file(args))
     registry = _registry(args)
+    provider = _pricing_provider(registry, args.provider)
     report = count_lines_of_code(args.path)
     lines = report.effective_lines
     mode = strategy.get_recommended_mode(lines)
-    estimate = strategy.estimate_cost(lines, mode, registry=registry)
+    estimate = strategy.estimate_cost(lines, mode, registry=registry, provider=provider)
     category = strategy.size_category(lines)
     if args.json:
         emit_json(
