@@ -1144,6 +1144,23 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     assert {b["state"] for b in after["breakers"]} <= {"closed"}
 
 
+def test_breaker_open_of_a_key_the_store_did_not_hold_says_so(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    # `breaker open opanai` forced a key no worker ever checks and said only "Forced
+    # opanai open until reset", as for a real one, while openai's calls went on
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    typo = cli(home, "breaker", "open", "opanai", "--db", str(copy), "--json")
+    assert typo.returncode == 0, typo
+    assert json.loads(typo.stdout)["state"] == "forced_open"  # opened all the same
+    assert "note: this store held no state for opanai (" in typo.stderr, typo.stderr
+    assert "keys held: openai" in typo.stderr, typo.stderr
+    held = cli(home, "breaker", "open", "openai", "--db", str(copy))
+    assert held.returncode == 0, held
+    assert "note:" not in held.stderr, held.stderr
+
+
 def test_breaker_status_shows_live_figures_as_of_now(home: Path, tmp_path: Path) -> None:
     """A lease that expired, an open time that ended and failures out of the window."""
     url = "sqlite:///" + str(tmp_path / "state.db")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -333,19 +334,33 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
     if not args.key.strip():
         raise CliError("the key must not be empty", code=2)
 
-    async def body() -> CircuitBreakerState:
+    async def body() -> tuple[CircuitBreakerState, list[str] | None]:
         await refuse_missing_schema(url, state_store_from_url, lambda s: s.snapshot(args.key))
         async with state_store_from_url(url) as store:
+            try:
+                known: list[str] | None = sorted(s.key for s in await store.snapshot_all())
+            except StateStoreError:  # a key's state unreadable: no note, the force goes on
+                known = None
             # --for counts on the store's clock, as every other time in it
-            return await force_for(
+            forced = await force_for(
                 store,
                 args.key,
                 CircuitState.FORCED_OPEN,
                 for_seconds=args.seconds,
                 reason=args.reason,
             )
+            return forced, known
 
-    [state] = _live([run_async(body)], args)
+    forced, known = run_async(body)
+    if known is not None and args.key not in known:
+        # opened all the same (ahead of a key's first use), but a typo opens nothing in use
+        print(
+            f"note: this store held no state for {shown_name(args.key)} (keys held: "
+            f"{_listed(known)}): a key is a provider (openai) or provider:model "
+            "(openai:gpt-4o), and workers check it only if they call it",
+            file=sys.stderr,
+        )
+    [state] = _live([forced], args)
     window = _window(args)
     if args.json:
         emit_json({**state_row(state), "window": window})
