@@ -168,3 +168,14 @@ def test_the_breaker_command_it_suggests_counts_the_demo_window(tmp_path: Path) 
     assert json.loads(status.stdout)["window"] == {"seconds": 5.0, "buckets": 6, "assumed": False}
     shown = cli(tmp_path, *command).stdout
     assert "window: 5s in 6 buckets (--window, --buckets)" in shown, shown
+
+
+def test_a_db_under_a_file_says_the_file_is_not_a_directory(tmp_path: Path) -> None:
+    # it said "the directory .../notes.txt does not exist" of a file that does
+    (tmp_path / "notes.txt").write_text("x\n")
+    missing = cli(tmp_path, "demo", "--calls", "5", "--db", str(tmp_path / "nope" / "d.db"))
+    assert missing.returncode == 1, missing
+    assert f"the directory {tmp_path / 'nope'} does not exist" in missing.stderr
+    under = cli(tmp_path, "demo", "--calls", "5", "--db", str(tmp_path / "notes.txt" / "d.db"))
+    assert under.returncode == 1, under
+    assert f"{tmp_path / 'notes.txt'} is not a directory" in under.stderr, under.stderr

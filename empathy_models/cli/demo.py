@@ -966,7 +966,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if path.is_dir():
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():
-                raise CliError(f"--db {path}: the directory {path.parent} does not exist")
+                why = (
+                    f"{path.parent} is not a directory"
+                    if path.parent.exists()
+                    else f"the directory {path.parent} does not exist"
+                )
+                raise CliError(f"--db {path}: {why}")
             if path.exists() and path.stat().st_size > 0:
                 _confirm_writing(str(path), "already exists", assume_yes=args.yes)
             url = sqlite_url(path)
