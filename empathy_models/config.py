@@ -41,6 +41,7 @@ are never printed or put in a repr.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tomllib
@@ -165,10 +166,15 @@ def _sqlite_file(url: str, where: str | None = None) -> Path | None:
     return None if raw in ("", ":memory:") else _expand_home(raw, where or url)
 
 
-def ensure_sqlite_parent(url: str) -> None:
+def ensure_sqlite_parent(url: str, *, create: bool = True) -> None:
     """
     Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use) and its
     missing parents, each 0700.
+
+    Args:
+        url: the database's URL (any other backend's: nothing to do).
+        create: False only checks that the directory could be made, making nothing
+            (a part of its path that is a file, or a directory that cannot be written).
 
     Raises:
         ConfigurationError: the directory cannot be made (a part of its path is a
@@ -179,16 +185,35 @@ def ensure_sqlite_parent(url: str) -> None:
         return
     directory = file.absolute().parent
     try:
-        make_private_dirs(directory)
+        why = None if create else _unmakeable(directory)
+        if create:
+            make_private_dirs(directory)
     except OSError as exc:
         why = (
             f"{exc.filename} is not a directory"
             if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename
             else exc.strerror or str(exc)
         )
+    if why is not None:
         raise ConfigurationError(
             f"cannot create the directory {directory} of the SQLite database ({why})"
         ) from None
+
+
+def _unmakeable(directory: Path) -> str | None:
+    """
+    Why `make_private_dirs` could not make ``directory``, said as `ensure_sqlite_parent`
+    says it, or None: the first part of its path that is not a directory, or the
+    nearest directory when a missing one cannot be made in it.
+    """
+    for path in (directory, *directory.parents):
+        if path.is_dir():
+            if path == directory or os.access(path, os.W_OK | os.X_OK):
+                return None
+            return os.strerror(errno.EACCES)
+        if os.path.lexists(path):
+            return f"{path} is not a directory"
+    return None
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:
@@ -661,11 +686,12 @@ class EmpathyConfig:
         with self._naming("state" if self.sources["state"] == str(self.path) else "telemetry"):
             return state_store_from_url(self.state_url)
 
-    def ensure_directory(self, key: Literal["telemetry", "state"]) -> None:
+    def ensure_directory(self, key: Literal["telemetry", "state"], *, create: bool = True) -> None:
         """
         Create the directory of the telemetry or state SQLite database
-        (`ensure_sqlite_parent`), its error named with the file and key it came from,
-        or said to come from ``$EMPATHY_HOME`` for the default database.
+        (`ensure_sqlite_parent`; ``create=False`` only checks that it could be made),
+        its error named with the file and key it came from, or said to come from
+        ``$EMPATHY_HOME`` for the default database.
         """
         url = self.telemetry_url if key == "telemetry" else self.state_url
         named = (
@@ -673,7 +699,7 @@ class EmpathyConfig:
         )
         try:
             with self._naming(named):
-                ensure_sqlite_parent(url)
+                ensure_sqlite_parent(url, create=create)
         except ConfigurationError as exc:
             if self.sources["telemetry"].startswith("default") and named == "telemetry":
                 raise ConfigurationError(

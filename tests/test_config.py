@@ -755,6 +755,12 @@ def test_a_database_directory_that_cannot_be_made_is_a_configuration_error(
         assert message.startswith(f"{start}cannot create the directory"), message
         assert f"{project / 'afile'} is not a directory" in message
         assert prefix or "EMPATHY_HOME" in message
+    # config show said nothing of it and exited 0, though it says from_config's refusal
+    before = sorted(project.rglob("*"))
+    shown = cli(project, project / home, "config", "show")
+    assert shown.returncode == 1, shown.stdout
+    assert shown.stderr.strip() == f"empathy-models: error: {message}"
+    assert sorted(project.rglob("*")) == before  # checked, nothing made
 
 
 def test_the_router_defaults_a_registry_like_the_executor() -> None:

@@ -56,7 +56,9 @@ def check_config(config: EmpathyConfig) -> None:
         registry = config.registry()
         providers = config.build_providers(registry)
         telemetry = config.telemetry_store()
+        config.ensure_directory("telemetry", create=False)  # as from_config() makes it
         config.state_store()  # as from_config() checks it, naming the file and key
+        config.ensure_directory("state", create=False)
         EmpathyLLMExecutor(
             providers,
             registry=registry,
