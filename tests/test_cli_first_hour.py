@@ -292,6 +292,26 @@ def test_a_stage_without_calls_names_the_stages_that_have_some(
     assert "in the last 7 day(s) (only for docs/write)" in said, said
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["routing", "stats", "dcs"],
+        ["routing", "stats", "--stage", "wrte"],
+        ["routing", "stats", "docs", "--stage", "wrte"],
+        ["telemetry", "summary", "--workflow", "dcs"],
+        ["telemetry", "summary", "--stage", "wrte"],
+    ],
+)
+def test_stats_and_summary_of_a_name_without_calls_name_the_stages_that_have_some(
+    capsys: pytest.CaptureFixture[str], db: Path, command: list[str]
+) -> None:
+    # as routing best / whatif / upgrades do: the typo showed an empty table, or "No
+    # calls recorded for stage wrte", with nothing to tell it from a quiet stage
+    code, out, err = run(capsys, *command, "--db", str(db))
+    assert code == 0
+    assert "in the last 7 day(s) only for docs/write" in out + err, out + err
+
+
 # --------------------------------------------------------------------------- output
 
 

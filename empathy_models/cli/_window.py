@@ -10,14 +10,23 @@ When there are such calls, the command says how many and how far ahead (`Ahead.n
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 from attrs import frozen
 
 from empathy_models.abc import TelemetryBackend
 
-__all__ = ["Ahead", "stamped_ahead", "whatif_window"]
+from ._common import shown_name
+
+__all__ = [
+    "Ahead",
+    "recorded_elsewhere",
+    "seen_only_for",
+    "stages_seen",
+    "stamped_ahead",
+    "whatif_window",
+]
 
 
 @frozen
@@ -81,3 +90,52 @@ def whatif_window(now: datetime, days: float, ahead: Ahead) -> tuple[datetime, f
     except OverflowError:  # the last instant a datetime holds: a window too long anyway
         end = ahead.newest
     return end, (end - (now - timedelta(days=days))) / timedelta(days=1)
+
+
+async def stages_seen(
+    backend: TelemetryBackend, days: float, workflow: str | None, stage: str | None
+) -> list[tuple[str, str, list[str]]]:
+    """(workflow, stage, models) seen in the window, sorted; "" for calls without one."""
+    since = datetime.now(UTC) - timedelta(days=days)
+    perfs = await backend.aggregate(workflow=workflow, stage=stage, since=since)
+    found: dict[tuple[str, str], list[str]] = {}
+    for p in perfs:
+        found.setdefault((p.workflow or "", p.stage or ""), []).append(p.model)
+    return [(w, s, sorted(set(m))) for (w, s), m in sorted(found.items())]
+
+
+_LISTED_STAGES: Final = 10
+"""At most this many stages are named where a stage asked for has no calls."""
+
+
+async def _listed_stages(backend: TelemetryBackend, days: float) -> str:
+    """The stages with calls in the window, as ``docs/outline, docs/write and 3 more``;
+    empty when there are none at all."""
+    seen = [
+        f"{shown_name(w)}/{shown_name(s)}"
+        for w, s, _ in await stages_seen(backend, days, None, None)
+    ]
+    more = len(seen) - _LISTED_STAGES
+    return ", ".join(seen[:_LISTED_STAGES]) + (f" and {more} more" if more > 0 else "")
+
+
+async def recorded_elsewhere(backend: TelemetryBackend, days: float) -> str:
+    """
+    Where a workflow or stage asked for has no calls (a typo, most often): the stages
+    that have some in the window, as `` (only for docs/outline, docs/write)``; empty when
+    there are none at all.
+    """
+    listed = await _listed_stages(backend, days)
+    return f" (only for {listed})" if listed else ""
+
+
+async def seen_only_for(backend: TelemetryBackend, days: float) -> str | None:
+    """
+    The note a table of a workflow or stage without calls ends with (a typo, most
+    often): ``note: calls were recorded in the last 7 day(s) only for docs/write``;
+    None when the window has no calls at all.
+    """
+    listed = await _listed_stages(backend, days)
+    if not listed:
+        return None
+    return f"note: calls were recorded in the last {days:g} day(s) only for {listed}"

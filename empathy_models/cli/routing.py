@@ -7,9 +7,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -19,7 +19,6 @@ from empathy_models import (
     RoutingPolicy,
     telemetry_from_url,
 )
-from empathy_models.abc import TelemetryBackend
 
 from ._common import (
     MAX_DAYS,
@@ -44,7 +43,14 @@ from ._common import (
     shown_name,
     typed_name,
 )
-from ._window import Ahead, stamped_ahead, whatif_window
+from ._window import (
+    Ahead,
+    recorded_elsewhere,
+    seen_only_for,
+    stages_seen,
+    stamped_ahead,
+    whatif_window,
+)
 
 if TYPE_CHECKING:
     from empathy_models.whatif import WhatIfReport
@@ -243,38 +249,6 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry.from_file(path)
 
 
-async def _stages(
-    backend: TelemetryBackend, days: float, workflow: str | None, stage: str | None
-) -> list[tuple[str, str, list[str]]]:
-    """(workflow, stage, models) seen in the window, sorted; "" for calls without one."""
-    since = datetime.now(UTC) - timedelta(days=days)
-    perfs = await backend.aggregate(workflow=workflow, stage=stage, since=since)
-    found: dict[tuple[str, str], list[str]] = {}
-    for p in perfs:
-        found.setdefault((p.workflow or "", p.stage or ""), []).append(p.model)
-    return [(w, s, sorted(set(m))) for (w, s), m in sorted(found.items())]
-
-
-_LISTED_STAGES: Final = 10
-"""At most this many stages are named where a stage asked for has no calls."""
-
-
-async def _recorded_elsewhere(backend: TelemetryBackend, days: float) -> str:
-    """
-    Where a workflow or stage asked for has no calls (a typo, most often): the stages
-    that have some in the window, as `` (only for docs/outline, docs/write)``; empty when
-    there are none at all.
-    """
-    seen = [
-        f"{shown_name(w)}/{shown_name(s)}" for w, s, _ in await _stages(backend, days, None, None)
-    ]
-    if not seen:
-        return ""
-    more = len(seen) - _LISTED_STAGES
-    listed = ", ".join(seen[:_LISTED_STAGES]) + (f" and {more} more" if more > 0 else "")
-    return f" (only for {listed})"
-
-
 def _stage_name(args: argparse.Namespace) -> str:
     """``workflow/stage`` of the arguments, each name as the tables show it."""
     return f"{shown_name(args.workflow)}/{shown_name(args.stage)}"
@@ -288,24 +262,28 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     url = db_url(args.db)
     registry = _registry(args)
 
-    async def body() -> list[tuple[dict[str, Any], Ahead]]:
+    async def body() -> tuple[list[tuple[dict[str, Any], Ahead]], str | None]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
             router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
             if args.workflow is not None:
                 workflows = [args.workflow]
             else:  # the workflows with calls in the window (of --stage, when given)
-                seen = await _stages(backend, args.days, None, args.stage)
+                seen = await stages_seen(backend, args.days, None, args.stage)
                 workflows = sorted({w for w, _, _ in seen})
             now = datetime.now(UTC)
-            return [
+            results = [
                 (
                     (await router.get_routing_stats(w, stage=args.stage, days=args.days)).to_dict(),
                     await stamped_ahead(backend, now, workflow=w, stage=args.stage),
                 )
                 for w in workflows
             ]
+            # a workflow or stage asked for without calls (a typo?): where there are some
+            asked = args.workflow is not None or args.stage is not None
+            quiet = asked and not any(stats["total_calls"] for stats, _ in results)
+            return results, await seen_only_for(backend, args.days) if quiet else None
 
-    results = run_async(body)
+    results, elsewhere = run_async(body)
     if args.json:
         emit_json(
             {
@@ -318,11 +296,12 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     if not results:
         of = "" if args.stage is None else f" for stage {shown_name(args.stage)}"
         print(f"No calls recorded{of} in the last {args.days:g} day(s).")
-        return 0
     for i, (stats, ahead) in enumerate(results):
         if i:
             print()
         _print_stats(stats, args.stage, ahead)
+    if elsewhere is not None:
+        print(elsewhere)
     return 0
 
 
@@ -471,12 +450,12 @@ async def _best_decision(
     async with telemetry_from_url(url, **read_only(url)) as backend:
         chosen = candidates
         if chosen is None:
-            seen = await _stages(backend, args.days, args.workflow, args.stage)
+            seen = await stages_seen(backend, args.days, args.workflow, args.stage)
             chosen = sorted({m for _, _, models in seen for m in models})
             if not chosen:
                 raise CliError(
                     f"no calls recorded for {_stage_name(args)} in the last "
-                    f"{args.days:g} day(s){await _recorded_elsewhere(backend, args.days)}; "
+                    f"{args.days:g} day(s){await recorded_elsewhere(backend, args.days)}; "
                     "pass --tier or --candidates to choose among models without history",
                     shown=True,
                 )
@@ -703,7 +682,7 @@ async def _whatif_reports(
         if not evidence.samples and options["candidates"] is None:
             raise CliError(
                 f"no calls recorded for {_stage_name(args)} in the last "
-                f"{args.days:g} day(s){await _recorded_elsewhere(backend, args.days)}; "
+                f"{args.days:g} day(s){await recorded_elsewhere(backend, args.days)}; "
                 "pass --candidates to evaluate models without history (they will be "
                 "reported as unknown)",
                 shown=True,
@@ -896,12 +875,12 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
 
     async def body() -> tuple[list[dict[str, Any]], Ahead, str]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
-            seen = await _stages(backend, args.days, args.workflow, args.stage)
+            seen = await stages_seen(backend, args.days, args.workflow, args.stage)
             ahead = await stamped_ahead(
                 backend, datetime.now(UTC), workflow=args.workflow, stage=args.stage
             )
             asked = args.workflow is not None or args.stage is not None
-            elsewhere = await _recorded_elsewhere(backend, args.days) if asked and not seen else ""
+            elsewhere = await recorded_elsewhere(backend, args.days) if asked and not seen else ""
             async with AdaptiveModelRouter(
                 registry, backend, policy=policy, refresh_interval=None
             ) as router:

@@ -36,7 +36,7 @@ from ._common import (
     typed_name,
     utf8_output,
 )
-from ._window import Ahead, stamped_ahead
+from ._window import Ahead, seen_only_for, stamped_ahead
 
 __all__ = ["cmd_telemetry_export", "cmd_telemetry_summary", "register"]
 
@@ -181,7 +181,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     """Aggregate the window per (workflow, stage, model) and print it."""
     url = db_url(args.db)
 
-    async def body() -> tuple[list[dict[str, Any]], Ahead]:
+    async def body() -> tuple[list[dict[str, Any]], Ahead, str | None]:
         now = datetime.now(UTC)
         since = now - timedelta(days=args.days)
         names = {"workflow": args.workflow, "stage": args.stage}
@@ -189,9 +189,13 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
             perf = await backend.aggregate(**names, since=since)
             spend = await backend.spend(**names, since=since)
             ahead = await stamped_ahead(backend, now, **names)
-        return _summary_rows(perf, spend), ahead
+            rows = _summary_rows(perf, spend)
+            # a workflow or stage asked for without calls (a typo?): where there are some
+            quiet = not rows and (args.workflow is not None or args.stage is not None)
+            elsewhere = await seen_only_for(backend, args.days) if quiet else None
+        return rows, ahead, elsewhere
 
-    rows, ahead = run_async(body)
+    rows, ahead, elsewhere = run_async(body)
     if args.json:
         emit_json(
             {
@@ -244,6 +248,8 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
         print(f"total: {calls} call{'' if calls == 1 else 's'}, {fmt_usd(cost)}")
     if (note := ahead.note()) is not None:
         print(f"note: {note}")
+    if elsewhere is not None:
+        print(elsewhere)
     print(f"note: {_COUNTED}")
     return 0
 
