@@ -203,8 +203,8 @@ def ensure_sqlite_parent(url: str, *, create: bool = True) -> None:
 def _unmakeable(directory: Path) -> str | None:
     """
     Why `make_private_dirs` could not make ``directory``, said as `ensure_sqlite_parent`
-    says it, or None: the first part of its path that is not a directory, or the
-    nearest directory when a missing one cannot be made in it.
+    says it, or None: the first part of its path that is not a directory, or "Permission
+    denied" when the nearest directory there is cannot be written to make the others in.
     """
     for path in (directory, *directory.parents):
         if path.is_dir():
