@@ -609,8 +609,10 @@ class ResponseFormat:
     @classmethod
     def of(cls, value: object) -> ResponseFormat:
         """
-        ``value`` as a `ResponseFormat`: one, a JSON Schema dict, or OpenAI's whole
-        ``{"type": "json_schema", "json_schema": {...}}`` parameter.
+        ``value`` as a `ResponseFormat`: one, a JSON Schema dict, OpenAI's whole
+        ``{"type": "json_schema", "json_schema": {...}}`` parameter, or Anthropic's
+        ``output_config.format``, ``{"type": "json_schema", "schema": {...}}`` (no JSON
+        Schema has the type ``"json_schema"``, so neither is taken for one).
         """
         if isinstance(value, ResponseFormat):
             return value
@@ -627,6 +629,8 @@ class ResponseFormat:
                 name=spec.get("name", "response"),
                 strict=_strict(spec, default=True),
             )
+        if value.get("type") == "json_schema" and isinstance(value.get("schema"), Mapping):
+            return cls(schema=value["schema"])
         if value.get("type") == "json_object":
             raise _fail(
                 "response_format {'type': 'json_object'} is not supported: pass a JSON Schema",
