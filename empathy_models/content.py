@@ -672,8 +672,13 @@ def to_tools(value: object) -> tuple[Tool, ...]:
 
 
 def to_response_format(value: object) -> ResponseFormat | None:
-    """``response_format`` as a `ResponseFormat` (None: plain text)."""
-    return None if value is None else ResponseFormat.of(value)
+    """
+    ``response_format`` as a `ResponseFormat`; None, and OpenAI's ``{"type": "text"}``
+    (its default), are plain text: None.
+    """
+    if value is None or (isinstance(value, Mapping) and dict(value) == {"type": "text"}):
+        return None
+    return ResponseFormat.of(value)
 
 
 def to_stop(value: object) -> tuple[str, ...]:

@@ -379,6 +379,26 @@ async def test_a_response_format_in_anthropics_shape_asks_for_its_schema(
     assert sent.body["output_config"]["format"] == {"type": "json_schema", "schema": person}
 
 
+async def test_a_response_format_of_plain_text_asks_for_plain_text(server: FakeLLMServer) -> None:
+    """
+    OpenAI's ``{"type": "text"}``, its default, asks for plain text: no schema is sent and
+    nothing is parsed (it was read as a schema and refused: ``... got 'text'``).
+    """
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            response = await executor.run("Hi", pinned(model), response_format={"type": "text"})
+            async with executor.stream(
+                "Hi", pinned(model), response_format={"type": "text"}
+            ) as stream:
+                streamed = await stream.get_final_response()
+            for answer in (response, streamed):
+                assert answer.content and answer.parsed is None and answer.parse_error is None
+    for model in (GPT, CLAUDE):
+        sent = server.last_request(model)
+        assert sent is not None
+        assert "response_format" not in sent.body and "output_config" not in sent.body
+
+
 # --------------------------------------------------------------------------- servers' own shapes
 
 

@@ -1236,7 +1236,7 @@ BAD_SCHEMAS: list[tuple[dict[str, Any], str, str]] = [
     ({"items": [{"type": "string"}]}, "schema.items", "prefixItems"),
     ({"properties": {"a": {"items": 3}}}, "schema.properties.a.items", "must be a schema"),
     ({"enum": "abc"}, "schema.enum", "must be a list"),
-    ({"type": "text"}, "schema.type", "must be one of object, array"),
+    ({"type": "str"}, "schema.type", "must be one of object, array"),
     ({"type": ["string", "string"]}, "schema.type", "must be one of"),
     ({"type": []}, "schema.type", "must be one of"),
     ({"pattern": "["}, "schema.pattern", "regular expression"),
