@@ -535,17 +535,29 @@ class Tool:
 
         Args:
             item: a `Tool`, or a dict in either API's shape (OpenAI ``{"type": "function",
-                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``) or as
-                `Tool`'s own fields.
+                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``, its
+                ``"type": "custom"`` allowed) or as `Tool`'s own fields.
             path: where the item sits in the request, named in errors.
 
         Raises:
-            RecordValidationError: anything else, or an invalid field.
+            RecordValidationError: anything else, or an invalid field; a dict of another
+                ``type`` (a server tool the provider runs itself, such as Anthropic's
+                ``web_search_20250305``: no function the caller answers, and its options
+                would be lost), saying to send it with ``extra_body``.
         """
         if isinstance(item, Tool):
             return item
         if not isinstance(item, Mapping):
             raise _fail(f"{path} must be a Tool or a dict, got {type(item).__name__}", path)
+        kind = item.get("type")
+        if kind is not None and kind not in ("function", "custom"):
+            raise _fail(
+                f"{path} has type {shown(kind)}: a server tool, which the provider runs "
+                "itself, is no function the model calls for you to answer; send it in the "
+                "API's own shape with extra_body={'tools': [...]} (the functions too, as "
+                "that list takes the place of tools)",
+                f"{path}.type",
+            )
         spec = item.get("function") if item.get("type") == "function" else item
         if not isinstance(spec, Mapping):
             raise _fail(f"{path}.function must be an object", path)

@@ -1513,6 +1513,32 @@ async def test_the_check_agrees_with_jsonschema_on_random_schemas(
 # --------------------------------------------------------------------------- smaller ones
 
 
+async def test_a_server_tool_given_as_a_tool_is_refused_not_made_a_function(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Anthropic's server tools (``{"type": "web_search_20250305", "name": "web_search"}``)
+    were read as a function named ``web_search`` without parameters, ``max_uses`` and
+    the rest dropped: the model was offered a function the caller never answers instead
+    of the search.  A tool dict whose ``type`` is no function's is refused, before any
+    call; Anthropic's ``"type": "custom"`` is a function.
+    """
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+    with pytest.raises(RecordValidationError, match="web_search_20250305") as raised:
+        Tool.of(search, "tools[1]")
+    assert raised.value.path == "tools[1].type"
+    assert "extra_body" in str(raised.value)
+    custom = {"type": "custom", "name": "f", "input_schema": {"type": "object"}}
+    assert Tool.of(custom) == Tool(name="f", parameters={"type": "object"})
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            with pytest.raises(ConfigurationError, match="server tool"):
+                await executor.run("Hi", pinned(model), tools=[WEATHER, search])
+            with pytest.raises(ConfigurationError, match="server tool"):
+                executor.stream("Hi", pinned(model), tools=[search])
+    assert server.requests() == 0
+
+
 @pytest.mark.parametrize("strict", ["false", 0, 1, "yes"])
 def test_of_refuses_a_strict_that_is_not_a_bool_as_the_constructors_do(strict: object) -> None:
     """``bool("false")`` is True: the dict forms were read as strict."""
