@@ -683,6 +683,32 @@ def to_tools(value: object) -> tuple[Tool, ...]:
     return tools
 
 
+_SDK_CHOICES: Final = {"auto": "auto", "none": "none", "any": "required"}
+"""Anthropic's ``tool_choice`` types without a name, by the string each stands for."""
+
+
+def to_tool_choice(value: object) -> Any:
+    """
+    ``tool_choice`` as its string when given as either API's own object for it (OpenAI's
+    ``{"type": "function", "function": {"name": ...}}``, Anthropic's ``{"type": "tool",
+    "name": ...}`` and ``{"type": "auto" | "any" | "none"}``, ``"any"`` being
+    ``"required"``); anything else as it is, for `check_options` to judge (an object
+    with options, such as Anthropic's ``disable_parallel_tool_use``, is refused there:
+    ``extra_body`` carries those).
+    """
+    if not isinstance(value, Mapping):
+        return value
+    kind, keys = value.get("type"), set(value)
+    function = value.get("function")
+    if kind == "function" and keys == {"type", "function"} and isinstance(function, Mapping):
+        return function.get("name") if set(function) == {"name"} else value
+    if kind == "tool" and keys == {"type", "name"}:
+        return value["name"]
+    if isinstance(kind, str) and kind in _SDK_CHOICES and keys == {"type"}:
+        return _SDK_CHOICES[kind]
+    return value
+
+
 def to_response_format(value: object) -> ResponseFormat | None:
     """
     ``response_format`` as a `ResponseFormat`; None, and OpenAI's ``{"type": "text"}``
@@ -746,8 +772,15 @@ def check_options(
             tool_choice not in _TOOL_CHOICES and tool_choice not in names
         ):
             choices = ", ".join(map(repr, (*_TOOL_CHOICES, *names)))
+            hint = (
+                " (either API's own object for one of them is read too, without options: "
+                "send those with extra_body={'tool_choice': {...}})"
+                if isinstance(tool_choice, Mapping)
+                else ""
+            )
             raise _fail(
-                f"tool_choice must be one of {choices}; got {shown(tool_choice)}", "tool_choice"
+                f"tool_choice must be one of {choices}; got {shown(tool_choice)}{hint}",
+                "tool_choice",
             )
         if tool_choice != "none" and not tools:
             raise _fail(f"tool_choice={shown(tool_choice)} needs tools", "tool_choice")

@@ -1539,6 +1539,52 @@ async def test_a_server_tool_given_as_a_tool_is_refused_not_made_a_function(
     assert server.requests() == 0
 
 
+SDK_CHOICES = [
+    ({"type": "function", "function": {"name": "get_weather"}}, "get_weather"),
+    ({"type": "tool", "name": "get_weather"}, "get_weather"),
+    ({"type": "any"}, "required"),
+    ({"type": "auto"}, "auto"),
+    ({"type": "none"}, "none"),
+]
+
+
+@pytest.mark.parametrize(("given", "meant"), SDK_CHOICES)
+async def test_tool_choice_takes_either_apis_own_object_as_tools_do(
+    server: FakeLLMServer, given: dict[str, Any], meant: str
+) -> None:
+    """
+    ``tools`` took either API's dicts, ``tool_choice`` only its strings: OpenAI's
+    ``{"type": "function", "function": {"name": ...}}`` and Anthropic's ``{"type": "tool",
+    "name": ...}`` / ``{"type": "any"}`` were refused (``tool_choice must be one of ...``).
+    Each is now the string it stands for, sent to each API in its own shape.
+    """
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            response = await executor.run("Hi", pinned(model), tools=[WEATHER], tool_choice=given)
+            async with executor.stream(
+                "Hi", pinned(model), tools=[WEATHER], tool_choice=given
+            ) as stream:
+                streamed = await stream.get_final_response()
+            for answer in (response, streamed):
+                assert bool(answer.tool_calls) == (meant in ("get_weather", "required"))
+    expected = {
+        "get_weather": (
+            {"type": "function", "function": {"name": "get_weather"}},
+            {"type": "tool", "name": "get_weather"},
+        ),
+        "required": ("required", {"type": "any"}),
+        "auto": ("auto", {"type": "auto"}),
+        "none": ("none", {"type": "none"}),
+    }[meant]
+    for model, sent_choice in zip((GPT, CLAUDE), expected, strict=True):
+        sent = server.last_request(model)
+        assert sent is not None and sent.body["tool_choice"] == sent_choice
+    options = {"type": "auto", "disable_parallel_tool_use": True}  # extra_body carries it
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError, match="extra_body"):
+            await executor.run("Hi", pinned(GPT), tools=[WEATHER], tool_choice=options)
+
+
 @pytest.mark.parametrize("strict", ["false", 0, 1, "yes"])
 def test_of_refuses_a_strict_that_is_not_a_bool_as_the_constructors_do(strict: object) -> None:
     """``bool("false")`` is True: the dict forms were read as strict."""
