@@ -919,7 +919,7 @@ class EmpathyLLMExecutor:
         context: ExecutionContext | None = None,
         *,
         tools: Sequence[Tool | Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | Mapping[str, Any] | None = None,
         stop: str | Sequence[str] | None = None,
         top_p: float | None = None,
@@ -940,8 +940,9 @@ class EmpathyLLMExecutor:
                 (after ``context.system``).
             context: the run's `ExecutionContext`.
             tools, tool_choice: functions offered to the model (`Tool` objects or either
-                API's tool dicts; ``"auto"``, ``"none"``, ``"required"`` or a tool's name);
-                its calls are in `LLMResponse.tool_calls`.
+                API's tool dicts; ``"auto"``, ``"none"``, ``"required"`` or a tool's name,
+                or either API's own object for one of them); its calls are in
+                `LLMResponse.tool_calls`.
             response_format: a JSON Schema or `ResponseFormat` (JSON answers: `LLMResponse.parsed`).
             stop, top_p, seed: sent to the provider (Anthropic has no seed: not sent there).
             extra_body: merged into every route's JSON body (not model, messages, stream; n=1).
@@ -997,7 +998,7 @@ class EmpathyLLMExecutor:
         context: ExecutionContext | None = None,
         *,
         tools: Sequence[Tool | Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | Mapping[str, Any] | None = None,
         stop: str | Sequence[str] | None = None,
         top_p: float | None = None,

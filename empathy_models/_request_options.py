@@ -24,6 +24,7 @@ from .content import (
     to_extra_body,
     to_response_format,
     to_stop,
+    to_tool_choice,
     to_tools,
 )
 from .exceptions import ConfigurationError, RecordValidationError
@@ -205,6 +206,7 @@ def run_options(
         return NO_OPTIONS
     if unknown:
         raise misplaced(unknown, call)
+    tool_choice = to_tool_choice(tool_choice)
     try:
         options = _RunOptions(
             tools=to_tools(tools),

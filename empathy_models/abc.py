@@ -56,6 +56,7 @@ from .content import (
     to_extra_body,
     to_response_format,
     to_stop,
+    to_tool_choice,
     to_tools,
     tool_call_of,
 )
@@ -1704,7 +1705,8 @@ class CompletionRequest:
         max_tokens: the most output tokens asked for (default 1024).
         temperature: sampling temperature (``None``: the provider's default).
         tools: the tools offered.
-        tool_choice: ``"auto"``, ``"none"``, ``"required"`` or a tool's name.
+        tool_choice: ``"auto"``, ``"none"``, ``"required"`` or a tool's name (either API's
+            own object for one of them is read as it).
         response_format: a `ResponseFormat` or a JSON Schema dict.
         stop, top_p, seed: passed to the provider.
         extra_body: merged into the provider's JSON body, for what the library does not
@@ -1717,7 +1719,7 @@ class CompletionRequest:
     max_tokens: int = 1024
     temperature: float | None = None
     tools: tuple[Tool, ...] = field(default=(), converter=to_tools)
-    tool_choice: str | None = None
+    tool_choice: str | None = field(default=None, converter=to_tool_choice)
     response_format: ResponseFormat | None = field(default=None, converter=to_response_format)
     stop: tuple[str, ...] = field(default=(), converter=to_stop)
     top_p: float | None = None

@@ -535,17 +535,29 @@ class Tool:
 
         Args:
             item: a `Tool`, or a dict in either API's shape (OpenAI ``{"type": "function",
-                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``) or as
-                `Tool`'s own fields.
+                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``, its
+                ``"type": "custom"`` allowed) or as `Tool`'s own fields.
             path: where the item sits in the request, named in errors.
 
         Raises:
-            RecordValidationError: anything else, or an invalid field.
+            RecordValidationError: anything else, or an invalid field; a dict of another
+                ``type`` (a server tool the provider runs itself, such as Anthropic's
+                ``web_search_20250305``: no function the caller answers, and its options
+                would be lost), saying to send it with ``extra_body``.
         """
         if isinstance(item, Tool):
             return item
         if not isinstance(item, Mapping):
             raise _fail(f"{path} must be a Tool or a dict, got {type(item).__name__}", path)
+        kind = item.get("type")
+        if kind is not None and kind not in ("function", "custom"):
+            raise _fail(
+                f"{path} has type {shown(kind)}: a server tool, which the provider runs "
+                "itself, is no function the model calls for you to answer; send it in the "
+                "API's own shape with extra_body={'tools': [...]} (the functions too, as "
+                "that list takes the place of tools)",
+                f"{path}.type",
+            )
         spec = item.get("function") if item.get("type") == "function" else item
         if not isinstance(spec, Mapping):
             raise _fail(f"{path}.function must be an object", path)
@@ -609,8 +621,10 @@ class ResponseFormat:
     @classmethod
     def of(cls, value: object) -> ResponseFormat:
         """
-        ``value`` as a `ResponseFormat`: one, a JSON Schema dict, or OpenAI's whole
-        ``{"type": "json_schema", "json_schema": {...}}`` parameter.
+        ``value`` as a `ResponseFormat`: one, a JSON Schema dict, OpenAI's whole
+        ``{"type": "json_schema", "json_schema": {...}}`` parameter, or Anthropic's
+        ``output_config.format``, ``{"type": "json_schema", "schema": {...}}`` (no JSON
+        Schema has the type ``"json_schema"``, so neither is taken for one).
         """
         if isinstance(value, ResponseFormat):
             return value
@@ -627,6 +641,8 @@ class ResponseFormat:
                 name=spec.get("name", "response"),
                 strict=_strict(spec, default=True),
             )
+        if value.get("type") == "json_schema" and isinstance(value.get("schema"), Mapping):
+            return cls(schema=value["schema"])
         if value.get("type") == "json_object":
             raise _fail(
                 "response_format {'type': 'json_object'} is not supported: pass a JSON Schema",
@@ -667,9 +683,40 @@ def to_tools(value: object) -> tuple[Tool, ...]:
     return tools
 
 
+_SDK_CHOICES: Final = {"auto": "auto", "none": "none", "any": "required"}
+"""Anthropic's ``tool_choice`` types without a name, by the string each stands for."""
+
+
+def to_tool_choice(value: object) -> Any:
+    """
+    ``tool_choice`` as its string when given as either API's own object for it (OpenAI's
+    ``{"type": "function", "function": {"name": ...}}``, Anthropic's ``{"type": "tool",
+    "name": ...}`` and ``{"type": "auto" | "any" | "none"}``, ``"any"`` being
+    ``"required"``); anything else as it is, for `check_options` to judge (an object
+    with options, such as Anthropic's ``disable_parallel_tool_use``, is refused there:
+    ``extra_body`` carries those).
+    """
+    if not isinstance(value, Mapping):
+        return value
+    kind, keys = value.get("type"), set(value)
+    function = value.get("function")
+    if kind == "function" and keys == {"type", "function"} and isinstance(function, Mapping):
+        return function.get("name") if set(function) == {"name"} else value
+    if kind == "tool" and keys == {"type", "name"}:
+        return value["name"]
+    if isinstance(kind, str) and kind in _SDK_CHOICES and keys == {"type"}:
+        return _SDK_CHOICES[kind]
+    return value
+
+
 def to_response_format(value: object) -> ResponseFormat | None:
-    """``response_format`` as a `ResponseFormat` (None: plain text)."""
-    return None if value is None else ResponseFormat.of(value)
+    """
+    ``response_format`` as a `ResponseFormat`; None, and OpenAI's ``{"type": "text"}``
+    (its default), are plain text: None.
+    """
+    if value is None or (isinstance(value, Mapping) and dict(value) == {"type": "text"}):
+        return None
+    return ResponseFormat.of(value)
 
 
 def to_stop(value: object) -> tuple[str, ...]:
@@ -725,8 +772,15 @@ def check_options(
             tool_choice not in _TOOL_CHOICES and tool_choice not in names
         ):
             choices = ", ".join(map(repr, (*_TOOL_CHOICES, *names)))
+            hint = (
+                " (either API's own object for one of them is read too, without options: "
+                "send those with extra_body={'tool_choice': {...}})"
+                if isinstance(tool_choice, Mapping)
+                else ""
+            )
             raise _fail(
-                f"tool_choice must be one of {choices}; got {shown(tool_choice)}", "tool_choice"
+                f"tool_choice must be one of {choices}; got {shown(tool_choice)}{hint}",
+                "tool_choice",
             )
         if tool_choice != "none" and not tools:
             raise _fail(f"tool_choice={shown(tool_choice)} needs tools", "tool_choice")

@@ -29,7 +29,7 @@ from empathy_models import (
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.content import ToolCallDelta
+from empathy_models.content import ResponseFormat, ToolCallDelta
 from empathy_models.exceptions import InvalidResponseError
 from empathy_models.testing import FakeLLMServer, FakeReply
 from tests._serving import serving
@@ -348,6 +348,55 @@ async def test_a_streamed_json_schema_answer_is_parsed(server: FakeLLMServer) ->
     sent = server.last_request(GPT)
     assert sent is not None and sent.body["response_format"]["type"] == "json_schema"
     assert sent.body["stop"] == ["END"] and sent.body["seed"] == 7
+
+
+async def test_a_response_format_in_anthropics_shape_asks_for_its_schema(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Anthropic's ``output_config.format`` object, ``{"type": "json_schema", "schema": ...}``,
+    is read as its schema, as OpenAI's whole ``response_format`` is (it was read as a
+    schema itself and refused: ``response_format.schema.type ... got 'json_schema'``).
+    """
+    person = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    anthropic_shape = {"type": "json_schema", "schema": person}
+    assert ResponseFormat.of(anthropic_shape) == ResponseFormat(schema=person)
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            async with executor.stream(
+                "Who?", pinned(model), response_format=anthropic_shape
+            ) as stream:
+                response = await stream.get_final_response()
+            assert response.parse_error is None
+            assert isinstance(response.parsed, dict) and set(response.parsed) == {"name"}
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    assert sent.body["output_config"]["format"] == {"type": "json_schema", "schema": person}
+
+
+async def test_a_response_format_of_plain_text_asks_for_plain_text(server: FakeLLMServer) -> None:
+    """
+    OpenAI's ``{"type": "text"}``, its default, asks for plain text: no schema is sent and
+    nothing is parsed (it was read as a schema and refused: ``... got 'text'``).
+    """
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            response = await executor.run("Hi", pinned(model), response_format={"type": "text"})
+            async with executor.stream(
+                "Hi", pinned(model), response_format={"type": "text"}
+            ) as stream:
+                streamed = await stream.get_final_response()
+            for answer in (response, streamed):
+                assert answer.content and answer.parsed is None and answer.parse_error is None
+    for model in (GPT, CLAUDE):
+        sent = server.last_request(model)
+        assert sent is not None
+        assert "response_format" not in sent.body and "output_config" not in sent.body
 
 
 # --------------------------------------------------------------------------- servers' own shapes

@@ -1236,7 +1236,7 @@ BAD_SCHEMAS: list[tuple[dict[str, Any], str, str]] = [
     ({"items": [{"type": "string"}]}, "schema.items", "prefixItems"),
     ({"properties": {"a": {"items": 3}}}, "schema.properties.a.items", "must be a schema"),
     ({"enum": "abc"}, "schema.enum", "must be a list"),
-    ({"type": "text"}, "schema.type", "must be one of object, array"),
+    ({"type": "str"}, "schema.type", "must be one of object, array"),
     ({"type": ["string", "string"]}, "schema.type", "must be one of"),
     ({"type": []}, "schema.type", "must be one of"),
     ({"pattern": "["}, "schema.pattern", "regular expression"),
@@ -1511,6 +1511,78 @@ async def test_the_check_agrees_with_jsonschema_on_random_schemas(
 
 
 # --------------------------------------------------------------------------- smaller ones
+
+
+async def test_a_server_tool_given_as_a_tool_is_refused_not_made_a_function(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Anthropic's server tools (``{"type": "web_search_20250305", "name": "web_search"}``)
+    were read as a function named ``web_search`` without parameters, ``max_uses`` and
+    the rest dropped: the model was offered a function the caller never answers instead
+    of the search.  A tool dict whose ``type`` is no function's is refused, before any
+    call; Anthropic's ``"type": "custom"`` is a function.
+    """
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+    with pytest.raises(RecordValidationError, match="web_search_20250305") as raised:
+        Tool.of(search, "tools[1]")
+    assert raised.value.path == "tools[1].type"
+    assert "extra_body" in str(raised.value)
+    custom = {"type": "custom", "name": "f", "input_schema": {"type": "object"}}
+    assert Tool.of(custom) == Tool(name="f", parameters={"type": "object"})
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            with pytest.raises(ConfigurationError, match="server tool"):
+                await executor.run("Hi", pinned(model), tools=[WEATHER, search])
+            with pytest.raises(ConfigurationError, match="server tool"):
+                executor.stream("Hi", pinned(model), tools=[search])
+    assert server.requests() == 0
+
+
+SDK_CHOICES = [
+    ({"type": "function", "function": {"name": "get_weather"}}, "get_weather"),
+    ({"type": "tool", "name": "get_weather"}, "get_weather"),
+    ({"type": "any"}, "required"),
+    ({"type": "auto"}, "auto"),
+    ({"type": "none"}, "none"),
+]
+
+
+@pytest.mark.parametrize(("given", "meant"), SDK_CHOICES)
+async def test_tool_choice_takes_either_apis_own_object_as_tools_do(
+    server: FakeLLMServer, given: dict[str, Any], meant: str
+) -> None:
+    """
+    ``tools`` took either API's dicts, ``tool_choice`` only its strings: OpenAI's
+    ``{"type": "function", "function": {"name": ...}}`` and Anthropic's ``{"type": "tool",
+    "name": ...}`` / ``{"type": "any"}`` were refused (``tool_choice must be one of ...``).
+    Each is now the string it stands for, sent to each API in its own shape.
+    """
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            response = await executor.run("Hi", pinned(model), tools=[WEATHER], tool_choice=given)
+            async with executor.stream(
+                "Hi", pinned(model), tools=[WEATHER], tool_choice=given
+            ) as stream:
+                streamed = await stream.get_final_response()
+            for answer in (response, streamed):
+                assert bool(answer.tool_calls) == (meant in ("get_weather", "required"))
+    expected = {
+        "get_weather": (
+            {"type": "function", "function": {"name": "get_weather"}},
+            {"type": "tool", "name": "get_weather"},
+        ),
+        "required": ("required", {"type": "any"}),
+        "auto": ("auto", {"type": "auto"}),
+        "none": ("none", {"type": "none"}),
+    }[meant]
+    for model, sent_choice in zip((GPT, CLAUDE), expected, strict=True):
+        sent = server.last_request(model)
+        assert sent is not None and sent.body["tool_choice"] == sent_choice
+    options = {"type": "auto", "disable_parallel_tool_use": True}  # extra_body carries it
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError, match="extra_body"):
+            await executor.run("Hi", pinned(GPT), tools=[WEATHER], tool_choice=options)
 
 
 @pytest.mark.parametrize("strict", ["false", 0, 1, "yes"])
