@@ -379,6 +379,82 @@ async def test_a_response_format_in_anthropics_shape_asks_for_its_schema(
     assert sent.body["output_config"]["format"] == {"type": "json_schema", "schema": person}
 
 
+async def test_a_schema_goes_to_anthropic_without_the_bounds_its_api_refuses(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Anthropic's structured outputs answer 400 to numeric, length and size bounds
+    ("For 'integer' type, property 'minimum' is not supported"): its request carries
+    them in each schema's description instead, as the official SDK sends them, for the
+    model to read; OpenAI's carries the schema as given; the answer is checked against
+    the whole schema either way.
+    """
+    person = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 2, "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150, "description": "Years"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+            "one": {"type": "array", "items": {"type": "number", "multipleOf": 0.5}, "minItems": 1},
+            "minimum": {"type": "boolean"},  # a property so named stays a property
+        },
+        "required": ["name", "age", "tags", "one", "minimum"],
+        "additionalProperties": False,
+    }
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            async with executor.stream("Who?", pinned(model), response_format=person) as stream:
+                response = await stream.get_final_response()
+            assert response.parse_error is None, (model, response.parse_error)
+            assert response.parsed["age"] >= 0 and len(response.parsed["tags"]) >= 2
+    openai_sent = server.last_request(GPT)
+    assert openai_sent is not None
+    assert openai_sent.body["response_format"]["json_schema"]["schema"] == person
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    properties = sent.body["output_config"]["format"]["schema"]["properties"]
+    assert properties == {
+        "name": {"type": "string", "description": "{minLength: 2, maxLength: 40}"},
+        "age": {"type": "integer", "description": "Years\n\n{minimum: 0, maximum: 150}"},
+        "tags": {"type": "array", "items": {"type": "string"}, "description": "{minItems: 2}"},
+        "one": {
+            "type": "array",
+            "items": {"type": "number", "description": "{multipleOf: 0.5}"},
+            "minItems": 1,
+        },
+        "minimum": {"type": "boolean"},
+    }
+
+
+async def test_a_strict_tools_schema_goes_to_anthropic_without_the_bounds_its_api_refuses(
+    server: FakeLLMServer,
+) -> None:
+    """A strict tool's schema is compiled into a grammar too: its bounds are described."""
+    days = {
+        "type": "object",
+        "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 14}},
+        "required": ["days"],
+        "additionalProperties": False,
+    }
+    forecast = Tool(name="forecast", parameters=days, strict=True)
+    loose = Tool(name="loose", parameters=days)  # not strict: sent as given
+    async with make(server) as executor:
+        answer = await executor.run(
+            "Plan.", pinned(CLAUDE), tools=[forecast, loose], tool_choice="forecast"
+        )
+    assert [call.name for call in answer.tool_calls] == ["forecast"]
+    assert 1 <= answer.tool_calls[0].arguments["days"] <= 14
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    strict, as_given = sent.body["tools"]
+    assert strict["strict"] is True
+    assert strict["input_schema"]["properties"]["days"] == {
+        "type": "integer",
+        "description": "{minimum: 1, maximum: 14}",
+    }
+    assert as_given["input_schema"] == days
+
+
 async def test_a_response_format_of_plain_text_asks_for_plain_text(server: FakeLLMServer) -> None:
     """
     OpenAI's ``{"type": "text"}``, its default, asks for plain text: no schema is sent and

@@ -53,6 +53,14 @@ PERSON: dict[str, Any] = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
+PERSON_TO_ANTHROPIC: dict[str, Any] = {
+    **PERSON,
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "description": "{minimum: 0}"},
+    },
+}
+"""`PERSON` as Anthropic's structured outputs take it: the bound its API refuses described."""
 CLAUDE = "claude-fake-haiku"
 GPT = "gpt-fake-mini"
 MODELS = [(CLAUDE, "anthropic"), (GPT, "openai")]
@@ -541,7 +549,7 @@ async def test_structured_output_is_parsed_when_it_validates(
             }
         else:
             assert sent.body["output_config"] == {
-                "format": {"type": "json_schema", "schema": PERSON}
+                "format": {"type": "json_schema", "schema": PERSON_TO_ANTHROPIC}
             }
         server.script(model, [FakeReply(json={"name": "Ada", "age": -1})])
         bad = await executor.run(
@@ -646,7 +654,7 @@ async def test_extra_body_objects_merge_into_those_the_library_sets(
     sent = server.last_request(CLAUDE)
     assert sent is not None
     assert sent.body["output_config"] == {
-        "format": {"type": "json_schema", "schema": PERSON},
+        "format": {"type": "json_schema", "schema": PERSON_TO_ANTHROPIC},
         "effort": "low",
     }
     assert sent.body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}

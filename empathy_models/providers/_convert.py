@@ -36,7 +36,9 @@ has them as ``_`` and a hash of the whole id appended (the same every time, so c
 and results still pair up, and distinct ids stay distinct); OpenAI takes ids of at most
 40 characters: a longer one is cut to its first 23 and a hash of the whole id.  A
 ``tool_choice`` without tools (only ``"none"`` is allowed so) is not sent to OpenAI,
-which refuses one.
+which refuses one.  Anthropic's structured outputs (and strict tools) refuse numeric,
+length and size bounds in a schema: they go in each schema's description instead
+(`anthropic_schema`), as the official SDK sends them.
 """
 
 from __future__ import annotations
@@ -446,7 +448,8 @@ def anthropic_body(request: CompletionRequest) -> dict[str, Any]:
             if tool.description is not None:
                 spec["description"] = tool.description
             spec["input_schema"] = to_json(tool.parameters)
-            if tool.strict:
+            if tool.strict:  # compiled into a grammar, as a structured answer's schema is
+                spec["input_schema"] = anthropic_schema(spec["input_schema"])
                 spec["strict"] = True
             tools.append(spec)
         payload["tools"] = tools
@@ -459,12 +462,73 @@ def anthropic_body(request: CompletionRequest) -> dict[str, Any]:
         else:
             payload["tool_choice"] = {"type": "tool", "name": choice}
     if request.response_format is not None:
-        payload["output_config"] = {
-            "format": {"type": "json_schema", "schema": to_json(request.response_format.schema)}
-        }
+        schema = anthropic_schema(to_json(request.response_format.schema))
+        payload["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     if request.extra_body:
         _merge_extra(payload, request.extra_body)
     return payload
+
+
+_BOUNDS: Final = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "maxItems",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+    }
+)
+"""Keywords Anthropic's structured outputs refuse (a 400: "For 'integer' type, property
+'minimum' is not supported"), as ``minItems`` above 1 is."""
+
+_SUBSCHEMA: Final = frozenset(
+    {"items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames"}
+)
+_SUBSCHEMA_LISTS: Final = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_SUBSCHEMA_MAPS: Final = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def anthropic_schema(schema: Any) -> Any:
+    """
+    ``schema`` as Anthropic's ``output_config.format`` takes it: each (sub)schema's
+    `_BOUNDS` moved to the end of its description as ``{minimum: 0, maximum: 150}``,
+    the form the official SDK sends them in (the model reads them; the executor checks
+    the answer against the whole schema); ``schema`` itself when it has none.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    moved: list[str] = []
+    changed = False
+    for key, value in schema.items():
+        if key in _BOUNDS or (key == "minItems" and value not in (0, 1)):
+            moved.append(f"{key}: {value}")
+            continue
+        if key in _SUBSCHEMA:
+            new = anthropic_schema(value)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            new = [anthropic_schema(item) for item in value]
+            new = value if all(a is b for a, b in zip(new, value, strict=True)) else new
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            new = {name: anthropic_schema(item) for name, item in value.items()}
+            new = value if all(new[n] is value[n] for n in value) else new
+        else:
+            new = value
+        changed = changed or new is not value
+        out[key] = new
+    if moved:
+        described = out.get("description")
+        hint = "{" + ", ".join(moved) + "}"
+        out["description"] = f"{described}\n\n{hint}" if isinstance(described, str) else hint
+    return out if moved or changed else schema
 
 
 def anthropic_tool_calls(
