@@ -286,23 +286,19 @@ def charge_given_up(hold: Hold, info: ModelInfo, run: _Run, streamed: bool) -> N
     hold.tokens = estimate
 
 
-def _to_router(fb: _Feedback, router: _Router, record: LLMCallRecord) -> None:
-    """``record``'s outcome to ``router``; a failure counted in ``feedback_errors``."""
-    try:
-        router.record_outcome(record)
-    except NotOpenError:
+def _router_failed(fb: _Feedback, record: LLMCallRecord, exc: Exception) -> None:
+    """The router refused ``record``'s outcome: counted in ``feedback_errors``, logged."""
+    fb.feedback_errors += 1
+    if not isinstance(exc, NotOpenError):
+        logger.error("router.record_outcome failed for %s", record.model, exc_info=exc)
+    elif not fb._said_router_closed:
         # closed by its owner while this call ran: the record still goes to telemetry,
         # and a run that asks the router again raises
-        fb.feedback_errors += 1
-        if not fb._said_router_closed:
-            fb._said_router_closed = True
-            logger.info(
-                "the router was closed while calls were running: their outcomes go to "
-                "telemetry only (counted in feedback_errors)"
-            )
-    except Exception:
-        fb.feedback_errors += 1
-        logger.exception("router.record_outcome failed for %s", record.model)
+        fb._said_router_closed = True
+        logger.info(
+            "the router was closed while calls were running: their outcomes go to "
+            "telemetry only (counted in feedback_errors)"
+        )
 
 
 class _Feedback:
@@ -353,7 +349,10 @@ class _Feedback:
         it; the breaker's store operations are carried to their end (see `_settled`).
         """
         if self._router is not None:
-            _to_router(self, self._router, record)
+            try:
+                self._router.record_outcome(record)
+            except Exception as exc:
+                _router_failed(self, record, exc)
         cancelled: asyncio.CancelledError | None = None
         if self._telemetry is not None:
             try:

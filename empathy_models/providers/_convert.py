@@ -501,34 +501,28 @@ def anthropic_schema(schema: Any) -> Any:
     ``schema`` as Anthropic's ``output_config.format`` takes it: each (sub)schema's
     `_BOUNDS` moved to the end of its description as ``{minimum: 0, maximum: 150}``,
     the form the official SDK sends them in (the model reads them; the executor checks
-    the answer against the whole schema); ``schema`` itself when it has none.
+    the answer against the whole schema).  A copy: ``schema`` is left as it is.
     """
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
     moved: list[str] = []
-    changed = False
     for key, value in schema.items():
         if key in _BOUNDS or (key == "minItems" and value not in (0, 1)):
             moved.append(f"{key}: {value}")
-            continue
-        if key in _SUBSCHEMA:
-            new = anthropic_schema(value)
+        elif key in _SUBSCHEMA:
+            out[key] = anthropic_schema(value)
         elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            new = [anthropic_schema(item) for item in value]
-            new = value if all(a is b for a, b in zip(new, value, strict=True)) else new
+            out[key] = [anthropic_schema(item) for item in value]
         elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            new = {name: anthropic_schema(item) for name, item in value.items()}
-            new = value if all(new[n] is value[n] for n in value) else new
+            out[key] = {name: anthropic_schema(item) for name, item in value.items()}
         else:
-            new = value
-        changed = changed or new is not value
-        out[key] = new
+            out[key] = value
     if moved:
         described = out.get("description")
         hint = "{" + ", ".join(moved) + "}"
         out["description"] = f"{described}\n\n{hint}" if isinstance(described, str) else hint
-    return out if moved or changed else schema
+    return out
 
 
 def anthropic_tool_calls(
