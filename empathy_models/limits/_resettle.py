@@ -64,6 +64,8 @@ clock, from the failure): a per-minute limit has forgotten the call's tokens by 
 class Settlement:
     """One budget's settlement of one call: where, what, and the hold it names."""
 
+    too_late: Final = "its hold lapsed first"  # why a retry stops at ``lapses_at``
+
     __slots__ = ("actual", "held", "hold_id", "key", "lapses_at", "store", "we", "ws")
 
     def __init__(
@@ -116,6 +118,8 @@ class Adjustment:
     """
 
     __slots__ = ("delta", "key", "lapses_at", "store", "tokens")
+
+    too_late: Final = f"{ADJUSTMENT_KEPT:g} s passed first"  # why a retry stops at ``lapses_at``
 
     def __init__(
         self, store: QuotaStore, key: str, delta: float, tokens: int, lapses_at: float
@@ -211,7 +215,7 @@ class Resettler:
                 await self._pause(delay)
                 delay = min(delay * 2, MAX_RETRY)
                 if self._store_now() >= pending.lapses_at:
-                    self._lost(pending, _TOO_LATE[type(pending)])
+                    self._lost(pending, pending.too_late)
                     return
                 tries += 1
                 try:
@@ -283,10 +287,3 @@ class Resettler:
             "lapsed" if self._store_now() >= pending.lapses_at else "lapses",
             time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.lapses_at)),
         )
-
-
-_TOO_LATE: Final[dict[type, str]] = {
-    Settlement: "its hold lapsed first",
-    Adjustment: f"{ADJUSTMENT_KEPT:g} s passed first",
-}
-"""Why a retry stopped at its ``lapses_at``, per kind."""
