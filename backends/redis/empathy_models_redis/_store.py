@@ -502,13 +502,17 @@ class RedisCircuitStateStore(CircuitStateStore):
         return reply
 
     async def _send(self, command: bytes) -> bytes:
-        """Send a packed EVALSHA; the raw reply.  NOSCRIPT loads the script and resends."""
-        try:
-            return await self._roundtrip(command)
-        except NoScriptError:
-            async with self._using_pool():
-                await self._client.script_load(self._source)
-            return await self._roundtrip(command)
+        """
+        Send a packed EVALSHA; the raw reply.  NOSCRIPT (it did not run) loads the script
+        and resends, as `evalsha_once` does.
+        """
+        for _ in range(_NOSCRIPT_TRIES - 1):
+            try:
+                return await self._roundtrip(command)
+            except NoScriptError:
+                async with self._using_pool():
+                    await self._client.script_load(self._source)
+        return await self._roundtrip(command)
 
     async def _roundtrip(self, command: bytes) -> bytes:
         """
@@ -1221,7 +1225,8 @@ async def evalsha_once(
     """
     ``EVALSHA sha *args`` on a connection of ``client`` and its reply (bytes left
     undecoded with ``raw``); when Redis does not know the script (NOSCRIPT: it did not
-    run), ``source`` is loaded and the command sent again.
+    run), ``source`` is loaded and the command sent again, up to `_NOSCRIPT_TRIES`
+    times in all (a ``SCRIPT FLUSH`` may land between a load and its command).
 
     Unlike ``client.execute_command``, which re-sends a command under the client's
     retry policy after a timeout, the command is written at most once: a script Redis
@@ -1229,11 +1234,16 @@ async def evalsha_once(
     again would apply it twice.  Connecting and the health check before the command is
     written follow the retry policy.
     """
-    try:
-        return await _command_once(client, ("EVALSHA", sha, *args), raw)
-    except NoScriptError:
-        await client.script_load(source)
-        return await _command_once(client, ("EVALSHA", sha, *args), raw)
+    for _ in range(_NOSCRIPT_TRIES - 1):
+        try:
+            return await _command_once(client, ("EVALSHA", sha, *args), raw)
+        except NoScriptError:  # it did not run: load it, send the command again
+            await client.script_load(source)
+    return await _command_once(client, ("EVALSHA", sha, *args), raw)
+
+
+_NOSCRIPT_TRIES: Final = 3
+"""How many times `evalsha_once` sends a command whose script Redis keeps not knowing."""
 
 
 async def _command_once(client: aioredis.Redis, args: Sequence[Any], raw: bool) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -126,6 +127,41 @@ async def test_a_flushed_script_is_loaded_again(
             admission = await store.admit("k", POLICY)
             assert admission.admitted
             assert admission.state.key == "k"
+    finally:
+        await client.aclose()
+
+
+class _FlushAfterLoad(aioredis.Redis):
+    """A client whose first ``SCRIPT LOAD`` is followed by a ``SCRIPT FLUSH`` (as another
+    process's may land between a load and the command it was for)."""
+
+    flushes = 1
+
+    async def script_load(self, script: Any) -> Any:
+        sha = await super().script_load(script)
+        if self.flushes:
+            self.flushes -= 1
+            await self.script_flush()
+        return sha
+
+
+async def test_a_script_flushed_again_after_its_load_is_loaded_once_more(
+    redis_url: str, redis_prefix: str, redis_server_disturbed: None
+) -> None:
+    # one load per command: a flush between the load and the command it was for failed
+    # the command (NoScriptError), seen when tests flushed scripts beside a busy suite
+    client = _FlushAfterLoad.from_url(redis_url)
+    assert isinstance(client, _FlushAfterLoad)
+    try:
+        store = RedisCircuitStateStore(client, prefix=redis_prefix)
+        for _ in range(20):  # until a run found its script flushed (others load it too)
+            await client.script_flush()
+            admission = await store.admit("k", POLICY)
+            assert admission.admitted and admission.state.key == "k"
+            if client.flushes == 0:
+                break
+        assert client.flushes == 0
+        await store.aclose()
     finally:
         await client.aclose()
 
